@@ -1,0 +1,50 @@
+//! ferry's wire protocol, without I/O.
+//!
+//! This crate turns bytes into protocol values and values into bytes. It
+//! opens no sockets, touches no files and reads no clocks: the engine
+//! (`ferry-engine`) drives it. `PROTOCOL.md` at the root of the repository
+//! is the normative description; the golden-bytes tests in this crate keep
+//! the two in step.
+//!
+//! # Layout
+//! - [`preface`]: the 8 bytes each side sends first (magic and version).
+//! - [`frame`]: length-prefixed frames; every length is checked against a
+//!   per-type maximum before any memory is reserved.
+//! - [`message`]: JSON control messages (requests, entries, outcomes).
+//! - [`chunk`]: the binary header of a data chunk and its codec.
+//! - [`path`]: paths as bytes, validated on receipt so a peer cannot name
+//!   anything outside the transfer root.
+//! - [`digest`]: chunk hashes and the whole-file digest, and the ledger a
+//!   receiver keeps to prove a file arrived whole.
+//!
+//! # Invariants
+//! - Decoding never allocates more than the limits in [`limits`] allow,
+//!   whatever the peer sends.
+//! - A decoder either returns a complete value, says more bytes are needed,
+//!   or returns an error; it never panics on any input.
+
+pub mod chunk;
+pub mod digest;
+pub mod frame;
+pub mod message;
+pub mod path;
+pub mod preface;
+
+/// Hard limits that every decoder enforces before allocating.
+pub mod limits {
+    /// Largest raw (uncompressed) chunk a peer may send.
+    pub const MAX_CHUNK_LEN: u32 = 4 * 1024 * 1024;
+    /// The chunk size ferry's sender uses.
+    pub const DEFAULT_CHUNK_LEN: u32 = 1024 * 1024;
+    /// Largest JSON control message.
+    pub const MAX_CONTROL_LEN: u32 = 256 * 1024;
+    /// Largest path on the wire, in bytes.
+    pub const MAX_PATH_LEN: usize = 4096;
+    /// Largest single path component, in bytes (Linux NAME_MAX).
+    pub const MAX_COMPONENT_LEN: usize = 255;
+    /// Largest free-text field (error reasons) a peer may send.
+    pub const MAX_REASON_LEN: usize = 4096;
+}
+
+/// The protocol version this crate speaks. Bumped on any change to the wire.
+pub const PROTOCOL_VERSION: u16 = 1;

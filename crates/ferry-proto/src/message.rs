@@ -1,0 +1,291 @@
+//! Control messages: JSON objects tagged by `"type"`.
+//!
+//! A session runs in three steps (see PROTOCOL.md for the full exchange):
+//! 1. handshake: `hello` → `welcome` (or `error`);
+//! 2. request: `upload` or `download` → `ready` (or `error`);
+//! 3. transfer: the sender streams `entry`, data chunks, `file_end`,
+//!    `dir_end` and finally `end`; the receiver answers each file with an
+//!    `outcome` and the whole transfer with `done`.
+//!
+//! The same sender and receiver run in both directions: for an upload the
+//! client sends, for a download the server does.
+
+use serde::{Deserialize, Serialize};
+
+use crate::path::WireBytes;
+
+/// A file's modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Mtime {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// How the sender should compress data chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "mode", content = "level")]
+pub enum Compression {
+    /// zstd at a light level; chunks (and files) that do not shrink are sent raw.
+    Auto,
+    /// Every chunk raw.
+    Off,
+    /// zstd at this level (1..=19); chunks that do not shrink are sent raw.
+    Level(i32),
+}
+
+/// What kind of thing an entry is, with the metadata ferry preserves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum EntryKind {
+    File {
+        size: u64,
+        mode: u32,
+        mtime: Mtime,
+    },
+    Dir {
+        mode: u32,
+        mtime: Mtime,
+    },
+    Symlink {
+        target: WireBytes,
+        mtime: Mtime,
+    },
+    /// A fifo, socket or device: announced so the receiver can count it,
+    /// never transferred.
+    Special {
+        what: String,
+    },
+}
+
+/// The receiver's verdict on one entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "status", content = "reason")]
+pub enum Outcome {
+    Ok,
+    Failed(String),
+    Skipped(String),
+}
+
+/// Machine-readable error categories, so a client can map them to exit
+/// codes and messages without parsing prose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    VersionMismatch,
+    BadRequest,
+    BadPath,
+    NotFound,
+    PermissionDenied,
+    NoSpace,
+    Protocol,
+    ShuttingDown,
+    Io,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum Message {
+    /// Client → server, first message.
+    Hello {
+        /// The client's software version, for logs.
+        software: String,
+    },
+    /// Server → client: the session exists.
+    Welcome {
+        software: String,
+        session_id: String,
+    },
+    /// Client → server: the client will send a file or tree to `dest`
+    /// (relative to the server's root).
+    Upload { dest: WireBytes },
+    /// Client → server: send the file or tree at `source`.
+    Download {
+        source: WireBytes,
+        compression: Compression,
+    },
+    /// The request was accepted; the transfer starts.
+    Ready,
+    /// Sender → receiver: what the whole transfer holds, when known.
+    Totals { files: u64, bytes: u64 },
+    /// Sender → receiver: one entry of the tree. The first entry has the
+    /// empty path: the root of the transfer (the destination itself).
+    Entry {
+        id: u64,
+        path: WireBytes,
+        #[serde(flatten)]
+        kind: EntryKind,
+    },
+    /// Sender → receiver: every chunk of file `id` has been sent.
+    FileEnd { id: u64, digest: String },
+    /// Sender → receiver: file `id` cannot be sent whole; discard it.
+    FileAbort { id: u64, reason: String },
+    /// Sender → receiver: every entry below directory `id` has been sent,
+    /// so its own metadata can now be applied.
+    DirEnd { id: u64 },
+    /// Sender → receiver: nothing more follows.
+    End,
+    /// Receiver → sender: the verdict on entry `id`.
+    Outcome {
+        id: u64,
+        #[serde(flatten)]
+        outcome: Outcome,
+    },
+    /// Receiver → sender: everything up to `end` is settled.
+    Done,
+    /// Either way: the session cannot go on.
+    Error { code: ErrorCode, message: String },
+}
+
+impl Message {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Message::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(m: &Message) -> String {
+        serde_json::to_string(m).unwrap()
+    }
+
+    /// The JSON shapes below are normative (PROTOCOL.md); changing one is a
+    /// protocol change.
+    #[test]
+    fn golden_json() {
+        assert_eq!(
+            json(&Message::Hello {
+                software: "ferry 0.1.0".into()
+            }),
+            r#"{"type":"hello","software":"ferry 0.1.0"}"#
+        );
+        assert_eq!(
+            json(&Message::Download {
+                source: "a/b".into(),
+                compression: Compression::Level(3)
+            }),
+            r#"{"type":"download","source":"a/b","compression":{"mode":"level","level":3}}"#
+        );
+        assert_eq!(
+            json(&Message::Download {
+                source: "x".into(),
+                compression: Compression::Auto
+            }),
+            r#"{"type":"download","source":"x","compression":{"mode":"auto"}}"#
+        );
+        assert_eq!(
+            json(&Message::Entry {
+                id: 3,
+                path: WireBytes(vec![b'd', b'/', 0xff]),
+                kind: EntryKind::File {
+                    size: 5,
+                    mode: 0o644,
+                    mtime: Mtime { sec: 1, nsec: 2 }
+                },
+            }),
+            r#"{"type":"entry","id":3,"path":{"b64":"ZC//"},"kind":"file","size":5,"mode":420,"mtime":{"sec":1,"nsec":2}}"#
+        );
+        assert_eq!(
+            json(&Message::Entry {
+                id: 4,
+                path: "l".into(),
+                kind: EntryKind::Symlink {
+                    target: "../t".into(),
+                    mtime: Mtime::default()
+                },
+            }),
+            r#"{"type":"entry","id":4,"path":"l","kind":"symlink","target":"../t","mtime":{"sec":0,"nsec":0}}"#
+        );
+        assert_eq!(
+            json(&Message::Outcome {
+                id: 9,
+                outcome: Outcome::Failed("disk full".into())
+            }),
+            r#"{"type":"outcome","id":9,"status":"failed","reason":"disk full"}"#
+        );
+        assert_eq!(
+            json(&Message::Outcome {
+                id: 1,
+                outcome: Outcome::Ok
+            }),
+            r#"{"type":"outcome","id":1,"status":"ok"}"#
+        );
+        assert_eq!(
+            json(&Message::error(ErrorCode::NotFound, "x: not found")),
+            r#"{"type":"error","code":"not_found","message":"x: not found"}"#
+        );
+        assert_eq!(json(&Message::End), r#"{"type":"end"}"#);
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let all = vec![
+            Message::Hello {
+                software: "s".into(),
+            },
+            Message::Welcome {
+                software: "s".into(),
+                session_id: "00ff".into(),
+            },
+            Message::Upload { dest: "d".into() },
+            Message::Download {
+                source: "".into(),
+                compression: Compression::Off,
+            },
+            Message::Ready,
+            Message::Totals { files: 1, bytes: 2 },
+            Message::Entry {
+                id: 1,
+                path: "".into(),
+                kind: EntryKind::Dir {
+                    mode: 0o755,
+                    mtime: Mtime { sec: -5, nsec: 9 },
+                },
+            },
+            Message::Entry {
+                id: 2,
+                path: "f".into(),
+                kind: EntryKind::Special {
+                    what: "fifo".into(),
+                },
+            },
+            Message::FileEnd {
+                id: 1,
+                digest: "00".repeat(16),
+            },
+            Message::FileAbort {
+                id: 1,
+                reason: "gone".into(),
+            },
+            Message::DirEnd { id: 1 },
+            Message::End,
+            Message::Outcome {
+                id: 2,
+                outcome: Outcome::Skipped("fifo".into()),
+            },
+            Message::Done,
+            Message::error(ErrorCode::VersionMismatch, "v"),
+        ];
+        for m in all {
+            let back: Message = serde_json::from_str(&json(&m)).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    #[test]
+    fn unknown_or_malformed_messages_are_errors() {
+        for bad in [
+            r#"{"type":"launch_missiles"}"#,
+            r#"{"type":"entry","id":-1}"#,
+            "[]",
+            "",
+            "{",
+        ] {
+            assert!(serde_json::from_str::<Message>(bad).is_err(), "{bad}");
+        }
+    }
+}
