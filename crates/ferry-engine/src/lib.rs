@@ -1,1 +1,41 @@
-pub fn _x() {}
+//! ferry's transfer engine.
+//!
+//! Sessions over TCP, the sender and receiver pipelines, hashing and
+//! compression, confined filesystem access, and the server's accept loop.
+//! The engine is role-agnostic: one sender and one receiver serve both
+//! directions (an upload runs the sender in the client and the receiver in
+//! the server; a download the other way round).
+//!
+//! # Layout
+//! - [`client`]: connect, handshake, request; [`client::upload`] and
+//!   [`client::download`].
+//! - [`server`]: [`server::serve`] takes a bound listener and a shutdown
+//!   future.
+//! - `sender` / `receiver`: the two halves of a transfer.
+//! - `fsx`: filesystem access through directory handles that never
+//!   follows a symlink below the root of a transfer.
+//! - `codec`: chunk hashing and compression; `conn`: frames over a socket.
+//! - [`events`]: what a transfer reports while it runs and at the end.
+//!
+//! # Invariants
+//! - Nothing is written outside the destination, whatever the peer sends
+//!   or the tree contains.
+//! - A file appears under its name only complete and verified.
+//! - Memory is bounded by queue depths times the chunk size.
+
+pub mod client;
+mod codec;
+mod conn;
+pub mod error;
+pub mod events;
+mod fsx;
+mod receiver;
+mod sender;
+pub mod server;
+
+pub use error::EngineError;
+pub use ferry_proto::message::Compression;
+pub use ferry_proto::path::escape;
+
+/// This build's name and version, sent in the handshake for logs.
+pub const SOFTWARE: &str = concat!("ferry ", env!("CARGO_PKG_VERSION"));

@@ -117,8 +117,8 @@ pub enum Message {
     },
     /// Sender → receiver: every chunk of file `id` has been sent.
     FileEnd { id: u64, digest: String },
-    /// Sender → receiver: file `id` cannot be sent whole; discard it.
-    FileAbort { id: u64, reason: String },
+    /// Sender → receiver: entry `id` cannot be sent whole (unreadable, changed while read); the receiver discards what it has of it and reports it failed.
+    Abort { id: u64, reason: String },
     /// Sender → receiver: every entry below directory `id` has been sent,
     /// so its own metadata can now be applied.
     DirEnd { id: u64 },
@@ -257,7 +257,7 @@ mod tests {
                 id: 1,
                 digest: "00".repeat(16),
             },
-            Message::FileAbort {
+            Message::Abort {
                 id: 1,
                 reason: "gone".into(),
             },

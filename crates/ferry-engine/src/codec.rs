@@ -1,0 +1,233 @@
+//! Turning file bytes into data frames and back: hashing and compression.
+
+use std::io;
+
+use bytes::BytesMut;
+use ferry_proto::chunk::{ChunkHeader, Codec, DataChunk};
+use ferry_proto::digest::chunk_hash;
+use ferry_proto::frame::encode_data;
+use ferry_proto::message::Compression;
+
+/// The zstd level `auto` starts from: fast enough to keep up with a LAN on
+/// one core while still shrinking text several times.
+const AUTO_LEVEL: i32 = 1;
+
+/// After this many chunks of one file that do not shrink, stop trying to
+/// compress that file (and sample again only every [`RESAMPLE_EVERY`]).
+const GIVE_UP_AFTER: u32 = 2;
+const RESAMPLE_EVERY: u32 = 32;
+
+/// A chunk is sent compressed only if that saves at least 1/32 of it:
+/// below that the receiver's decompression costs more than it saves.
+fn worth_it(raw: usize, compressed: usize) -> bool {
+    compressed < raw - raw / 32
+}
+
+/// Encodes chunks of one file after another, reusing one zstd context.
+pub(crate) struct ChunkEncoder {
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+    misses: u32,
+    skipped: u32,
+}
+
+impl ChunkEncoder {
+    pub(crate) fn new(mode: Compression) -> io::Result<Self> {
+        let level = match mode {
+            Compression::Off => None,
+            Compression::Auto => Some(AUTO_LEVEL),
+            Compression::Level(l) => Some(l),
+        };
+        Ok(ChunkEncoder {
+            compressor: level.map(zstd::bulk::Compressor::new).transpose()?,
+            scratch: Vec::new(),
+            misses: 0,
+            skipped: 0,
+        })
+    }
+
+    /// Forget what was learned about the previous file.
+    pub(crate) fn start_file(&mut self) {
+        self.misses = 0;
+        self.skipped = 0;
+    }
+
+    /// Append the data frame for `raw` (at `offset` of file `file_id`) to
+    /// `out`; returns the chunk's hash.
+    pub(crate) fn encode(
+        &mut self,
+        file_id: u64,
+        offset: u64,
+        raw: &[u8],
+        out: &mut BytesMut,
+    ) -> u64 {
+        let hash = chunk_hash(raw);
+        let mut header = ChunkHeader {
+            file_id,
+            offset,
+            raw_len: raw.len() as u32,
+            codec: Codec::Raw,
+            hash,
+        };
+        if let Some(compressed) = self.try_compress(raw) {
+            header.codec = Codec::Zstd;
+            encode_data(&header, compressed, out);
+        } else {
+            encode_data(&header, raw, out);
+        }
+        hash
+    }
+
+    fn try_compress(&mut self, raw: &[u8]) -> Option<&[u8]> {
+        let compressor = self.compressor.as_mut()?;
+        if self.misses >= GIVE_UP_AFTER {
+            self.skipped += 1;
+            if !self.skipped.is_multiple_of(RESAMPLE_EVERY) {
+                return None;
+            }
+        }
+        self.scratch.clear();
+        self.scratch.reserve(raw.len());
+        // A destination as large as the input: if zstd needs more, the
+        // chunk does not compress and the call fails, which is our answer.
+        let shrank = match compressor.compress_to_buffer(raw, &mut self.scratch) {
+            Ok(n) => worth_it(raw.len(), n),
+            Err(_) => false,
+        };
+        if shrank {
+            self.misses = 0;
+            Some(&self.scratch)
+        } else {
+            self.misses += 1;
+            None
+        }
+    }
+}
+
+/// Why a received chunk was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ChunkFault {
+    #[error("chunk at offset {0} does not decompress: {1}")]
+    Corrupt(u64, String),
+    #[error("chunk at offset {0} failed its checksum (corrupted in transit)")]
+    HashMismatch(u64),
+}
+
+/// Decodes received chunks, reusing one zstd context and one buffer.
+pub(crate) struct ChunkDecoder {
+    decompressor: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl ChunkDecoder {
+    pub(crate) fn new() -> io::Result<Self> {
+        Ok(ChunkDecoder {
+            decompressor: zstd::bulk::Decompressor::new()?,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The verified raw bytes of `chunk`. Decompression is bounded by the
+    /// declared raw length, which the frame decoder already capped.
+    pub(crate) fn decode<'a>(&'a mut self, chunk: &'a DataChunk) -> Result<&'a [u8], ChunkFault> {
+        let h = &chunk.header;
+        let raw: &[u8] = match h.codec {
+            Codec::Raw => &chunk.payload,
+            Codec::Zstd => {
+                self.scratch.clear();
+                self.scratch.reserve(h.raw_len as usize);
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(&chunk.payload[..], &mut self.scratch)
+                    .map_err(|e| ChunkFault::Corrupt(h.offset, e.to_string()))?;
+                if n != h.raw_len as usize {
+                    return Err(ChunkFault::Corrupt(
+                        h.offset,
+                        format!("{n} bytes instead of {}", h.raw_len),
+                    ));
+                }
+                &self.scratch
+            }
+        };
+        if chunk_hash(raw) != h.hash {
+            return Err(ChunkFault::HashMismatch(h.offset));
+        }
+        Ok(raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::frame::{Frame, decode};
+
+    fn round_trip(mode: Compression, raw: &[u8]) -> (Codec, Vec<u8>) {
+        let mut enc = ChunkEncoder::new(mode).unwrap();
+        let mut buf = BytesMut::new();
+        enc.encode(5, 0, raw, &mut buf);
+        let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
+            panic!("not a data frame")
+        };
+        let mut dec = ChunkDecoder::new().unwrap();
+        let out = dec.decode(&chunk).unwrap().to_vec();
+        (chunk.header.codec, out)
+    }
+
+    fn noise(n: usize) -> Vec<u8> {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn text_is_compressed_noise_is_not() {
+        let text = b"the quick brown fox jumps over the lazy dog\n".repeat(1000);
+        assert_eq!(
+            round_trip(Compression::Auto, &text),
+            (Codec::Zstd, text.clone())
+        );
+        assert_eq!(round_trip(Compression::Off, &text), (Codec::Raw, text));
+        let rnd = noise(100_000);
+        assert_eq!(round_trip(Compression::Level(3), &rnd), (Codec::Raw, rnd));
+    }
+
+    #[test]
+    fn gives_up_on_incompressible_files_then_samples_again() {
+        let mut enc = ChunkEncoder::new(Compression::Auto).unwrap();
+        let rnd = noise(4096);
+        let text = b"abc".repeat(2000);
+        let mut buf = BytesMut::new();
+        for _ in 0..GIVE_UP_AFTER {
+            enc.encode(1, 0, &rnd, &mut buf);
+        }
+        assert!(
+            enc.try_compress(&text).is_none(),
+            "given up: text is not even tried"
+        );
+        enc.start_file();
+        assert!(enc.try_compress(&text).is_some());
+    }
+
+    #[test]
+    fn corruption_is_caught() {
+        let mut enc = ChunkEncoder::new(Compression::Off).unwrap();
+        let mut buf = BytesMut::new();
+        enc.encode(1, 0, b"hello world", &mut buf);
+        let last = buf.len() - 1;
+        buf[last] ^= 1;
+        let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
+            panic!()
+        };
+        let mut dec = ChunkDecoder::new().unwrap();
+        assert!(matches!(
+            dec.decode(&chunk),
+            Err(ChunkFault::HashMismatch(0))
+        ));
+    }
+}

@@ -1,0 +1,107 @@
+//! The engine's error type, and how OS errors are worded for people.
+
+use std::io;
+
+use ferry_proto::frame::FrameError;
+use ferry_proto::message::ErrorCode;
+use ferry_proto::path::PathError;
+use ferry_proto::preface::PrefaceError;
+use thiserror::Error;
+
+/// Why a session (not a single file) failed.
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error("cannot connect to {addr}: {reason} (is `ferry server` running there?)")]
+    Connect { addr: String, reason: String },
+    #[error("{path}: {reason}")]
+    Local { path: String, reason: String },
+    #[error(
+        "protocol version mismatch: the peer speaks version {peer}, this ferry speaks version {ours}; \
+         run the same ferry release on both ends"
+    )]
+    VersionMismatch { peer: u16, ours: u16 },
+    #[error(transparent)]
+    NotFerry(#[from] PrefaceError),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("invalid path from the peer: {0}")]
+    BadPath(#[from] PathError),
+    #[error("connection lost: {0}")]
+    Io(String),
+    #[error("the peer did not answer within {0} seconds")]
+    Timeout(u64),
+    #[error("{message}")]
+    Remote { code: ErrorCode, message: String },
+    #[error("the connection was closed before the transfer finished")]
+    Closed,
+    #[error("interrupted")]
+    Cancelled,
+}
+
+impl From<io::Error> for EngineError {
+    fn from(e: io::Error) -> Self {
+        EngineError::Io(reason(&e))
+    }
+}
+
+impl From<FrameError> for EngineError {
+    fn from(e: FrameError) -> Self {
+        EngineError::Protocol(e.to_string())
+    }
+}
+
+impl EngineError {
+    /// The code to send to the peer when this error ends a session.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
+            EngineError::BadPath(_) => ErrorCode::BadPath,
+            EngineError::Remote { code, .. } => *code,
+            EngineError::Cancelled => ErrorCode::ShuttingDown,
+            EngineError::Protocol(_) | EngineError::NotFerry(_) => ErrorCode::Protocol,
+            _ => ErrorCode::Io,
+        }
+    }
+}
+
+/// An OS error worded the way people read it: "permission denied",
+/// "no space left on device", without Rust's "(os error N)" suffix.
+pub fn reason(e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = text.split(" (os error").next().unwrap_or(&text);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => "unknown error".to_string(),
+    }
+}
+
+/// The protocol's error code for an OS error.
+pub fn code_for(e: &io::Error) -> ErrorCode {
+    match e.kind() {
+        io::ErrorKind::NotFound => ErrorCode::NotFound,
+        io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
+        io::ErrorKind::StorageFull => ErrorCode::NoSpace,
+        _ => ErrorCode::Io,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_read_like_prose() {
+        let e = io::Error::from_raw_os_error(28);
+        assert_eq!(reason(&e), "no space left on device");
+        assert_eq!(code_for(&e), ErrorCode::NoSpace);
+        assert_eq!(
+            reason(&io::Error::from_raw_os_error(13)),
+            "permission denied"
+        );
+        assert_eq!(
+            reason(&io::Error::from_raw_os_error(2)),
+            "no such file or directory"
+        );
+    }
+}

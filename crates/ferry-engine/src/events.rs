@@ -1,0 +1,105 @@
+//! What a transfer reports while it runs, and what it reports at the end.
+//!
+//! The engine never prints. It calls an [`EventSink`]: the binary turns the
+//! events into progress bars, `-v` lines or NDJSON; the server turns them
+//! into log lines.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One thing that happened during a transfer. Paths are already escaped
+/// for display (see `ferry_proto::path::escape`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The sender knows how much the whole transfer holds.
+    Totals { files: u64, bytes: u64 },
+    /// A file started moving.
+    FileStarted { path: String, size: u64 },
+    /// This many more file bytes moved.
+    Bytes { n: u64 },
+    /// A file or symlink arrived, verified, under its final name.
+    FileDone { path: String, size: u64 },
+    /// An entry failed; the rest of the transfer goes on.
+    FileFailed { path: String, reason: String },
+    /// An entry was deliberately not transferred (fifo, socket, device).
+    Skipped { path: String, reason: String },
+}
+
+/// Receives events. Called from several threads.
+pub trait EventSink: Send + Sync {
+    fn event(&self, event: Event);
+}
+
+/// A sink that drops everything.
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn event(&self, _: Event) {}
+}
+
+/// The outcome of one transfer, as the side that ran it saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransferReport {
+    /// Files and symlinks announced by the sender.
+    pub files_total: u64,
+    pub files_ok: u64,
+    /// (path, reason) of each entry that failed.
+    pub failed: Vec<(String, String)>,
+    /// (path, reason) of each entry that was skipped.
+    pub skipped: Vec<(String, String)>,
+    /// File bytes moved (raw, before compression).
+    pub file_bytes: u64,
+    /// Bytes that crossed the connection, both ways, framing included.
+    pub wire_bytes: u64,
+}
+
+/// A complete transfer: the report plus how long it took.
+#[derive(Debug, Clone)]
+pub struct TransferSummary {
+    pub report: TransferReport,
+    pub elapsed: Duration,
+}
+
+/// Builds a [`TransferReport`] from the events it forwards.
+pub(crate) struct Tally {
+    inner: Arc<dyn EventSink>,
+    report: Mutex<TransferReport>,
+}
+
+impl Tally {
+    pub(crate) fn new(inner: Arc<dyn EventSink>) -> Self {
+        Tally {
+            inner,
+            report: Mutex::new(TransferReport::default()),
+        }
+    }
+
+    pub(crate) fn report(&self) -> TransferReport {
+        self.lock().clone()
+    }
+
+    pub(crate) fn add_wire_bytes(&self, n: u64) {
+        self.lock().wire_bytes += n;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TransferReport> {
+        self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl EventSink for Tally {
+    fn event(&self, event: Event) {
+        {
+            let mut r = self.lock();
+            match &event {
+                Event::Totals { files, .. } => r.files_total = *files,
+                Event::Bytes { n } => r.file_bytes += n,
+                Event::FileDone { .. } => r.files_ok += 1,
+                Event::FileFailed { path, reason } => r.failed.push((path.clone(), reason.clone())),
+                Event::Skipped { path, reason } => r.skipped.push((path.clone(), reason.clone())),
+                Event::FileStarted { .. } => {}
+            }
+        }
+        self.inner.event(event);
+    }
+}

@@ -1,0 +1,342 @@
+//! Filesystem access that cannot be steered by what is in the tree.
+//!
+//! Everything here works on directory handles, never on path strings
+//! resolved by the kernel from the top: a path from the peer is a
+//! [`WirePath`] of plain components, and each lookup below a handle refuses
+//! to follow a symlink (`openat2` with `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`
+//! where the kernel has it, an `O_NOFOLLOW` walk one component at a time
+//! where it does not). So a symlink planted in the tree, or received
+//! earlier in the same transfer, can never lead a read or a write outside
+//! the directory the transfer was confined to.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ferry_proto::message::Mtime;
+use ferry_proto::path::WirePath;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
+
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// Set once the kernel has told us it has no `openat2` (before 5.6, or
+/// filtered by seccomp), so we stop asking.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
+
+/// The kind of a directory entry, as ferry sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Special(&'static str),
+}
+
+pub(crate) fn kind_of(stat: &Stat) -> Kind {
+    match FileType::from_raw_mode(stat.st_mode) {
+        FileType::RegularFile => Kind::File,
+        FileType::Directory => Kind::Dir,
+        FileType::Symlink => Kind::Symlink,
+        FileType::Fifo => Kind::Special("fifo"),
+        FileType::Socket => Kind::Special("socket"),
+        FileType::CharacterDevice => Kind::Special("character device"),
+        FileType::BlockDevice => Kind::Special("block device"),
+        FileType::Unknown => Kind::Special("unknown file type"),
+    }
+}
+
+pub(crate) fn mtime_of(stat: &Stat) -> Mtime {
+    Mtime {
+        sec: stat.st_mtime,
+        nsec: stat.st_mtime_nsec as u32,
+    }
+}
+
+pub(crate) fn mode_of(stat: &Stat) -> u32 {
+    stat.st_mode & 0o7777
+}
+
+/// Timestamps that set the mtime and leave the atime alone.
+pub(crate) fn mtime_only(mtime: Mtime) -> Timestamps {
+    Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: rustix::fs::UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: mtime.sec,
+            tv_nsec: i64::from(mtime.nsec.min(999_999_999)),
+        },
+    }
+}
+
+/// Wording for errors this module makes itself.
+pub(crate) fn symlink_refused() -> io::Error {
+    io::Error::other("a path component is a symlink, which ferry does not follow")
+}
+
+fn map_loop(e: rustix::io::Errno) -> io::Error {
+    if e == rustix::io::Errno::LOOP || e == rustix::io::Errno::XDEV {
+        symlink_refused()
+    } else {
+        e.into()
+    }
+}
+
+/// Open directory `components` below `base` without following symlinks.
+pub(crate) fn open_dir_beneath(base: BorrowedFd<'_>, components: &[&[u8]]) -> io::Result<OwnedFd> {
+    if components.is_empty() {
+        return Ok(rustix::fs::openat(base, c".", DIR_FLAGS, Mode::empty())?);
+    }
+    if !NO_OPENAT2.load(Ordering::Relaxed) {
+        let joined = components.join(&b'/');
+        let resolve =
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(base, joined.as_slice(), DIR_FLAGS, Mode::empty(), resolve) {
+            Ok(fd) => return Ok(fd),
+            Err(e) if e == rustix::io::Errno::NOSYS || e == rustix::io::Errno::PERM => {
+                NO_OPENAT2.store(true, Ordering::Relaxed);
+            }
+            // openat2 may ask us to retry (EAGAIN on a concurrent rename);
+            // the walk below gives the same guarantees without that.
+            Err(e) if e == rustix::io::Errno::AGAIN => {}
+            Err(e) => return Err(map_loop(e)),
+        }
+    }
+    let mut dir =
+        rustix::fs::openat(base, components[0], DIR_FLAGS, Mode::empty()).map_err(map_loop)?;
+    for c in &components[1..] {
+        dir = rustix::fs::openat(&dir, *c, DIR_FLAGS, Mode::empty()).map_err(map_loop)?;
+    }
+    Ok(dir)
+}
+
+/// Open the subdirectory `name` of `dir`, refusing a symlink.
+pub(crate) fn open_subdir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
+    rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(map_loop)
+}
+
+/// Like `mkdir -p` below `base`, never following a symlink; returns the
+/// innermost directory. New directories get `mode` (then the umask).
+pub(crate) fn create_dirs_beneath(
+    base: BorrowedFd<'_>,
+    components: &[&[u8]],
+    mode: u32,
+) -> io::Result<OwnedFd> {
+    let mut dir = rustix::fs::openat(base, c".", DIR_FLAGS, Mode::empty())?;
+    for c in components {
+        dir = ensure_dir(dir.as_fd(), c, mode)?;
+    }
+    Ok(dir)
+}
+
+/// Open directory `name` in `parent`, creating it if missing. An existing
+/// non-directory (a symlink included) is an error.
+pub(crate) fn ensure_dir(parent: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<OwnedFd> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    match rustix::fs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
+        Ok(fd) => Ok(fd),
+        Err(rustix::io::Errno::LOOP) => Err(symlink_refused()),
+        Err(rustix::io::Errno::NOTDIR) => Err(io::Error::other("exists and is not a directory")),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The hidden sibling a file is written to before it is complete:
+/// `.NAME.ferry-part`, shortened (with a hash to stay unique) when that
+/// would exceed the 255-byte name limit.
+pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
+    const SUFFIX: &[u8] = b".ferry-part";
+    let mut out = Vec::with_capacity(name.len() + 12);
+    out.push(b'.');
+    if name.len() + 1 + SUFFIX.len() <= 255 {
+        out.extend_from_slice(name);
+    } else {
+        out.extend_from_slice(&name[..200]);
+        out.extend_from_slice(
+            format!("~{:016x}", ferry_proto::digest::chunk_hash(name)).as_bytes(),
+        );
+    }
+    out.extend_from_slice(SUFFIX);
+    out
+}
+
+/// Remove `name` in `dir` if it is there; used to clear stale part files.
+pub(crate) fn remove_if_present(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What the root of a transfer is, opened and ready to walk.
+pub(crate) enum Root {
+    Dir(OwnedFd, Stat),
+    File(File, Stat),
+    Symlink(Vec<u8>, Stat),
+    Special(&'static str),
+}
+
+/// Open the entry `name` in `dir` for sending, without following it if it
+/// is a symlink.
+pub(crate) fn open_entry(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Root> {
+    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(match kind_of(&stat) {
+        Kind::Dir => Root::Dir(open_subdir(dir, name)?, stat),
+        Kind::File => {
+            let (file, stat) = open_regular(dir, name)?;
+            Root::File(file, stat)
+        }
+        Kind::Symlink => Root::Symlink(
+            rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes(),
+            stat,
+        ),
+        Kind::Special(what) => Root::Special(what),
+    })
+}
+
+/// Open a regular file for reading. `O_NONBLOCK` keeps a fifo swapped in
+/// after the stat from blocking the open; the fstat that follows is what
+/// counts.
+pub(crate) fn open_regular(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<(File, Stat)> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat(dir, name, flags, Mode::empty()).map_err(map_loop)?;
+    let stat = rustix::fs::fstat(&fd)?;
+    if kind_of(&stat) != Kind::File {
+        return Err(io::Error::other(
+            "changed into a non-regular file while being opened",
+        ));
+    }
+    Ok((File::from(fd), stat))
+}
+
+/// Open the root of a transfer the user named on their own machine. The
+/// user's own argument is followed if it is a symlink (as cp and scp do);
+/// nothing below it ever is.
+pub(crate) fn open_local_root(path: &std::path::Path) -> io::Result<Root> {
+    let stat = rustix::fs::stat(path)?;
+    Ok(match kind_of(&stat) {
+        Kind::Dir => Root::Dir(
+            rustix::fs::open(path, DIR_FLAGS.difference(OFlags::NOFOLLOW), Mode::empty())?,
+            stat,
+        ),
+        Kind::File => {
+            let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+            let fd = rustix::fs::open(path, flags, Mode::empty())?;
+            let stat = rustix::fs::fstat(&fd)?;
+            Root::File(File::from(fd), stat)
+        }
+        Kind::Symlink => unreachable!("stat follows symlinks"),
+        Kind::Special(what) => Root::Special(what),
+    })
+}
+
+/// Open the root of a transfer at `path` below the confinement root `base`.
+pub(crate) fn open_confined_root(base: BorrowedFd<'_>, path: &WirePath) -> io::Result<Root> {
+    let components: Vec<&[u8]> = path.components().collect();
+    match components.split_last() {
+        None => {
+            let fd = open_dir_beneath(base, &[])?;
+            let stat = rustix::fs::fstat(&fd)?;
+            Ok(Root::Dir(fd, stat))
+        }
+        Some((last, parents)) => {
+            let parent = open_dir_beneath(base, parents)?;
+            open_entry(parent.as_fd(), last)
+        }
+    }
+}
+
+/// The names in a directory, sorted, without `.` and `..`.
+///
+/// Memory grows with the size of one directory, never with the tree.
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name: &CStr = entry.file_name();
+        let name = name.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(name.to_vec());
+        }
+    }
+    names.sort_unstable();
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn base(dir: &std::path::Path) -> OwnedFd {
+        rustix::fs::open(dir, DIR_FLAGS, Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn opens_plain_directories_beneath() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        let b = base(tmp.path());
+        open_dir_beneath(b.as_fd(), &[b"a", b"b"]).unwrap();
+        open_dir_beneath(b.as_fd(), &[]).unwrap();
+    }
+
+    #[test]
+    fn refuses_symlinked_components_both_ways() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("real")).unwrap();
+        symlink(outside.path(), tmp.path().join("escape")).unwrap();
+        symlink("real", tmp.path().join("inside-link")).unwrap();
+        let b = base(tmp.path());
+        for link in [&b"escape"[..], b"inside-link"] {
+            assert!(open_dir_beneath(b.as_fd(), &[link]).is_err());
+            assert!(create_dirs_beneath(b.as_fd(), &[link, b"x"], 0o755).is_err());
+        }
+        // The fallback walk refuses them too.
+        NO_OPENAT2.store(true, Ordering::Relaxed);
+        assert!(open_dir_beneath(b.as_fd(), &[b"escape"]).is_err());
+        NO_OPENAT2.store(false, Ordering::Relaxed);
+        assert!(!outside.path().join("x").exists());
+    }
+
+    #[test]
+    fn creates_missing_parents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        create_dirs_beneath(b.as_fd(), &[b"p", b"q"], 0o755).unwrap();
+        assert!(tmp.path().join("p/q").is_dir());
+        std::fs::write(tmp.path().join("file"), b"x").unwrap();
+        let err = create_dirs_beneath(b.as_fd(), &[b"file", b"q"], 0o755).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn part_names_stay_within_name_max() {
+        assert_eq!(part_name(b"a.txt"), b".a.txt.ferry-part");
+        let long = vec![b'x'; 255];
+        let p = part_name(&long);
+        assert!(p.len() <= 255, "{}", p.len());
+        assert_ne!(part_name(&long), part_name(&[b'y'; 255]));
+    }
+
+    #[test]
+    fn a_symlink_root_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        symlink("/etc", tmp.path().join("l")).unwrap();
+        let b = base(tmp.path());
+        let path = WirePath::parse(b"l").unwrap();
+        assert!(
+            matches!(open_confined_root(b.as_fd(), &path).unwrap(), Root::Symlink(t, _) if t == b"/etc")
+        );
+    }
+}

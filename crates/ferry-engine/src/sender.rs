@@ -1,0 +1,415 @@
+//! The sending side of a transfer, the same for uploads and downloads.
+//!
+//! A producer thread walks the tree, reads each file in chunks, hashes and
+//! compresses them and hands finished frames to the connection through a
+//! bounded queue; the async side writes those frames and reads the
+//! receiver's verdicts. Memory is bounded by the queue, whatever the size
+//! of the files or the tree.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use ferry_proto::digest::DigestBuilder;
+use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_REASON_LEN};
+use ferry_proto::message::{Compression, EntryKind, Message, Outcome};
+use ferry_proto::path::{WirePath, escape};
+use rustix::fs::{AtFlags, Stat};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::ChunkEncoder;
+use crate::conn::{FrameReader, FrameWriter, pump};
+use crate::error::{EngineError, reason};
+use crate::events::{Event, EventSink, Tally};
+use crate::fsx::{self, Kind, Root};
+
+/// Frames (batches of frames) the producer may run ahead of the socket.
+const FRAME_QUEUE: usize = 8;
+/// Small control messages are batched into one queue item up to this size.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// What to send.
+pub(crate) struct SendJob {
+    pub(crate) root: Root,
+    pub(crate) compression: Compression,
+    /// How the root is named in events and messages.
+    pub(crate) label: String,
+}
+
+/// An entry sent and not yet answered.
+struct Pending {
+    path: String,
+    size: u64,
+    is_dir: bool,
+}
+
+type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
+
+/// Run the sending side over an established, accepted session.
+pub(crate) async fn run_sender<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    job: SendJob,
+    tally: Arc<Tally>,
+    cancel: &CancellationToken,
+) -> Result<(), EngineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (tx, mut rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
+    let pending: PendingMap = Arc::default();
+    let (done_tx, done_rx) = oneshot::channel();
+    let producer = Producer {
+        tx,
+        pending: pending.clone(),
+        tally: tally.clone(),
+        encoder: ChunkEncoder::new(job.compression)?,
+        label: job.label,
+        next_id: 0,
+        batch: BytesMut::new(),
+        read_buf: vec![0; DEFAULT_CHUNK_LEN as usize],
+    };
+    // A thread of its own (not the blocking pool): it does blocking file
+    // I/O for the whole transfer, and recursion needs a roomy stack.
+    std::thread::Builder::new()
+        .name("ferry-send".into())
+        .stack_size(16 * 1024 * 1024)
+        .spawn(move || {
+            let _ = done_tx.send(producer.run(job.root));
+        })
+        .map_err(EngineError::from)?;
+
+    let write = async { pump(writer, &mut rx).await };
+    let read = read_outcomes(reader, &pending, &tally);
+    tokio::select! {
+        r = async { tokio::try_join!(write, read) } => { r?; }
+        _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+    }
+    drop(rx);
+    done_rx.await.unwrap_or(Err(EngineError::Closed))
+}
+
+/// Read the receiver's verdicts until it says the transfer is done.
+async fn read_outcomes<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    pending: &PendingMap,
+    tally: &Tally,
+) -> Result<(), EngineError> {
+    loop {
+        match reader.message().await? {
+            Message::Outcome { id, outcome } => {
+                let entry = pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                let Some(Pending { path, size, is_dir }) = entry else {
+                    return Err(EngineError::Protocol(format!(
+                        "verdict for unknown entry {id}"
+                    )));
+                };
+                tally.event(match outcome {
+                    Outcome::Ok if is_dir => continue,
+                    Outcome::Ok => Event::FileDone { path, size },
+                    Outcome::Failed(why) => Event::FileFailed {
+                        path,
+                        reason: peer_text(&why),
+                    },
+                    Outcome::Skipped(why) => Event::Skipped {
+                        path,
+                        reason: peer_text(&why),
+                    },
+                });
+            }
+            Message::Done => return Ok(()),
+            other => {
+                return Err(EngineError::Protocol(format!(
+                    "unexpected message from the receiver: {other:?}"
+                )));
+            }
+        }
+    }
+}
+
+/// Text chosen by the peer, made safe to print and bounded in length.
+pub(crate) fn peer_text(text: &str) -> String {
+    // A cut inside a character shows as an escape: harmless.
+    escape(&text.as_bytes()[..text.len().min(MAX_REASON_LEN)])
+}
+
+/// Name of an entry for events: the root's label, then the wire path.
+pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
+    if path.is_root() {
+        label.to_string()
+    } else {
+        format!("{label}/{}", path.display())
+    }
+}
+
+struct Producer {
+    tx: mpsc::Sender<Bytes>,
+    pending: PendingMap,
+    tally: Arc<Tally>,
+    encoder: ChunkEncoder,
+    label: String,
+    next_id: u64,
+    batch: BytesMut,
+    read_buf: Vec<u8>,
+}
+
+impl Producer {
+    fn run(mut self, root: Root) -> Result<(), EngineError> {
+        let (files, bytes) = count(&root);
+        self.send(&Message::Totals { files, bytes })?;
+        self.tally.event(Event::Totals { files, bytes });
+        let path = WirePath::root();
+        match root {
+            Root::Dir(fd, stat) => self.dir(fd, &path, &stat)?,
+            Root::File(file, stat) => self.file(&path, Ok(file), &stat)?,
+            Root::Symlink(target, stat) => self.symlink(&path, target, &stat)?,
+            Root::Special(what) => self.special(&path, what)?,
+        }
+        self.send(&Message::End)?;
+        self.flush()
+    }
+
+    fn send(&mut self, msg: &Message) -> Result<(), EngineError> {
+        ferry_proto::frame::encode_control(msg, &mut self.batch)?;
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if !self.batch.is_empty() {
+            let frames = self.batch.split().freeze();
+            self.tx
+                .blocking_send(frames)
+                .map_err(|_| EngineError::Closed)?;
+        }
+        Ok(())
+    }
+
+    /// Announce an entry; returns its id. It is remembered until the
+    /// receiver's verdict on it arrives.
+    fn entry(&mut self, path: &WirePath, kind: EntryKind) -> Result<u64, EngineError> {
+        self.next_id += 1;
+        let id = self.next_id;
+        let (size, is_dir) = match &kind {
+            EntryKind::File { size, .. } => (*size, false),
+            EntryKind::Dir { .. } => (0, true),
+            _ => (0, false),
+        };
+        let pending = Pending {
+            path: display_name(&self.label, path),
+            size,
+            is_dir,
+        };
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, pending);
+        self.send(&Message::Entry {
+            id,
+            path: path.to_wire(),
+            kind,
+        })?;
+        Ok(id)
+    }
+
+    fn abort(&mut self, id: u64, why: String) -> Result<(), EngineError> {
+        self.send(&Message::Abort { id, reason: why })
+    }
+
+    fn dir(&mut self, dir: OwnedFd, path: &WirePath, stat: &Stat) -> Result<(), EngineError> {
+        let kind = EntryKind::Dir {
+            mode: fsx::mode_of(stat),
+            mtime: fsx::mtime_of(stat),
+        };
+        let id = self.entry(path, kind)?;
+        match fsx::list_dir(dir.as_fd()) {
+            Ok(names) => {
+                for name in names {
+                    self.child(&dir, path, &name)?;
+                }
+            }
+            Err(e) => self.abort(id, format!("cannot list directory: {}", reason(&e)))?,
+        }
+        self.send(&Message::DirEnd { id })
+    }
+
+    fn child(&mut self, dir: &OwnedFd, parent: &WirePath, name: &[u8]) -> Result<(), EngineError> {
+        let path = match parent.join(name) {
+            Ok(p) => p,
+            Err(e) => {
+                // Only a name too long for the wire gets here; say so and go on.
+                self.tally.event(Event::FileFailed {
+                    path: format!("{}/{}", display_name(&self.label, parent), escape(name)),
+                    reason: e.to_string(),
+                });
+                return Ok(());
+            }
+        };
+        let stat = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(s) => s,
+            // Deleted since the listing: like rsync, treat it as never there.
+            Err(rustix::io::Errno::NOENT) => return Ok(()),
+            Err(e) => {
+                self.tally.event(Event::FileFailed {
+                    path: display_name(&self.label, &path),
+                    reason: reason(&e.into()),
+                });
+                return Ok(());
+            }
+        };
+        match fsx::kind_of(&stat) {
+            Kind::Dir => match fsx::open_subdir(dir.as_fd(), name) {
+                Ok(fd) => self.dir(fd, &path, &stat),
+                Err(e) => {
+                    let kind = EntryKind::Dir {
+                        mode: fsx::mode_of(&stat),
+                        mtime: fsx::mtime_of(&stat),
+                    };
+                    let id = self.entry(&path, kind)?;
+                    self.abort(id, format!("cannot open directory: {}", reason(&e)))?;
+                    self.send(&Message::DirEnd { id })
+                }
+            },
+            Kind::File => {
+                let opened = fsx::open_regular(dir.as_fd(), name).map(|(f, _)| f);
+                self.file(&path, opened, &stat)
+            }
+            Kind::Symlink => match rustix::fs::readlinkat(dir, name, Vec::new()) {
+                Ok(target) => self.symlink(&path, target.into_bytes(), &stat),
+                Err(e) => {
+                    self.tally.event(Event::FileFailed {
+                        path: display_name(&self.label, &path),
+                        reason: reason(&e.into()),
+                    });
+                    Ok(())
+                }
+            },
+            Kind::Special(what) => self.special(&path, what),
+        }
+    }
+
+    fn file(
+        &mut self,
+        path: &WirePath,
+        opened: std::io::Result<File>,
+        stat: &Stat,
+    ) -> Result<(), EngineError> {
+        let size = stat.st_size as u64;
+        let kind = EntryKind::File {
+            size,
+            mode: fsx::mode_of(stat),
+            mtime: fsx::mtime_of(stat),
+        };
+        let id = self.entry(path, kind)?;
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => return self.abort(id, reason(&e)),
+        };
+        self.tally.event(Event::FileStarted {
+            path: display_name(&self.label, path),
+            size,
+        });
+        self.encoder.start_file();
+        let mut digest = DigestBuilder::new(size);
+        let mut offset = 0u64;
+        while offset < size {
+            let len = (size - offset).min(u64::from(DEFAULT_CHUNK_LEN)) as usize;
+            let buf = &mut self.read_buf[..len];
+            if let Err(e) = file.read_exact_at(buf, offset) {
+                let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    "the file shrank while it was being sent".to_string()
+                } else {
+                    reason(&e)
+                };
+                return self.abort(id, why);
+            }
+            digest.push(self.encoder.encode(id, offset, buf, &mut self.batch));
+            self.flush()?;
+            self.tally.event(Event::Bytes { n: len as u64 });
+            offset += len as u64;
+        }
+        // A file rewritten while we read it would arrive as a mix of old
+        // and new bytes: refuse to let it be committed.
+        match rustix::fs::fstat(&file) {
+            Ok(after)
+                if after.st_size == stat.st_size
+                    && fsx::mtime_of(&after) == fsx::mtime_of(stat) => {}
+            Ok(_) => return self.abort(id, "the file changed while it was being sent".into()),
+            Err(e) => return self.abort(id, reason(&e.into())),
+        }
+        self.send(&Message::FileEnd {
+            id,
+            digest: digest.finish().to_hex(),
+        })
+    }
+
+    fn symlink(
+        &mut self,
+        path: &WirePath,
+        target: Vec<u8>,
+        stat: &Stat,
+    ) -> Result<(), EngineError> {
+        let kind = EntryKind::Symlink {
+            target: ferry_proto::path::WireBytes(target),
+            mtime: fsx::mtime_of(stat),
+        };
+        self.entry(path, kind).map(drop)
+    }
+
+    fn special(&mut self, path: &WirePath, what: &'static str) -> Result<(), EngineError> {
+        let kind = EntryKind::Special {
+            what: what.to_string(),
+        };
+        self.entry(path, kind).map(drop)
+    }
+}
+
+/// Count the files (and symlinks) and bytes below a root, so progress can
+/// show totals. Only stats, no reads: cheap next to the transfer itself.
+fn count(root: &Root) -> (u64, u64) {
+    fn walk(dir: &OwnedFd, totals: &mut (u64, u64)) {
+        let Ok(names) = fsx::list_dir(dir.as_fd()) else {
+            return;
+        };
+        for name in names {
+            let Ok(stat) = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+            else {
+                continue;
+            };
+            match fsx::kind_of(&stat) {
+                Kind::File => {
+                    totals.0 += 1;
+                    totals.1 += stat.st_size as u64;
+                }
+                Kind::Symlink => totals.0 += 1,
+                Kind::Dir => {
+                    if let Ok(fd) = fsx::open_subdir(dir.as_fd(), &name) {
+                        walk(&fd, totals);
+                    }
+                }
+                Kind::Special(_) => {}
+            }
+        }
+    }
+    match root {
+        Root::Dir(fd, _) => {
+            let mut totals = (0, 0);
+            walk(fd, &mut totals);
+            totals
+        }
+        Root::File(_, stat) => (1, stat.st_size as u64),
+        Root::Symlink(..) => (1, 0),
+        Root::Special(_) => (0, 0),
+    }
+}

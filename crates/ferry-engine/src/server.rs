@@ -1,0 +1,318 @@
+//! The server: accepts connections, runs one session per connection, and
+//! shuts down cleanly.
+//!
+//! [`serve`] takes a bound listener and a shutdown future (mini-redis
+//! style): the binary passes its signal handler, tests and the in-process
+//! copy pass their own. On shutdown the server stops accepting, cancels
+//! the sessions in flight (each removes its part files and tells its
+//! client why) and returns once they have finished.
+
+use std::future::Future;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::message::{ErrorCode, Message};
+use ferry_proto::path::{WirePath, escape};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::conn::{FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, check_version};
+use crate::error::{EngineError, code_for, reason};
+use crate::events::{Event, EventSink, Tally};
+use crate::fsx;
+use crate::receiver::{Destination, run_receiver};
+use crate::sender::{SendJob, run_sender};
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// How long sessions get to wind down after a shutdown request.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What the server serves.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Every remote path is resolved below this directory, and only below it.
+    pub root: PathBuf,
+}
+
+/// Serve sessions on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let root = Arc::new(
+        rustix::fs::open(
+            &config.root,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{}: {}", config.root.display(), reason(&e.into())),
+            )
+        })?,
+    );
+    let cancel = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait, don't spin.
+                    warn!("accept failed: {}", reason(&e));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let root = root.clone();
+        let cancel = cancel.child_token();
+        sessions.spawn(async move {
+            let _permit = permit;
+            info!(%peer, "connection");
+            match session(stream, &root, &cancel).await {
+                Ok(()) => info!(%peer, "session finished"),
+                Err(e) => warn!(%peer, "session ended: {e}"),
+            }
+        });
+    }
+    info!(
+        "shutting down: no new connections; ending {} session(s)",
+        sessions.len()
+    );
+    cancel.cancel();
+    sessions.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, sessions.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            "sessions did not finish within {} s",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
+    Ok(())
+}
+
+/// Logs what a session moves.
+struct LogEvents {
+    verb: &'static str,
+}
+
+impl EventSink for LogEvents {
+    fn event(&self, event: Event) {
+        match event {
+            Event::FileDone { path, size } => info!("{} {path} ({size} bytes)", self.verb),
+            Event::FileFailed { path, reason } => warn!("{path}: {reason}"),
+            Event::Skipped { path, reason } => info!("skipped {path}: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+async fn session(
+    stream: TcpStream,
+    root: &OwnedFd,
+    cancel: &CancellationToken,
+) -> Result<(), EngineError> {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r);
+    let mut writer = FrameWriter::new(w);
+
+    let peer = reader.preface().await?;
+    // Always answer with our own preface, so that a client of another
+    // version can name both versions to its user.
+    writer.preface().await?;
+    if let Err(e) = check_version(peer) {
+        let _ = writer
+            .send_now(&Message::error(e.code(), e.to_string()))
+            .await;
+        return Err(e);
+    }
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
+        .await
+        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
+    let Message::Hello { software } = hello else {
+        return refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await;
+    };
+    let session_id = new_session_id();
+    info!(session = %session_id, client = %escape(software.as_bytes()), "handshake");
+    writer
+        .send_now(&Message::Welcome {
+            software: crate::SOFTWARE.to_string(),
+            session_id,
+        })
+        .await?;
+
+    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
+        .await
+        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
+    let started = Instant::now();
+    let (verb, result, tally) = match request {
+        Message::Upload { dest } => {
+            let path = match WirePath::parse(dest.as_bytes()) {
+                Ok(p) if !p.is_root() => p,
+                Ok(_) => {
+                    let msg =
+                        "the remote path must name a file or directory below the server's root"
+                            .to_string();
+                    return refuse(&mut writer, ErrorCode::BadPath, msg).await;
+                }
+                Err(e) => {
+                    return refuse(
+                        &mut writer,
+                        ErrorCode::BadPath,
+                        format!("refused remote path: {e}"),
+                    )
+                    .await;
+                }
+            };
+            let prefix: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
+            let parents: Vec<&[u8]> = prefix[..prefix.len() - 1]
+                .iter()
+                .map(Vec::as_slice)
+                .collect();
+            let base = match fsx::open_dir_beneath(root.as_fd(), &[]) {
+                Ok(b) => b,
+                Err(e) => {
+                    return refuse(
+                        &mut writer,
+                        code_for(&e),
+                        format!("server root: {}", reason(&e)),
+                    )
+                    .await;
+                }
+            };
+            if let Err(e) = fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755) {
+                let shown = escape(&parents.join(&b'/'));
+                return refuse(
+                    &mut writer,
+                    code_for(&e),
+                    format!("{shown}: {}", reason(&e)),
+                )
+                .await;
+            }
+            info!("upload to {path}");
+            writer.send_now(&Message::Ready).await?;
+            let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
+            let dest = Destination {
+                base,
+                prefix,
+                label: path.display(),
+            };
+            let result = run_receiver(&mut reader, &mut writer, dest, tally.clone(), cancel).await;
+            ("upload", result, tally)
+        }
+        Message::Download {
+            source,
+            compression,
+        } => {
+            let path = match WirePath::parse(source.as_bytes()) {
+                Ok(p) => p,
+                Err(e) => {
+                    return refuse(
+                        &mut writer,
+                        ErrorCode::BadPath,
+                        format!("refused remote path: {e}"),
+                    )
+                    .await;
+                }
+            };
+            let root_entry = match fsx::open_confined_root(root.as_fd(), &path) {
+                Ok(r) => r,
+                Err(e) => {
+                    return refuse(&mut writer, code_for(&e), format!("{path}: {}", reason(&e)))
+                        .await;
+                }
+            };
+            info!("download of {path}");
+            writer.send_now(&Message::Ready).await?;
+            let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
+            let job = SendJob {
+                root: root_entry,
+                compression,
+                label: path.display(),
+            };
+            let result = run_sender(&mut reader, &mut writer, job, tally.clone(), cancel).await;
+            ("download", result, tally)
+        }
+        other => {
+            return refuse(
+                &mut writer,
+                ErrorCode::BadRequest,
+                format!("expected a request, got {other:?}"),
+            )
+            .await;
+        }
+    };
+    if let Err(EngineError::Cancelled) = &result {
+        let msg = Message::error(ErrorCode::ShuttingDown, "the server is shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), writer.send_now(&msg)).await;
+    }
+    let _ = writer.shutdown().await;
+    let report = tally.report();
+    info!(
+        "{verb} {}: {} ok, {} failed, {} skipped, {} bytes in {:.1} s",
+        if result.is_ok() {
+            "complete"
+        } else {
+            "ended early"
+        },
+        report.files_ok,
+        report.failed.len(),
+        report.skipped.len(),
+        report.file_bytes,
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
+
+/// Refuse a request with a reason the client will show its user.
+async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), EngineError> {
+    warn!("refused: {message}");
+    writer
+        .send_now(&Message::error(code, message.clone()))
+        .await?;
+    let _ = writer.shutdown().await;
+    Err(EngineError::Remote { code, message })
+}
+
+/// 128 random bits, hex: names the session in logs (and, later, lets more
+/// connections join it).
+fn new_session_id() -> String {
+    let mut bytes = [0u8; 16];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = nanos.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
