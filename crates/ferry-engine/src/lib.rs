@@ -36,6 +36,7 @@ pub mod server;
 pub use error::EngineError;
 pub use ferry_proto::message::Compression;
 pub use ferry_proto::path::escape;
+pub use tokio_util::sync::CancellationToken;
 
 /// This build's name and version, sent in the handshake for logs.
 pub const SOFTWARE: &str = concat!("ferry ", env!("CARGO_PKG_VERSION"));

@@ -390,7 +390,7 @@ impl Worker {
                 self.verdict(id, display, outcome, 0)
             }
             EntryKind::Special { what } => {
-                let why = format!("{}: special files are not transferred", peer_text(&what));
+                let why = format!("special file ({}), not transferred", peer_text(&what));
                 self.verdict(id, display, Outcome::Skipped(why), 0)
             }
         }

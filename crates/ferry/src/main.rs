@@ -1,1 +1,408 @@
-fn main() {}
+//! The `ferry` binary: arguments in, engine calls, exit codes out.
+//!
+//! All transfer logic lives in `ferry-engine`; this crate turns what the
+//! user typed into exact operations (`paths`), shows progress (`ui`) and
+//! maps outcomes to exit codes.
+
+mod cli;
+mod paths;
+mod ui;
+
+use std::ffi::OsStr;
+use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use ferry_engine::client::{self, ClientConfig};
+use ferry_engine::events::TransferSummary;
+use ferry_engine::server::{self, ServerConfig};
+use ferry_engine::{CancellationToken, EngineError, escape};
+use tokio::net::TcpListener;
+
+use crate::cli::{Cli, Command, ServerArgs, TransferOpts};
+use crate::paths::Spec;
+use crate::ui::{Mode, Ui};
+
+/// Exit statuses (see README): 0 ok, 1 failure, 2 usage, 130 interrupted.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors.
+            return if e.use_stderr() {
+                ExitCode::from(exit::USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    let result = match cli.command {
+        Command::Server(args) => runtime.block_on(run_server(args)),
+        Command::Upload(args) => plan_upload(
+            Path::new(&args.local),
+            args.remote.as_bytes(),
+            address(&args.remote_opts.host, args.remote_opts.port),
+        )
+        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        Command::Download(args) => plan_download(
+            args.remote.as_bytes(),
+            Path::new(&args.local),
+            address(&args.remote_opts.host, args.remote_opts.port),
+        )
+        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port)
+            .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Fatal::Usage(message)) => {
+            eprintln!("ferry: {message}");
+            ExitCode::from(exit::USAGE)
+        }
+        Err(Fatal::Failed(message)) => {
+            eprintln!("ferry: {message}");
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// An error that ends the command before any transfer ran.
+enum Fatal {
+    Usage(String),
+    Failed(String),
+}
+
+/// `host:port`, with brackets for a bare IPv6 address.
+fn address(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// One transfer, with every path exact.
+struct Plan {
+    direction: Direction,
+    server: Target,
+}
+
+enum Direction {
+    Upload { local: PathBuf, remote: Vec<u8> },
+    Download { remote: Vec<u8>, local: PathBuf },
+}
+
+/// Where the server is.
+enum Target {
+    /// `host:port` of a running `ferry server`.
+    Remote(String),
+    /// None: run one in this process, serving this root.
+    InProcess { root: PathBuf },
+}
+
+fn plan_upload(local: &Path, remote: &[u8], addr: String) -> Result<Plan, Fatal> {
+    let name = paths::local_name(local).map_err(Fatal::Failed)?;
+    Ok(Plan {
+        direction: Direction::Upload {
+            local: local.to_path_buf(),
+            remote: paths::tidy_remote(&paths::copy_path(remote, &name)),
+        },
+        server: Target::Remote(addr),
+    })
+}
+
+fn plan_download(remote: &[u8], local: &Path, addr: String) -> Result<Plan, Fatal> {
+    let local_bytes = local.as_os_str().as_bytes();
+    let local = if local_bytes.is_empty()
+        || local_bytes.ends_with(b"/")
+        || local_bytes == b"."
+        || local_bytes.ends_with(b"/.")
+    {
+        let name = paths::remote_name(remote).map_err(Fatal::Usage)?;
+        PathBuf::from(paths::os(paths::copy_path(local_bytes, &name)))
+    } else {
+        local.to_path_buf()
+    };
+    Ok(Plan {
+        direction: Direction::Download {
+            remote: paths::tidy_remote(remote),
+            local,
+        },
+        server: Target::Remote(addr),
+    })
+}
+
+fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
+    match (paths::parse_spec(src), paths::parse_spec(dst)) {
+        (Spec::Local(local), Spec::Remote { host, path }) => {
+            plan_upload(&local, &path, address(&host, port))
+        }
+        (Spec::Remote { host, path }, Spec::Local(local)) => {
+            plan_download(&path, &local, address(&host, port))
+        }
+        (Spec::Remote { .. }, Spec::Remote { .. }) => Err(Fatal::Usage(
+            "copying between two remote hosts is not supported; one side must be local".into(),
+        )),
+        (Spec::Local(src), Spec::Local(dst)) => {
+            // A local copy runs through the same pipeline, against a server
+            // on loopback whose root is the destination's parent.
+            let name = paths::local_name(&src).map_err(Fatal::Failed)?;
+            let copy = PathBuf::from(paths::os(paths::copy_path(
+                dst.as_os_str().as_bytes(),
+                &name,
+            )));
+            let copy_name = copy
+                .file_name()
+                .ok_or_else(|| Fatal::Usage(format!("{}: name the copy", copy.display())))?;
+            let parent = match copy.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            std::fs::create_dir_all(&parent).map_err(|e| {
+                Fatal::Failed(format!(
+                    "{}: {}",
+                    parent.display(),
+                    ferry_engine::error::reason(&e)
+                ))
+            })?;
+            Ok(Plan {
+                direction: Direction::Upload {
+                    local: src,
+                    remote: copy_name.as_bytes().to_vec(),
+                },
+                server: Target::InProcess { root: parent },
+            })
+        }
+    }
+}
+
+async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
+    let mode = if opts.quiet {
+        Mode::Quiet
+    } else if opts.json {
+        Mode::Json
+    } else {
+        Mode::Human
+    };
+    let ui = Arc::new(Ui::new(mode, opts.verbose));
+    let cancel = CancellationToken::new();
+    tokio::spawn(interrupt_handler(cancel.clone()));
+
+    // For a local copy: a server of our own on loopback, stopped when done.
+    let (addr, in_process) = match &plan.server {
+        Target::Remote(addr) => (addr.clone(), None),
+        Target::InProcess { root } => {
+            let listener = TcpListener::bind("127.0.0.1:0")
+                .await
+                .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| Fatal::Failed(e.to_string()))?;
+            let stop = CancellationToken::new();
+            let config = ServerConfig { root: root.clone() };
+            let stopped = stop.clone();
+            let task = tokio::spawn(async move {
+                server::serve(listener, config, stopped.cancelled_owned()).await
+            });
+            (addr.to_string(), Some((stop, task)))
+        }
+    };
+    let config = ClientConfig {
+        addr: addr.clone(),
+        compression: opts.compress,
+    };
+    let remote_label = |path: &[u8]| match &plan.server {
+        Target::Remote(addr) => format!("{addr}:{}", escape(path)),
+        Target::InProcess { root } => {
+            escape(root.join(OsStr::from_bytes(path)).as_os_str().as_bytes())
+        }
+    };
+    let (from, to, outcome) = match &plan.direction {
+        Direction::Upload { local, remote } => {
+            let (from, to) = (escape(local.as_os_str().as_bytes()), remote_label(remote));
+            ui.start("upload", &from, &to);
+            let r = client::upload(&config, local, remote, ui.clone(), &cancel).await;
+            (from, to, r)
+        }
+        Direction::Download { remote, local } => {
+            let (from, to) = (remote_label(remote), escape(local.as_os_str().as_bytes()));
+            ui.start("download", &from, &to);
+            let r = client::download(&config, remote, local, ui.clone(), &cancel).await;
+            (from, to, r)
+        }
+    };
+    if let Some((stop, task)) = in_process {
+        stop.cancel();
+        let _ = task.await;
+    }
+    Ok(finish(&ui, outcome, &from, &to))
+}
+
+fn finish(
+    ui: &Ui,
+    outcome: Result<TransferSummary, EngineError>,
+    from: &str,
+    to: &str,
+) -> ExitCode {
+    match outcome {
+        Ok(summary) => {
+            ui.summary(&summary, from, to);
+            if summary.report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::FAILURE)
+            }
+        }
+        Err(EngineError::Cancelled) => {
+            ui.fatal("interrupted; files not yet complete were discarded");
+            ExitCode::from(exit::INTERRUPTED)
+        }
+        Err(e) => {
+            ui.fatal(&e.to_string());
+            ExitCode::from(exit::FAILURE)
+        }
+    }
+}
+
+/// First ^C: stop cleanly (part files are removed). Second: leave now.
+async fn interrupt_handler(cancel: CancellationToken) {
+    if tokio::signal::ctrl_c().await.is_ok() {
+        cancel.cancel();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(i32::from(exit::INTERRUPTED));
+        }
+    }
+}
+
+async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
+    let root = match &args.root {
+        Some(r) => r.clone(),
+        None => {
+            std::env::current_dir().map_err(|e| Fatal::Failed(format!("current directory: {e}")))?
+        }
+    };
+    let root = root.canonicalize().map_err(|e| {
+        Fatal::Failed(format!(
+            "server root {}: {}",
+            root.display(),
+            ferry_engine::error::reason(&e)
+        ))
+    })?;
+    if !root.is_dir() {
+        return Err(Fatal::Failed(format!(
+            "server root {}: not a directory",
+            root.display()
+        )));
+    }
+    init_server_logging(args.log_file.as_deref())?;
+    let addr = address(&args.host, args.port);
+    let listener = TcpListener::bind(&addr).await.map_err(|e| {
+        Fatal::Failed(format!(
+            "cannot listen on {addr}: {}",
+            ferry_engine::error::reason(&e)
+        ))
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Fatal::Failed(e.to_string()))?;
+    println!(
+        "ferry server listening on {local} (root: {})",
+        root.display()
+    );
+    let _ = std::io::stdout().flush();
+    tracing::info!("listening on {local}, root {}", root.display());
+    let config = ServerConfig { root };
+    server::serve(listener, config, shutdown_signal())
+        .await
+        .map_err(|e| Fatal::Failed(e.to_string()))?;
+    tracing::info!("server stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// Server logs: stderr always, and appended to `--log-file` when given.
+/// `RUST_LOG` overrides the default level (info).
+fn init_server_logging(log_file: Option<&Path>) -> Result<(), Fatal> {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
+
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let file_layer = match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| {
+                    Fatal::Failed(format!(
+                        "log file {}: {}",
+                        path.display(),
+                        ferry_engine::error::reason(&e)
+                    ))
+                })?;
+            Some(
+                fmt::layer()
+                    .with_ansi(false)
+                    .with_writer(std::sync::Mutex::new(file)),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr),
+        )
+        .with(file_layer)
+        .init();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(address("localhost", 8834), "localhost:8834");
+        assert_eq!(address("::1", 1), "[::1]:1");
+        assert_eq!(address("[::1]", 1), "[::1]:1");
+    }
+}

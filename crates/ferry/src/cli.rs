@@ -1,0 +1,157 @@
+//! Command-line arguments as typed (clap). They are turned into validated
+//! operations in `main.rs`; nothing below the binary sees clap.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_engine::Compression;
+
+pub const DEFAULT_PORT: u16 = 8834;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Move files and directory trees between Linux servers: fast, verified, safe.",
+    long_about = "Move files and directory trees between Linux servers: fast, verified, safe.\n\n\
+        Run `ferry server` on one machine, then `ferry upload` or `ferry download` from another. \
+        Directories are copied recursively with their structure, modes, mtimes and symlinks; \
+        every chunk is checked with XXH3 and every file with a whole-file digest before it \
+        appears under its name.",
+    after_help = "Examples:\n  \
+        ferry server --host 0.0.0.0 --port 8834\n  \
+        ferry upload ./website production/website --host deploy.example.com\n  \
+        ferry download backup/www_20260101 ./restore --host backup.example.com\n  \
+        ferry cp ./data 10.0.1.100:datasets/data\n  \
+        ferry cp ./a ./b                      # local copy through the same pipeline"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve uploads and downloads below a root directory.
+    Server(ServerArgs),
+    /// Send a local file or directory to a server.
+    #[command(visible_alias = "up")]
+    Upload(UploadArgs),
+    /// Fetch a file or directory from a server.
+    #[command(visible_alias = "down")]
+    Download(DownloadArgs),
+    /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
+    #[command(visible_alias = "cp")]
+    Copy(CopyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Address to listen on. Use 0.0.0.0 to accept connections from the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on; 0 picks a free port (the address is printed).
+    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Directory served: every remote path is relative to it and confined to it [default: current directory].
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Also append the log to this file.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// Local file or directory to send.
+    pub local: OsString,
+    /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`) puts the copy inside that directory.
+    pub remote: OsString,
+    #[command(flatten)]
+    pub remote_opts: RemoteOpts,
+    #[command(flatten)]
+    pub transfer: TransferOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// Path on the server, relative to its root.
+    pub remote: OsString,
+    /// Local path of the copy. Ending in `/` (or `.`) puts the copy inside that directory.
+    pub local: OsString,
+    #[command(flatten)]
+    pub remote_opts: RemoteOpts,
+    #[command(flatten)]
+    pub transfer: TransferOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// Source: a local path or HOST:PATH.
+    pub src: OsString,
+    /// Destination: a local path or HOST:PATH.
+    pub dst: OsString,
+    /// Server port for a HOST:PATH side.
+    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    #[command(flatten)]
+    pub transfer: TransferOpts,
+}
+
+#[derive(Debug, Args)]
+pub struct RemoteOpts {
+    /// Server host name or address.
+    #[arg(long, default_value = "localhost")]
+    pub host: String,
+    /// Server port.
+    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferOpts {
+    /// Print only errors.
+    #[arg(long, short = 'q', conflicts_with_all = ["verbose", "json"])]
+    pub quiet: bool,
+    /// Print a line for each file.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+    /// Print NDJSON events on stdout (start, file_done, file_failed, skipped, progress, summary).
+    #[arg(long)]
+    pub json: bool,
+    /// Compression: auto (zstd, skipped for data that does not shrink), off, or a zstd level 1-19.
+    #[arg(long, default_value = "auto", value_parser = parse_compression, value_name = "auto|off|LEVEL")]
+    pub compress: Compression,
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    match s {
+        "auto" => Ok(Compression::Auto),
+        "off" | "none" | "0" => Ok(Compression::Off),
+        level => match level.parse::<i32>() {
+            Ok(l) if (1..=19).contains(&l) => Ok(Compression::Level(l)),
+            _ => Err("expected auto, off, or a level from 1 to 19".into()),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_values() {
+        assert_eq!(parse_compression("auto"), Ok(Compression::Auto));
+        assert_eq!(parse_compression("off"), Ok(Compression::Off));
+        assert_eq!(parse_compression("7"), Ok(Compression::Level(7)));
+        assert!(parse_compression("20").is_err());
+        assert!(parse_compression("fast").is_err());
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,298 @@
+//! What the user sees: a live bar on a terminal, `-v` lines, NDJSON for
+//! scripts, and the closing summary. Paths arrive from the engine already
+//! escaped for display.
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferry_engine::events::{Event, EventSink, TransferSummary};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+/// How output is shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// People: a bar when stderr is a terminal, the summary on stdout.
+    Human,
+    /// Scripts: one JSON object per line on stdout.
+    Json,
+    /// Errors only.
+    Quiet,
+}
+
+/// How often a `progress` event is printed in JSON mode.
+const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// At most this many failures are listed again in the summary.
+const FAILURES_LISTED: usize = 20;
+
+pub struct Ui {
+    mode: Mode,
+    verbose: bool,
+    bar: Option<ProgressBar>,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    files_total: u64,
+    files_settled: u64,
+    bytes_total: u64,
+    bytes_done: u64,
+    last_json_progress: Option<Instant>,
+}
+
+impl Ui {
+    pub fn new(mode: Mode, verbose: bool) -> Ui {
+        let bar = (mode == Mode::Human && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            let style = ProgressStyle::with_template(
+                "{spinner} {bytes}/{total_bytes} [{bar:30}] {binary_bytes_per_sec} ETA {eta}  {msg}",
+            )
+            .expect("the template is valid")
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Ui {
+            mode,
+            verbose,
+            bar,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A line on stdout that does not tear the bar.
+    fn out(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{line}")),
+            None => println!("{line}"),
+        }
+    }
+
+    /// A line on stderr that does not tear the bar.
+    fn err(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn json(&self, value: serde_json::Value) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{value}");
+        let _ = out.flush();
+    }
+
+    /// The transfer is about to start.
+    pub fn start(&self, operation: &str, from: &str, to: &str) {
+        match self.mode {
+            Mode::Json => {
+                self.json(json!({"event": "start", "operation": operation, "from": from, "to": to}))
+            }
+            Mode::Human if self.verbose => self.out(&format!("{operation}: {from} -> {to}")),
+            _ => {}
+        }
+    }
+
+    /// The transfer could not run or was cut short.
+    pub fn fatal(&self, message: &str) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        if self.mode == Mode::Json {
+            self.json(json!({"event": "error", "message": message}));
+        }
+        eprintln!("ferry: {message}");
+    }
+
+    /// The closing summary (the seed's shape).
+    pub fn summary(&self, summary: &TransferSummary, from: &str, to: &str) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        let r = &summary.report;
+        let secs = summary.elapsed.as_secs_f64();
+        let rate = if secs > 0.0 {
+            r.file_bytes as f64 / secs
+        } else {
+            0.0
+        };
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Json => self.json(json!({
+                "event": "summary",
+                "from": from,
+                "to": to,
+                "files_total": r.files_total,
+                "files_ok": r.files_ok,
+                "files_failed": r.failed.len(),
+                "files_skipped": r.skipped.len(),
+                "bytes": r.file_bytes,
+                "wire_bytes": r.wire_bytes,
+                "elapsed_secs": secs,
+                "bytes_per_sec": rate,
+                "failed": r.failed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
+            })),
+            Mode::Human => {
+                let heading = if r.failed.is_empty() {
+                    "Transfer complete"
+                } else {
+                    "Transfer finished with failures"
+                };
+                let percent = if r.files_total > 0 {
+                    100.0 * r.files_ok as f64 / r.files_total as f64
+                } else {
+                    100.0
+                };
+                let mut lines = vec![
+                    format!("{heading}: {from} -> {to}"),
+                    format!(
+                        "  - files:    {} total, {} ok ({percent:.1}%), {} failed, {} skipped",
+                        r.files_total,
+                        r.files_ok,
+                        r.failed.len(),
+                        r.skipped.len()
+                    ),
+                    format!("  - size:     {}", human_bytes(r.file_bytes)),
+                    format!("  - on wire:  {}{}", human_bytes(r.wire_bytes), ratio(r.file_bytes, r.wire_bytes)),
+                    format!("  - average:  {}/s", human_bytes(rate as u64)),
+                    format!("  - elapsed:  {secs:.2} s"),
+                ];
+                if !r.failed.is_empty() {
+                    lines.push("Failed:".to_string());
+                    for (path, why) in r.failed.iter().take(FAILURES_LISTED) {
+                        lines.push(format!("  - {path}: {why}"));
+                    }
+                    if r.failed.len() > FAILURES_LISTED {
+                        lines.push(format!("  … and {} more", r.failed.len() - FAILURES_LISTED));
+                    }
+                }
+                self.out(&lines.join("\n"));
+            }
+        }
+    }
+}
+
+impl EventSink for Ui {
+    fn event(&self, event: Event) {
+        match event {
+            Event::Totals { files, bytes } => {
+                let mut s = self.state();
+                s.files_total = files;
+                s.bytes_total = bytes;
+                if let Some(bar) = &self.bar {
+                    bar.set_length(bytes);
+                }
+            }
+            Event::FileStarted { path, .. } => {
+                if let Some(bar) = &self.bar {
+                    let s = self.state();
+                    bar.set_message(format!(
+                        "[{}/{}] {path}",
+                        s.files_settled + 1,
+                        s.files_total
+                    ));
+                }
+            }
+            Event::Bytes { n } => {
+                let mut s = self.state();
+                s.bytes_done += n;
+                if let Some(bar) = &self.bar {
+                    bar.inc(n);
+                }
+                if self.mode == Mode::Json
+                    && s.last_json_progress
+                        .is_none_or(|t| t.elapsed() >= JSON_PROGRESS_EVERY)
+                {
+                    s.last_json_progress = Some(Instant::now());
+                    let value = json!({
+                        "event": "progress",
+                        "bytes": s.bytes_done,
+                        "bytes_total": s.bytes_total,
+                        "files_done": s.files_settled,
+                        "files_total": s.files_total,
+                    });
+                    drop(s);
+                    self.json(value);
+                }
+            }
+            Event::FileDone { path, size } => {
+                let settled = {
+                    let mut s = self.state();
+                    s.files_settled += 1;
+                    (s.files_settled, s.files_total)
+                };
+                match self.mode {
+                    Mode::Json => {
+                        self.json(json!({"event": "file_done", "path": path, "bytes": size}))
+                    }
+                    Mode::Human if self.verbose => self.out(&format!(
+                        "[{}/{}] {path} ({})",
+                        settled.0,
+                        settled.1,
+                        human_bytes(size)
+                    )),
+                    _ => {}
+                }
+            }
+            Event::FileFailed { path, reason } => {
+                self.state().files_settled += 1;
+                if self.mode == Mode::Json {
+                    self.json(json!({"event": "file_failed", "path": path, "reason": reason}));
+                }
+                self.err(&format!("ferry: {path}: {reason}"));
+            }
+            Event::Skipped { path, reason } => match self.mode {
+                Mode::Json => {
+                    self.json(json!({"event": "skipped", "path": path, "reason": reason}))
+                }
+                Mode::Human => self.err(&format!("ferry: warning: skipped {path}: {reason}")),
+                Mode::Quiet => {}
+            },
+        }
+    }
+}
+
+fn ratio(file_bytes: u64, wire_bytes: u64) -> String {
+    if file_bytes == 0 || wire_bytes == 0 {
+        return String::new();
+    }
+    format!(
+        " ({:.2}x of the file bytes)",
+        wire_bytes as f64 / file_bytes as f64
+    )
+}
+
+/// Bytes in binary units, as `ls -h` and rsync print them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.2} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_well() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.50 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.00 MiB");
+    }
+}
