@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::message::{ErrorCode, Message};
+use ferry_proto::message::{Compression, ErrorCode, Message};
 use ferry_proto::path::{WirePath, escape};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;

@@ -66,15 +66,21 @@ pub enum LedgerError {
     Overlap { offset: u64 },
     #[error("file incomplete: {received} of {size} bytes received")]
     Incomplete { received: u64, size: u64 },
+    #[error("chunk at offset {offset} arrived too far ahead of the data before it")]
+    TooFarAhead { offset: u64 },
     #[error("file digest mismatch: sender says {expected}, received data gives {actual}")]
     DigestMismatch { expected: String, actual: String },
 }
 
+/// How many chunks of one file may wait ahead of a gap. Senders keep far
+/// fewer in flight; the bound keeps a hostile one from growing the map.
+pub const MAX_CHUNKS_AHEAD: usize = 4096;
+
 /// The receiver's record of one file's verified chunks.
 ///
 /// Chunks may be recorded in any order; those that arrive ahead of the
-/// contiguous prefix wait in a map, so memory is bounded by how far out of
-/// order the sender runs, not by the file size.
+/// contiguous prefix wait in a map (at most [`MAX_CHUNKS_AHEAD`]), so memory
+/// is bounded by how far out of order the sender runs, not by the file size.
 pub struct ChunkLedger {
     size: u64,
     contiguous_end: u64,
@@ -112,6 +118,9 @@ impl ChunkLedger {
         let overlaps_after = self.ahead.range(offset..end).next().is_some();
         if overlaps_prefix || overlaps_before || overlaps_after {
             return Err(LedgerError::Overlap { offset });
+        }
+        if offset != self.contiguous_end && self.ahead.len() >= MAX_CHUNKS_AHEAD {
+            return Err(LedgerError::TooFarAhead { offset });
         }
         Ok(())
     }
@@ -204,6 +213,21 @@ mod tests {
             ledger.finish(sender_digest(10, &[1, 3])),
             Err(LedgerError::Incomplete { .. })
         ));
+    }
+
+    #[test]
+    fn out_of_order_backlog_is_bounded() {
+        let n = MAX_CHUNKS_AHEAD as u64 + 2;
+        let mut ledger = ChunkLedger::new(n);
+        for offset in 1..=MAX_CHUNKS_AHEAD as u64 {
+            ledger.record(offset, 1, 0).unwrap();
+        }
+        assert_eq!(
+            ledger.record(n - 1, 1, 0),
+            Err(LedgerError::TooFarAhead { offset: n - 1 })
+        );
+        ledger.record(0, 1, 0).unwrap();
+        ledger.record(n - 1, 1, 0).unwrap();
     }
 
     #[test]
