@@ -226,6 +226,12 @@ async fn session(
             source,
             compression,
         } => {
+            if let Compression::Level(level) = compression
+                && !(1..=19).contains(&level)
+            {
+                let msg = format!("compression level {level} is outside 1..=19");
+                return refuse(&mut writer, ErrorCode::BadRequest, msg).await;
+            }
             let path = match WirePath::parse(source.as_bytes()) {
                 Ok(p) => p,
                 Err(e) => {

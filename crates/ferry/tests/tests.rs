@@ -1,1 +1,12 @@
+//! Integration tests: the real `ferry` binary against real servers on
+//! 127.0.0.1 with ephemeral ports, one integration binary (ripgrep style).
 
+// Running the binary under deadlines, the server fixture, tree builder and comparer.
+mod util;
+// Trees and files moved up, down and across, compared byte for byte, mode for mode.
+mod transfer;
+// Every failure exits non-zero quickly, with one clear line and no panic.
+mod errors;
+// The server process: address, logs, signals, and peers that are not ferry.
+mod server;
+mod tmp_fixture;
