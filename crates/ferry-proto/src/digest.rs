@@ -181,6 +181,24 @@ mod tests {
         assert_eq!(FileDigest::from_hex("xyz"), None);
     }
 
+    /// The known values table of PROTOCOL.md §7.
+    #[test]
+    fn protocol_md_known_values() {
+        assert_eq!(
+            sender_digest(0, &[]).to_hex(),
+            "2c0a8a99dc147d5445c3b49d035665b2"
+        );
+        assert_eq!(chunk_hash(b"hello"), 0x9555e8555c62dcfd);
+        assert_eq!(
+            sender_digest(5, &[chunk_hash(b"hello")]).to_hex(),
+            "553ac1fdd3cd2fbe408dc8693462f526"
+        );
+        assert_eq!(chunk_hash(b"hel"), 0xfe825c2a2852b8dd);
+        assert_eq!(chunk_hash(b"lo"), 0xb04cdb1c3986b215);
+        let split = sender_digest(5, &[chunk_hash(b"hel"), chunk_hash(b"lo")]);
+        assert_eq!(split.to_hex(), "5ccd4a109ccdf5bdf5ce1c9cce84e144");
+    }
+
     #[test]
     fn out_of_order_chunks_give_the_sender_digest() {
         let expected = sender_digest(10, &[11, 22, 33]);

@@ -221,6 +221,89 @@ mod tests {
         assert_eq!(json(&Message::End), r#"{"type":"end"}"#);
     }
 
+    /// The remaining examples of PROTOCOL.md §4, byte for byte.
+    #[test]
+    fn golden_json_protocol_md_examples() {
+        let cases = [
+            (
+                Message::Welcome {
+                    software: "ferry 0.1.0".into(),
+                    session_id: "5f1c0a93e2b74d68a0c4e1f2973b6d05".into(),
+                },
+                r#"{"type":"welcome","software":"ferry 0.1.0","session_id":"5f1c0a93e2b74d68a0c4e1f2973b6d05"}"#,
+            ),
+            (
+                Message::Upload {
+                    dest: "backup/photos".into(),
+                },
+                r#"{"type":"upload","dest":"backup/photos"}"#,
+            ),
+            (
+                Message::Download {
+                    source: "".into(),
+                    compression: Compression::Off,
+                },
+                r#"{"type":"download","source":"","compression":{"mode":"off"}}"#,
+            ),
+            (Message::Ready, r#"{"type":"ready"}"#),
+            (
+                Message::Totals { files: 2, bytes: 5 },
+                r#"{"type":"totals","files":2,"bytes":5}"#,
+            ),
+            (
+                Message::Entry {
+                    id: 1,
+                    path: "".into(),
+                    kind: EntryKind::Dir {
+                        mode: 0o755,
+                        mtime: Mtime {
+                            sec: 1_700_000_000,
+                            nsec: 123_456_789,
+                        },
+                    },
+                },
+                r#"{"type":"entry","id":1,"path":"","kind":"dir","mode":493,"mtime":{"sec":1700000000,"nsec":123456789}}"#,
+            ),
+            (
+                Message::Entry {
+                    id: 5,
+                    path: "p".into(),
+                    kind: EntryKind::Special {
+                        what: "fifo".into(),
+                    },
+                },
+                r#"{"type":"entry","id":5,"path":"p","kind":"special","what":"fifo"}"#,
+            ),
+            (
+                Message::FileEnd {
+                    id: 1,
+                    digest: "553ac1fdd3cd2fbe408dc8693462f526".into(),
+                },
+                r#"{"type":"file_end","id":1,"digest":"553ac1fdd3cd2fbe408dc8693462f526"}"#,
+            ),
+            (
+                Message::Abort {
+                    id: 1,
+                    reason: "read error".into(),
+                },
+                r#"{"type":"abort","id":1,"reason":"read error"}"#,
+            ),
+            (Message::DirEnd { id: 1 }, r#"{"type":"dir_end","id":1}"#),
+            (
+                Message::Outcome {
+                    id: 5,
+                    outcome: Outcome::Skipped("fifo".into()),
+                },
+                r#"{"type":"outcome","id":5,"status":"skipped","reason":"fifo"}"#,
+            ),
+            (Message::Done, r#"{"type":"done"}"#),
+        ];
+        for (msg, text) in cases {
+            assert_eq!(json(&msg), text);
+            assert_eq!(serde_json::from_str::<Message>(text).unwrap(), msg);
+        }
+    }
+
     #[test]
     fn every_message_round_trips() {
         let all = vec![

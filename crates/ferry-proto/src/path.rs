@@ -84,7 +84,7 @@ impl<'de> Deserialize<'de> for WireBytes {
 /// Why a path from the wire was refused.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum PathError {
-    #[error("path {0} is absolute; paths are relative to the destination root")]
+    #[error("path {0} is absolute; only paths relative to the root are accepted")]
     Absolute(String),
     #[error("path {0} climbs out of the root with '..'")]
     ParentComponent(String),
