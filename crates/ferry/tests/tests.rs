@@ -9,4 +9,3 @@ mod transfer;
 mod errors;
 // The server process: address, logs, signals, and peers that are not ferry.
 mod server;
-mod tmp_fixture;

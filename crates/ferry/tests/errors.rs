@@ -1,0 +1,295 @@
+//! Every failure exits non-zero within seconds, never panics, and says what
+//! went wrong in one line that names the path and the cause.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// Runs a command expected to fail, with the short error deadline.
+fn run_failing(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    run_timeout(args, ERROR_TIMEOUT)
+}
+
+fn run_failing_against(server: &Server, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+    server.run_with(args, &RunOptions::with_timeout(ERROR_TIMEOUT))
+}
+
+/// A scratch dir holding `f.txt` and an empty server root.
+fn setup() -> (Scratch, PathBuf, PathBuf) {
+    let scratch = Scratch::new();
+    let file = scratch.join("f.txt");
+    write_random_file(&file, 1000, 501);
+    let root = scratch.mkdir("root");
+    (scratch, file, root)
+}
+
+#[test]
+fn no_server_listening_is_a_connect_error() {
+    let (_scratch, file, _root) = setup();
+    let port = unused_port();
+
+    let out = run_failing(&[&"up", &file, &"x", &"--port", &port.to_string()]);
+    out.assert_code(1).assert_stderr_contains("connect");
+    let named = ["127.0.0.1", "localhost", "[::1]"]
+        .iter()
+        .any(|host| out.stderr.contains(&format!("{host}:{port}")));
+    assert!(named, "stderr should name the address it tried\n{out}");
+}
+
+#[test]
+fn missing_local_path_is_reported() {
+    let (_scratch, _file, root) = setup();
+    let server = Server::start(&root);
+
+    let out = run_failing_against(&server, &[&"up", &"/nonexistent/xyz", &"r"]);
+    out.assert_code(1)
+        .assert_stderr_contains("/nonexistent/xyz")
+        .assert_stderr_contains("no such file");
+    assert!(!root.join("r").exists(), "nothing may be created\n{out}");
+}
+
+#[test]
+fn missing_remote_path_is_reported() {
+    let (scratch, _file, root) = setup();
+    let server = Server::start(&root);
+    let out_path = scratch.join("out");
+
+    let out = run_failing_against(&server, &[&"down", &"missing/thing", &out_path]);
+    out.assert_code(1).assert_stderr_contains("missing/thing");
+    assert!(
+        contains_ci(&out.stderr, "no such file") || contains_ci(&out.stderr, "not found"),
+        "stderr should say the remote path does not exist\n{out}"
+    );
+    assert!(!out_path.exists(), "nothing may be created locally\n{out}");
+}
+
+/// Asserts nothing named `escape` appeared next to the server root, nor at
+/// `also` (an absolute target).
+#[track_caller]
+fn assert_nothing_escaped(root: &Path, also: Option<&Path>, out: &Output) {
+    let parent = root.parent().unwrap();
+    assert!(
+        fs::symlink_metadata(parent.join("escape")).is_err(),
+        "a file was written outside the server root\n{out}"
+    );
+    if let Some(path) = also {
+        assert!(
+            fs::symlink_metadata(path).is_err(),
+            "{} was written\n{out}",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn upload_to_an_absolute_remote_path_is_refused() {
+    let (scratch, file, root) = setup();
+    let server = Server::start(&root);
+    // Not /etc/passwd: a broken server running as root would overwrite it.
+    // An absolute path into scratch is just as absolute and can be checked.
+    let target = scratch.join("outside/abs-escape");
+    fs::create_dir(scratch.join("outside")).unwrap();
+
+    let out = run_failing_against(&server, &[&"up", &file, &target]);
+    out.assert_code(1).assert_stderr_contains("absolute");
+    assert_nothing_escaped(&root, Some(&target), &out);
+}
+
+#[test]
+fn upload_climbing_out_of_the_root_is_refused() {
+    for remote in ["../escape", "a/../../escape"] {
+        let (_scratch, file, root) = setup();
+        let server = Server::start(&root);
+
+        let out = run_failing_against(&server, &[&"up", &file, &remote]);
+        out.assert_code(1).assert_stderr_contains("..");
+        assert_nothing_escaped(&root, None, &out);
+    }
+}
+
+#[test]
+fn download_of_an_absolute_remote_path_is_refused() {
+    let (scratch, _file, root) = setup();
+    let server = Server::start(&root);
+    let out_path = scratch.join("out");
+
+    let out = run_failing_against(&server, &[&"down", &"/etc/passwd", &out_path]);
+    out.assert_code(1).assert_stderr_contains("absolute");
+    assert!(!out_path.exists(), "nothing may be downloaded\n{out}");
+}
+
+#[test]
+fn download_climbing_out_of_the_root_is_refused() {
+    for remote in ["../escape", "a/../../escape"] {
+        let (scratch, _file, root) = setup();
+        // Something worth stealing just outside the root.
+        write_file(&scratch.join("escape"), b"secret outside the root\n");
+        let server = Server::start(&root);
+        let out_path = scratch.join("out");
+
+        let out = run_failing_against(&server, &[&"down", &remote, &out_path]);
+        out.assert_code(1).assert_stderr_contains("..");
+        assert!(!out_path.exists(), "nothing may be downloaded\n{out}");
+    }
+}
+
+#[test]
+fn invalid_port_is_a_usage_error() {
+    let (_scratch, file, root) = setup();
+    for port in ["70000", "abc"] {
+        run_failing(&[&"up", &file, &"x", &"--port", &port]).assert_code(2);
+        run_failing(&[&"server", &"--root", &root, &"--port", &port]).assert_code(2);
+    }
+}
+
+#[test]
+fn missing_or_unknown_arguments_are_usage_errors() {
+    let none: [&dyn AsRef<std::ffi::OsStr>; 0] = [];
+    run_failing(&none).assert_code(2);
+    run_failing(&[&"frobnicate"]).assert_code(2);
+    run_failing(&[&"up", &"only-one-path"]).assert_code(2);
+}
+
+#[test]
+fn unreadable_file_fails_alone_and_the_rest_arrives() {
+    let scratch = Scratch::new();
+    // As root the client runs as `nobody`, who must be able to read the tree.
+    let client = unprivileged(&scratch);
+    let src = scratch.join("src");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    set_mode(&src, 0o755);
+    set_mode(&src.join("sub"), 0o755);
+    write_random_file(&src.join("ok.txt"), 10_000, 601);
+    write_random_file(&src.join("sub/also-ok.txt"), 2_000, 602);
+    write_random_file(&src.join("locked.txt"), 1_000, 603);
+    set_mode(&src.join("locked.txt"), 0o000);
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+
+    let out = server.run_with(
+        &[&"up", &src, &"dest"],
+        &RunOptions {
+            timeout: ERROR_TIMEOUT,
+            ..client
+        },
+    );
+    out.assert_code(1)
+        .assert_stderr_contains("locked.txt")
+        .assert_stderr_contains("permission denied")
+        // One failing file is reported in the summary, not a fatal error.
+        .assert_stdout_contains("failed");
+    assert_files_equal(&src.join("ok.txt"), &root.join("dest/ok.txt"));
+    assert_files_equal(
+        &src.join("sub/also-ok.txt"),
+        &root.join("dest/sub/also-ok.txt"),
+    );
+    assert!(
+        fs::symlink_metadata(root.join("dest/locked.txt")).is_err(),
+        "the unreadable file must not arrive\n{out}"
+    );
+    assert_eq!(part_files(&root), Vec::<PathBuf>::new(), "leftovers\n{out}");
+}
+
+#[test]
+fn unwritable_server_root_is_permission_denied() {
+    let scratch = Scratch::new();
+    let file = scratch.join("hello.txt");
+    write_random_file(&file, 1000, 701);
+    let root = scratch.mkdir("root");
+    let server = if is_root() {
+        // Root writes anywhere: run the server as `nobody` on a root-owned 0o755 root.
+        Server::start_as(&root, &[], &unprivileged(&scratch))
+    } else {
+        set_mode(&root, 0o555);
+        Server::start(&root)
+    };
+
+    let out = run_failing_against(&server, &[&"up", &file, &"hello.txt"]);
+    out.assert_code(1)
+        .assert_stderr_contains("permission denied");
+    assert!(
+        !root.join("hello.txt").exists(),
+        "nothing may arrive\n{out}"
+    );
+}
+
+/// A tmpfs mounted for the life of the guard; lazily unmounted on drop so a
+/// still-open file cannot keep it (and the test's tempdir) busy.
+struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    fn new(path: &Path, size: &str) -> Result<TmpfsMount, String> {
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !output.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(TmpfsMount {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[test]
+fn disk_full_fails_cleanly_and_the_server_keeps_serving() {
+    if !is_root() {
+        eprintln!("skipping disk-full test: mounting a small tmpfs needs root");
+        return;
+    }
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let _mount = match TmpfsMount::new(&root, "2m") {
+        Ok(mount) => mount,
+        Err(reason) => {
+            eprintln!("skipping disk-full test: {reason}");
+            return;
+        }
+    };
+    set_mode(&root, 0o755);
+    // Random, so compression cannot squeeze 8 MiB into 2.
+    let big = scratch.join("big.bin");
+    write_random_file(&big, 8 * MIB, 801);
+    // Declared after the mount, so it is stopped before the unmount.
+    let server = Server::start(&root);
+
+    let out = run_failing_against(&server, &[&"up", &big, &"big.bin"]);
+    out.assert_code(1)
+        .assert_stderr_contains("big.bin")
+        .assert_stderr_contains("no space");
+    // The receiver may remove its part file just after replying: allow a moment.
+    let clean = poll_until(Duration::from_secs(5), || {
+        part_files(&root).is_empty().then_some(())
+    });
+    assert!(
+        clean.is_some(),
+        "leftover part files: {:?}\n{out}",
+        part_files(&root)
+    );
+    assert!(
+        fs::symlink_metadata(root.join("big.bin")).is_err(),
+        "a failed file must not be renamed into place\n{out}"
+    );
+
+    let small = scratch.join("small.bin");
+    write_random_file(&small, 10 * 1024, 802);
+    server.run(&[&"up", &small, &"small.bin"]).assert_success();
+    assert_files_equal(&small, &root.join("small.bin"));
+}

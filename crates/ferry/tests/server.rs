@@ -1,0 +1,284 @@
+//! The server process: its address line, its logs, how it stops, and how it
+//! treats peers that are not (this version of) ferry.
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+
+use crate::util::*;
+
+const LOG_WAIT: Duration = Duration::from_secs(5);
+const FOREIGN_VERSION: u16 = 99;
+
+/// Writes `scratch/NAME` (a small file) and returns its path.
+fn small_file(scratch: &Scratch, name: &str, seed: u64) -> PathBuf {
+    let path = scratch.join(name);
+    write_random_file(&path, 2000, seed);
+    path
+}
+
+/// Uploads a small file and checks it arrived: the server still serves.
+#[track_caller]
+fn assert_serves(server: &Server, scratch: &Scratch, name: &str) {
+    let file = small_file(scratch, name, 77);
+    server.run(&[&"up", &file, &name]).assert_success();
+    assert_files_equal(&file, &server.root().join(name));
+}
+
+#[track_caller]
+fn assert_server_healthy(server: &mut Server) {
+    let log = server.stderr();
+    assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    assert!(server.is_running(), "the server exited:\n{log}");
+}
+
+/// Reads until the peer closes the connection, at most `timeout`. Returns
+/// what was read, or why the connection is considered still open. A reset
+/// counts as closed: a server that drops a connection with unread input
+/// makes the kernel send one.
+fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> Result<Vec<u8>, String> {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Bounded twice: by the deadline and by the amount a closing peer may send.
+    while got.len() < 1024 * 1024 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("still open after {timeout:?}, read {got:02x?}"));
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "still open after {timeout:?}, read {} bytes",
+                    got.len()
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(got),
+        }
+    }
+    Err("the peer kept sending instead of closing".to_string())
+}
+
+fn preface(version: u16) -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    bytes[..6].copy_from_slice(MAGIC);
+    bytes[6..].copy_from_slice(&version.to_be_bytes());
+    bytes
+}
+
+#[test]
+fn prints_one_listening_line_with_address_and_root() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+
+    assert!(
+        server.addr().starts_with("127.0.0.1:"),
+        "address: {}",
+        server.addr()
+    );
+    let stdout = server.stdout();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line on stdout: {stdout:?}");
+    assert!(
+        lines[0].starts_with("ferry server listening on ")
+            && lines[0].contains(&format!("(root: {})", root.display())),
+        "unexpected line: {:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn logs_each_file_received() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let file = small_file(&scratch, "hello.txt", 1);
+
+    server.run(&[&"up", &file, &"hello.txt"]).assert_success();
+    assert!(
+        server.wait_for_log("hello.txt", LOG_WAIT),
+        "the server log should name hello.txt:\n{}",
+        server.stderr()
+    );
+}
+
+/// Starts a server logging to `log`, uploads `name`, stops it cleanly.
+fn serve_one_upload(scratch: &Scratch, root: &Path, log: &Path, name: &str) {
+    let mut server = Server::start_with(root, &[&"--log-file", &log]);
+    let file = small_file(scratch, name, 2);
+    server.run(&[&"up", &file, &name]).assert_success();
+    let status = server.stop();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "stop: {status}\n{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn log_file_is_written_and_appended_across_restarts() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let log = scratch.join("ferry.log");
+
+    serve_one_upload(&scratch, &root, &log, "hello.txt");
+    let first = fs::read_to_string(&log).unwrap_or_else(|e| panic!("read {}: {e}", log.display()));
+    assert!(
+        first.contains("hello.txt"),
+        "log file after one run:\n{first}"
+    );
+
+    serve_one_upload(&scratch, &root, &log, "second.txt");
+    let both = fs::read_to_string(&log).unwrap();
+    assert!(
+        both.starts_with(&first) && both.contains("second.txt"),
+        "the second run must append, not replace:\n{both}"
+    );
+}
+
+#[test]
+fn sigterm_exits_zero() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let mut server = Server::start(&root);
+
+    // The server announces itself only once its signal handling is in place.
+    let status = server.stop_with(Signal::TERM);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after SIGTERM: {status}\n{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn sigint_exits_zero_after_serving() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let mut server = Server::start(&root);
+    assert_serves(&server, &scratch, "before-sigint.txt");
+
+    let status = server.stop_with(Signal::INT);
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after SIGINT: {status}\n{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn client_of_another_version_gets_our_preface_and_is_closed() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let mut server = Server::start(&root);
+
+    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
+    stream.write_all(&preface(FOREIGN_VERSION)).unwrap();
+    // The server says which version it speaks (possibly followed by an
+    // error frame), then closes: never a hang.
+    let reply = read_until_closed(&mut stream, Duration::from_secs(5))
+        .unwrap_or_else(|why| panic!("server did not close: {why}\n{}", server.stderr()));
+    assert!(
+        reply.len() >= 8 && reply[..8] == preface(PROTOCOL_VERSION),
+        "expected the server's preface first, got {:02x?}",
+        &reply[..reply.len().min(16)]
+    );
+    assert!(
+        server.wait_for_log("version", LOG_WAIT),
+        "the server log should mention the version mismatch:\n{}",
+        server.stderr()
+    );
+
+    assert_serves(&server, &scratch, "after-mismatch.txt");
+    assert_server_healthy(&mut server);
+}
+
+/// A one-connection fake server that speaks `FOREIGN_VERSION`. Returns the
+/// preface the client sent (what arrived of it), or why it failed.
+fn spawn_foreign_server() -> (u16, thread::JoinHandle<Result<Vec<u8>, String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().unwrap().port();
+    let handle = thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let accepted = poll_until(Duration::from_secs(10), || match listener.accept() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            other => Some(other),
+        });
+        let (mut conn, _) = accepted
+            .ok_or("no connection within 10 s")?
+            .map_err(|e| format!("accept: {e}"))?;
+        conn.set_nonblocking(false).unwrap();
+        // Send first: the client gets our preface whether it writes or
+        // reads first, so the test does not depend on that order.
+        conn.write_all(&preface(FOREIGN_VERSION))
+            .map_err(|e| format!("write preface: {e}"))?;
+        // Then give the client up to 2 s to send its preface and hang up.
+        let got = read_until_closed(&mut conn, Duration::from_secs(2)).unwrap_or_default();
+        Ok(got)
+    });
+    (port, handle)
+}
+
+#[test]
+fn server_of_another_version_is_a_clear_client_error() {
+    let scratch = Scratch::new();
+    let file = small_file(&scratch, "somefile", 3);
+    let (port, fake) = spawn_foreign_server();
+
+    let out = run_timeout(
+        &[
+            &"up",
+            &file,
+            &"x",
+            &"--host",
+            &"127.0.0.1",
+            &"--port",
+            &port.to_string(),
+        ],
+        ERROR_TIMEOUT,
+    );
+    out.assert_code(1).assert_stderr_contains("version");
+
+    let sent = fake
+        .join()
+        .expect("fake server thread")
+        .unwrap_or_else(|why| panic!("fake server: {why}\n{out}"));
+    if sent.len() >= 8 {
+        assert_eq!(sent[..8], preface(PROTOCOL_VERSION), "the client's preface");
+    }
+}
+
+#[test]
+fn garbage_is_dropped_and_the_server_keeps_serving() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let mut server = Server::start(&root);
+
+    let mut garbage = random_bytes(64, 4);
+    garbage[0] = b'X'; // never the magic
+    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
+    stream.write_all(&garbage).unwrap();
+    read_until_closed(&mut stream, Duration::from_secs(5))
+        .unwrap_or_else(|why| panic!("server did not drop garbage: {why}\n{}", server.stderr()));
+
+    assert_serves(&server, &scratch, "after-garbage.txt");
+    assert_server_healthy(&mut server);
+}

@@ -1,0 +1,307 @@
+//! Trees and single files moved up, down and across; every result is
+//! compared with its source byte for byte, mode for mode, mtime for mtime.
+
+use std::fs;
+use std::path::PathBuf;
+
+use crate::util::*;
+
+/// A scratch directory with the full tree at `src` and an empty server root.
+fn full_tree() -> (Scratch, PathBuf, PathBuf) {
+    let scratch = Scratch::new();
+    let src = scratch.join("src");
+    build_full_tree(&src);
+    let root = scratch.mkdir("root");
+    (scratch, src, root)
+}
+
+#[test]
+fn upload_tree_creates_missing_parents_and_downloads_back() {
+    let (scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    let up = server.run(&[&"up", &src, &"a/b/copy"]);
+    up.assert_success();
+    // The closing summary is printed even without a terminal.
+    for word in ["files", "ok", "failed"] {
+        up.assert_stdout_contains(word);
+    }
+    assert_trees_equal(&src, &root.join("a/b/copy"));
+
+    let back = scratch.join("back");
+    server.run(&[&"down", &"a/b/copy", &back]).assert_success();
+    assert_trees_equal(&src, &back);
+}
+
+#[test]
+fn special_files_are_skipped_with_a_warning() {
+    let (_scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"copy"]);
+    // A skipped fifo is a warning, not a failure.
+    out.assert_success().assert_stderr_contains(FIFO);
+    assert!(
+        fs::symlink_metadata(root.join("copy").join(FIFO)).is_err(),
+        "the fifo must not be recreated as anything\n{out}"
+    );
+}
+
+#[test]
+fn copy_between_two_local_paths_runs_in_process() {
+    let (scratch, src, _root) = full_tree();
+    let dst = scratch.join("dst");
+
+    run(&[&"cp", &src, &dst]).assert_success();
+    assert_trees_equal(&src, &dst);
+}
+
+#[test]
+fn copy_with_host_prefix_uploads_and_downloads() {
+    let (scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+    let port = server.port().to_string();
+
+    run(&[&"cp", &src, &"127.0.0.1:remote/copy", &"--port", &port]).assert_success();
+    assert_trees_equal(&src, &root.join("remote/copy"));
+
+    let dst = scratch.join("dst");
+    run(&[&"cp", &"127.0.0.1:remote/copy", &dst, &"--port", &port]).assert_success();
+    assert_trees_equal(&src, &dst);
+}
+
+/// Uploads one file of `size` bytes and downloads it again, checking bytes,
+/// mode and mtime both ways.
+fn round_trip_single_file(size: u64, seed: u64) {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let local = scratch.join("local.bin");
+    write_random_file(&local, size, seed);
+    set_mode(&local, 0o640);
+    set_mtime(&local, 1_234_567_890, 987_654_321);
+    let server = Server::start(&root);
+
+    server
+        .run(&[&"up", &local, &"files/remote.bin"])
+        .assert_success();
+    assert_files_equal(&local, &root.join("files/remote.bin"));
+
+    let back = scratch.join("back.bin");
+    server
+        .run(&[&"down", &"files/remote.bin", &back])
+        .assert_success();
+    assert_files_equal(&local, &back);
+}
+
+#[test]
+fn single_empty_file_round_trips() {
+    round_trip_single_file(0, 101);
+}
+
+#[test]
+fn single_file_one_mib_plus_one_round_trips() {
+    round_trip_single_file(MIB + 1, 102);
+}
+
+#[test]
+fn single_file_five_mib_round_trips() {
+    round_trip_single_file(5 * MIB, 103);
+}
+
+#[test]
+fn upload_replaces_an_existing_file() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    // The old file is longer than the new one, so a receiver that writes in
+    // place without truncating leaves a tail behind.
+    let existing = root.join("target.bin");
+    write_random_file(&existing, 3 * MIB, 201);
+    set_mode(&existing, 0o600);
+    let local = scratch.join("new.bin");
+    write_random_file(&local, 1000, 202);
+    set_mtime(&local, 1_300_000_000, 5);
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &local, &"target.bin"]).assert_success();
+    assert_files_equal(&local, &existing);
+}
+
+#[test]
+fn uploading_the_same_tree_twice_is_fine() {
+    let (_scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &src, &"copy"]).assert_success();
+    assert_trees_equal(&src, &root.join("copy"));
+    // The destination now exists: it still names the copy itself, so the
+    // tree is refreshed in place, not nested as copy/src.
+    server.run(&[&"up", &src, &"copy"]).assert_success();
+    assert_trees_equal(&src, &root.join("copy"));
+}
+
+#[test]
+fn compression_off_and_level_3_give_identical_trees() {
+    let (_scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    server
+        .run(&[&"up", &src, &"off", &"--compress", &"off"])
+        .assert_success();
+    server
+        .run(&[&"up", &src, &"level3", &"--compress", &"3"])
+        .assert_success();
+    assert_trees_equal(&src, &root.join("off"));
+    assert_trees_equal(&src, &root.join("level3"));
+}
+
+/// The value of the `"event"` field of one NDJSON line, found without a
+/// JSON parser (the test crate stays free of serde).
+fn json_event(line: &str) -> Option<&str> {
+    let key = "\"event\"";
+    let rest = &line[line.find(key)? + key.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let rest = rest.strip_prefix('"')?;
+    Some(&rest[..rest.find('"')?])
+}
+
+#[test]
+fn json_output_is_one_object_per_line_ending_with_a_summary() {
+    let (_scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"copy", &"--json"]);
+    out.assert_success();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(!lines.is_empty(), "--json printed nothing\n{out}");
+    let mut events = Vec::new();
+    for line in &lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not a JSON object line: {line:?}\n{out}"
+        );
+        let event =
+            json_event(line).unwrap_or_else(|| panic!("no \"event\" field in {line:?}\n{out}"));
+        events.push(event);
+    }
+    assert_eq!(
+        events.last(),
+        Some(&"summary"),
+        "the last event must be the summary\n{out}"
+    );
+    assert!(
+        events.contains(&"file_done"),
+        "a tree upload reports file_done events\n{out}"
+    );
+    assert_trees_equal(&src, &root.join("copy"));
+}
+
+#[test]
+fn verbose_prints_the_name_of_each_file() {
+    let (_scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"copy", &"-v"]);
+    out.assert_success();
+    // Plain ASCII names: how odd names are escaped is the UI's choice.
+    for name in [
+        "deep.txt",
+        BIG_FILE,
+        SPACED_FILE,
+        "zero.bin",
+        "readonly.txt",
+    ] {
+        out.assert_stdout_contains(name);
+    }
+}
+
+#[test]
+fn quiet_prints_nothing_on_stdout() {
+    let (_scratch, src, root) = full_tree();
+    let server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"copy", &"--quiet"]);
+    out.assert_success();
+    assert!(
+        out.stdout.is_empty(),
+        "--quiet must print nothing on stdout\n{out}"
+    );
+    assert_trees_equal(&src, &root.join("copy"));
+}
+
+/// A scratch dir with `file.txt`, and a server root.
+fn one_file() -> (Scratch, PathBuf, PathBuf) {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("file.txt");
+    write_random_file(&file, 5000, 301);
+    set_mtime(&file, 1_400_000_000, 42);
+    (scratch, file, root)
+}
+
+#[test]
+fn upload_to_a_trailing_slash_puts_the_file_inside() {
+    let (_scratch, file, root) = one_file();
+    fs::create_dir(root.join("dir")).unwrap();
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &file, &"dir/"]).assert_success();
+    assert_files_equal(&file, &root.join("dir/file.txt"));
+}
+
+#[test]
+fn upload_to_dot_puts_the_file_in_the_root() {
+    let (_scratch, file, root) = one_file();
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &file, &"."]).assert_success();
+    assert_files_equal(&file, &root.join("file.txt"));
+}
+
+#[test]
+fn upload_of_a_directory_to_a_trailing_slash_nests_it_under_its_name() {
+    let scratch = Scratch::new();
+    let src = scratch.join("site");
+    build_small_tree(&src);
+    let root = scratch.mkdir("root");
+    fs::create_dir(root.join("production")).unwrap();
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &src, &"production/"]).assert_success();
+    assert_trees_equal(&src, &root.join("production/site"));
+}
+
+#[test]
+fn download_to_a_trailing_slash_puts_the_file_inside() {
+    let (scratch, file, root) = one_file();
+    // Put the file on the server side directly: this test is about naming.
+    fs::create_dir(root.join("remote")).unwrap();
+    let remote = root.join("remote/file.txt");
+    fs::copy(&file, &remote).unwrap();
+    set_mtime(&remote, 1_400_000_000, 42);
+    let local_dir = scratch.mkdir("localdir");
+    let server = Server::start(&root);
+
+    let mut dest = local_dir.clone().into_os_string();
+    dest.push("/");
+    server
+        .run(&[&"down", &"remote/file.txt", &dest])
+        .assert_success();
+    assert_files_equal(&remote, &local_dir.join("file.txt"));
+}
+
+#[test]
+fn default_host_is_localhost() {
+    // The seed's one-line usage: no --host, the server on loopback.
+    let (_scratch, file, root) = one_file();
+    let server = Server::start(&root);
+
+    run(&[
+        &"up",
+        &file,
+        &"file.txt",
+        &"--port",
+        &server.port().to_string(),
+    ])
+    .assert_success();
+    assert_files_equal(&file, &root.join("file.txt"));
+}
