@@ -325,6 +325,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let local = listener
         .local_addr()
         .map_err(|e| Fatal::Failed(e.to_string()))?;
+    let shutdown = shutdown_signal()?;
     println!(
         "ferry server listening on {local} (root: {})",
         root.display()
@@ -332,27 +333,29 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let _ = std::io::stdout().flush();
     tracing::info!("listening on {local}, root {}", root.display());
     let config = ServerConfig { root };
-    server::serve(listener, config, shutdown_signal())
+    server::serve(listener, config, shutdown)
         .await
         .map_err(|e| Fatal::Failed(e.to_string()))?;
     tracing::info!("server stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
+/// Resolves on SIGINT or SIGTERM. The handlers are installed before this
+/// returns, so a signal that arrives right after the server announces
+/// itself is already a clean shutdown, not the default kill.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Fatal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let install = |kind: SignalKind| {
+        signal(kind).map_err(|e| Fatal::Failed(format!("cannot install signal handlers: {e}")))
     };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-    }
+    let mut interrupt = install(SignalKind::interrupt())?;
+    let mut terminate = install(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+        }
+    })
 }
 
 /// Server logs: stderr always, and appended to `--log-file` when given.
