@@ -282,3 +282,59 @@ fn garbage_is_dropped_and_the_server_keeps_serving() {
     assert_serves(&server, &scratch, "after-garbage.txt");
     assert_server_healthy(&mut server);
 }
+
+/// A control frame as PROTOCOL.md §3 defines it: type 1, u32 BE length, JSON.
+fn control_frame(json: &str) -> Vec<u8> {
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(json.as_bytes());
+    frame
+}
+
+#[test]
+fn shutdown_mid_file_abandons_it_cleanly() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let mut server = Server::start(&root);
+
+    // A client that announces a 10 MiB file and then stalls, as a slow or
+    // wedged client would: the server holds a part file for it.
+    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
+    stream.write_all(&preface(PROTOCOL_VERSION)).unwrap();
+    let mut session = Vec::new();
+    for json in [
+        r#"{"type":"hello","software":"test"}"#,
+        r#"{"type":"upload","dest":"inflight.bin"}"#,
+        r#"{"type":"entry","id":1,"path":"","kind":"file","size":10485760,"mode":420,"mtime":{"sec":1,"nsec":0}}"#,
+    ] {
+        session.extend_from_slice(&control_frame(json));
+    }
+    stream.write_all(&session).unwrap();
+    let part = root.join(".inflight.bin.ferry-part");
+    let appeared = poll_until(Duration::from_secs(10), || part.exists().then_some(()));
+    assert!(
+        appeared.is_some(),
+        "the server never opened the part file\n{}",
+        server.stderr()
+    );
+
+    let status = server.stop();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "after SIGTERM: {status}\n{}",
+        server.stderr()
+    );
+    assert!(!part.exists(), "the abandoned part file was left behind");
+    assert!(
+        !root.join("inflight.bin").exists(),
+        "a half file became visible"
+    );
+    let told = read_until_closed(&mut stream, Duration::from_secs(5))
+        .expect("the server closes the session");
+    assert!(
+        String::from_utf8_lossy(&told).contains("shutting down"),
+        "the client is told why: {:?}",
+        String::from_utf8_lossy(&told)
+    );
+}
