@@ -338,3 +338,65 @@ fn shutdown_mid_file_abandons_it_cleanly() {
         String::from_utf8_lossy(&told)
     );
 }
+
+#[test]
+fn interrupted_client_exits_130() {
+    let scratch = Scratch::new();
+    let file = scratch.join("big.bin");
+    write_random_file(&file, 64 * MIB, 77);
+    // A fake server that accepts the upload and then stops reading: the
+    // client is reliably mid-transfer, blocked on a full socket.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().unwrap().port();
+    let (client_gone, wait_for_client) = std::sync::mpsc::channel::<()>();
+    let fake = thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut reply = preface(PROTOCOL_VERSION).to_vec();
+        reply.extend(control_frame(
+            r#"{"type":"welcome","software":"fake","session_id":"00"}"#,
+        ));
+        reply.extend(control_frame(r#"{"type":"ready"}"#));
+        conn.write_all(&reply).expect("answer the client");
+        // Hold the connection open, unread, until the client is gone.
+        let _ = wait_for_client.recv_timeout(Duration::from_secs(15));
+        drop(conn);
+    });
+
+    let mut client = std::process::Command::new(ferry_bin())
+        .args([
+            "up".as_ref(),
+            file.as_os_str(),
+            "big.bin".as_ref(),
+            "--port".as_ref(),
+            port.to_string().as_ref(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the client");
+    // Give it time to connect and fill the socket buffers; it cannot finish.
+    thread::sleep(Duration::from_millis(500));
+    let pid = rustix::process::Pid::from_raw(client.id() as i32).unwrap();
+    rustix::process::kill_process(pid, Signal::INT).expect("SIGINT the client");
+    let status = poll_until(Duration::from_secs(10), || client.try_wait().unwrap());
+    let Some(status) = status else {
+        let _ = client.kill();
+        panic!("the client did not exit within 10 s of SIGINT");
+    };
+    let mut stderr = String::new();
+    client
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "exit status after ^C; stderr: {stderr}"
+    );
+    assert!(contains_ci(&stderr, "interrupted"), "stderr: {stderr}");
+    let _ = client_gone.send(());
+    fake.join().expect("the fake server thread");
+}
