@@ -167,107 +167,23 @@ async fn session(
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
     let started = Instant::now();
-    let (verb, result, tally) = match request {
-        Message::Upload { dest } => {
-            let path = match WirePath::parse(dest.as_bytes()) {
-                Ok(p) if !p.is_root() => p,
-                Ok(_) => {
-                    let msg =
-                        "the remote path must name a file or directory below the server's root"
-                            .to_string();
-                    return refuse(&mut writer, ErrorCode::BadPath, msg).await;
-                }
-                Err(e) => {
-                    return refuse(
-                        &mut writer,
-                        ErrorCode::BadPath,
-                        format!("refused remote path: {e}"),
-                    )
-                    .await;
-                }
-            };
-            let prefix: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
-            let parents: Vec<&[u8]> = prefix[..prefix.len() - 1]
-                .iter()
-                .map(Vec::as_slice)
-                .collect();
-            let base = match fsx::open_dir_beneath(root.as_fd(), &[]) {
-                Ok(b) => b,
-                Err(e) => {
-                    return refuse(
-                        &mut writer,
-                        code_for(&e),
-                        format!("server root: {}", reason(&e)),
-                    )
-                    .await;
-                }
-            };
-            if let Err(e) = fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755) {
-                let shown = escape(&parents.join(&b'/'));
-                return refuse(
-                    &mut writer,
-                    code_for(&e),
-                    format!("{shown}: {}", reason(&e)),
-                )
-                .await;
-            }
-            info!("upload to {path}");
-            writer.send_now(&Message::Ready).await?;
+    let accepted = match accept_request(root, request) {
+        Ok(a) => a,
+        Err(Refusal(code, message)) => return refuse(&mut writer, code, message).await,
+    };
+    writer.send_now(&Message::Ready).await?;
+    let (verb, result, tally) = match accepted {
+        Accepted::Receive(dest) => {
+            info!("upload to {}", dest.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
-            let dest = Destination {
-                base,
-                prefix,
-                label: path.display(),
-            };
             let result = run_receiver(&mut reader, &mut writer, dest, tally.clone(), cancel).await;
             ("upload", result, tally)
         }
-        Message::Download {
-            source,
-            compression,
-        } => {
-            if let Compression::Level(level) = compression
-                && !(1..=19).contains(&level)
-            {
-                let msg = format!("compression level {level} is outside 1..=19");
-                return refuse(&mut writer, ErrorCode::BadRequest, msg).await;
-            }
-            let path = match WirePath::parse(source.as_bytes()) {
-                Ok(p) => p,
-                Err(e) => {
-                    return refuse(
-                        &mut writer,
-                        ErrorCode::BadPath,
-                        format!("refused remote path: {e}"),
-                    )
-                    .await;
-                }
-            };
-            let root_entry = match fsx::open_confined_root(root.as_fd(), &path) {
-                Ok(r) => r,
-                Err(e) => {
-                    return refuse(&mut writer, code_for(&e), format!("{path}: {}", reason(&e)))
-                        .await;
-                }
-            };
-            info!("download of {path}");
-            writer.send_now(&Message::Ready).await?;
+        Accepted::Send(job) => {
+            info!("download of {}", job.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
-            let job = SendJob {
-                root: root_entry,
-                compression,
-                label: path.display(),
-            };
             let result = run_sender(&mut reader, &mut writer, job, tally.clone(), cancel).await;
             ("download", result, tally)
-        }
-        other => {
-            return refuse(
-                &mut writer,
-                ErrorCode::BadRequest,
-                format!("expected a request, got {other:?}"),
-            )
-            .await;
         }
     };
     if let Err(EngineError::Cancelled) = &result {
@@ -290,6 +206,76 @@ async fn session(
         started.elapsed().as_secs_f64()
     );
     result
+}
+
+/// What an accepted request runs.
+enum Accepted {
+    Receive(Destination),
+    Send(SendJob),
+}
+
+/// Why a request is refused, in the words the client will show.
+struct Refusal(ErrorCode, String);
+
+impl Refusal {
+    fn io(context: &str, e: &std::io::Error) -> Self {
+        Refusal(code_for(e), format!("{context}: {}", reason(e)))
+    }
+}
+
+/// Check a request against the root and prepare what it will run. Every
+/// path is validated here, whatever the client already checked.
+fn accept_request(root: &OwnedFd, request: Message) -> Result<Accepted, Refusal> {
+    let parse = |bytes: &[u8]| {
+        WirePath::parse(bytes)
+            .map_err(|e| Refusal(ErrorCode::BadPath, format!("refused remote path: {e}")))
+    };
+    match request {
+        Message::Upload { dest } => {
+            let path = parse(dest.as_bytes())?;
+            if path.is_root() {
+                let msg = "the remote path must name a file or directory below the server's root";
+                return Err(Refusal(ErrorCode::BadPath, msg.into()));
+            }
+            let prefix: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
+            let parents: Vec<&[u8]> = prefix[..prefix.len() - 1]
+                .iter()
+                .map(Vec::as_slice)
+                .collect();
+            let base = fsx::open_dir_beneath(root.as_fd(), &[])
+                .map_err(|e| Refusal::io("server root", &e))?;
+            fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755)
+                .map_err(|e| Refusal::io(&escape(&parents.join(&b'/')), &e))?;
+            Ok(Accepted::Receive(Destination {
+                base,
+                prefix,
+                label: path.display(),
+            }))
+        }
+        Message::Download {
+            source,
+            compression,
+        } => {
+            if let Compression::Level(level) = compression
+                && !(1..=19).contains(&level)
+            {
+                let msg = format!("compression level {level} is outside 1..=19");
+                return Err(Refusal(ErrorCode::BadRequest, msg));
+            }
+            let path = parse(source.as_bytes())?;
+            let root_entry = fsx::open_confined_root(root.as_fd(), &path)
+                .map_err(|e| Refusal::io(&path.display(), &e))?;
+            Ok(Accepted::Send(SendJob {
+                root: root_entry,
+                compression,
+                label: path.display(),
+            }))
+        }
+        other => Err(Refusal(
+            ErrorCode::BadRequest,
+            format!("expected a request, got {other:?}"),
+        )),
+    }
 }
 
 /// Refuse a request with a reason the client will show its user.
