@@ -51,6 +51,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// The next frame if it is already buffered, without reading.
+    pub(crate) fn buffered(&mut self) -> Result<Option<Frame>, EngineError> {
+        Ok(frame::decode(&mut self.buf)?)
+    }
+
     /// The next frame, which must be a control message.
     pub(crate) async fn message(&mut self) -> Result<Message, EngineError> {
         match self.next().await? {

@@ -169,6 +169,22 @@ pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Create the part file `part` in `dir`, new and empty, private until it
+/// is complete. A stale one (from an interrupted run) is replaced; a
+/// symlink planted under that name is removed, never followed.
+pub(crate) fn create_part(dir: BorrowedFd<'_>, part: &[u8]) -> io::Result<OwnedFd> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let create = || rustix::fs::openat(dir, part, flags, Mode::from_raw_mode(0o600));
+    match create() {
+        // The common case costs one syscall; only a leftover costs more.
+        Err(rustix::io::Errno::EXIST) => {
+            remove_if_present(dir, part)?;
+            Ok(create()?)
+        }
+        other => Ok(other?),
+    }
+}
+
 /// Remove `name` in `dir` if it is there; used to clear stale part files.
 pub(crate) fn remove_if_present(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<()> {
     match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
@@ -255,21 +271,23 @@ pub(crate) fn open_confined_root(base: BorrowedFd<'_>, path: &WirePath) -> io::R
     }
 }
 
-/// The names in a directory, sorted, without `.` and `..`.
+/// The entries of a directory, sorted by name, without `.` and `..`, each
+/// with the type the directory itself records (which saves a stat where
+/// the filesystem fills it in; `Unknown` where it does not).
 ///
 /// Memory grows with the size of one directory, never with the tree.
-pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<Vec<u8>>> {
-    let mut names = Vec::new();
+pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, FileType)>> {
+    let mut entries = Vec::new();
     for entry in rustix::fs::Dir::read_from(dir)? {
         let entry = entry?;
         let name: &CStr = entry.file_name();
         let name = name.to_bytes();
         if name != b"." && name != b".." {
-            names.push(name.to_vec());
+            entries.push((name.to_vec(), entry.file_type()));
         }
     }
-    names.sort_unstable();
-    Ok(names)
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
 }
 
 #[cfg(test)]
@@ -318,6 +336,23 @@ mod tests {
         std::fs::write(tmp.path().join("file"), b"x").unwrap();
         let err = create_dirs_beneath(b.as_fd(), &[b"file", b"q"], 0o755).unwrap_err();
         assert!(err.to_string().contains("not a directory"), "{err}");
+    }
+
+    #[test]
+    fn part_files_replace_leftovers_and_planted_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let outside = tmp.path().join("outside");
+        std::fs::write(tmp.path().join(".a.ferry-part"), b"stale").unwrap();
+        symlink(&outside, tmp.path().join(".b.ferry-part")).unwrap();
+        for part in [&b".a.ferry-part"[..], b".b.ferry-part", b".c.ferry-part"] {
+            create_part(b.as_fd(), part).unwrap();
+            let meta =
+                std::fs::symlink_metadata(tmp.path().join(std::str::from_utf8(part).unwrap()))
+                    .unwrap();
+            assert!(meta.is_file() && meta.len() == 0);
+        }
+        assert!(!outside.exists(), "the planted symlink was not followed");
     }
 
     #[test]

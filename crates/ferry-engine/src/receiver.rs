@@ -17,7 +17,7 @@ use ferry_proto::digest::{ChunkLedger, FileDigest};
 use ferry_proto::frame::Frame;
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WireBytes, WirePath};
-use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::fs::{AtFlags, Mode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -56,13 +56,14 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (frame_tx, frame_rx) = mpsc::channel::<Frame>(FRAME_QUEUE);
-    let (reply_tx, mut reply_rx) = mpsc::channel::<Message>(1024);
+    let (frame_tx, frame_rx) = mpsc::channel::<Vec<Frame>>(FRAME_QUEUE);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<Message>>(64);
     let (done_tx, done_rx) = oneshot::channel();
     let worker = Worker {
         dest,
         tally,
         replies: reply_tx,
+        unsent: Vec::new(),
         decoder: ChunkDecoder::new()?,
         last_id: 0,
         files: HashMap::new(),
@@ -77,18 +78,27 @@ where
         })
         .map_err(EngineError::from)?;
 
+    // Frames go to the worker in batches: all that one read brought in.
     let read = async {
+        let is_last = |f: &Frame| matches!(f, Frame::Control(Message::End | Message::Error { .. }));
         loop {
-            let frame = reader.next().await?.ok_or(EngineError::Closed)?;
-            let end = matches!(frame, Frame::Control(Message::End | Message::Error { .. }));
-            if frame_tx.send(frame).await.is_err() || end {
+            let first = reader.next().await?.ok_or(EngineError::Closed)?;
+            let mut end = is_last(&first);
+            let mut batch = vec![first];
+            while !end && let Some(frame) = reader.buffered()? {
+                end = is_last(&frame);
+                batch.push(frame);
+            }
+            if frame_tx.send(batch).await.is_err() || end {
                 return Ok::<_, EngineError>(());
             }
         }
     };
     let write = async {
-        while let Some(msg) = reply_rx.recv().await {
-            writer.send(&msg).await?;
+        while let Some(replies) = reply_rx.recv().await {
+            for msg in &replies {
+                writer.send(msg).await?;
+            }
             if reply_rx.is_empty() {
                 writer.flush().await?;
             }
@@ -147,7 +157,9 @@ struct OpenDir {
 struct Worker {
     dest: Destination,
     tally: Arc<Tally>,
-    replies: mpsc::Sender<Message>,
+    replies: mpsc::Sender<Vec<Message>>,
+    /// Replies not yet handed to the writer: they go in batches.
+    unsent: Vec<Message>,
     decoder: ChunkDecoder,
     last_id: u64,
     files: HashMap<u64, OpenFile>,
@@ -161,7 +173,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, mut frames: mpsc::Receiver<Frame>) -> Result<(), EngineError> {
+    fn run(mut self, mut frames: mpsc::Receiver<Vec<Frame>>) -> Result<(), EngineError> {
         let result = self.receive(&mut frames);
         if let Err(e) = &result {
             // Tell the sender why, unless it is the one who ended it.
@@ -169,9 +181,8 @@ impl Worker {
                 e,
                 EngineError::Remote { .. } | EngineError::Closed | EngineError::Cancelled
             ) {
-                let _ = self
-                    .replies
-                    .blocking_send(Message::error(e.code(), e.to_string()));
+                self.unsent.push(Message::error(e.code(), e.to_string()));
+                let _ = self.flush_replies();
             }
         }
         // Dropping the open files removes their part files.
@@ -179,51 +190,82 @@ impl Worker {
         result
     }
 
-    fn receive(&mut self, frames: &mut mpsc::Receiver<Frame>) -> Result<(), EngineError> {
-        while let Some(frame) = frames.blocking_recv() {
-            match frame {
-                Frame::Data(chunk) => self.chunk(chunk)?,
-                Frame::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind)?,
-                Frame::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest)?,
-                Frame::Control(Message::Abort { id, reason }) => self.abort(id, &reason)?,
-                Frame::Control(Message::DirEnd { id }) => self.dir_end(id)?,
-                Frame::Control(Message::Totals { files, bytes }) => {
-                    self.tally.event(Event::Totals { files, bytes })
+    fn receive(&mut self, frames: &mut mpsc::Receiver<Vec<Frame>>) -> Result<(), EngineError> {
+        loop {
+            let batch = match frames.try_recv() {
+                Ok(batch) => batch,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    // Idle: this is the moment to send what we owe.
+                    self.flush_replies()?;
+                    frames.blocking_recv().ok_or(EngineError::Closed)?
                 }
-                Frame::Control(Message::End) => {
-                    if !self.files.is_empty() {
-                        return Err(EngineError::Protocol(
-                            "transfer ended with files still open".into(),
-                        ));
-                    }
-                    self.reply(Message::Done)?;
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(EngineError::Closed),
+            };
+            for frame in batch {
+                if self.frame(frame)? {
+                    self.flush_replies()?;
                     return Ok(());
-                }
-                Frame::Control(Message::Error { code, message }) => {
-                    return Err(EngineError::Remote {
-                        code,
-                        message: peer_text(&message),
-                    });
-                }
-                Frame::Control(other) => {
-                    return Err(EngineError::Protocol(format!(
-                        "unexpected message from the sender: {other:?}"
-                    )));
                 }
             }
         }
-        Err(EngineError::Closed)
     }
 
-    fn reply(&self, msg: Message) -> Result<(), EngineError> {
+    /// Handle one frame; true once the transfer is over.
+    fn frame(&mut self, frame: Frame) -> Result<bool, EngineError> {
+        match frame {
+            Frame::Data(chunk) => self.chunk(chunk)?,
+            Frame::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind)?,
+            Frame::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest)?,
+            Frame::Control(Message::Abort { id, reason }) => self.abort(id, &reason)?,
+            Frame::Control(Message::DirEnd { id }) => self.dir_end(id)?,
+            Frame::Control(Message::Totals { files, bytes }) => {
+                self.tally.event(Event::Totals { files, bytes })
+            }
+            Frame::Control(Message::End) => {
+                if !self.files.is_empty() {
+                    return Err(EngineError::Protocol(
+                        "transfer ended with files still open".into(),
+                    ));
+                }
+                self.reply(Message::Done)?;
+                return Ok(true);
+            }
+            Frame::Control(Message::Error { code, message }) => {
+                return Err(EngineError::Remote {
+                    code,
+                    message: peer_text(&message),
+                });
+            }
+            Frame::Control(other) => {
+                return Err(EngineError::Protocol(format!(
+                    "unexpected message from the sender: {other:?}"
+                )));
+            }
+        }
+        Ok(false)
+    }
+
+    fn reply(&mut self, msg: Message) -> Result<(), EngineError> {
+        self.unsent.push(msg);
+        if self.unsent.len() >= 256 {
+            self.flush_replies()?;
+        }
+        Ok(())
+    }
+
+    fn flush_replies(&mut self) -> Result<(), EngineError> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let replies = std::mem::take(&mut self.unsent);
         self.replies
-            .blocking_send(msg)
+            .blocking_send(replies)
             .map_err(|_| EngineError::Closed)
     }
 
     /// Answer entry `id`; files and symlinks also count in the events.
     fn verdict(
-        &self,
+        &mut self,
         id: u64,
         display: String,
         outcome: Outcome,
@@ -248,7 +290,7 @@ impl Worker {
 
     /// Answer a directory entry: only failures are events.
     fn dir_verdict(
-        &self,
+        &mut self,
         id: u64,
         display: String,
         failure: Option<String>,
@@ -342,19 +384,7 @@ impl Worker {
                     return Err(EngineError::Protocol("too many files open at once".into()));
                 }
                 let part = fsx::part_name(&name);
-                let created = fsx::remove_if_present(parent.as_fd(), &part).and_then(|()| {
-                    let flags = OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC;
-                    Ok(rustix::fs::openat(
-                        parent.as_fd(),
-                        part.as_slice(),
-                        flags,
-                        Mode::from_raw_mode(0o600),
-                    )?)
-                });
+                let created = fsx::create_part(parent.as_fd(), &part);
                 match created {
                     Ok(fd) => {
                         self.tally.event(Event::FileStarted {

@@ -17,7 +17,7 @@ use ferry_proto::digest::DigestBuilder;
 use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_REASON_LEN};
 use ferry_proto::message::{Compression, EntryKind, Message, Outcome};
 use ferry_proto::path::{WirePath, escape};
-use rustix::fs::{AtFlags, Stat};
+use rustix::fs::{AtFlags, FileType, Stat};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -30,8 +30,13 @@ use crate::fsx::{self, Kind, Root};
 
 /// Frames (batches of frames) the producer may run ahead of the socket.
 const FRAME_QUEUE: usize = 8;
-/// Small control messages are batched into one queue item up to this size.
-const BATCH_BYTES: usize = 64 * 1024;
+/// Frames are batched into one queue item up to this size, so that a tree
+/// of small files costs one hand-over between threads per batch rather
+/// than several per file.
+const BATCH_BYTES: usize = 128 * 1024;
+/// A batch is handed over at the latest this long after its first frame,
+/// so a slow walk does not hold back what is ready.
+const BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// What to send.
 pub(crate) struct SendJob {
@@ -73,6 +78,7 @@ where
         label: job.label,
         next_id: 0,
         batch: BytesMut::new(),
+        batch_started: None,
         read_buf: vec![0; DEFAULT_CHUNK_LEN as usize],
     };
     // A thread of its own (not the blocking pool): it does blocking file
@@ -159,6 +165,8 @@ struct Producer {
     label: String,
     next_id: u64,
     batch: BytesMut,
+    /// When the first frame of the current batch was added.
+    batch_started: Option<std::time::Instant>,
     read_buf: Vec<u8>,
 }
 
@@ -180,13 +188,22 @@ impl Producer {
 
     fn send(&mut self, msg: &Message) -> Result<(), EngineError> {
         ferry_proto::frame::encode_control(msg, &mut self.batch)?;
-        if self.batch.len() >= BATCH_BYTES {
+        self.maybe_flush()
+    }
+
+    /// Hand the batch over if it is big or old enough.
+    fn maybe_flush(&mut self) -> Result<(), EngineError> {
+        let started = *self
+            .batch_started
+            .get_or_insert_with(std::time::Instant::now);
+        if self.batch.len() >= BATCH_BYTES || started.elapsed() >= BATCH_DELAY {
             self.flush()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), EngineError> {
+        self.batch_started = None;
         if !self.batch.is_empty() {
             let frames = self.batch.split().freeze();
             self.tx
@@ -234,9 +251,9 @@ impl Producer {
         };
         let id = self.entry(path, kind)?;
         match fsx::list_dir(dir.as_fd()) {
-            Ok(names) => {
-                for name in names {
-                    self.child(&dir, path, &name)?;
+            Ok(entries) => {
+                for (name, recorded_type) in entries {
+                    self.child(&dir, path, &name, recorded_type)?;
                 }
             }
             Err(e) => self.abort(id, format!("cannot list directory: {}", reason(&e)))?,
@@ -244,7 +261,13 @@ impl Producer {
         self.send(&Message::DirEnd { id })
     }
 
-    fn child(&mut self, dir: &OwnedFd, parent: &WirePath, name: &[u8]) -> Result<(), EngineError> {
+    fn child(
+        &mut self,
+        dir: &OwnedFd,
+        parent: &WirePath,
+        name: &[u8],
+        recorded_type: FileType,
+    ) -> Result<(), EngineError> {
         let path = match parent.join(name) {
             Ok(p) => p,
             Err(e) => {
@@ -256,6 +279,13 @@ impl Producer {
                 return Ok(());
             }
         };
+        // Most entries are regular files: open and fstat them directly. Any
+        // surprise (gone, changed type, unreadable) takes the careful path.
+        if recorded_type == FileType::RegularFile
+            && let Ok((file, stat)) = fsx::open_regular(dir.as_fd(), name)
+        {
+            return self.file(&path, Ok(file), &stat);
+        }
         let stat = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(s) => s,
             // Deleted since the listing: like rsync, treat it as never there.
@@ -320,7 +350,6 @@ impl Producer {
             path: display_name(&self.label, path),
             size,
         });
-        self.encoder.start_file();
         let mut digest = DigestBuilder::new(size);
         let mut offset = 0u64;
         while offset < size {
@@ -335,7 +364,7 @@ impl Producer {
                 return self.abort(id, why);
             }
             digest.push(self.encoder.encode(id, offset, buf, &mut self.batch));
-            self.flush()?;
+            self.maybe_flush()?;
             self.tally.event(Event::Bytes { n: len as u64 });
             offset += len as u64;
         }
@@ -379,10 +408,10 @@ impl Producer {
 /// show totals. Only stats, no reads: cheap next to the transfer itself.
 fn count(root: &Root) -> (u64, u64) {
     fn walk(dir: &OwnedFd, totals: &mut (u64, u64)) {
-        let Ok(names) = fsx::list_dir(dir.as_fd()) else {
+        let Ok(entries) = fsx::list_dir(dir.as_fd()) else {
             return;
         };
-        for name in names {
+        for (name, _) in entries {
             let Ok(stat) = rustix::fs::statat(dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
             else {
                 continue;
