@@ -6,11 +6,6 @@ use bytes::BytesMut;
 use ferry_proto::chunk::{ChunkHeader, Codec, DataChunk};
 use ferry_proto::digest::chunk_hash;
 use ferry_proto::frame::encode_data;
-use ferry_proto::message::Compression;
-
-/// The zstd level `auto` starts from: fast enough to keep up with a LAN on
-/// one core while still shrinking text several times.
-const AUTO_LEVEL: i32 = 1;
 
 /// After this many chunks in a row that do not shrink, stop trying to
 /// compress, and try again only on every [`RESAMPLE_EVERY`]th chunk until
@@ -29,24 +24,38 @@ fn worth_it(raw: usize, compressed: usize) -> bool {
 /// Encodes the chunks of a transfer, reusing one zstd context.
 pub(crate) struct ChunkEncoder {
     compressor: Option<zstd::bulk::Compressor<'static>>,
+    /// Whether to compress at all (the compressor is kept when not, so
+    /// that switching back costs nothing).
+    enabled: bool,
     scratch: Vec<u8>,
     misses: u32,
     skipped: u32,
 }
 
 impl ChunkEncoder {
-    pub(crate) fn new(mode: Compression) -> io::Result<Self> {
-        let level = match mode {
-            Compression::Off => None,
-            Compression::Auto => Some(AUTO_LEVEL),
-            Compression::Level(l) => Some(l),
-        };
-        Ok(ChunkEncoder {
-            compressor: level.map(zstd::bulk::Compressor::new).transpose()?,
+    /// An encoder at a fixed level (`None`: raw). `auto` mode starts from
+    /// the controller's level and follows it with [`set_level`](Self::set_level).
+    pub(crate) fn new(level: Option<i32>) -> io::Result<Self> {
+        let mut encoder = ChunkEncoder {
+            compressor: None,
+            enabled: false,
             scratch: Vec::new(),
             misses: 0,
             skipped: 0,
-        })
+        };
+        encoder.set_level(level)?;
+        Ok(encoder)
+    }
+
+    pub(crate) fn set_level(&mut self, level: Option<i32>) -> io::Result<()> {
+        self.enabled = level.is_some();
+        if let Some(level) = level {
+            match &mut self.compressor {
+                Some(c) => c.set_compression_level(level)?,
+                None => self.compressor = Some(zstd::bulk::Compressor::new(level)?),
+            }
+        }
+        Ok(())
     }
 
     /// Append the data frame for `raw` (at `offset` of file `file_id`) to
@@ -76,6 +85,9 @@ impl ChunkEncoder {
     }
 
     fn try_compress(&mut self, raw: &[u8]) -> Option<&[u8]> {
+        if !self.enabled {
+            return None;
+        }
         let compressor = self.compressor.as_mut()?;
         if self.misses >= GIVE_UP_AFTER {
             self.skipped += 1;
@@ -158,8 +170,8 @@ mod tests {
     use super::*;
     use ferry_proto::frame::{Frame, decode};
 
-    fn round_trip(mode: Compression, raw: &[u8]) -> (Codec, Vec<u8>) {
-        let mut enc = ChunkEncoder::new(mode).unwrap();
+    fn round_trip(level: Option<i32>, raw: &[u8]) -> (Codec, Vec<u8>) {
+        let mut enc = ChunkEncoder::new(level).unwrap();
         let mut buf = BytesMut::new();
         enc.encode(5, 0, raw, &mut buf);
         let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
@@ -185,18 +197,15 @@ mod tests {
     #[test]
     fn text_is_compressed_noise_is_not() {
         let text = b"the quick brown fox jumps over the lazy dog\n".repeat(1000);
-        assert_eq!(
-            round_trip(Compression::Auto, &text),
-            (Codec::Zstd, text.clone())
-        );
-        assert_eq!(round_trip(Compression::Off, &text), (Codec::Raw, text));
+        assert_eq!(round_trip(Some(1), &text), (Codec::Zstd, text.clone()));
+        assert_eq!(round_trip(None, &text), (Codec::Raw, text));
         let rnd = noise(100_000);
-        assert_eq!(round_trip(Compression::Level(3), &rnd), (Codec::Raw, rnd));
+        assert_eq!(round_trip(Some(3), &rnd), (Codec::Raw, rnd));
     }
 
     #[test]
     fn gives_up_on_incompressible_data_then_samples_again() {
-        let mut enc = ChunkEncoder::new(Compression::Auto).unwrap();
+        let mut enc = ChunkEncoder::new(Some(1)).unwrap();
         let rnd = noise(4096);
         let text = b"abc".repeat(2000);
         let mut buf = BytesMut::new();
@@ -218,7 +227,7 @@ mod tests {
 
     #[test]
     fn corruption_is_caught() {
-        let mut enc = ChunkEncoder::new(Compression::Off).unwrap();
+        let mut enc = ChunkEncoder::new(None).unwrap();
         let mut buf = BytesMut::new();
         enc.encode(1, 0, b"hello world", &mut buf);
         let last = buf.len() - 1;

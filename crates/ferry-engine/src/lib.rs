@@ -23,6 +23,7 @@
 //! - A file appears under its name only complete and verified.
 //! - Memory is bounded by queue depths times the chunk size.
 
+mod adapt;
 pub mod client;
 mod codec;
 mod conn;

@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::digest::DigestBuilder;
@@ -22,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::adapt::{LevelController, Window};
 use crate::codec::ChunkEncoder;
 use crate::conn::{FrameReader, FrameWriter, pump};
 use crate::error::{EngineError, reason};
@@ -36,7 +38,7 @@ const FRAME_QUEUE: usize = 8;
 const BATCH_BYTES: usize = 128 * 1024;
 /// A batch is handed over at the latest this long after its first frame,
 /// so a slow walk does not hold back what is ready.
-const BATCH_DELAY: std::time::Duration = std::time::Duration::from_millis(5);
+const BATCH_DELAY: Duration = Duration::from_millis(5);
 
 /// What to send.
 pub(crate) struct SendJob {
@@ -70,11 +72,22 @@ where
     let (tx, mut rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
     let pending: PendingMap = Arc::default();
     let (done_tx, done_rx) = oneshot::channel();
+    let (controller, fixed_level) = match job.compression {
+        Compression::Auto => (Some(LevelController::new()), None),
+        Compression::Off => (None, None),
+        Compression::Level(level) => (None, Some(level)),
+    };
     let producer = Producer {
         tx,
         pending: pending.clone(),
         tally: tally.clone(),
-        encoder: ChunkEncoder::new(job.compression)?,
+        encoder: ChunkEncoder::new(
+            controller
+                .as_ref()
+                .map_or(fixed_level, LevelController::level),
+        )?,
+        controller,
+        window: WindowMeter::new(),
         label: job.label,
         next_id: 0,
         batch: BytesMut::new(),
@@ -157,16 +170,42 @@ pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
     }
 }
 
+/// A compression window closes after this many file bytes (and at least
+/// `WINDOW_MIN_SECS`), or after `WINDOW_MAX_SECS` whatever moved.
+const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
+const WINDOW_MIN_SECS: f64 = 0.1;
+const WINDOW_MAX_SECS: f64 = 1.0;
+
+/// What happened in the current compression window.
+struct WindowMeter {
+    started: Instant,
+    bytes: u64,
+    blocked: Duration,
+}
+
+impl WindowMeter {
+    fn new() -> Self {
+        WindowMeter {
+            started: Instant::now(),
+            bytes: 0,
+            blocked: Duration::ZERO,
+        }
+    }
+}
+
 struct Producer {
     tx: mpsc::Sender<Bytes>,
     pending: PendingMap,
     tally: Arc<Tally>,
     encoder: ChunkEncoder,
+    /// Present in `auto` mode: picks the level as the transfer goes.
+    controller: Option<LevelController>,
+    window: WindowMeter,
     label: String,
     next_id: u64,
     batch: BytesMut,
     /// When the first frame of the current batch was added.
-    batch_started: Option<std::time::Instant>,
+    batch_started: Option<Instant>,
     read_buf: Vec<u8>,
 }
 
@@ -193,9 +232,7 @@ impl Producer {
 
     /// Hand the batch over if it is big or old enough.
     fn maybe_flush(&mut self) -> Result<(), EngineError> {
-        let started = *self
-            .batch_started
-            .get_or_insert_with(std::time::Instant::now);
+        let started = *self.batch_started.get_or_insert_with(Instant::now);
         if self.batch.len() >= BATCH_BYTES || started.elapsed() >= BATCH_DELAY {
             self.flush()?;
         }
@@ -204,11 +241,49 @@ impl Producer {
 
     fn flush(&mut self) -> Result<(), EngineError> {
         self.batch_started = None;
-        if !self.batch.is_empty() {
-            let frames = self.batch.split().freeze();
-            self.tx
-                .blocking_send(frames)
-                .map_err(|_| EngineError::Closed)?;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let frames = self.batch.split().freeze();
+        match self.tx.try_send(frames) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(frames)) => {
+                // The downstream (socket, link, receiver) is the bottleneck
+                // for as long as we wait here: the compression controller
+                // wants to know.
+                let waiting = Instant::now();
+                let sent = self.tx.blocking_send(frames);
+                self.window.blocked += waiting.elapsed();
+                sent.map_err(|_| EngineError::Closed)
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Closed),
+        }
+    }
+
+    /// Close the compression window if it is full and let the controller
+    /// pick the level for the next one.
+    fn adapt(&mut self, bytes: u64) -> Result<(), EngineError> {
+        self.window.bytes += bytes;
+        let Some(controller) = &mut self.controller else {
+            return Ok(());
+        };
+        let secs = self.window.started.elapsed().as_secs_f64();
+        let full = self.window.bytes >= WINDOW_BYTES && secs >= WINDOW_MIN_SECS;
+        if full || secs >= WINDOW_MAX_SECS {
+            let level = controller.observe(Window {
+                bytes: self.window.bytes,
+                secs,
+                blocked_secs: self.window.blocked.as_secs_f64(),
+            });
+            tracing::debug!(
+                bytes = self.window.bytes,
+                secs,
+                blocked_secs = self.window.blocked.as_secs_f64(),
+                next_level = ?level,
+                "compression window"
+            );
+            self.encoder.set_level(level)?;
+            self.window = WindowMeter::new();
         }
         Ok(())
     }
@@ -365,6 +440,7 @@ impl Producer {
             }
             digest.push(self.encoder.encode(id, offset, buf, &mut self.batch));
             self.maybe_flush()?;
+            self.adapt(len as u64)?;
             self.tally.event(Event::Bytes { n: len as u64 });
             offset += len as u64;
         }

@@ -46,6 +46,14 @@ fn main() -> ExitCode {
             };
         }
     };
+    if !matches!(cli.command, Command::Server(_)) && std::env::var_os("RUST_LOG").is_some() {
+        // Clients are silent but for their own output; RUST_LOG opts into
+        // the engine's diagnostics (e.g. RUST_LOG=ferry_engine=debug).
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
