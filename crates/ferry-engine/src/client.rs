@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 use ferry_proto::message::{Compression, Message};
 use ferry_proto::path::{WireBytes, escape};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::conn::{FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, check_version};
+use crate::conn::{
+    BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
+};
 use crate::error::{EngineError, reason};
 use crate::events::{EventSink, Tally, TransferSummary};
 use crate::fsx;
@@ -28,44 +30,109 @@ pub struct ClientConfig {
     /// `host:port`, as given by the user (a name or an address).
     pub addr: String,
     pub compression: Compression,
+    /// Connections for the session, the control one included (at least 1;
+    /// the server may allow fewer).
+    pub streams: u32,
+}
+
+/// The default number of connections: one per core, at most 8. More
+/// connections than cores add context switches and no parallelism on the
+/// CPU side, while a few already fill a long fat link.
+pub fn default_streams() -> u32 {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8) as u32)
+}
+
+/// What identifies a session to the connections that join it.
+#[derive(Clone)]
+struct SessionKey {
+    id: String,
+    secret: String,
+    max_streams: u32,
 }
 
 struct Connection {
-    reader: FrameReader<OwnedReadHalf>,
-    writer: FrameWriter<OwnedWriteHalf>,
+    reader: FrameReader<BoxRead>,
+    writer: FrameWriter<BoxWrite>,
+    session: SessionKey,
+    /// Bytes over all of the session's connections.
+    meter: Meter,
+}
+
+/// Connect and exchange prefaces: a connection ready for its first message.
+async fn connect(
+    addr: &str,
+    meter: &Meter,
+) -> Result<(FrameReader<BoxRead>, FrameWriter<BoxWrite>), EngineError> {
+    let connect_error = |reason: String| EngineError::Connect {
+        addr: addr.to_string(),
+        reason,
+    };
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Err(_) => {
+            let waited = CONNECT_TIMEOUT.as_secs();
+            return Err(connect_error(format!("no answer within {waited} s")));
+        }
+        Ok(Err(e)) => return Err(connect_error(reason(&e))),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
+    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter.clone());
+    writer.preface().await?;
+    check_version(reader.preface().await?)?;
+    Ok((reader, writer))
+}
+
+/// The peer's next message, within the handshake timeout.
+async fn reply(reader: &mut FrameReader<BoxRead>) -> Result<Message, EngineError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
+        .await
+        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
+}
+
+/// Open a data connection and attach it to `session`.
+async fn join(addr: &str, session: &SessionKey, meter: &Meter) -> Result<DataConn, EngineError> {
+    let (mut reader, mut writer) = connect(addr, meter).await?;
+    writer
+        .send_now(&Message::Join {
+            session_id: session.id.clone(),
+            secret: session.secret.clone(),
+        })
+        .await?;
+    match reply(&mut reader).await? {
+        Message::Joined => Ok(DataConn { reader, writer }),
+        other => Err(EngineError::Protocol(format!(
+            "expected joined, got {other:?}"
+        ))),
+    }
 }
 
 impl Connection {
     async fn open(addr: &str) -> Result<Self, EngineError> {
-        let connect_error = |reason: String| EngineError::Connect {
-            addr: addr.to_string(),
-            reason,
-        };
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Err(_) => {
-                return Err(connect_error(format!(
-                    "no answer within {} s",
-                    CONNECT_TIMEOUT.as_secs()
-                )));
-            }
-            Ok(Err(e)) => return Err(connect_error(reason(&e))),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
-        let mut conn = Connection {
-            reader: FrameReader::new(r),
-            writer: FrameWriter::new(w),
-        };
-        conn.writer.preface().await?;
-        check_version(conn.reader.preface().await?)?;
-        conn.writer
+        let meter = Meter::default();
+        let (mut reader, mut writer) = connect(addr, &meter).await?;
+        writer
             .send_now(&Message::Hello {
                 software: crate::SOFTWARE.to_string(),
             })
             .await?;
-        match conn.reply().await? {
-            Message::Welcome { .. } => Ok(conn),
+        match reply(&mut reader).await? {
+            Message::Welcome {
+                session_id,
+                secret,
+                max_streams,
+                ..
+            } => Ok(Connection {
+                reader,
+                writer,
+                session: SessionKey {
+                    id: session_id,
+                    secret,
+                    max_streams,
+                },
+                meter,
+            }),
             other => Err(EngineError::Protocol(format!(
                 "expected welcome, got {other:?}"
             ))),
@@ -73,9 +140,28 @@ impl Connection {
     }
 
     async fn reply(&mut self) -> Result<Message, EngineError> {
-        tokio::time::timeout(HANDSHAKE_TIMEOUT, self.reader.message())
-            .await
-            .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
+        reply(&mut self.reader).await
+    }
+
+    /// Open the session's data connections in the background: the
+    /// transfer starts on the control connection and widens as they join.
+    fn data_streams(&self, addr: &str, wanted: u32) -> mpsc::Receiver<DataConn> {
+        let extra = wanted.min(self.session.max_streams).saturating_sub(1);
+        let (tx, rx) = mpsc::channel(extra.max(1) as usize);
+        for _ in 0..extra {
+            let (addr, session, tx) = (addr.to_string(), self.session.clone(), tx.clone());
+            let meter = self.meter.clone();
+            tokio::spawn(async move {
+                match join(&addr, &session, &meter).await {
+                    Ok(conn) => {
+                        let _ = tx.send(conn).await;
+                    }
+                    // One connection fewer is slower, not wrong.
+                    Err(e) => tracing::warn!("a data connection could not join: {e}"),
+                }
+            });
+        }
+        rx
     }
 
     /// Send a request and wait for the server to accept it.
@@ -90,7 +176,7 @@ impl Connection {
     }
 
     fn wire_bytes(&self) -> u64 {
-        self.reader.bytes_read() + self.writer.bytes_written()
+        self.meter.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -113,6 +199,7 @@ pub async fn upload(
         dest: WireBytes(remote.to_vec()),
     })
     .await?;
+    let joins = conn.data_streams(&config.addr, config.streams);
     let tally = Arc::new(Tally::new(events));
     let job = SendJob {
         root,
@@ -125,6 +212,7 @@ pub async fn upload(
         job,
         tally.clone(),
         cancel,
+        joins,
     )
     .await;
     finish(conn, tally, started, result).await
@@ -147,6 +235,7 @@ pub async fn download(
         compression: config.compression,
     })
     .await?;
+    let joins = conn.data_streams(&config.addr, config.streams);
     let tally = Arc::new(Tally::new(events));
     let result = run_receiver(
         &mut conn.reader,
@@ -154,6 +243,7 @@ pub async fn download(
         dest,
         tally.clone(),
         cancel,
+        joins,
     )
     .await;
     finish(conn, tally, started, result).await

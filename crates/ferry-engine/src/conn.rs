@@ -1,5 +1,7 @@
 //! Frames over a byte stream: the only place where protocol meets socket.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -8,25 +10,29 @@ use ferry_proto::frame::{self, Frame};
 use ferry_proto::message::Message;
 use ferry_proto::preface::{PREFACE_LEN, Preface};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::sync::mpsc;
 
 use crate::error::EngineError;
 
 /// How long a peer may take to send its preface or first message.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Counts the bytes that cross a session's connections, both ways.
+pub(crate) type Meter = Arc<AtomicU64>;
+
 /// Reads frames from one half of a connection.
 pub(crate) struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
-    bytes_read: u64,
+    meter: Meter,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(inner: R) -> Self {
+    pub(crate) fn new(inner: R, meter: Meter) -> Self {
         FrameReader {
             inner,
             buf: BytesMut::with_capacity(256 * 1024),
-            bytes_read: 0,
+            meter,
         }
     }
 
@@ -47,7 +53,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(EngineError::Closed)
                 };
             }
-            self.bytes_read += n as u64;
+            self.meter.fetch_add(n as u64, Ordering::Relaxed);
         }
     }
 
@@ -76,14 +82,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(EngineError::Closed),
             Ok(Err(e)) => Err(e.into()),
             Ok(Ok(_)) => {
-                self.bytes_read += PREFACE_LEN as u64;
+                self.meter.fetch_add(PREFACE_LEN as u64, Ordering::Relaxed);
                 Ok(Preface::decode(&bytes)?)
             }
         }
-    }
-
-    pub(crate) fn bytes_read(&self) -> u64 {
-        self.bytes_read
     }
 }
 
@@ -91,15 +93,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 pub(crate) struct FrameWriter<W: AsyncWrite> {
     inner: BufWriter<W>,
     scratch: BytesMut,
-    bytes_written: u64,
+    meter: Meter,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
-    pub(crate) fn new(inner: W) -> Self {
+    pub(crate) fn new(inner: W, meter: Meter) -> Self {
         FrameWriter {
             inner: BufWriter::with_capacity(256 * 1024, inner),
             scratch: BytesMut::new(),
-            bytes_written: 0,
+            meter,
         }
     }
 
@@ -125,7 +127,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Queue bytes that already hold whole frames.
     pub(crate) async fn raw(&mut self, frames: &[u8]) -> Result<(), EngineError> {
         self.inner.write_all(frames).await?;
-        self.bytes_written += frames.len() as u64;
+        self.meter.fetch_add(frames.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -137,10 +139,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(crate) async fn shutdown(&mut self) -> Result<(), EngineError> {
         self.inner.shutdown().await?;
         Ok(())
-    }
-
-    pub(crate) fn bytes_written(&self) -> u64 {
-        self.bytes_written
     }
 }
 
@@ -156,25 +154,91 @@ pub(crate) fn check_version(peer: Preface) -> Result<(), EngineError> {
     }
 }
 
-/// Write a stream of pre-encoded frames until the channel closes,
-/// flushing whenever it runs dry so that small messages are not held back.
-pub(crate) async fn pump<W: AsyncWrite + Unpin>(
+/// The reading half of any connection (TCP now, TLS later).
+pub(crate) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+/// The writing half of any connection.
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+/// An extra connection of a session, attached by `join`. It carries data
+/// chunks only, from the sender to the receiver.
+pub(crate) struct DataConn {
+    pub(crate) reader: FrameReader<BoxRead>,
+    pub(crate) writer: FrameWriter<BoxWrite>,
+}
+
+/// The control connection's writer: ordered control frames first, and data
+/// frames from the shared queue whenever no control frame is waiting, so
+/// the control connection carries data too. Flushes whenever both run dry.
+pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
-    rx: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    control: &mut mpsc::Receiver<Bytes>,
+    data: &async_channel::Receiver<Bytes>,
 ) -> Result<(), EngineError> {
-    loop {
-        let frames = match rx.try_recv() {
-            Ok(f) => f,
-            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
-                writer.flush().await?;
-                match rx.recv().await {
-                    Some(f) => f,
-                    None => break,
-                }
+    let (mut control_open, mut data_open) = (true, true);
+    while control_open || data_open {
+        let ready = match control.try_recv() {
+            Ok(frames) => Some(frames),
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                control_open = false;
+                None
             }
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+            Err(mpsc::error::TryRecvError::Empty) => None,
         };
-        writer.raw(&frames).await?;
+        let ready = match ready {
+            Some(frames) => Some(frames),
+            None if data_open => match data.try_recv() {
+                Ok(frames) => Some(frames),
+                Err(async_channel::TryRecvError::Closed) => {
+                    data_open = false;
+                    None
+                }
+                Err(async_channel::TryRecvError::Empty) => None,
+            },
+            None => None,
+        };
+        if let Some(frames) = ready {
+            writer.raw(&frames).await?;
+            continue;
+        }
+        if !(control_open || data_open) {
+            break;
+        }
+        writer.flush().await?;
+        tokio::select! {
+            biased;
+            frames = control.recv(), if control_open => match frames {
+                Some(frames) => writer.raw(&frames).await?,
+                None => control_open = false,
+            },
+            frames = data.recv(), if data_open => match frames {
+                Ok(frames) => writer.raw(&frames).await?,
+                Err(_) => data_open = false,
+            },
+        }
     }
     writer.flush().await
+}
+
+/// A data connection's writer: frames from the shared queue until it
+/// closes, then an orderly end of stream.
+pub(crate) async fn pump_data(
+    mut conn: DataConn,
+    data: async_channel::Receiver<Bytes>,
+) -> Result<(), EngineError> {
+    loop {
+        let frames = match data.try_recv() {
+            Ok(frames) => frames,
+            Err(async_channel::TryRecvError::Empty) => {
+                conn.writer.flush().await?;
+                match data.recv().await {
+                    Ok(frames) => frames,
+                    Err(_) => break,
+                }
+            }
+            Err(async_channel::TryRecvError::Closed) => break,
+        };
+        conn.writer.raw(&frames).await?;
+    }
+    conn.writer.flush().await?;
+    conn.writer.shutdown().await
 }

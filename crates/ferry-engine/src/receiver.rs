@@ -1,18 +1,26 @@
 //! The receiving side of a transfer, the same for uploads and downloads.
 //!
-//! The async side reads frames and hands them, in order, to a worker
-//! thread that owns all filesystem work: it validates every path, resolves
-//! it below the destination without following symlinks, writes verified
-//! chunks into a hidden `.NAME.ferry-part` sibling and renames it into place
-//! only once the whole-file digest matches. Whatever ends the transfer, no
-//! part file is left behind and no half file is ever visible.
+//! The async side reads frames from every connection of the session and
+//! hands them to a worker thread that owns all filesystem work: it
+//! validates every path, resolves it below the destination without
+//! following symlinks, writes verified chunks into a hidden
+//! `.NAME.ferry-part` sibling and renames it into place only once the
+//! whole-file digest matches. Whatever ends the transfer, no part file is
+//! left behind and no half file is ever visible.
+//!
+//! With several connections, frames of one file arrive in no fixed order:
+//! a chunk may overtake its `entry` (it is parked, within a bound), a
+//! `file_end` may overtake the last chunks (the file is committed when they
+//! arrive), and a `dir_end` may come while files below are still open (the
+//! directory's metadata waits until every child is settled).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use ferry_proto::chunk::DataChunk;
 use ferry_proto::digest::{ChunkLedger, FileDigest};
 use ferry_proto::frame::Frame;
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
@@ -23,16 +31,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::ChunkDecoder;
-use crate::conn::{FrameReader, FrameWriter};
+use crate::conn::{DataConn, FrameReader, FrameWriter};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
 use crate::sender::{display_name, peer_text};
 
-/// Files a sender may have open at once. One stream sends one file at a
-/// time; the margin is for pipelining, the bound is against exhaustion.
-const MAX_OPEN_FILES: usize = 64;
-/// Frames the reader may queue ahead of the worker.
+/// Files that may be open at once: the sender's pipeline keeps only a few
+/// in flight; the bound is against a peer exhausting file descriptors.
+const MAX_OPEN_FILES: usize = 256;
+/// Chunks that may overtake their `entry` and wait for it. The sender puts
+/// an entry on the wire before its chunks, so only a few ever do; the
+/// bound keeps a hostile peer from parking memory.
+const MAX_PARKED_CHUNKS: usize = 64;
+/// Batches of frames the readers may queue ahead of the worker.
 const FRAME_QUEUE: usize = 16;
 
 /// Where a transfer lands: `prefix` (one or more components) below the
@@ -44,13 +56,15 @@ pub(crate) struct Destination {
     pub(crate) label: String,
 }
 
-/// Run the receiving side over an established, accepted session.
+/// Run the receiving side over an established, accepted session. Data
+/// connections that arrive on `joins` are read alongside the control one.
 pub(crate) async fn run_receiver<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     dest: Destination,
     tally: Arc<Tally>,
     cancel: &CancellationToken,
+    mut joins: mpsc::Receiver<DataConn>,
 ) -> Result<(), EngineError>
 where
     R: AsyncRead + Unpin,
@@ -68,7 +82,10 @@ where
         last_id: 0,
         files: HashMap::new(),
         dirs: HashMap::new(),
-        answered: HashSet::new(),
+        dir_ids: HashMap::new(),
+        parked: HashMap::new(),
+        parked_chunks: 0,
+        end_seen: false,
         parent_cache: None,
     };
     std::thread::Builder::new()
@@ -78,22 +95,41 @@ where
         })
         .map_err(EngineError::from)?;
 
-    // Frames go to the worker in batches: all that one read brought in.
-    let read = async {
-        let is_last = |f: &Frame| matches!(f, Frame::Control(Message::End | Message::Error { .. }));
+    // Control frames go to the worker in batches: all that one read brought.
+    // The control connection also carries data chunks, even after `end`,
+    // so it is read until the worker is done (or the sender goes away).
+    // `move`: the block must own its sender, so that the worker sees its
+    // input close once the block is dropped.
+    let control_tx = frame_tx.clone();
+    let read_control = async move {
         loop {
             let first = reader.next().await?.ok_or(EngineError::Closed)?;
-            let mut end = is_last(&first);
             let mut batch = vec![first];
-            while !end && let Some(frame) = reader.buffered()? {
-                end = is_last(&frame);
+            while let Some(frame) = reader.buffered()? {
                 batch.push(frame);
             }
-            if frame_tx.send(batch).await.is_err() || end {
-                return Ok::<_, EngineError>(());
+            if control_tx.send(batch).await.is_err() {
+                return std::future::pending::<Result<(), EngineError>>().await;
             }
         }
     };
+    let read_data = async {
+        let mut readers = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                Some(conn) = joins.recv() => {
+                    readers.spawn(read_data_conn(conn, frame_tx.clone()));
+                }
+                Some(done) = readers.join_next() => {
+                    done.map_err(|e| EngineError::Io(e.to_string()))??;
+                }
+                else => std::future::pending::<()>().await,
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), EngineError>(())
+    };
+    // Replies end when the worker is done: that ends the transfer.
     let write = async {
         while let Some(replies) = reply_rx.recv().await {
             for msg in &replies {
@@ -106,7 +142,9 @@ where
         writer.flush().await
     };
     let io_result = tokio::select! {
-        r = async { tokio::try_join!(read, write) } => r.map(drop),
+        r = write => r,
+        r = read_control => r,
+        r = read_data => r,
         _ = cancel.cancelled() => Err(EngineError::Cancelled),
     };
     drop(frame_tx);
@@ -115,9 +153,35 @@ where
     // before answering, so no part file outlives the session.
     let worker_result = done_rx.await.unwrap_or(Err(EngineError::Closed));
     match (worker_result, io_result) {
-        (Ok(()), r) => r,
+        // Everything is settled here; whatever the sockets did after, the
+        // sender learns the outcome from the replies it received.
+        (Ok(()), _) => Ok(()),
         (Err(_), Err(EngineError::Cancelled)) => Err(EngineError::Cancelled),
         (Err(e), _) => Err(e),
+    }
+}
+
+/// Read a data connection until the sender ends it, passing its chunks on.
+async fn read_data_conn(
+    mut conn: DataConn,
+    frames: mpsc::Sender<Vec<Frame>>,
+) -> Result<(), EngineError> {
+    loop {
+        let Some(first) = conn.reader.next().await? else {
+            return Ok(());
+        };
+        let mut batch = vec![first];
+        while let Some(frame) = conn.reader.buffered()? {
+            batch.push(frame);
+        }
+        if batch.iter().any(|f| matches!(f, Frame::Control(_))) {
+            return Err(EngineError::Protocol(
+                "a control message arrived on a data connection".into(),
+            ));
+        }
+        if frames.send(batch).await.is_err() {
+            return Ok(());
+        }
     }
 }
 
@@ -132,6 +196,10 @@ struct OpenFile {
     size: u64,
     mode: u32,
     mtime: Mtime,
+    /// The sender's digest, once its `file_end` has arrived.
+    expected: Option<FileDigest>,
+    /// The directory of this transfer that holds it, if any.
+    parent_dir: Option<u64>,
     committed: bool,
 }
 
@@ -143,15 +211,20 @@ impl Drop for OpenFile {
     }
 }
 
-/// A directory whose metadata waits for its `dir_end`.
+/// A directory whose metadata waits for its `dir_end` and its children.
 struct OpenDir {
     display: String,
+    wire_path: Vec<u8>,
     parent: Arc<OwnedFd>,
     name: Vec<u8>,
     mode: u32,
     mtime: Mtime,
     /// Set when the sender could not read it whole.
     failure: Option<String>,
+    parent_dir: Option<u64>,
+    /// Files and directories below it not yet settled.
+    children: u32,
+    ended: bool,
 }
 
 struct Worker {
@@ -164,9 +237,12 @@ struct Worker {
     last_id: u64,
     files: HashMap<u64, OpenFile>,
     dirs: HashMap<u64, OpenDir>,
-    /// Files that already got a `failed` verdict while the sender was still
-    /// sending them: their remaining chunks and end are ignored.
-    answered: HashSet<u64>,
+    /// Open directories by wire path, to find an entry's parent.
+    dir_ids: HashMap<Vec<u8>, u64>,
+    /// Chunks that arrived before their entry, by entry id.
+    parked: HashMap<u64, Vec<DataChunk>>,
+    parked_chunks: usize,
+    end_seen: bool,
     /// The most recently used parent directory, by path: consecutive files
     /// mostly share one.
     parent_cache: Option<(Vec<Vec<u8>>, Arc<OwnedFd>)>,
@@ -202,47 +278,44 @@ impl Worker {
                 Err(mpsc::error::TryRecvError::Disconnected) => return Err(EngineError::Closed),
             };
             for frame in batch {
-                if self.frame(frame)? {
-                    self.flush_replies()?;
-                    return Ok(());
+                self.frame(frame)?;
+            }
+            if self.end_seen && self.files.is_empty() && self.dirs.is_empty() {
+                if self.parked_chunks > 0 {
+                    return Err(EngineError::Protocol(
+                        "chunks arrived for entries that were never announced".into(),
+                    ));
                 }
+                self.reply(Message::Done)?;
+                return self.flush_replies();
             }
         }
     }
 
-    /// Handle one frame; true once the transfer is over.
-    fn frame(&mut self, frame: Frame) -> Result<bool, EngineError> {
+    /// Handle one frame.
+    fn frame(&mut self, frame: Frame) -> Result<(), EngineError> {
         match frame {
-            Frame::Data(chunk) => self.chunk(chunk)?,
-            Frame::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind)?,
-            Frame::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest)?,
-            Frame::Control(Message::Abort { id, reason }) => self.abort(id, &reason)?,
-            Frame::Control(Message::DirEnd { id }) => self.dir_end(id)?,
+            Frame::Data(chunk) => self.chunk(chunk),
+            Frame::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind),
+            Frame::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest),
+            Frame::Control(Message::Abort { id, reason }) => self.abort(id, &reason),
+            Frame::Control(Message::DirEnd { id }) => self.dir_end(id),
             Frame::Control(Message::Totals { files, bytes }) => {
-                self.tally.event(Event::Totals { files, bytes })
+                self.tally.event(Event::Totals { files, bytes });
+                Ok(())
             }
             Frame::Control(Message::End) => {
-                if !self.files.is_empty() {
-                    return Err(EngineError::Protocol(
-                        "transfer ended with files still open".into(),
-                    ));
-                }
-                self.reply(Message::Done)?;
-                return Ok(true);
+                self.end_seen = true;
+                Ok(())
             }
-            Frame::Control(Message::Error { code, message }) => {
-                return Err(EngineError::Remote {
-                    code,
-                    message: peer_text(&message),
-                });
-            }
-            Frame::Control(other) => {
-                return Err(EngineError::Protocol(format!(
-                    "unexpected message from the sender: {other:?}"
-                )));
-            }
+            Frame::Control(Message::Error { code, message }) => Err(EngineError::Remote {
+                code,
+                message: peer_text(&message),
+            }),
+            Frame::Control(other) => Err(EngineError::Protocol(format!(
+                "unexpected message from the sender: {other:?}"
+            ))),
         }
-        Ok(false)
     }
 
     fn reply(&mut self, msg: Message) -> Result<(), EngineError> {
@@ -319,6 +392,19 @@ impl Worker {
         Ok(fd)
     }
 
+    /// The open directory of this transfer that holds `path`, if any.
+    fn parent_dir_of(&self, path: &WirePath) -> Option<u64> {
+        if path.is_root() {
+            return None;
+        }
+        let bytes = path.as_bytes();
+        let parent = bytes
+            .iter()
+            .rposition(|&b| b == b'/')
+            .map_or(&b""[..], |i| &bytes[..i]);
+        self.dir_ids.get(parent).copied()
+    }
+
     fn entry(&mut self, id: u64, path: WireBytes, kind: EntryKind) -> Result<(), EngineError> {
         if id <= self.last_id {
             return Err(EngineError::Protocol(format!(
@@ -328,69 +414,67 @@ impl Worker {
         self.last_id = id;
         let path = WirePath::parse(path.as_bytes())?;
         let display = display_name(&self.dest.label, &path);
+        let parent_dir = self.parent_dir_of(&path);
         let mut components = self.dest.prefix.clone();
         components.extend(path.components().map(<[u8]>::to_vec));
         let parent = match self.parent_of(&components) {
             Ok(p) => p,
             Err(e) => {
                 let why = format!("cannot open its directory: {}", reason(&e));
+                self.discard_parked(id);
                 return match kind {
-                    EntryKind::Dir { .. } => {
-                        self.answered.insert(id);
-                        self.dir_verdict(id, display, Some(why))
-                    }
-                    EntryKind::File { .. } => {
-                        self.answered.insert(id);
-                        self.verdict(id, display, Outcome::Failed(why), 0)
-                    }
+                    EntryKind::Dir { .. } => self.dir_verdict(id, display, Some(why)),
                     _ => self.verdict(id, display, Outcome::Failed(why), 0),
                 };
             }
         };
         let name = components.pop().unwrap_or_default();
         match kind {
-            EntryKind::Dir { mode, mtime } => match fsx::ensure_dir(parent.as_fd(), &name, 0o700) {
-                Ok(dir) => {
-                    // We must be able to write into it until its dir_end,
-                    // whatever mode it has now or will have.
-                    if let Ok(st) = rustix::fs::fstat(&dir)
-                        && st.st_mode & 0o700 != 0o700
-                    {
-                        let _ = rustix::fs::fchmod(
-                            &dir,
-                            Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
-                        );
-                    }
-                    self.dirs.insert(
-                        id,
-                        OpenDir {
+            EntryKind::Dir { mode, mtime } => {
+                match fsx::ensure_dir(parent.as_fd(), &name, 0o700) {
+                    Ok(dir) => {
+                        // We must be able to write into it until its
+                        // metadata is applied, whatever mode it has.
+                        if let Ok(st) = rustix::fs::fstat(&dir)
+                            && st.st_mode & 0o700 != 0o700
+                        {
+                            let _ = rustix::fs::fchmod(
+                                &dir,
+                                Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
+                            );
+                        }
+                        self.adopt(parent_dir);
+                        self.dir_ids.insert(path.as_bytes().to_vec(), id);
+                        let dir = OpenDir {
                             display,
+                            wire_path: path.as_bytes().to_vec(),
                             parent,
                             name,
                             mode,
                             mtime,
                             failure: None,
-                        },
-                    );
-                    Ok(())
+                            parent_dir,
+                            children: 0,
+                            ended: false,
+                        };
+                        self.dirs.insert(id, dir);
+                        Ok(())
+                    }
+                    Err(e) => self.dir_verdict(id, display, Some(reason(&e))),
                 }
-                Err(e) => {
-                    self.answered.insert(id);
-                    self.dir_verdict(id, display, Some(reason(&e)))
-                }
-            },
+            }
             EntryKind::File { size, mode, mtime } => {
                 if self.files.len() >= MAX_OPEN_FILES {
                     return Err(EngineError::Protocol("too many files open at once".into()));
                 }
                 let part = fsx::part_name(&name);
-                let created = fsx::create_part(parent.as_fd(), &part);
-                match created {
+                match fsx::create_part(parent.as_fd(), &part) {
                     Ok(fd) => {
                         self.tally.event(Event::FileStarted {
                             path: display.clone(),
                             size,
                         });
+                        self.adopt(parent_dir);
                         let file = OpenFile {
                             display,
                             parent,
@@ -401,13 +485,19 @@ impl Worker {
                             size,
                             mode,
                             mtime,
+                            expected: None,
+                            parent_dir,
                             committed: false,
                         };
                         self.files.insert(id, file);
+                        for chunk in self.parked.remove(&id).unwrap_or_default() {
+                            self.parked_chunks -= 1;
+                            self.chunk(chunk)?;
+                        }
                         Ok(())
                     }
                     Err(e) => {
-                        self.answered.insert(id);
+                        self.discard_parked(id);
                         self.verdict(id, display, Outcome::Failed(reason(&e)), 0)
                     }
                 }
@@ -426,26 +516,60 @@ impl Worker {
         }
     }
 
-    /// Fail a file that is still being sent: discard it, answer now, and
-    /// ignore what the sender still sends of it.
-    fn fail_open_file(&mut self, id: u64, why: String) -> Result<(), EngineError> {
-        if let Some(f) = self.files.remove(&id) {
-            self.answered.insert(id);
-            self.verdict(id, f.display.clone(), Outcome::Failed(why), 0)?;
+    /// Count a new open child of directory `parent_dir`.
+    fn adopt(&mut self, parent_dir: Option<u64>) {
+        if let Some(d) = parent_dir.and_then(|id| self.dirs.get_mut(&id)) {
+            d.children += 1;
+        }
+    }
+
+    /// A child of `parent_dir` is settled; finish every directory that was
+    /// only waiting for it, upwards.
+    fn settled(&mut self, mut parent_dir: Option<u64>) -> Result<(), EngineError> {
+        while let Some(id) = parent_dir {
+            let Some(d) = self.dirs.get_mut(&id) else {
+                break;
+            };
+            d.children -= 1;
+            if !(d.ended && d.children == 0) {
+                break;
+            }
+            parent_dir = self.finish_dir(id)?;
         }
         Ok(())
     }
 
-    fn chunk(&mut self, chunk: ferry_proto::chunk::DataChunk) -> Result<(), EngineError> {
+    fn discard_parked(&mut self, id: u64) {
+        if let Some(chunks) = self.parked.remove(&id) {
+            self.parked_chunks -= chunks.len();
+        }
+    }
+
+    /// Fail an open file: discard it, answer now, and ignore what the
+    /// sender still sends of it.
+    fn fail_open_file(&mut self, id: u64, why: String) -> Result<(), EngineError> {
+        if let Some(f) = self.files.remove(&id) {
+            self.verdict(id, f.display.clone(), Outcome::Failed(why), 0)?;
+            self.settled(f.parent_dir)?;
+        }
+        Ok(())
+    }
+
+    fn chunk(&mut self, chunk: DataChunk) -> Result<(), EngineError> {
         let h = chunk.header;
         let Some(f) = self.files.get_mut(&h.file_id) else {
-            if self.answered.contains(&h.file_id) {
-                return Ok(());
+            if h.file_id > self.last_id {
+                // Overtook its entry on another connection: wait for it.
+                if self.parked_chunks >= MAX_PARKED_CHUNKS {
+                    return Err(EngineError::Protocol(
+                        "too many chunks ahead of their entries".into(),
+                    ));
+                }
+                self.parked_chunks += 1;
+                self.parked.entry(h.file_id).or_default().push(chunk);
             }
-            return Err(EngineError::Protocol(format!(
-                "data for entry {} which is not an open file",
-                h.file_id
-            )));
+            // Otherwise the file is settled (failed, or aborted): drop it.
+            return Ok(());
         };
         if let Err(e) = f.ledger.check(h.offset, h.raw_len) {
             return self.fail_open_file(h.file_id, e.to_string());
@@ -460,29 +584,48 @@ impl Worker {
         if let Err(e) = f.ledger.record(h.offset, h.raw_len, h.hash) {
             return self.fail_open_file(h.file_id, e.to_string());
         }
+        let ready = f.expected.is_some() && f.ledger.is_complete();
         self.tally.event(Event::Bytes {
             n: u64::from(h.raw_len),
         });
+        if ready {
+            self.finish_file(h.file_id)?;
+        }
         Ok(())
     }
 
     fn file_end(&mut self, id: u64, digest: &str) -> Result<(), EngineError> {
-        if self.answered.remove(&id) {
-            return Ok(());
-        }
-        let Some(mut f) = self.files.remove(&id) else {
-            return Err(EngineError::Protocol(format!(
-                "end of entry {id} which is not an open file"
-            )));
-        };
         let Some(digest) = FileDigest::from_hex(digest) else {
             return Err(EngineError::Protocol(format!(
                 "malformed digest for entry {id}"
             )));
         };
+        let Some(f) = self.files.get_mut(&id) else {
+            if id > self.last_id {
+                return Err(EngineError::Protocol(format!(
+                    "end of entry {id} which was never announced"
+                )));
+            }
+            return Ok(()); // Already settled (it failed).
+        };
+        f.expected = Some(digest);
+        if f.ledger.is_complete() {
+            self.finish_file(id)?;
+        }
+        Ok(())
+    }
+
+    /// Verify and commit a file whose chunks and digest have all arrived.
+    fn finish_file(&mut self, id: u64) -> Result<(), EngineError> {
+        let Some(expected) = self.files.get(&id).and_then(|f| f.expected) else {
+            return Ok(());
+        };
+        let Some(mut f) = self.files.remove(&id) else {
+            return Ok(());
+        };
         let outcome = match f
             .ledger
-            .finish(digest)
+            .finish(expected)
             .map_err(|e| e.to_string())
             .and_then(|()| commit(&f))
         {
@@ -492,35 +635,51 @@ impl Worker {
             }
             Err(why) => Outcome::Failed(why),
         };
-        self.verdict(id, f.display.clone(), outcome, f.size)
+        self.verdict(id, f.display.clone(), outcome, f.size)?;
+        self.settled(f.parent_dir)
     }
 
     fn abort(&mut self, id: u64, why: &str) -> Result<(), EngineError> {
-        if self.answered.remove(&id) {
-            return Ok(());
-        }
         let why = peer_text(why);
-        if let Some(f) = self.files.remove(&id) {
-            return self.verdict(id, f.display.clone(), Outcome::Failed(why), 0);
+        if self.files.contains_key(&id) {
+            return self.fail_open_file(id, why);
         }
         if let Some(d) = self.dirs.get_mut(&id) {
             d.failure = Some(why);
             return Ok(());
         }
-        Err(EngineError::Protocol(format!(
-            "abort of entry {id} which is not open"
-        )))
+        if id > self.last_id {
+            return Err(EngineError::Protocol(format!(
+                "abort of entry {id} which was never announced"
+            )));
+        }
+        Ok(()) // Already settled here.
     }
 
     fn dir_end(&mut self, id: u64) -> Result<(), EngineError> {
-        if self.answered.remove(&id) {
-            return Ok(());
-        }
-        let Some(d) = self.dirs.remove(&id) else {
-            return Err(EngineError::Protocol(format!(
-                "end of entry {id} which is not an open directory"
-            )));
+        let Some(d) = self.dirs.get_mut(&id) else {
+            if id > self.last_id {
+                return Err(EngineError::Protocol(format!(
+                    "end of entry {id} which was never announced"
+                )));
+            }
+            return Ok(()); // Its creation failed and was answered then.
         };
+        d.ended = true;
+        if d.children == 0 {
+            let parent = self.finish_dir(id)?;
+            self.settled(parent)?;
+        }
+        Ok(())
+    }
+
+    /// Apply a finished directory's metadata and answer it; returns its
+    /// parent, which now has one child fewer.
+    fn finish_dir(&mut self, id: u64) -> Result<Option<u64>, EngineError> {
+        let Some(d) = self.dirs.remove(&id) else {
+            return Ok(None);
+        };
+        self.dir_ids.remove(&d.wire_path);
         let applied = fsx::open_dir_beneath(d.parent.as_fd(), &[&d.name]).and_then(|dir| {
             rustix::fs::fchmod(&dir, Mode::from_raw_mode(d.mode & 0o1777))?;
             rustix::fs::futimens(&dir, &fsx::mtime_only(d.mtime))?;
@@ -530,7 +689,8 @@ impl Worker {
             Err(e) => Some(format!("cannot set directory metadata: {}", reason(&e))),
             Ok(()) => d.failure,
         };
-        self.dir_verdict(id, d.display, failure)
+        self.dir_verdict(id, d.display, failure)?;
+        Ok(d.parent_dir)
     }
 }
 

@@ -25,13 +25,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapt::{LevelController, Window};
 use crate::codec::ChunkEncoder;
-use crate::conn::{FrameReader, FrameWriter, pump};
+use crate::conn::{DataConn, FrameReader, FrameWriter, pump_control, pump_data};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally};
 use crate::fsx::{self, Kind, Root};
 
-/// Frames (batches of frames) the producer may run ahead of the socket.
+/// Batches of control frames the producer may run ahead of the socket.
 const FRAME_QUEUE: usize = 8;
+/// Data frames (chunks of files larger than one chunk) waiting for any
+/// connection of the session to take them: with 1 MiB chunks, the bound on
+/// the sender's memory beyond the socket buffers.
+const DATA_QUEUE: usize = 16;
 /// Frames are batched into one queue item up to this size, so that a tree
 /// of small files costs one hand-over between threads per batch rather
 /// than several per file.
@@ -58,18 +62,24 @@ struct Pending {
 type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
 
 /// Run the sending side over an established, accepted session.
+///
+/// The control connection carries the ordered messages (and data when it
+/// is free); the data connections that arrive on `joins` share the chunks
+/// of large files.
 pub(crate) async fn run_sender<R, W>(
     reader: &mut FrameReader<R>,
     writer: &mut FrameWriter<W>,
     job: SendJob,
     tally: Arc<Tally>,
     cancel: &CancellationToken,
+    mut joins: mpsc::Receiver<DataConn>,
 ) -> Result<(), EngineError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
+    let (control_tx, mut control_rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
+    let (data_tx, data_rx) = async_channel::bounded::<Bytes>(DATA_QUEUE);
     let pending: PendingMap = Arc::default();
     let (done_tx, done_rx) = oneshot::channel();
     let (controller, fixed_level) = match job.compression {
@@ -78,7 +88,8 @@ where
         Compression::Level(level) => (None, Some(level)),
     };
     let producer = Producer {
-        tx,
+        control: control_tx,
+        data: data_tx,
         pending: pending.clone(),
         tally: tally.clone(),
         encoder: ChunkEncoder::new(
@@ -104,13 +115,35 @@ where
         })
         .map_err(EngineError::from)?;
 
-    let write = async { pump(writer, &mut rx).await };
-    let read = read_outcomes(reader, &pending, &tally);
+    // The transfer is over when the receiver says so; the writers only
+    // matter if they fail (then the session cannot complete).
+    let write = async {
+        pump_control(writer, &mut control_rx, &data_rx).await?;
+        std::future::pending::<Result<(), EngineError>>().await
+    };
+    let data_writers = async {
+        let mut writers = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                Some(conn) = joins.recv() => {
+                    writers.spawn(pump_data(conn, data_rx.clone()));
+                }
+                Some(done) = writers.join_next() => {
+                    done.map_err(|e| EngineError::Io(e.to_string()))??;
+                }
+                else => std::future::pending::<()>().await,
+            }
+        }
+        #[allow(unreachable_code)]
+        Ok::<(), EngineError>(())
+    };
     tokio::select! {
-        r = async { tokio::try_join!(write, read) } => { r?; }
+        r = read_outcomes(reader, &pending, &tally) => r?,
+        r = write => r?,
+        r = data_writers => r?,
         _ = cancel.cancelled() => return Err(EngineError::Cancelled),
     }
-    drop(rx);
+    drop(control_rx);
     done_rx.await.unwrap_or(Err(EngineError::Closed))
 }
 
@@ -194,7 +227,10 @@ impl WindowMeter {
 }
 
 struct Producer {
-    tx: mpsc::Sender<Bytes>,
+    /// Ordered frames, for the control connection.
+    control: mpsc::Sender<Bytes>,
+    /// Chunks of large files, for whichever connection is free.
+    data: async_channel::Sender<Bytes>,
     pending: PendingMap,
     tally: Arc<Tally>,
     encoder: ChunkEncoder,
@@ -245,18 +281,32 @@ impl Producer {
             return Ok(());
         }
         let frames = self.batch.split().freeze();
-        match self.tx.try_send(frames) {
+        match self.control.try_send(frames) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(frames)) => {
                 // The downstream (socket, link, receiver) is the bottleneck
                 // for as long as we wait here: the compression controller
                 // wants to know.
                 let waiting = Instant::now();
-                let sent = self.tx.blocking_send(frames);
+                let sent = self.control.blocking_send(frames);
                 self.window.blocked += waiting.elapsed();
                 sent.map_err(|_| EngineError::Closed)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Closed),
+        }
+    }
+
+    /// Queue one data frame for any connection; counts waiting as blocked.
+    fn send_data(&mut self, frame: Bytes) -> Result<(), EngineError> {
+        match self.data.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(async_channel::TrySendError::Full(frame)) => {
+                let waiting = Instant::now();
+                let sent = self.data.send_blocking(frame);
+                self.window.blocked += waiting.elapsed();
+                sent.map_err(|_| EngineError::Closed)
+            }
+            Err(async_channel::TrySendError::Closed(_)) => Err(EngineError::Closed),
         }
     }
 
@@ -427,6 +477,13 @@ impl Producer {
         });
         let mut digest = DigestBuilder::new(size);
         let mut offset = 0u64;
+        // A file of one chunk travels inline with its entry; the chunks of a
+        // larger one go to whichever connection is free, once the entry is
+        // on its way (the receiver parks a chunk that overtakes it).
+        let spread = size > u64::from(DEFAULT_CHUNK_LEN);
+        if spread {
+            self.flush()?;
+        }
         while offset < size {
             let len = (size - offset).min(u64::from(DEFAULT_CHUNK_LEN)) as usize;
             let buf = &mut self.read_buf[..len];
@@ -438,8 +495,14 @@ impl Producer {
                 };
                 return self.abort(id, why);
             }
-            digest.push(self.encoder.encode(id, offset, buf, &mut self.batch));
-            self.maybe_flush()?;
+            if spread {
+                let mut frame = BytesMut::with_capacity(len + 64);
+                digest.push(self.encoder.encode(id, offset, buf, &mut frame));
+                self.send_data(frame.freeze())?;
+            } else {
+                digest.push(self.encoder.encode(id, offset, buf, &mut self.batch));
+                self.maybe_flush()?;
+            }
             self.adapt(len as u64)?;
             self.tally.event(Event::Bytes { n: len as u64 });
             offset += len as u64;

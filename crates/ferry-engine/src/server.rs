@@ -7,22 +7,26 @@
 //! the sessions in flight (each removes its part files and tells its
 //! client why) and returns once they have finished.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::limits::MAX_STREAMS;
 use ferry_proto::message::{Compression, ErrorCode, Message};
 use ferry_proto::path::{WirePath, escape};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::conn::{FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, check_version};
+use crate::conn::{
+    BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
+};
 use crate::error::{EngineError, code_for, reason};
 use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
@@ -63,6 +67,7 @@ pub async fn serve(
         })?,
     );
     let cancel = CancellationToken::new();
+    let registry = Registry::default();
     let sessions = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
@@ -84,11 +89,12 @@ pub async fn serve(
             },
         };
         let root = root.clone();
+        let registry = registry.clone();
         let cancel = cancel.child_token();
         sessions.spawn(async move {
             let _permit = permit;
             info!(%peer, "connection");
-            match session(stream, &root, &cancel).await {
+            match session(stream, &root, &registry, &cancel).await {
                 Ok(()) => info!(%peer, "session finished"),
                 Err(e) => warn!(%peer, "session ended: {e}"),
             }
@@ -128,15 +134,53 @@ impl EventSink for LogEvents {
     }
 }
 
+/// The sessions in progress, by id: where their data connections go.
+type Registry = Arc<Mutex<HashMap<String, SessionSlot>>>;
+
+struct SessionSlot {
+    secret: String,
+    joins: mpsc::Sender<DataConn>,
+    /// Data connections attached so far.
+    joined: u32,
+}
+
+/// Takes a session out of the registry when it ends, however it ends.
+struct Registered {
+    registry: Registry,
+    id: String,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&self.registry).remove(&self.id);
+    }
+}
+
+fn lock(registry: &Registry) -> std::sync::MutexGuard<'_, HashMap<String, SessionSlot>> {
+    registry.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Compare secrets in time that does not depend on where they differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 async fn session(
     stream: TcpStream,
     root: &OwnedFd,
+    registry: &Registry,
     cancel: &CancellationToken,
 ) -> Result<(), EngineError> {
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r);
-    let mut writer = FrameWriter::new(w);
+    // The server reports no byte counts; one meter per connection is enough.
+    let meter = Meter::default();
+    let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
+    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter);
 
     let peer = reader.preface().await?;
     // Always answer with our own preface, so that a client of another
@@ -151,15 +195,33 @@ async fn session(
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
-    let Message::Hello { software } = hello else {
-        return refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await;
+    let software = match hello {
+        Message::Hello { software } => software,
+        Message::Join { session_id, secret } => {
+            return join(reader, writer, registry, &session_id, &secret).await;
+        }
+        _ => return refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
     };
-    let session_id = new_session_id();
+    let session_id = random_hex();
+    let secret = random_hex();
     info!(session = %session_id, client = %escape(software.as_bytes()), "handshake");
+    let (joins_tx, joins) = mpsc::channel(MAX_STREAMS as usize);
+    let slot = SessionSlot {
+        secret: secret.clone(),
+        joins: joins_tx,
+        joined: 0,
+    };
+    lock(registry).insert(session_id.clone(), slot);
+    let _registered = Registered {
+        registry: registry.clone(),
+        id: session_id.clone(),
+    };
     writer
         .send_now(&Message::Welcome {
             software: crate::SOFTWARE.to_string(),
             session_id,
+            secret,
+            max_streams: MAX_STREAMS,
         })
         .await?;
 
@@ -176,13 +238,15 @@ async fn session(
         Accepted::Receive(dest) => {
             info!("upload to {}", dest.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
-            let result = run_receiver(&mut reader, &mut writer, dest, tally.clone(), cancel).await;
+            let result =
+                run_receiver(&mut reader, &mut writer, dest, tally.clone(), cancel, joins).await;
             ("upload", result, tally)
         }
         Accepted::Send(job) => {
             info!("download of {}", job.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
-            let result = run_sender(&mut reader, &mut writer, job, tally.clone(), cancel).await;
+            let result =
+                run_sender(&mut reader, &mut writer, job, tally.clone(), cancel, joins).await;
             ("download", result, tally)
         }
     };
@@ -292,9 +356,38 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     Err(EngineError::Remote { code, message })
 }
 
-/// 128 random bits, hex: names the session in logs (and, later, lets more
-/// connections join it).
-fn new_session_id() -> String {
+/// Attach a data connection to its session, which then owns it.
+async fn join(
+    reader: FrameReader<BoxRead>,
+    mut writer: FrameWriter<BoxWrite>,
+    registry: &Registry,
+    session_id: &str,
+    secret: &str,
+) -> Result<(), EngineError> {
+    let joins = {
+        let mut sessions = lock(registry);
+        match sessions.get_mut(session_id) {
+            Some(slot) if same_secret(&slot.secret, secret) && slot.joined + 1 < MAX_STREAMS => {
+                slot.joined += 1;
+                Some(slot.joins.clone())
+            }
+            _ => None,
+        }
+    };
+    let Some(joins) = joins else {
+        let msg = "cannot join: unknown session, wrong secret, or too many connections";
+        return refuse(&mut writer, ErrorCode::BadRequest, msg.into()).await;
+    };
+    writer.send_now(&Message::Joined).await?;
+    info!(session = %escape(session_id.as_bytes()), "data connection joined");
+    joins
+        .send(DataConn { reader, writer })
+        .await
+        .map_err(|_| EngineError::Closed)
+}
+
+/// 128 random bits, hex: session ids and the secrets that join them.
+fn random_hex() -> String {
     let mut bytes = [0u8; 16];
     if std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))

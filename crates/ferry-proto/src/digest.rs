@@ -136,6 +136,11 @@ impl ChunkLedger {
         Ok(())
     }
 
+    /// Whether every byte of the file has been recorded.
+    pub fn is_complete(&self) -> bool {
+        self.contiguous_end == self.size && self.ahead.is_empty()
+    }
+
     /// Bytes received so far (contiguous or not).
     pub fn received(&self) -> u64 {
         self.contiguous_end + self.ahead.values().map(|&(l, _)| u64::from(l)).sum::<u64>()
@@ -206,7 +211,9 @@ mod tests {
         ledger.record(8, 2, 33).unwrap();
         ledger.record(0, 4, 11).unwrap();
         assert!(ledger.finish(expected).is_err());
+        assert!(!ledger.is_complete());
         ledger.record(4, 4, 22).unwrap();
+        assert!(ledger.is_complete());
         ledger.finish(expected).unwrap();
     }
 

@@ -44,7 +44,12 @@ pub mod limits {
     pub const MAX_COMPONENT_LEN: usize = 255;
     /// Largest free-text field (error reasons) a peer may send.
     pub const MAX_REASON_LEN: usize = 4096;
+    /// Most connections one session may have, the control one included.
+    pub const MAX_STREAMS: u32 = 16;
 }
 
 /// The protocol version this crate speaks. Bumped on any change to the wire.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// 2: sessions of several connections (`welcome` carries a secret and a
+/// stream limit; `join` / `joined` attach data connections).
+pub const PROTOCOL_VERSION: u16 = 2;

@@ -90,11 +90,23 @@ pub enum Message {
         /// The client's software version, for logs.
         software: String,
     },
-    /// Server → client: the session exists.
+    /// Server → client: the session exists. More connections may join it
+    /// with `join`, proving they belong to it with `secret`.
     Welcome {
         software: String,
         session_id: String,
+        /// 128 random bits, hex; known only to the two ends.
+        secret: String,
+        /// How many connections in all (this one included) the server
+        /// accepts for the session.
+        max_streams: u32,
     },
+    /// Client → server, first message of a data connection: attach to a
+    /// session instead of starting one. Data connections carry only data
+    /// chunks, from the sender to the receiver.
+    Join { session_id: String, secret: String },
+    /// Server → client: the data connection is attached.
+    Joined,
     /// Client → server: the client will send a file or tree to `dest`
     /// (relative to the server's root).
     Upload { dest: WireBytes },
@@ -229,9 +241,19 @@ mod tests {
                 Message::Welcome {
                     software: "ferry 0.1.0".into(),
                     session_id: "5f1c0a93e2b74d68a0c4e1f2973b6d05".into(),
+                    secret: "0d1b4be3c1e2a3f40718293a4b5c6d7e".into(),
+                    max_streams: 16,
                 },
-                r#"{"type":"welcome","software":"ferry 0.1.0","session_id":"5f1c0a93e2b74d68a0c4e1f2973b6d05"}"#,
+                r#"{"type":"welcome","software":"ferry 0.1.0","session_id":"5f1c0a93e2b74d68a0c4e1f2973b6d05","secret":"0d1b4be3c1e2a3f40718293a4b5c6d7e","max_streams":16}"#,
             ),
+            (
+                Message::Join {
+                    session_id: "5f1c0a93e2b74d68a0c4e1f2973b6d05".into(),
+                    secret: "0d1b4be3c1e2a3f40718293a4b5c6d7e".into(),
+                },
+                r#"{"type":"join","session_id":"5f1c0a93e2b74d68a0c4e1f2973b6d05","secret":"0d1b4be3c1e2a3f40718293a4b5c6d7e"}"#,
+            ),
+            (Message::Joined, r#"{"type":"joined"}"#),
             (
                 Message::Upload {
                     dest: "backup/photos".into(),
@@ -313,7 +335,14 @@ mod tests {
             Message::Welcome {
                 software: "s".into(),
                 session_id: "00ff".into(),
+                secret: "11".into(),
+                max_streams: 2,
             },
+            Message::Join {
+                session_id: "00ff".into(),
+                secret: "11".into(),
+            },
+            Message::Joined,
             Message::Upload { dest: "d".into() },
             Message::Download {
                 source: "".into(),

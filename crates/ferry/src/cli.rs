@@ -120,6 +120,9 @@ pub struct TransferOpts {
     /// Print NDJSON events on stdout (start, file_done, file_failed, skipped, progress, summary).
     #[arg(long)]
     pub json: bool,
+    /// Parallel connections for the transfer (1-16) [default: one per core, at most 8].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub streams: Option<u32>,
     /// Compression: auto (zstd, skipped for data that does not shrink), off, or a zstd level 1-19.
     #[arg(long, default_value = "auto", value_parser = parse_compression, value_name = "auto|off|LEVEL")]
     pub compress: Compression,

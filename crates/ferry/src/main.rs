@@ -238,6 +238,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
     let config = ClientConfig {
         addr: addr.clone(),
         compression: opts.compress,
+        streams: opts.streams.unwrap_or_else(client::default_streams),
     };
     let remote_label = |path: &[u8]| match &plan.server {
         Target::Remote(addr) => format!("{addr}:{}", escape(path)),

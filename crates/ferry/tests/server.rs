@@ -353,7 +353,7 @@ fn interrupted_client_exits_130() {
         let (mut conn, _) = listener.accept().expect("accept");
         let mut reply = preface(PROTOCOL_VERSION).to_vec();
         reply.extend(control_frame(
-            r#"{"type":"welcome","software":"fake","session_id":"00"}"#,
+            r#"{"type":"welcome","software":"fake","session_id":"00","secret":"11","max_streams":1}"#,
         ));
         reply.extend(control_frame(r#"{"type":"ready"}"#));
         conn.write_all(&reply).expect("answer the client");

@@ -9,3 +9,5 @@ mod transfer;
 mod errors;
 // The server process: address, logs, signals, and peers that are not ferry.
 mod server;
+// Parallel connections: trees and large files arrive whole with 1 to 8 streams.
+mod streams;

@@ -1,0 +1,91 @@
+//! Parallel connections: whatever the stream count, trees arrive whole.
+//! Chunks of large files are spread over all connections of a session and
+//! arrive in any order; these tests are what proves the receiver's
+//! reassembly (parked chunks, deferred commits, directory metadata applied
+//! only after every child).
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::util::*;
+
+/// 10,000 small files of varied sizes in 100 directories, plus large files
+/// whose chunks spread over the connections.
+fn build_wide_tree(root: &Path) {
+    for d in 0..100u64 {
+        let dir = root.join(format!("d{d:03}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..100u64 {
+            let seed = d * 100 + f;
+            write_random_file(&dir.join(format!("f{f:03}")), (seed * 37) % 8192, seed);
+        }
+        set_mtime(&dir, 1_600_000_000 + d as i64, 5);
+    }
+    write_random_file(&root.join("big.bin"), 100 * MIB, 7);
+    write_random_file(&root.join("d050/mid.bin"), 3 * MIB + 17, 8);
+    set_mtime(&root.join("d050"), 1_600_000_050, 5);
+    set_mtime(root, 1_600_000_999, 9);
+}
+
+/// Upload and download `src` with `streams` connections; both copies must
+/// equal the source.
+fn round_trip(src: &Path, streams: u32) {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let n = streams.to_string();
+
+    server
+        .run(&[&"up", &src, &"copy", &"--streams", &n, &"-q"])
+        .assert_success();
+    assert_trees_equal(src, &root.join("copy"));
+    if streams > 1 {
+        // The extra connections really joined (the server logs each one).
+        let joined = poll_until(Duration::from_secs(5), || {
+            let count = server.stderr().matches("data connection joined").count();
+            (count >= streams as usize - 1).then_some(count)
+        });
+        assert!(
+            joined.is_some(),
+            "expected {} joins\n{}",
+            streams - 1,
+            server.stderr()
+        );
+    }
+
+    let back = scratch.join("back");
+    server
+        .run(&[&"down", &"copy", &back, &"--streams", &n, &"-q"])
+        .assert_success();
+    assert_trees_equal(src, &back);
+}
+
+#[test]
+fn ten_thousand_files_and_a_big_one_with_1_4_and_8_streams() {
+    let scratch = Scratch::new();
+    let src = scratch.join("src");
+    build_wide_tree(&src);
+    for streams in [1, 4, 8] {
+        round_trip(&src, streams);
+    }
+}
+
+#[test]
+fn the_full_tree_with_1_and_8_streams() {
+    let scratch = Scratch::new();
+    let src = scratch.join("src");
+    build_full_tree(&src);
+    for streams in [1, 8] {
+        round_trip(&src, streams);
+    }
+}
+
+#[test]
+fn stream_count_is_validated() {
+    let scratch = Scratch::new();
+    let file = scratch.join("f");
+    write_random_file(&file, 10, 1);
+    for bad in ["0", "17", "many"] {
+        run(&[&"up", &file, &"x", &"--streams", &bad]).assert_code(2);
+    }
+}
