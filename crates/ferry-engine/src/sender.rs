@@ -104,6 +104,7 @@ where
         batch: BytesMut::new(),
         batch_started: None,
         read_buf: vec![0; DEFAULT_CHUNK_LEN as usize],
+        totals: None,
     };
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.
@@ -243,13 +244,13 @@ struct Producer {
     /// When the first frame of the current batch was added.
     batch_started: Option<Instant>,
     read_buf: Vec<u8>,
+    /// The totals, from the counting thread, until they have been sent.
+    totals: Option<std::sync::mpsc::Receiver<(u64, u64)>>,
 }
 
 impl Producer {
     fn run(mut self, root: Root) -> Result<(), EngineError> {
-        let (files, bytes) = count(&root);
-        self.send(&Message::Totals { files, bytes })?;
-        self.tally.event(Event::Totals { files, bytes });
+        self.totals = Some(count_in_background(&root)?);
         let path = WirePath::root();
         match root {
             Root::Dir(fd, stat) => self.dir(fd, &path, &stat)?,
@@ -257,8 +258,29 @@ impl Producer {
             Root::Symlink(target, stat) => self.symlink(&path, target, &stat)?,
             Root::Special(what) => self.special(&path, what)?,
         }
+        if let Some(totals) = self.totals.take()
+            && let Ok((files, bytes)) = totals.recv()
+        {
+            self.send_totals(files, bytes)?;
+        }
         self.send(&Message::End)?;
         self.flush()
+    }
+
+    /// Pass the totals on once the counting thread has them; any time
+    /// before `end` will do for the receiver and the progress display.
+    fn poll_totals(&mut self) -> Result<(), EngineError> {
+        let ready = self.totals.as_ref().and_then(|rx| rx.try_recv().ok());
+        if let Some((files, bytes)) = ready {
+            self.totals = None;
+            self.send_totals(files, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn send_totals(&mut self, files: u64, bytes: u64) -> Result<(), EngineError> {
+        self.tally.event(Event::Totals { files, bytes });
+        self.send(&Message::Totals { files, bytes })
     }
 
     fn send(&mut self, msg: &Message) -> Result<(), EngineError> {
@@ -341,6 +363,7 @@ impl Producer {
     /// Announce an entry; returns its id. It is remembered until the
     /// receiver's verdict on it arrives.
     fn entry(&mut self, path: &WirePath, kind: EntryKind) -> Result<u64, EngineError> {
+        self.poll_totals()?;
         self.next_id += 1;
         let id = self.next_id;
         let (size, is_dir) = match &kind {
@@ -543,9 +566,36 @@ impl Producer {
     }
 }
 
-/// Count the files (and symlinks) and bytes below a root, so progress can
-/// show totals. Only stats, no reads: cheap next to the transfer itself.
-fn count(root: &Root) -> (u64, u64) {
+/// Count the files (and symlinks) and bytes below a root on a thread of its
+/// own, so progress can show totals without holding back the first byte.
+fn count_in_background(root: &Root) -> Result<std::sync::mpsc::Receiver<(u64, u64)>, EngineError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let known = match root {
+        Root::Dir(..) => None,
+        Root::File(_, stat) => Some((1, stat.st_size as u64)),
+        Root::Symlink(..) => Some((1, 0)),
+        Root::Special(_) => Some((0, 0)),
+    };
+    if let Some(totals) = known {
+        let _ = tx.send(totals);
+        return Ok(rx);
+    }
+    let Root::Dir(fd, _) = root else {
+        return Ok(rx);
+    };
+    let dir = fsx::open_dir_beneath(fd.as_fd(), &[])?;
+    std::thread::Builder::new()
+        .name("ferry-count".into())
+        .stack_size(16 * 1024 * 1024)
+        .spawn(move || {
+            let _ = tx.send(count(&dir));
+        })?;
+    Ok(rx)
+}
+
+/// Count the files (and symlinks) and bytes below a directory. Only stats,
+/// no reads: cheap next to the transfer itself.
+fn count(root: &OwnedFd) -> (u64, u64) {
     fn walk(dir: &OwnedFd, totals: &mut (u64, u64)) {
         let Ok(entries) = fsx::list_dir(dir.as_fd()) else {
             return;
@@ -570,14 +620,7 @@ fn count(root: &Root) -> (u64, u64) {
             }
         }
     }
-    match root {
-        Root::Dir(fd, _) => {
-            let mut totals = (0, 0);
-            walk(fd, &mut totals);
-            totals
-        }
-        Root::File(_, stat) => (1, stat.st_size as u64),
-        Root::Symlink(..) => (1, 0),
-        Root::Special(_) => (0, 0),
-    }
+    let mut totals = (0, 0);
+    walk(root, &mut totals);
+    totals
 }
