@@ -5,6 +5,7 @@
 //! maps outcomes to exit codes.
 
 mod cli;
+mod logbuf;
 mod paths;
 mod ui;
 
@@ -323,7 +324,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
             root.display()
         )));
     }
-    init_server_logging(args.log_file.as_deref())?;
+    let logs = init_server_logging(args.log_file.as_deref())?;
     let addr = address(&args.host, args.port);
     let listener = TcpListener::bind(&addr).await.map_err(|e| {
         Fatal::Failed(format!(
@@ -342,10 +343,14 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let _ = std::io::stdout().flush();
     tracing::info!("listening on {local}, root {}", root.display());
     let config = ServerConfig { root };
-    server::serve(listener, config, shutdown)
-        .await
-        .map_err(|e| Fatal::Failed(e.to_string()))?;
-    tracing::info!("server stopped");
+    let served = server::serve(listener, config, shutdown).await;
+    match &served {
+        Ok(()) => tracing::info!("server stopped"),
+        Err(e) => tracing::error!("server failed: {e}"),
+    }
+    // The log is written in the background: write out the rest now.
+    logs.iter().for_each(logbuf::BufferedLog::flush);
+    served.map_err(|e| Fatal::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -369,11 +374,18 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Fatal> {
 
 /// Server logs: stderr always, and appended to `--log-file` when given.
 /// `RUST_LOG` overrides the default level (info).
-fn init_server_logging(log_file: Option<&Path>) -> Result<(), Fatal> {
+fn init_server_logging(log_file: Option<&Path>) -> Result<Vec<logbuf::BufferedLog>, Fatal> {
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, fmt};
 
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let buffered = |out| {
+        logbuf::BufferedLog::new(out)
+            .map_err(|e| Fatal::Failed(format!("cannot start the log writer: {e}")))
+    };
+    let mut logs = Vec::new();
+    let stderr = buffered(Box::new(std::io::stderr()) as Box<dyn std::io::Write + Send>)?;
+    logs.push(stderr.clone());
     let file_layer = match log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -387,11 +399,9 @@ fn init_server_logging(log_file: Option<&Path>) -> Result<(), Fatal> {
                         ferry_engine::error::reason(&e)
                     ))
                 })?;
-            Some(
-                fmt::layer()
-                    .with_ansi(false)
-                    .with_writer(std::sync::Mutex::new(file)),
-            )
+            let writer = buffered(Box::new(file))?;
+            logs.push(writer.clone());
+            Some(fmt::layer().with_ansi(false).with_writer(writer))
         }
         None => None,
     };
@@ -400,11 +410,11 @@ fn init_server_logging(log_file: Option<&Path>) -> Result<(), Fatal> {
         .with(
             fmt::layer()
                 .with_ansi(std::io::stderr().is_terminal())
-                .with_writer(std::io::stderr),
+                .with_writer(stderr),
         )
         .with(file_layer)
         .init();
-    Ok(())
+    Ok(logs)
 }
 
 #[cfg(test)]
