@@ -169,20 +169,48 @@ pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Create the part file `part` in `dir`, new and empty, private until it
-/// is complete. A stale one (from an interrupted run) is replaced; a
-/// symlink planted under that name is removed, never followed.
-pub(crate) fn create_part(dir: BorrowedFd<'_>, part: &[u8]) -> io::Result<OwnedFd> {
+/// Create the part file `part` in `dir`, new and empty. A stale one (from
+/// an interrupted run) is replaced; a symlink planted under that name is
+/// removed, never followed.
+///
+/// The file gets `mode` (the final mode, setuid/setgid/sticky already
+/// masked off) right away when the umask leaves it whole, which spares a
+/// chmod per file; the answer says whether it did. Otherwise it is created
+/// private (0600) and the caller sets the mode before committing.
+pub(crate) fn create_part(
+    dir: BorrowedFd<'_>,
+    part: &[u8],
+    mode: u32,
+) -> io::Result<(OwnedFd, bool)> {
+    let exact = mode & process_umask() == 0;
+    let create_mode = if exact { mode } else { 0o600 };
     let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let create = || rustix::fs::openat(dir, part, flags, Mode::from_raw_mode(0o600));
-    match create() {
+    let create = || rustix::fs::openat(dir, part, flags, Mode::from_raw_mode(create_mode));
+    let fd = match create() {
         // The common case costs one syscall; only a leftover costs more.
         Err(rustix::io::Errno::EXIST) => {
             remove_if_present(dir, part)?;
-            Ok(create()?)
+            create()?
         }
-        other => Ok(other?),
-    }
+        other => other?,
+    };
+    Ok((fd, exact))
+}
+
+/// The process umask, read once from /proc (reading it with umask(2)
+/// would briefly change it for every thread). If it cannot be read, the
+/// most restrictive answer makes every file get an explicit chmod.
+fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+            })
+            .unwrap_or(0o777)
+    })
 }
 
 /// Remove `name` in `dir` if it is there; used to clear stale part files.
@@ -346,13 +374,32 @@ mod tests {
         std::fs::write(tmp.path().join(".a.ferry-part"), b"stale").unwrap();
         symlink(&outside, tmp.path().join(".b.ferry-part")).unwrap();
         for part in [&b".a.ferry-part"[..], b".b.ferry-part", b".c.ferry-part"] {
-            create_part(b.as_fd(), part).unwrap();
+            create_part(b.as_fd(), part, 0o600).unwrap();
             let meta =
                 std::fs::symlink_metadata(tmp.path().join(std::str::from_utf8(part).unwrap()))
                     .unwrap();
             assert!(meta.is_file() && meta.len() == 0);
         }
         assert!(!outside.exists(), "the planted symlink was not followed");
+    }
+
+    #[test]
+    fn part_files_get_their_final_mode_when_the_umask_allows() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let umask = process_umask();
+        for mode in [0o644, 0o755, 0o444, 0o600, 0o777] {
+            let name = format!(".m{mode:o}");
+            let (_, exact) = create_part(b.as_fd(), name.as_bytes(), mode).unwrap();
+            let got = std::fs::metadata(tmp.path().join(&name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(exact, mode & umask == 0, "{mode:o}");
+            assert_eq!(got, if exact { mode } else { 0o600 & !umask }, "{mode:o}");
+        }
     }
 
     #[test]

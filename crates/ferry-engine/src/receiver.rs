@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_proto::chunk::DataChunk;
 use ferry_proto::digest::{ChunkLedger, FileDigest};
@@ -40,10 +41,46 @@ use crate::sender::{display_name, peer_text};
 /// Files that may be open at once: the sender's pipeline keeps only a few
 /// in flight; the bound is against a peer exhausting file descriptors.
 const MAX_OPEN_FILES: usize = 256;
-/// Chunks that may overtake their `entry` and wait for it. The sender puts
-/// an entry on the wire before its chunks, so only a few ever do; the
-/// bound keeps a hostile peer from parking memory.
-const MAX_PARKED_CHUNKS: usize = 64;
+/// When this many chunks wait for their entries (the control connection
+/// lags behind the data connections), the data connections stop being read
+/// until the control connection has caught up: TCP flow control then holds
+/// the sender back.
+const PARKED_PAUSE: usize = 32;
+/// More than this can only come from a peer that ignores flow control: the
+/// bound keeps it from parking memory.
+const MAX_PARKED_CHUNKS: usize = 128;
+
+/// Lets the worker hold the data connections' readers back.
+#[derive(Default)]
+struct DataGate {
+    paused: AtomicBool,
+    reopened: tokio::sync::Notify,
+}
+
+impl DataGate {
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    fn reopen(&self) {
+        if self.paused.swap(false, Ordering::AcqRel) {
+            self.reopened.notify_waiters();
+        }
+    }
+
+    async fn wait_open(&self) {
+        loop {
+            // Registered before the check, so a reopening in between is not missed.
+            let reopened = self.reopened.notified();
+            tokio::pin!(reopened);
+            reopened.as_mut().enable();
+            if !self.paused.load(Ordering::Acquire) {
+                return;
+            }
+            reopened.await;
+        }
+    }
+}
 /// Batches of frames the readers may queue ahead of the worker.
 const FRAME_QUEUE: usize = 16;
 
@@ -73,7 +110,9 @@ where
     let (frame_tx, frame_rx) = mpsc::channel::<Vec<Frame>>(FRAME_QUEUE);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<Message>>(64);
     let (done_tx, done_rx) = oneshot::channel();
+    let gate = Arc::new(DataGate::default());
     let worker = Worker {
+        gate: gate.clone(),
         dest,
         tally,
         replies: reply_tx,
@@ -118,7 +157,7 @@ where
         loop {
             tokio::select! {
                 Some(conn) = joins.recv() => {
-                    readers.spawn(read_data_conn(conn, frame_tx.clone()));
+                    readers.spawn(read_data_conn(conn, frame_tx.clone(), gate.clone()));
                 }
                 Some(done) = readers.join_next() => {
                     done.map_err(|e| EngineError::Io(e.to_string()))??;
@@ -165,8 +204,10 @@ where
 async fn read_data_conn(
     mut conn: DataConn,
     frames: mpsc::Sender<Vec<Frame>>,
+    gate: Arc<DataGate>,
 ) -> Result<(), EngineError> {
     loop {
+        gate.wait_open().await;
         let Some(first) = conn.reader.next().await? else {
             return Ok(());
         };
@@ -195,6 +236,8 @@ struct OpenFile {
     ledger: ChunkLedger,
     size: u64,
     mode: u32,
+    /// Whether the part file was created with `mode` already.
+    mode_set: bool,
     mtime: Mtime,
     /// The sender's digest, once its `file_end` has arrived.
     expected: Option<FileDigest>,
@@ -228,6 +271,7 @@ struct OpenDir {
 }
 
 struct Worker {
+    gate: Arc<DataGate>,
     dest: Destination,
     tally: Arc<Tally>,
     replies: mpsc::Sender<Vec<Message>>,
@@ -468,8 +512,10 @@ impl Worker {
                     return Err(EngineError::Protocol("too many files open at once".into()));
                 }
                 let part = fsx::part_name(&name);
-                match fsx::create_part(parent.as_fd(), &part) {
-                    Ok(fd) => {
+                // Never setuid/setgid from a peer: the receiver may run as root.
+                let mode = mode & 0o777;
+                match fsx::create_part(parent.as_fd(), &part, mode) {
+                    Ok((fd, mode_set)) => {
                         self.tally.event(Event::FileStarted {
                             path: display.clone(),
                             size,
@@ -484,6 +530,7 @@ impl Worker {
                             ledger: ChunkLedger::new(size),
                             size,
                             mode,
+                            mode_set,
                             mtime,
                             expected: None,
                             parent_dir,
@@ -493,6 +540,9 @@ impl Worker {
                         for chunk in self.parked.remove(&id).unwrap_or_default() {
                             self.parked_chunks -= 1;
                             self.chunk(chunk)?;
+                        }
+                        if self.parked_chunks < PARKED_PAUSE / 2 {
+                            self.gate.reopen();
                         }
                         Ok(())
                     }
@@ -543,6 +593,9 @@ impl Worker {
         if let Some(chunks) = self.parked.remove(&id) {
             self.parked_chunks -= chunks.len();
         }
+        if self.parked_chunks < PARKED_PAUSE / 2 {
+            self.gate.reopen();
+        }
     }
 
     /// Fail an open file: discard it, answer now, and ignore what the
@@ -567,6 +620,9 @@ impl Worker {
                 }
                 self.parked_chunks += 1;
                 self.parked.entry(h.file_id).or_default().push(chunk);
+                if self.parked_chunks >= PARKED_PAUSE {
+                    self.gate.pause();
+                }
             }
             // Otherwise the file is settled (failed, or aborted): drop it.
             return Ok(());
@@ -697,9 +753,9 @@ impl Worker {
 /// Make a verified part file the real one: metadata first, then the
 /// atomic rename, so the name only ever shows the complete file.
 fn commit(f: &OpenFile) -> Result<(), String> {
-    // Never setuid/setgid from a peer: the receiver may run as root.
-    rustix::fs::fchmod(&f.file, Mode::from_raw_mode(f.mode & 0o777))
-        .map_err(|e| reason(&e.into()))?;
+    if !f.mode_set {
+        rustix::fs::fchmod(&f.file, Mode::from_raw_mode(f.mode)).map_err(|e| reason(&e.into()))?;
+    }
     rustix::fs::futimens(&f.file, &fsx::mtime_only(f.mtime)).map_err(|e| reason(&e.into()))?;
     match rustix::fs::renameat(
         f.parent.as_fd(),
@@ -743,5 +799,29 @@ fn make_symlink(parent: &OwnedFd, name: &[u8], target: &[u8], mtime: Mtime) -> s
                 e => Err(e.into()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_data_gate_holds_readers_until_reopened() {
+        let gate = Arc::new(DataGate::default());
+        gate.wait_open().await; // open by default
+        gate.pause();
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_open().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "a paused gate holds the reader");
+        gate.reopen();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("reopening releases the reader")
+            .unwrap();
     }
 }

@@ -202,8 +202,13 @@ async fn session(
         }
         _ => return refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
     };
-    let session_id = random_hex();
-    let secret = random_hex();
+    let (session_id, secret) = match random_hex().and_then(|id| Ok((id, random_hex()?))) {
+        Ok(pair) => pair,
+        Err(e) => {
+            let msg = format!("no random source for the session secret: {}", reason(&e));
+            return refuse(&mut writer, ErrorCode::Io, msg).await;
+        }
+    };
     info!(session = %session_id, client = %escape(software.as_bytes()), "handshake");
     let (joins_tx, joins) = mpsc::channel(MAX_STREAMS as usize);
     let slot = SessionSlot {
@@ -386,18 +391,11 @@ async fn join(
         .map_err(|_| EngineError::Closed)
 }
 
-/// 128 random bits, hex: session ids and the secrets that join them.
-fn random_hex() -> String {
+/// 128 random bits, hex: session ids and the secrets that join them. A
+/// secret must be unguessable, so there is no fallback: without the
+/// kernel's random source the session is refused.
+fn random_hex() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .is_err()
-    {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        bytes = nanos.to_le_bytes();
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -62,6 +62,15 @@ mod tests {
         );
     }
 
+    /// The preface this build sends (PROTOCOL.md §2).
+    #[test]
+    fn golden_bytes_of_this_version() {
+        assert_eq!(
+            Preface::ours().encode(),
+            [0x46, 0x45, 0x52, 0x52, 0x59, 0x00, 0x00, 0x02]
+        );
+    }
+
     #[test]
     fn round_trip_and_reject() {
         let p = Preface { version: 0xBEEF };
