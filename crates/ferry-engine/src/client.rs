@@ -33,6 +33,10 @@ pub struct ClientConfig {
     /// Connections for the session, the control one included (at least 1;
     /// the server may allow fewer).
     pub streams: u32,
+    /// Count an upload's tree before sending, so that progress shows totals
+    /// from the start. Costs a stat of every entry: worth it only when
+    /// someone watches the progress.
+    pub early_totals: bool,
 }
 
 /// The default number of connections: one per core, at most 8. More
@@ -205,6 +209,7 @@ pub async fn upload(
         root,
         compression: config.compression,
         label: escape(local.as_os_str().as_bytes()),
+        early_totals: config.early_totals,
     };
     let result = run_sender(
         &mut conn.reader,

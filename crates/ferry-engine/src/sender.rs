@@ -50,6 +50,10 @@ pub(crate) struct SendJob {
     pub(crate) compression: Compression,
     /// How the root is named in events and messages.
     pub(crate) label: String,
+    /// Count the tree up front (on a thread of its own) so that progress
+    /// can show totals from the start. Without it, the totals are counted
+    /// during the walk and sent just before `end`.
+    pub(crate) early_totals: bool,
 }
 
 /// An entry sent and not yet answered.
@@ -105,6 +109,7 @@ where
         batch_started: None,
         read_buf: vec![0; DEFAULT_CHUNK_LEN as usize],
         totals: None,
+        walked: (0, 0),
     };
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.
@@ -112,7 +117,7 @@ where
         .name("ferry-send".into())
         .stack_size(16 * 1024 * 1024)
         .spawn(move || {
-            let _ = done_tx.send(producer.run(job.root));
+            let _ = done_tx.send(producer.run(job.root, job.early_totals));
         })
         .map_err(EngineError::from)?;
 
@@ -246,11 +251,15 @@ struct Producer {
     read_buf: Vec<u8>,
     /// The totals, from the counting thread, until they have been sent.
     totals: Option<std::sync::mpsc::Receiver<(u64, u64)>>,
+    /// Files (and symlinks) and bytes met by the walk so far.
+    walked: (u64, u64),
 }
 
 impl Producer {
-    fn run(mut self, root: Root) -> Result<(), EngineError> {
-        self.totals = Some(count_in_background(&root)?);
+    fn run(mut self, root: Root, early_totals: bool) -> Result<(), EngineError> {
+        if early_totals {
+            self.totals = Some(count_in_background(&root)?);
+        }
         let path = WirePath::root();
         match root {
             Root::Dir(fd, stat) => self.dir(fd, &path, &stat)?,
@@ -258,10 +267,13 @@ impl Producer {
             Root::Symlink(target, stat) => self.symlink(&path, target, &stat)?,
             Root::Special(what) => self.special(&path, what)?,
         }
-        if let Some(totals) = self.totals.take()
-            && let Ok((files, bytes)) = totals.recv()
-        {
-            self.send_totals(files, bytes)?;
+        match self.totals.take() {
+            Some(counting) => {
+                if let Ok((files, bytes)) = counting.recv() {
+                    self.send_totals(files, bytes)?;
+                }
+            }
+            None => self.send_totals(self.walked.0, self.walked.1)?,
         }
         self.send(&Message::End)?;
         self.flush()
@@ -371,6 +383,10 @@ impl Producer {
             EntryKind::Dir { .. } => (0, true),
             _ => (0, false),
         };
+        if matches!(kind, EntryKind::File { .. } | EntryKind::Symlink { .. }) {
+            self.walked.0 += 1;
+            self.walked.1 += size;
+        }
         let pending = Pending {
             path: display_name(&self.label, path),
             size,

@@ -338,6 +338,8 @@ fn accept_request(root: &OwnedFd, request: Message) -> Result<Accepted, Refusal>
                 root: root_entry,
                 compression,
                 label: path.display(),
+                // The client cannot tell us whether it shows progress: count.
+                early_totals: true,
             }))
         }
         other => Err(Refusal(

@@ -240,6 +240,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         addr: addr.clone(),
         compression: opts.compress,
         streams: opts.streams.unwrap_or_else(client::default_streams),
+        early_totals: ui.shows_progress(),
     };
     let remote_label = |path: &[u8]| match &plan.server {
         Target::Remote(addr) => format!("{addr}:{}", escape(path)),

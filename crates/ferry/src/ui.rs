@@ -63,6 +63,12 @@ impl Ui {
         }
     }
 
+    /// Whether anyone sees progress (a bar, or NDJSON progress events):
+    /// only then are totals worth counting before the transfer.
+    pub fn shows_progress(&self) -> bool {
+        self.bar.is_some() || self.mode == Mode::Json
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
