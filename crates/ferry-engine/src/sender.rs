@@ -103,6 +103,7 @@ where
         )?,
         controller,
         window: WindowMeter::new(),
+        warmed_up: false,
         label: job.label,
         next_id: 0,
         batch: BytesMut::new(),
@@ -214,6 +215,8 @@ pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
 const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
 const WINDOW_MIN_SECS: f64 = 0.1;
 const WINDOW_MAX_SECS: f64 = 1.0;
+/// File bytes sent before the first window starts.
+const WARMUP_BYTES: u64 = 8 * 1024 * 1024;
 
 /// What happened in the current compression window.
 struct WindowMeter {
@@ -243,6 +246,7 @@ struct Producer {
     /// Present in `auto` mode: picks the level as the transfer goes.
     controller: Option<LevelController>,
     window: WindowMeter,
+    warmed_up: bool,
     label: String,
     next_id: u64,
     batch: BytesMut,
@@ -351,6 +355,15 @@ impl Producer {
         let Some(controller) = &mut self.controller else {
             return Ok(());
         };
+        if !self.warmed_up {
+            // The first bytes fill socket buffers: they move fast and never
+            // block whatever the link, so they say nothing about it.
+            if self.window.bytes >= WARMUP_BYTES {
+                self.warmed_up = true;
+                self.window = WindowMeter::new();
+            }
+            return Ok(());
+        }
         let secs = self.window.started.elapsed().as_secs_f64();
         let full = self.window.bytes >= WINDOW_BYTES && secs >= WINDOW_MIN_SECS;
         if full || secs >= WINDOW_MAX_SECS {
