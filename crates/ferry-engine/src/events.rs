@@ -5,6 +5,9 @@
 //! into log lines.
 
 use std::sync::{Arc, Mutex};
+
+use ferry_proto::limits::MAX_REASON_LEN;
+use ferry_proto::path::{WirePath, escape};
 use std::time::Duration;
 
 /// One thing that happened during a transfer. Paths are already escaped
@@ -28,6 +31,21 @@ pub enum Event {
 /// Receives events. Called from several threads.
 pub trait EventSink: Send + Sync {
     fn event(&self, event: Event);
+}
+
+/// Text chosen by the peer, made safe to print and bounded in length.
+pub(crate) fn peer_text(text: &str) -> String {
+    // A cut inside a character shows as an escape: harmless.
+    escape(&text.as_bytes()[..text.len().min(MAX_REASON_LEN)])
+}
+
+/// Name of an entry for events: the root's label, then the wire path.
+pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
+    if path.is_root() {
+        label.to_string()
+    } else {
+        format!("{label}/{}", path.display())
+    }
 }
 
 /// A sink that drops everything.

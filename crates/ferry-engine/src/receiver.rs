@@ -34,9 +34,8 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::ChunkDecoder;
 use crate::conn::{DataConn, FrameReader, FrameWriter};
 use crate::error::{EngineError, reason};
-use crate::events::{Event, EventSink, Tally};
+use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx;
-use crate::sender::{display_name, peer_text};
 
 /// Files that may be open at once: the sender's pipeline keeps only a few
 /// in flight; the bound is against a peer exhausting file descriptors.

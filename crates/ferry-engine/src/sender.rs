@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::digest::DigestBuilder;
-use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_REASON_LEN};
+use ferry_proto::limits::DEFAULT_CHUNK_LEN;
 use ferry_proto::message::{Compression, EntryKind, Message, Outcome};
 use ferry_proto::path::{WirePath, escape};
 use rustix::fs::{AtFlags, FileType, Stat};
@@ -27,7 +27,7 @@ use crate::adapt::{LevelController, Window};
 use crate::codec::ChunkEncoder;
 use crate::conn::{DataConn, FrameReader, FrameWriter, pump_control, pump_data};
 use crate::error::{EngineError, reason};
-use crate::events::{Event, EventSink, Tally};
+use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx::{self, Kind, Root};
 
 /// Batches of control frames the producer may run ahead of the socket.
@@ -192,21 +192,6 @@ async fn read_outcomes<R: AsyncRead + Unpin>(
                 )));
             }
         }
-    }
-}
-
-/// Text chosen by the peer, made safe to print and bounded in length.
-pub(crate) fn peer_text(text: &str) -> String {
-    // A cut inside a character shows as an escape: harmless.
-    escape(&text.as_bytes()[..text.len().min(MAX_REASON_LEN)])
-}
-
-/// Name of an entry for events: the root's label, then the wire path.
-pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
-    if path.is_root() {
-        label.to_string()
-    } else {
-        format!("{label}/{}", path.display())
     }
 }
 
