@@ -238,7 +238,14 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
     };
     let config = ClientConfig {
         addr: addr.clone(),
-        compression: opts.compress,
+        // Both ends local: there is no link whose bytes compression could
+        // save, so `auto` means off.
+        compression: match (&plan.server, opts.compress) {
+            (Target::InProcess { .. }, ferry_engine::Compression::Auto) => {
+                ferry_engine::Compression::Off
+            }
+            (_, chosen) => chosen,
+        },
         streams: opts.streams.unwrap_or_else(client::default_streams),
         early_totals: ui.shows_progress(),
     };
