@@ -579,7 +579,7 @@ impl Worker {
             let Some(d) = self.dirs.get_mut(&id) else {
                 break;
             };
-            d.children -= 1;
+            d.children = d.children.saturating_sub(1);
             if !(d.ended && d.children == 0) {
                 break;
             }
