@@ -166,6 +166,35 @@ pub(crate) struct DataConn {
     pub(crate) writer: FrameWriter<BoxWrite>,
 }
 
+/// Run `task` on every data connection that joins the session, each on a
+/// task of its own, for as long as the session lasts. Returns only when
+/// one of them fails, with why: the session cannot complete without the
+/// chunks that connection carried.
+pub(crate) async fn for_each_data_conn<F, Fut>(
+    joins: &mut mpsc::Receiver<DataConn>,
+    mut task: F,
+) -> EngineError
+where
+    F: FnMut(DataConn) -> Fut,
+    Fut: std::future::Future<Output = Result<(), EngineError>> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(conn) = joins.recv() => {
+                running.spawn(task(conn));
+            }
+            Some(done) = running.join_next() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return e,
+                Err(e) => return EngineError::Io(e.to_string()),
+            },
+            // No more joins and none running: wait for the session to end.
+            else => std::future::pending::<()>().await,
+        }
+    }
+}
+
 /// The control connection's writer: ordered control frames first, and data
 /// frames from the shared queue whenever no control frame is waiting, so
 /// the control connection carries data too. Flushes whenever both run dry.

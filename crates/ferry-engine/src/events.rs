@@ -48,13 +48,6 @@ pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
     }
 }
 
-/// A sink that drops everything.
-pub struct NoEvents;
-
-impl EventSink for NoEvents {
-    fn event(&self, _: Event) {}
-}
-
 /// The outcome of one transfer, as the side that ran it saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransferReport {

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::ChunkDecoder;
-use crate::conn::{DataConn, FrameReader, FrameWriter};
+use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx;
@@ -151,22 +151,9 @@ where
             }
         }
     };
-    let read_data = async {
-        let mut readers = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                Some(conn) = joins.recv() => {
-                    readers.spawn(read_data_conn(conn, frame_tx.clone(), gate.clone()));
-                }
-                Some(done) = readers.join_next() => {
-                    done.map_err(|e| EngineError::Io(e.to_string()))??;
-                }
-                else => std::future::pending::<()>().await,
-            }
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), EngineError>(())
-    };
+    let read_data = for_each_data_conn(&mut joins, |conn| {
+        read_data_conn(conn, frame_tx.clone(), gate.clone())
+    });
     // Replies end when the worker is done: that ends the transfer.
     let write = async {
         while let Some(replies) = reply_rx.recv().await {
@@ -182,7 +169,7 @@ where
     let io_result = tokio::select! {
         r = write => r,
         r = read_control => r,
-        r = read_data => r,
+        e = read_data => Err(e),
         _ = cancel.cancelled() => Err(EngineError::Cancelled),
     };
     drop(frame_tx);

@@ -25,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::adapt::{LevelController, Window};
 use crate::codec::ChunkEncoder;
-use crate::conn::{DataConn, FrameReader, FrameWriter, pump_control, pump_data};
+use crate::conn::{
+    DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
+};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx::{self, Kind, Root};
@@ -128,26 +130,11 @@ where
         pump_control(writer, &mut control_rx, &data_rx).await?;
         std::future::pending::<Result<(), EngineError>>().await
     };
-    let data_writers = async {
-        let mut writers = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                Some(conn) = joins.recv() => {
-                    writers.spawn(pump_data(conn, data_rx.clone()));
-                }
-                Some(done) = writers.join_next() => {
-                    done.map_err(|e| EngineError::Io(e.to_string()))??;
-                }
-                else => std::future::pending::<()>().await,
-            }
-        }
-        #[allow(unreachable_code)]
-        Ok::<(), EngineError>(())
-    };
+    let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
     tokio::select! {
         r = read_outcomes(reader, &pending, &tally) => r?,
         r = write => r?,
-        r = data_writers => r?,
+        e = data_writers => return Err(e),
         _ = cancel.cancelled() => return Err(EngineError::Cancelled),
     }
     drop(control_rx);
