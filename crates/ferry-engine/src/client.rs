@@ -1,5 +1,11 @@
-//! The client: connect, shake hands, ask, then send or receive.
+//! The client: connect, shake hands, ask, then send or receive; and try
+//! again when the connection breaks.
+//!
+//! A retry is a new session for the same request. It costs little: the
+//! receiver skips files it already holds (same size and mtime) and resumes
+//! large files from their journals, so only what is missing moves again.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -14,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
+    watch_for_stall,
 };
 use crate::error::{EngineError, reason};
-use crate::events::{EventSink, Tally, TransferSummary};
+use crate::events::{Event, EventSink, Tally, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
@@ -37,7 +44,25 @@ pub struct ClientConfig {
     /// from the start. Costs a stat of every entry: worth it only when
     /// someone watches the progress.
     pub early_totals: bool,
+    /// Send every file, even those the receiver has with the same size
+    /// and mtime.
+    pub ignore_times: bool,
+    /// How often a failed attempt is tried again in a row before giving
+    /// up; an attempt that made progress resets the count.
+    pub retries: u32,
+    /// A session in which no byte moves for this long has stalled.
+    pub timeout: Duration,
 }
+
+/// The first pause between attempts; it doubles after each attempt that
+/// made no progress, up to `MAX_BACKOFF`. With the default 12 retries the
+/// pauses add up to about 3.5 minutes (at least 2.6 with the jitter).
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The default number of retries in a row without progress.
+pub const DEFAULT_RETRIES: u32 = 12;
+/// The default stall timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The default number of connections: one per core, at most 8. More
 /// connections than cores add context switches and no parallelism on the
@@ -113,8 +138,7 @@ async fn join(addr: &str, session: &SessionKey, meter: &Meter) -> Result<DataCon
 }
 
 impl Connection {
-    async fn open(addr: &str) -> Result<Self, EngineError> {
-        let meter = Meter::default();
+    async fn open(addr: &str, meter: Meter) -> Result<Self, EngineError> {
         let (mut reader, mut writer) = connect(addr, &meter).await?;
         writer
             .send_now(&Message::Hello {
@@ -179,8 +203,10 @@ impl Connection {
         }
     }
 
-    fn wire_bytes(&self) -> u64 {
-        self.meter.load(std::sync::atomic::Ordering::Relaxed)
+    /// End the session's control connection, passing on the result.
+    async fn finish(mut self, result: Result<(), EngineError>) -> Result<(), EngineError> {
+        let _ = self.writer.shutdown().await;
+        result
     }
 }
 
@@ -193,34 +219,10 @@ pub async fn upload(
     events: Arc<dyn EventSink>,
     cancel: &CancellationToken,
 ) -> Result<TransferSummary, EngineError> {
-    let started = Instant::now();
-    let root = fsx::open_local_root(local).map_err(|e| EngineError::Local {
-        path: escape(local.as_os_str().as_bytes()),
-        reason: reason(&e),
-    })?;
-    let mut conn = Connection::open(&config.addr).await?;
-    conn.request(&Message::Upload {
-        dest: WireBytes(remote.to_vec()),
+    with_retries(config, events, cancel, |tally, session| {
+        upload_once(config, local, remote, tally, session)
     })
-    .await?;
-    let joins = conn.data_streams(&config.addr, config.streams);
-    let tally = Arc::new(Tally::new(events));
-    let job = SendJob {
-        root,
-        compression: config.compression,
-        label: escape(local.as_os_str().as_bytes()),
-        early_totals: config.early_totals,
-    };
-    let result = run_sender(
-        &mut conn.reader,
-        &mut conn.writer,
-        job,
-        tally.clone(),
-        cancel,
-        joins,
-    )
-    .await;
-    finish(conn, tally, started, result).await
+    .await
 }
 
 /// Fetch the remote file or tree at `remote` into `local` (the copy itself;
@@ -232,41 +234,212 @@ pub async fn download(
     events: Arc<dyn EventSink>,
     cancel: &CancellationToken,
 ) -> Result<TransferSummary, EngineError> {
-    let started = Instant::now();
-    let dest = local_destination(local, escape(remote))?;
-    let mut conn = Connection::open(&config.addr).await?;
-    conn.request(&Message::Download {
-        source: WireBytes(remote.to_vec()),
-        compression: config.compression,
+    with_retries(config, events, cancel, |tally, session| {
+        download_once(config, remote, local, tally, session)
+    })
+    .await
+}
+
+/// One attempt at an upload.
+async fn upload_once(
+    config: &ClientConfig,
+    local: &Path,
+    remote: &[u8],
+    tally: Arc<Tally>,
+    session: Session,
+) -> Result<(), EngineError> {
+    let root = fsx::open_local_root(local).map_err(|e| EngineError::Local {
+        path: escape(local.as_os_str().as_bytes()),
+        reason: reason(&e),
+    })?;
+    let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
+    conn.request(&Message::Upload {
+        dest: WireBytes(remote.to_vec()),
+        ignore_times: config.ignore_times,
     })
     .await?;
     let joins = conn.data_streams(&config.addr, config.streams);
-    let tally = Arc::new(Tally::new(events));
-    let result = run_receiver(
-        &mut conn.reader,
-        &mut conn.writer,
-        dest,
-        tally.clone(),
-        cancel,
-        joins,
-    )
-    .await;
-    finish(conn, tally, started, result).await
+    let job = SendJob {
+        root,
+        compression: config.compression,
+        label: escape(local.as_os_str().as_bytes()),
+        early_totals: config.early_totals,
+    };
+    let result = session
+        .watched(config.timeout, async |cancel| {
+            run_sender(
+                &mut conn.reader,
+                &mut conn.writer,
+                job,
+                tally,
+                cancel,
+                joins,
+            )
+            .await
+        })
+        .await;
+    conn.finish(result).await
 }
 
-async fn finish(
-    mut conn: Connection,
+/// One attempt at a download.
+async fn download_once(
+    config: &ClientConfig,
+    remote: &[u8],
+    local: &Path,
     tally: Arc<Tally>,
-    started: Instant,
-    result: Result<(), EngineError>,
-) -> Result<TransferSummary, EngineError> {
-    let _ = conn.writer.shutdown().await;
-    result?;
-    tally.add_wire_bytes(conn.wire_bytes());
-    Ok(TransferSummary {
-        report: tally.report(),
-        elapsed: started.elapsed(),
+    session: Session,
+) -> Result<(), EngineError> {
+    let mut dest = local_destination(local, escape(remote))?;
+    dest.ignore_times = config.ignore_times;
+    let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
+    conn.request(&Message::Download {
+        source: WireBytes(remote.to_vec()),
+        compression: config.compression,
+        ignore_times: config.ignore_times,
     })
+    .await?;
+    let joins = conn.data_streams(&config.addr, config.streams);
+    let result = session
+        .watched(config.timeout, async |cancel| {
+            run_receiver(
+                &mut conn.reader,
+                &mut conn.writer,
+                dest,
+                tally,
+                cancel,
+                joins,
+            )
+            .await
+        })
+        .await;
+    conn.finish(result).await
+}
+
+/// What one attempt runs under: the user's cancellation and a byte meter
+/// over all of its connections.
+struct Session {
+    cancel: CancellationToken,
+    meter: Meter,
+}
+
+impl Session {
+    /// Run `transfer` under a stall watch: when no byte moves for
+    /// `timeout`, it is cancelled and the attempt fails as stalled.
+    async fn watched<F>(&self, timeout: Duration, transfer: F) -> Result<(), EngineError>
+    where
+        F: AsyncFnOnce(&CancellationToken) -> Result<(), EngineError>,
+    {
+        let token = self.cancel.child_token();
+        let stalled = watch_for_stall(self.meter.clone(), timeout, token.clone());
+        let result = transfer(&token).await;
+        token.cancel(); // ends the watch
+        match result {
+            Err(EngineError::Cancelled) if stalled.load(std::sync::atomic::Ordering::Acquire) => {
+                Err(EngineError::Stalled(timeout.as_secs()))
+            }
+            other => other,
+        }
+    }
+}
+
+/// Run attempts of one transfer until one completes, the error is not
+/// worth retrying, or `config.retries` attempts in a row made no progress.
+///
+/// A failure to reach the server on the very first attempt is not
+/// retried: it is far more likely a wrong host or port than a blip, and
+/// the user should hear so at once (as from rsync or scp). Once a session
+/// has worked, the server may restart, and the retries wait for it.
+async fn with_retries<F, Fut>(
+    config: &ClientConfig,
+    events: Arc<dyn EventSink>,
+    cancel: &CancellationToken,
+    mut attempt: F,
+) -> Result<TransferSummary, EngineError>
+where
+    F: FnMut(Arc<Tally>, Session) -> Fut,
+    Fut: Future<Output = Result<(), EngineError>>,
+{
+    let started = Instant::now();
+    let (mut file_bytes, mut wire_bytes) = (0, 0);
+    let mut retries = 0u32;
+    let mut fruitless = 0u32;
+    let mut reached_server = false;
+    loop {
+        let tally = Arc::new(Tally::new(events.clone()));
+        let meter = Meter::default();
+        let session = Session {
+            cancel: cancel.clone(),
+            meter: meter.clone(),
+        };
+        let result = attempt(tally.clone(), session).await;
+        let moved = meter.load(std::sync::atomic::Ordering::Relaxed);
+        wire_bytes += moved;
+        reached_server |= moved > 0;
+        let mut report = tally.report();
+        file_bytes += report.file_bytes;
+        let progress = report.file_bytes > 0 || report.files_ok > 0;
+        fruitless = if progress { 0 } else { fruitless + 1 };
+        let why = match &result {
+            Ok(()) if report.incomplete.is_empty() => None,
+            Ok(()) => {
+                let (path, reason) = &report.incomplete[0];
+                let more = report.incomplete.len() - 1;
+                let others = if more > 0 {
+                    format!(" (and {more} more)")
+                } else {
+                    String::new()
+                };
+                Some(format!("{path}: {reason}{others}"))
+            }
+            Err(EngineError::Connect { .. }) if !reached_server => None,
+            Err(e) if e.is_transient() => Some(e.to_string()),
+            Err(_) => None,
+        };
+        let give_up = fruitless > config.retries || cancel.is_cancelled();
+        match why {
+            Some(why) if !give_up => {
+                retries += 1;
+                let delay = backoff(fruitless.max(1));
+                tracing::warn!("attempt {retries} failed: {why}; retrying in {delay:.1?}");
+                events.event(Event::Retry {
+                    attempt: retries,
+                    delay,
+                    reason: why,
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => continue,
+                    _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+                }
+            }
+            _ => {
+                result?;
+                // What could not be completed counts as failed in the end.
+                report.failed.append(&mut report.incomplete);
+                report.file_bytes = file_bytes;
+                report.wire_bytes = wire_bytes;
+                report.retries = retries;
+                return Ok(TransferSummary {
+                    report,
+                    elapsed: started.elapsed(),
+                });
+            }
+        }
+    }
+}
+
+/// The pause before the next attempt after `fruitless` attempts in a row
+/// without progress: exponential, capped, with ±25% jitter so that many
+/// clients cut off at once do not all come back at once.
+fn backoff(fruitless: u32) -> Duration {
+    let base = FIRST_BACKOFF.saturating_mul(1 << fruitless.saturating_sub(1).min(16));
+    let base = base.min(MAX_BACKOFF);
+    let noise = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().rotate_left(16);
+    let spread = f64::from(ferry_proto::digest::chunk_hash(&noise.to_le_bytes()) as u32)
+        / f64::from(u32::MAX);
+    base.mul_f64(0.75 + 0.5 * spread)
 }
 
 /// The local destination `path`: its parent directory (created if
@@ -294,5 +467,6 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         base,
         prefix: vec![name.as_bytes().to_vec()],
         label,
+        ignore_times: false,
     })
 }

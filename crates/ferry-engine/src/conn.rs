@@ -1,8 +1,8 @@
 //! Frames over a byte stream: the only place where protocol meets socket.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::PROTOCOL_VERSION;
@@ -11,6 +11,7 @@ use ferry_proto::message::Message;
 use ferry_proto::preface::{PREFACE_LEN, Preface};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::EngineError;
 
@@ -19,6 +20,42 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Counts the bytes that cross a session's connections, both ways.
 pub(crate) type Meter = Arc<AtomicU64>;
+
+/// Cancels `session` once no byte has crossed `meter`, in either
+/// direction, for `timeout`: the peer or the path to it has stalled. A
+/// busy peer is never silent that long (data moves, or it sends
+/// keepalives during long local work), so only a dead path trips it. The
+/// answer says whether it fired; the watch ends when `session` is
+/// cancelled, by it or by anyone.
+pub(crate) fn watch_for_stall(
+    meter: Meter,
+    timeout: Duration,
+    session: CancellationToken,
+) -> Arc<AtomicBool> {
+    let fired = Arc::new(AtomicBool::new(false));
+    let flag = fired.clone();
+    let tick = (timeout / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    tokio::spawn(async move {
+        let mut last = meter.load(Ordering::Relaxed);
+        let mut quiet_since = Instant::now();
+        loop {
+            tokio::select! {
+                _ = session.cancelled() => return,
+                _ = tokio::time::sleep(tick) => {}
+            }
+            let now = meter.load(Ordering::Relaxed);
+            if now != last {
+                last = now;
+                quiet_since = Instant::now();
+            } else if quiet_since.elapsed() >= timeout {
+                flag.store(true, Ordering::Release);
+                session.cancel();
+                return;
+            }
+        }
+    });
+    fired
+}
 
 /// Reads frames from one half of a connection.
 pub(crate) struct FrameReader<R> {

@@ -30,6 +30,8 @@ pub enum EngineError {
     Io(String),
     #[error("the peer did not answer within {0} seconds")]
     Timeout(u64),
+    #[error("no data moved for {0} seconds: the connection stalled")]
+    Stalled(u64),
     #[error("{message}")]
     Remote { code: ErrorCode, message: String },
     #[error("the connection was closed before the transfer finished")]
@@ -60,6 +62,30 @@ impl EngineError {
             EngineError::Cancelled => ErrorCode::ShuttingDown,
             EngineError::Protocol(_) | EngineError::NotFerry(_) => ErrorCode::Protocol,
             _ => ErrorCode::Io,
+        }
+    }
+
+    /// Whether trying the session again may succeed: the connection broke
+    /// or stalled, the peer restarted, or bytes were damaged on the way.
+    /// Not: a refusal, a wrong path, a version mismatch, a local problem,
+    /// or the user's own interruption.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            EngineError::Connect { .. }
+            | EngineError::Io(_)
+            | EngineError::Closed
+            | EngineError::Timeout(_)
+            | EngineError::Stalled(_)
+            | EngineError::Protocol(_) => true,
+            EngineError::Remote { code, .. } => matches!(
+                code,
+                ErrorCode::ShuttingDown | ErrorCode::Io | ErrorCode::Protocol
+            ),
+            EngineError::Local { .. }
+            | EngineError::VersionMismatch { .. }
+            | EngineError::NotFerry(_)
+            | EngineError::BadPath(_)
+            | EngineError::Cancelled => false,
         }
     }
 }

@@ -26,6 +26,20 @@ pub enum Event {
     FileFailed { path: String, reason: String },
     /// An entry was deliberately not transferred (fifo, socket, device).
     Skipped { path: String, reason: String },
+    /// The receiver already had this file, same size and mtime: not sent.
+    Unchanged { path: String, size: u64 },
+    /// This many bytes of a file were already at the receiver, verified,
+    /// from an interrupted transfer: only the rest is sent.
+    Resumed { path: String, bytes: u64 },
+    /// A file did not arrive whole for a reason that sending it again may
+    /// cure (a corrupt chunk, a digest mismatch, a file being changed).
+    FileIncomplete { path: String, reason: String },
+    /// The transfer attempt failed and will be tried again after `delay`.
+    Retry {
+        attempt: u32,
+        delay: Duration,
+        reason: String,
+    },
 }
 
 /// Receives events. Called from several threads.
@@ -58,6 +72,14 @@ pub struct TransferReport {
     pub failed: Vec<(String, String)>,
     /// (path, reason) of each entry that was skipped.
     pub skipped: Vec<(String, String)>,
+    /// (path, reason) of each file that may arrive if sent again.
+    pub incomplete: Vec<(String, String)>,
+    /// Files the receiver already had (counted in `files_ok` too).
+    pub files_unchanged: u64,
+    /// Bytes of files that were already at the receiver, not sent again.
+    pub bytes_held: u64,
+    /// Attempts that failed and were retried.
+    pub retries: u32,
     /// File bytes moved (raw, before compression).
     pub file_bytes: u64,
     /// Bytes that crossed the connection, both ways, framing included.
@@ -89,10 +111,6 @@ impl Tally {
         self.lock().clone()
     }
 
-    pub(crate) fn add_wire_bytes(&self, n: u64) {
-        self.lock().wire_bytes += n;
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, TransferReport> {
         self.report.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -108,7 +126,16 @@ impl EventSink for Tally {
                 Event::FileDone { .. } => r.files_ok += 1,
                 Event::FileFailed { path, reason } => r.failed.push((path.clone(), reason.clone())),
                 Event::Skipped { path, reason } => r.skipped.push((path.clone(), reason.clone())),
-                Event::FileStarted { .. } => {}
+                Event::Unchanged { size, .. } => {
+                    r.files_ok += 1;
+                    r.files_unchanged += 1;
+                    r.bytes_held += size;
+                }
+                Event::Resumed { bytes, .. } => r.bytes_held += bytes,
+                Event::FileIncomplete { path, reason } => {
+                    r.incomplete.push((path.clone(), reason.clone()))
+                }
+                Event::FileStarted { .. } | Event::Retry { .. } => {}
             }
         }
         self.inner.event(event);

@@ -154,10 +154,18 @@ pub(crate) fn ensure_dir(parent: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::
 /// `.NAME.ferry-part`, shortened (with a hash to stay unique) when that
 /// would exceed the 255-byte name limit.
 pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
-    const SUFFIX: &[u8] = b".ferry-part";
-    let mut out = Vec::with_capacity(name.len() + 12);
+    hidden_sibling(name, b".ferry-part")
+}
+
+/// `.NAME` + `suffix`. Names too long to leave room for the longest
+/// suffix (`.ferry-journal`) are cut to 200 bytes plus `~` and a hash, the
+/// same way for every suffix, so that a part file and its journal always
+/// share their stem (the sweep pairs them by it).
+pub(crate) fn hidden_sibling(name: &[u8], suffix: &[u8]) -> Vec<u8> {
+    const LONGEST_SUFFIX: usize = b".ferry-journal".len();
+    let mut out = Vec::with_capacity(name.len() + 1 + suffix.len());
     out.push(b'.');
-    if name.len() + 1 + SUFFIX.len() <= 255 {
+    if name.len() + 1 + LONGEST_SUFFIX <= 255 {
         out.extend_from_slice(name);
     } else {
         out.extend_from_slice(&name[..200]);
@@ -165,36 +173,117 @@ pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
             format!("~{:016x}", ferry_proto::digest::chunk_hash(name)).as_bytes(),
         );
     }
-    out.extend_from_slice(SUFFIX);
+    out.extend_from_slice(suffix);
     out
 }
 
-/// Create the part file `part` in `dir`, new and empty. A stale one (from
-/// an interrupted run) is replaced; a symlink planted under that name is
-/// removed, never followed.
+/// A part file opened for writing, locked against other transfers.
+pub(crate) struct PartFile {
+    pub(crate) fd: OwnedFd,
+    /// Whether it was created with its final mode already.
+    pub(crate) mode_set: bool,
+    /// Whether it was left by an earlier, interrupted transfer (and may
+    /// hold data worth resuming from) rather than created just now.
+    pub(crate) existing: bool,
+}
+
+/// The error [`open_part`] gives when another live transfer holds the
+/// part file: not a fault, a reason to try again later.
+pub(crate) fn part_busy() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "another transfer is writing this file right now",
+    )
+}
+
+/// Open the part file `part` in `dir` for writing (and reading back), new
+/// or left over from an interrupted transfer, and take its lock.
 ///
-/// The file gets `mode` (the final mode, setuid/setgid/sticky already
-/// masked off) right away when the umask leaves it whole, which spares a
-/// chmod per file; the answer says whether it did. Otherwise it is created
-/// private (0600) and the caller sets the mode before committing.
-pub(crate) fn create_part(
-    dir: BorrowedFd<'_>,
-    part: &[u8],
-    mode: u32,
-) -> io::Result<(OwnedFd, bool)> {
+/// The lock (an exclusive `flock`, released when the descriptor closes,
+/// so also when the process dies) is what keeps two transfers of the same
+/// path from mixing their bytes: whoever holds it owns the part file. A
+/// part held by a live transfer gives [`part_busy`]. After locking a
+/// leftover, its name is checked to still lead to the same inode: the
+/// previous owner may have renamed it into place in between, and then it
+/// is the real file, not ours to touch. A symlink planted under the part
+/// name is removed, never followed.
+///
+/// A new part file gets `mode` (the final mode, setuid/setgid/sticky
+/// already masked off) right away when the umask leaves it whole, which
+/// spares a chmod per file. Otherwise it is created private (0600) and the
+/// caller sets the mode before committing.
+pub(crate) fn open_part(dir: BorrowedFd<'_>, part: &[u8], mode: u32) -> io::Result<PartFile> {
+    use rustix::fs::{FlockOperation, flock};
     let exact = mode & process_umask() == 0;
     let create_mode = if exact { mode } else { 0o600 };
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let create = || rustix::fs::openat(dir, part, flags, Mode::from_raw_mode(create_mode));
-    let fd = match create() {
-        // The common case costs one syscall; only a leftover costs more.
-        Err(rustix::io::Errno::EXIST) => {
-            remove_if_present(dir, part)?;
-            create()?
+    let base = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    // A few rounds at most: each retry means the name changed under us.
+    for _ in 0..4 {
+        match rustix::fs::openat(
+            dir,
+            part,
+            base | OFlags::CREATE | OFlags::EXCL,
+            Mode::from_raw_mode(create_mode),
+        ) {
+            // The common case costs one syscall and an uncontended lock.
+            Ok(fd) => {
+                return match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+                    Ok(()) => Ok(PartFile {
+                        fd,
+                        mode_set: exact,
+                        existing: false,
+                    }),
+                    // Another transfer took our fresh file for a leftover.
+                    Err(rustix::io::Errno::WOULDBLOCK) => Err(part_busy()),
+                    Err(e) => Err(e.into()),
+                };
+            }
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
         }
-        other => other?,
-    };
-    Ok((fd, exact))
+        let fd = match rustix::fs::openat(dir, part, base, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => continue,
+            // A symlink, or something else that is not ours: clear it.
+            Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::ISDIR) => {
+                remove_if_present(dir, part)?;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let stat = rustix::fs::fstat(&fd)?;
+        if kind_of(&stat) != Kind::File {
+            drop(fd);
+            remove_if_present(dir, part)?;
+            continue;
+        }
+        match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => return Err(part_busy()),
+            Err(e) => return Err(e.into()),
+        }
+        match rustix::fs::statat(dir, part, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) if now.st_dev == stat.st_dev && now.st_ino == stat.st_ino => {
+                return Ok(PartFile {
+                    fd,
+                    mode_set: false,
+                    existing: true,
+                });
+            }
+            Ok(_) | Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(part_busy())
+}
+
+/// Whether `name` in `dir` is a regular file of this size and mtime
+/// (rsync's quick check): then its content is taken to be the same and
+/// nothing is sent. Returns its stat so the caller can fix the mode.
+pub(crate) fn unchanged(dir: BorrowedFd<'_>, name: &[u8], size: u64, mtime: Mtime) -> Option<Stat> {
+    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    (kind_of(&stat) == Kind::File && stat.st_size as u64 == size && mtime_of(&stat) == mtime)
+        .then_some(stat)
 }
 
 /// The process umask, read once from /proc (reading it with umask(2)
@@ -373,12 +462,17 @@ mod tests {
         let outside = tmp.path().join("outside");
         std::fs::write(tmp.path().join(".a.ferry-part"), b"stale").unwrap();
         symlink(&outside, tmp.path().join(".b.ferry-part")).unwrap();
-        for part in [&b".a.ferry-part"[..], b".b.ferry-part", b".c.ferry-part"] {
-            create_part(b.as_fd(), part, 0o600).unwrap();
+        for (part, leftover) in [
+            (&b".a.ferry-part"[..], true),
+            (b".b.ferry-part", false),
+            (b".c.ferry-part", false),
+        ] {
+            let opened = open_part(b.as_fd(), part, 0o600).unwrap();
+            assert_eq!(opened.existing, leftover);
             let meta =
                 std::fs::symlink_metadata(tmp.path().join(std::str::from_utf8(part).unwrap()))
                     .unwrap();
-            assert!(meta.is_file() && meta.len() == 0);
+            assert!(meta.is_file());
         }
         assert!(!outside.exists(), "the planted symlink was not followed");
     }
@@ -391,7 +485,9 @@ mod tests {
         let umask = process_umask();
         for mode in [0o644, 0o755, 0o444, 0o600, 0o777] {
             let name = format!(".m{mode:o}");
-            let (_, exact) = create_part(b.as_fd(), name.as_bytes(), mode).unwrap();
+            let exact = open_part(b.as_fd(), name.as_bytes(), mode)
+                .unwrap()
+                .mode_set;
             let got = std::fs::metadata(tmp.path().join(&name))
                 .unwrap()
                 .permissions()
@@ -400,6 +496,29 @@ mod tests {
             assert_eq!(exact, mode & umask == 0, "{mode:o}");
             assert_eq!(got, if exact { mode } else { 0o600 & !umask }, "{mode:o}");
         }
+    }
+
+    #[test]
+    fn open_part_locks_and_reports_leftovers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let outside = tmp.path().join("outside");
+        symlink(&outside, tmp.path().join(".s.ferry-part")).unwrap();
+        let planted = open_part(b.as_fd(), b".s.ferry-part", 0o644).unwrap();
+        assert!(
+            !planted.existing && !outside.exists(),
+            "symlink replaced, not followed"
+        );
+
+        let fresh = open_part(b.as_fd(), b".a.ferry-part", 0o644).unwrap();
+        assert!(!fresh.existing);
+        // A live transfer holds it: a second one is told to come back later.
+        let busy = open_part(b.as_fd(), b".a.ferry-part", 0o644).err().unwrap();
+        assert_eq!(busy.kind(), io::ErrorKind::WouldBlock);
+        drop(fresh);
+        // Once the holder is gone it is a leftover, ready for a resume.
+        let left = open_part(b.as_fd(), b".a.ferry-part", 0o644).unwrap();
+        assert!(left.existing && !left.mode_set);
     }
 
     #[test]

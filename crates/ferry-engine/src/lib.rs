@@ -30,9 +30,11 @@ mod conn;
 pub mod error;
 pub mod events;
 mod fsx;
+mod journal;
 mod receiver;
 mod sender;
 pub mod server;
+mod sweep;
 
 pub use error::EngineError;
 pub use ferry_proto::message::Compression;

@@ -5,8 +5,15 @@
 //! validates every path, resolves it below the destination without
 //! following symlinks, writes verified chunks into a hidden
 //! `.NAME.ferry-part` sibling and renames it into place only once the
-//! whole-file digest matches. Whatever ends the transfer, no part file is
-//! left behind and no half file is ever visible.
+//! whole-file digest matches. No half file is ever visible.
+//!
+//! Before any data of a file is sent, the receiver plans it: a regular
+//! file of the same size and mtime is left alone (`unchanged`); a part
+//! file left by an interrupted transfer, with a journal of verified chunks
+//! (files of `JOURNAL_MIN_SIZE` or more), is resumed: the sender learns
+//! which chunks are held (`have`) and sends only the rest. Everything else
+//! is sent whole (`planned`). When a transfer breaks off, journaled part
+//! files stay for the next attempt; other part files are removed.
 //!
 //! With several connections, frames of one file arrive in no fixed order:
 //! a chunk may overtake its `entry` (it is parked, within a bound), a
@@ -20,10 +27,12 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use ferry_proto::chunk::DataChunk;
-use ferry_proto::digest::{ChunkLedger, FileDigest};
+use ferry_proto::digest::{ChunkLedger, FileDigest, MAX_CHUNKS_AHEAD};
 use ferry_proto::frame::Frame;
+use ferry_proto::limits::MAX_HAVE_RUNS;
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WireBytes, WirePath};
 use rustix::fs::{AtFlags, Mode};
@@ -36,6 +45,7 @@ use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx;
+use crate::journal::{self, ChunkRecord, Journal, SourceStamp};
 
 /// Files that may be open at once: the sender's pipeline keeps only a few
 /// in flight; the bound is against a peer exhausting file descriptors.
@@ -80,6 +90,15 @@ impl DataGate {
         }
     }
 }
+/// Files at least this large keep a journal of their verified chunks, so
+/// that an interrupted transfer resumes where it stopped. Smaller ones are
+/// sent again whole: a few chunks are not worth the bookkeeping.
+pub(crate) const JOURNAL_MIN_SIZE: u64 = 4 * 1024 * 1024;
+/// During a long local job (checking a big journal against its part
+/// file) the worker tells the sender it is alive this often, so that the
+/// sender's stall timeout does not fire.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
 /// Batches of frames the readers may queue ahead of the worker.
 const FRAME_QUEUE: usize = 16;
 
@@ -90,6 +109,9 @@ pub(crate) struct Destination {
     pub(crate) prefix: Vec<Vec<u8>>,
     /// How the root is named in events and messages.
     pub(crate) label: String,
+    /// Receive every file, even one already here with the same size and
+    /// mtime.
+    pub(crate) ignore_times: bool,
 }
 
 /// Run the receiving side over an established, accepted session. Data
@@ -125,6 +147,8 @@ where
         parked_chunks: 0,
         end_seen: false,
         parent_cache: None,
+        plan_through: 0,
+        plan_sent: 0,
     };
     std::thread::Builder::new()
         .name("ferry-receive".into())
@@ -173,6 +197,9 @@ where
         _ = cancel.cancelled() => Err(EngineError::Cancelled),
     };
     drop(frame_tx);
+    // A worker blocked on a full reply queue must see it close, or it
+    // would never finish.
+    drop(reply_rx);
     // The worker's verdict explains a failure better than the socket's
     // (it knows which path or chunk was bad); it also finishes its cleanup
     // before answering, so no part file outlives the session.
@@ -218,7 +245,14 @@ struct OpenFile {
     parent: Arc<OwnedFd>,
     name: Vec<u8>,
     part: Vec<u8>,
+    /// The part file, locked for as long as it is open.
     file: File,
+    /// The record of verified chunks, for a resume (large files only).
+    journal: Option<Journal>,
+    journal_name: Vec<u8>,
+    /// Whether an unfinished part file (with its journal) stays for the
+    /// next attempt; false once its content is known to be wrong.
+    keep: bool,
     ledger: ChunkLedger,
     size: u64,
     mode: u32,
@@ -227,6 +261,11 @@ struct OpenFile {
     mtime: Mtime,
     /// The sender's digest, once its `file_end` has arrived.
     expected: Option<FileDigest>,
+    /// Bytes of chunks that arrived corrupt, and why the first one was:
+    /// the rest of the file is still taken in, so that sending it again
+    /// costs only the damaged chunks.
+    damaged: u64,
+    damage: Option<String>,
     /// The directory of this transfer that holds it, if any.
     parent_dir: Option<u64>,
     committed: bool,
@@ -234,8 +273,16 @@ struct OpenFile {
 
 impl Drop for OpenFile {
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = fsx::remove_if_present(self.parent.as_fd(), &self.part);
+        // Worth keeping only with a journal and something verified in it.
+        let resumable = self.keep && self.journal.is_some() && self.ledger.received() > 0;
+        if self.committed || resumable {
+            return;
+        }
+        // Removed while still locked, so no other transfer can take it
+        // over in between.
+        let _ = fsx::remove_if_present(self.parent.as_fd(), &self.part);
+        if self.journal.is_some() {
+            let _ = journal::remove(self.parent.as_fd(), &self.journal_name);
         }
     }
 }
@@ -276,6 +323,10 @@ struct Worker {
     /// The most recently used parent directory, by path: consecutive files
     /// mostly share one.
     parent_cache: Option<(Vec<Vec<u8>>, Arc<OwnedFd>)>,
+    /// The last file entry planned, and the last `planned` sent: the
+    /// sender sends a file's data only once it is covered.
+    plan_through: u64,
+    plan_sent: u64,
 }
 
 impl Worker {
@@ -310,6 +361,14 @@ impl Worker {
             for frame in batch {
                 self.frame(frame)?;
             }
+            if self.plan_through > self.plan_sent {
+                // The sender waits for this before it sends file data.
+                self.plan_sent = self.plan_through;
+                self.reply(Message::Planned {
+                    through: self.plan_through,
+                })?;
+                self.flush_replies()?;
+            }
             if self.end_seen && self.files.is_empty() && self.dirs.is_empty() {
                 if self.parked_chunks > 0 {
                     return Err(EngineError::Protocol(
@@ -328,7 +387,12 @@ impl Worker {
             Frame::Data(chunk) => self.chunk(chunk),
             Frame::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind),
             Frame::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest),
-            Frame::Control(Message::Abort { id, reason }) => self.abort(id, &reason),
+            Frame::Control(Message::Abort {
+                id,
+                reason,
+                transient,
+            }) => self.abort(id, &reason, transient),
+            Frame::Control(Message::Keepalive) => Ok(()),
             Frame::Control(Message::DirEnd { id }) => self.dir_end(id),
             Frame::Control(Message::Totals { files, bytes }) => {
                 self.tally.event(Event::Totals { files, bytes });
@@ -384,6 +448,14 @@ impl Worker {
                 reason: why.clone(),
             },
             Outcome::Skipped(why) => Event::Skipped {
+                path: display,
+                reason: why.clone(),
+            },
+            Outcome::Unchanged => Event::Unchanged {
+                path: display,
+                size,
+            },
+            Outcome::Incomplete(why) => Event::FileIncomplete {
                 path: display,
                 reason: why.clone(),
             },
@@ -494,49 +566,107 @@ impl Worker {
                 }
             }
             EntryKind::File { size, mode, mtime } => {
+                self.plan_through = id;
                 if self.files.len() >= MAX_OPEN_FILES {
                     return Err(EngineError::Protocol("too many files open at once".into()));
                 }
-                let part = fsx::part_name(&name);
                 // Never setuid/setgid from a peer: the receiver may run as root.
                 let mode = mode & 0o777;
-                match fsx::create_part(parent.as_fd(), &part, mode) {
-                    Ok((fd, mode_set)) => {
-                        self.tally.event(Event::FileStarted {
-                            path: display.clone(),
-                            size,
-                        });
-                        self.adopt(parent_dir);
-                        let file = OpenFile {
-                            display,
-                            parent,
-                            name,
-                            part,
-                            file: File::from(fd),
-                            ledger: ChunkLedger::new(size),
-                            size,
-                            mode,
-                            mode_set,
-                            mtime,
-                            expected: None,
-                            parent_dir,
-                            committed: false,
-                        };
-                        self.files.insert(id, file);
-                        for chunk in self.parked.remove(&id).unwrap_or_default() {
-                            self.parked_chunks -= 1;
-                            self.chunk(chunk)?;
-                        }
-                        if self.parked_chunks < PARKED_PAUSE / 2 {
-                            self.gate.reopen();
-                        }
-                        Ok(())
+                if !self.dest.ignore_times
+                    && let Some(stat) = fsx::unchanged(parent.as_fd(), &name, size, mtime)
+                {
+                    if fsx::mode_of(&stat) & 0o777 != mode {
+                        fix_mode(&parent, &name, mode);
                     }
+                    self.discard_parked(id);
+                    return self.verdict(id, display, Outcome::Unchanged, size);
+                }
+                let part = fsx::part_name(&name);
+                let opened = fsx::open_part(parent.as_fd(), &part, mode);
+                let part_file = match opened {
+                    Ok(p) => p,
                     Err(e) => {
                         self.discard_parked(id);
-                        self.verdict(id, display, Outcome::Failed(reason(&e)), 0)
+                        let outcome = if e.kind() == std::io::ErrorKind::WouldBlock {
+                            Outcome::Incomplete(reason(&e))
+                        } else {
+                            Outcome::Failed(reason(&e))
+                        };
+                        return self.verdict(id, display, outcome, 0);
                     }
+                };
+                let stamp = SourceStamp {
+                    size,
+                    mtime_sec: mtime.sec,
+                    mtime_nsec: mtime.nsec,
+                };
+                let journal_name = journal::journal_name(&name);
+                let file = File::from(part_file.fd);
+                let (journal, held) = match self.prepare_part(
+                    &parent,
+                    &file,
+                    &journal_name,
+                    stamp,
+                    part_file.existing,
+                ) {
+                    Ok(prepared) => prepared,
+                    Err(e) => {
+                        let _ = fsx::remove_if_present(parent.as_fd(), &part);
+                        self.discard_parked(id);
+                        return self.verdict(id, display, Outcome::Failed(reason(&e)), 0);
+                    }
+                };
+                let mut ledger = ChunkLedger::new(size);
+                for r in &held {
+                    // Sorted, in bounds and disjoint (the journal checked),
+                    // so the ledger takes them all.
+                    let _ = ledger.record(r.offset, r.len, r.hash);
                 }
+                self.tally.event(Event::FileStarted {
+                    path: display.clone(),
+                    size,
+                });
+                if !held.is_empty() {
+                    let bytes: u64 = held.iter().map(|r| u64::from(r.len)).sum();
+                    self.tally.event(Event::Resumed {
+                        path: display.clone(),
+                        bytes,
+                    });
+                    self.reply(Message::Have {
+                        id,
+                        chunks: journal::runs(&held),
+                    })?;
+                }
+                self.adopt(parent_dir);
+                let file = OpenFile {
+                    display,
+                    parent,
+                    name,
+                    part,
+                    file,
+                    journal,
+                    journal_name,
+                    keep: true,
+                    ledger,
+                    size,
+                    mode,
+                    mode_set: part_file.mode_set,
+                    mtime,
+                    expected: None,
+                    damaged: 0,
+                    damage: None,
+                    parent_dir,
+                    committed: false,
+                };
+                self.files.insert(id, file);
+                for chunk in self.parked.remove(&id).unwrap_or_default() {
+                    self.parked_chunks -= 1;
+                    self.chunk(chunk)?;
+                }
+                if self.parked_chunks < PARKED_PAUSE / 2 {
+                    self.gate.reopen();
+                }
+                Ok(())
             }
             EntryKind::Symlink { target, mtime } => {
                 let outcome = match make_symlink(&parent, &name, target.as_bytes(), mtime) {
@@ -550,6 +680,56 @@ impl Worker {
                 self.verdict(id, display, Outcome::Skipped(why), 0)
             }
         }
+    }
+
+    /// Get a freshly opened part file ready: resume from its journal if an
+    /// interrupted transfer of the same source left one, otherwise empty
+    /// it. Returns the journal to keep (large files only) and the chunks
+    /// already held, in offset order.
+    fn prepare_part(
+        &mut self,
+        parent: &OwnedFd,
+        file: &File,
+        journal_name: &[u8],
+        stamp: SourceStamp,
+        existing: bool,
+    ) -> std::io::Result<(Option<Journal>, Vec<ChunkRecord>)> {
+        let journaled = stamp.size >= JOURNAL_MIN_SIZE;
+        if existing {
+            if journaled {
+                let replies = self.replies.clone();
+                let mut last_sign = Instant::now();
+                let mut alive = |_verified: u64| {
+                    if last_sign.elapsed() >= KEEPALIVE_EVERY {
+                        last_sign = Instant::now();
+                        let _ = replies.blocking_send(vec![Message::Keepalive]);
+                    }
+                };
+                // Keep what a resume can use: at most half the ledger's
+                // bound ahead of a gap, and what one `have` can list.
+                let resumed = Journal::resume(
+                    parent.as_fd(),
+                    journal_name,
+                    stamp,
+                    file.as_fd(),
+                    MAX_CHUNKS_AHEAD.min(MAX_HAVE_RUNS) / 2,
+                    &mut alive,
+                );
+                match resumed {
+                    Ok(Some((journal, held))) => return Ok((Some(journal), held)),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!("journal unusable, starting over: {e}"),
+                }
+            }
+            // Nothing in it can be trusted: start from empty.
+            file.set_len(0)?;
+            journal::remove(parent.as_fd(), journal_name)?;
+        }
+        // Without a journal the file still arrives; it just cannot resume.
+        let journal = journaled
+            .then(|| Journal::create(parent.as_fd(), journal_name, stamp).ok())
+            .flatten();
+        Ok((journal, Vec::new()))
     }
 
     /// Count a new open child of directory `parent_dir`.
@@ -584,11 +764,13 @@ impl Worker {
         }
     }
 
-    /// Fail an open file: discard it, answer now, and ignore what the
-    /// sender still sends of it.
-    fn fail_open_file(&mut self, id: u64, why: String) -> Result<(), EngineError> {
-        if let Some(f) = self.files.remove(&id) {
-            self.verdict(id, f.display.clone(), Outcome::Failed(why), 0)?;
+    /// Fail an open file: answer now, and ignore what the sender still
+    /// sends of it. Its part file stays for a resume if `keep` and it has
+    /// a journal; otherwise it is removed.
+    fn fail_open_file(&mut self, id: u64, outcome: Outcome, keep: bool) -> Result<(), EngineError> {
+        if let Some(mut f) = self.files.remove(&id) {
+            f.keep = keep;
+            self.verdict(id, f.display.clone(), outcome, 0)?;
             self.settled(f.parent_dir)?;
         }
         Ok(())
@@ -613,18 +795,42 @@ impl Worker {
             // Otherwise the file is settled (failed, or aborted): drop it.
             return Ok(());
         };
+        // A chunk that does not fit, or is corrupt, was damaged on the way
+        // or by the sender: nothing of it is written, what was verified
+        // before stays, and sending the file again can repair it.
         if let Err(e) = f.ledger.check(h.offset, h.raw_len) {
-            return self.fail_open_file(h.file_id, e.to_string());
+            return self.fail_open_file(h.file_id, Outcome::Incomplete(e.to_string()), true);
         }
-        let written = match self.decoder.decode(&chunk) {
-            Ok(raw) => f.file.write_all_at(raw, h.offset).map_err(|e| reason(&e)),
-            Err(fault) => Err(fault.to_string()),
+        let raw = match self.decoder.decode(&chunk) {
+            Ok(raw) => raw,
+            Err(fault) => {
+                f.damaged += u64::from(h.raw_len);
+                f.damage
+                    .get_or_insert_with(|| format!("{fault} (offset {})", h.offset));
+                return self.settle_if_damaged(h.file_id);
+            }
         };
-        if let Err(why) = written {
-            return self.fail_open_file(h.file_id, why);
+        if let Err(e) = f.file.write_all_at(raw, h.offset) {
+            // Disk full and the like: not cured by sending again at once,
+            // but what is verified stays for the same command later.
+            return self.fail_open_file(h.file_id, Outcome::Failed(reason(&e)), true);
         }
         if let Err(e) = f.ledger.record(h.offset, h.raw_len, h.hash) {
-            return self.fail_open_file(h.file_id, e.to_string());
+            return self.fail_open_file(h.file_id, Outcome::Incomplete(e.to_string()), true);
+        }
+        // Recorded only once the bytes are in the part file, so the journal
+        // never claims more than is there.
+        if let Some(j) = f.journal.as_mut() {
+            let record = ChunkRecord {
+                offset: h.offset,
+                len: h.raw_len,
+                hash: h.hash,
+            };
+            if let Err(e) = j.record(record) {
+                tracing::debug!("journal write failed, no resume for this file: {e}");
+                f.journal = None;
+                let _ = journal::remove(f.parent.as_fd(), &f.journal_name);
+            }
         }
         let ready = f.expected.is_some() && f.ledger.is_complete();
         self.tally.event(Event::Bytes {
@@ -632,6 +838,22 @@ impl Worker {
         });
         if ready {
             self.finish_file(h.file_id)?;
+        }
+        self.settle_if_damaged(h.file_id)
+    }
+
+    /// A file with corrupt chunks is settled, as incomplete, once every
+    /// other chunk and its `file_end` have arrived: what was verified stays
+    /// in the part file and the journal, and only the damaged chunks need
+    /// to come again.
+    fn settle_if_damaged(&mut self, id: u64) -> Result<(), EngineError> {
+        let Some(f) = self.files.get(&id) else {
+            return Ok(());
+        };
+        // `received` walks the chunks ahead of the gap: only when damaged.
+        if f.damaged > 0 && f.expected.is_some() && f.ledger.received() + f.damaged == f.size {
+            let why = f.damage.clone().unwrap_or_default();
+            return self.fail_open_file(id, Outcome::Incomplete(why), true);
         }
         Ok(())
     }
@@ -654,7 +876,7 @@ impl Worker {
         if f.ledger.is_complete() {
             self.finish_file(id)?;
         }
-        Ok(())
+        self.settle_if_damaged(id)
     }
 
     /// Verify and commit a file whose chunks and digest have all arrived.
@@ -665,26 +887,40 @@ impl Worker {
         let Some(mut f) = self.files.remove(&id) else {
             return Ok(());
         };
-        let outcome = match f
-            .ledger
-            .finish(expected)
-            .map_err(|e| e.to_string())
-            .and_then(|()| commit(&f))
-        {
-            Ok(()) => {
-                f.committed = true;
-                Outcome::Ok
+        let outcome = match f.ledger.finish(expected) {
+            // The chunks verified one by one, yet the whole is not what was
+            // sent: nothing of this part file can be trusted.
+            Err(e) => {
+                f.keep = false;
+                Outcome::Incomplete(e.to_string())
             }
-            Err(why) => Outcome::Failed(why),
+            Ok(()) => match commit(&f) {
+                Ok(()) => {
+                    f.committed = true;
+                    if f.journal.take().is_some() {
+                        let _ = journal::remove(f.parent.as_fd(), &f.journal_name);
+                    }
+                    Outcome::Ok
+                }
+                Err(why) => {
+                    f.keep = false;
+                    Outcome::Failed(why)
+                }
+            },
         };
         self.verdict(id, f.display.clone(), outcome, f.size)?;
         self.settled(f.parent_dir)
     }
 
-    fn abort(&mut self, id: u64, why: &str) -> Result<(), EngineError> {
+    fn abort(&mut self, id: u64, why: &str, transient: bool) -> Result<(), EngineError> {
         let why = peer_text(why);
         if self.files.contains_key(&id) {
-            return self.fail_open_file(id, why);
+            let outcome = if transient {
+                Outcome::Incomplete(why)
+            } else {
+                Outcome::Failed(why)
+            };
+            return self.fail_open_file(id, outcome, false);
         }
         if let Some(d) = self.dirs.get_mut(&id) {
             d.failure = Some(why);
@@ -754,6 +990,14 @@ fn commit(f: &OpenFile) -> Result<(), String> {
         | Err(rustix::io::Errno::NOTEMPTY)
         | Err(rustix::io::Errno::EXIST) => Err("a directory is in the way".into()),
         Err(e) => Err(reason(&e.into())),
+    }
+}
+
+/// Give an unchanged file the sender's mode: opened without following a
+/// symlink swapped in since the check. Best effort: the content is right.
+fn fix_mode(parent: &OwnedFd, name: &[u8], mode: u32) {
+    if let Ok((file, _)) = fsx::open_regular(parent.as_fd(), name) {
+        let _ = rustix::fs::fchmod(&file, Mode::from_raw_mode(mode));
     }
 }
 

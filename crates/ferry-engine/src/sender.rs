@@ -5,8 +5,16 @@
 //! bounded queue; the async side writes those frames and reads the
 //! receiver's verdicts. Memory is bounded by the queue, whatever the size
 //! of the files or the tree.
+//!
+//! A file's data goes only once the receiver has planned it: the walk
+//! announces entries up to `MAX_FILES_AHEAD` files ahead of the data, so
+//! the plans (`planned`, `have`, `unchanged`) come back while earlier files
+//! are still being sent, and no file waits a round trip of its own. A file
+//! the receiver already has is not sent; of a file it holds in part, only
+//! the missing chunks are, while the held ones are read and hashed here so
+//! that the file digest still proves the whole file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -15,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::digest::DigestBuilder;
-use ferry_proto::limits::DEFAULT_CHUNK_LEN;
-use ferry_proto::message::{Compression, EntryKind, Message, Outcome};
+use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD};
+use ferry_proto::message::{Compression, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WirePath, escape};
 use rustix::fs::{AtFlags, FileType, Stat};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -45,6 +53,29 @@ const BATCH_BYTES: usize = 128 * 1024;
 /// A batch is handed over at the latest this long after its first frame,
 /// so a slow walk does not hold back what is ready.
 const BATCH_DELAY: Duration = Duration::from_millis(5);
+
+/// While hashing chunks the receiver already holds (which sends nothing),
+/// tell it this often that the sender is alive.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+
+/// What the receiver said about files whose data is not sent yet.
+enum Plan {
+    /// It holds these chunks of file `id` (runs of offset, length, count).
+    Have(u64, Vec<(u64, u32, u64)>),
+    /// Send every file up to this id not otherwise answered, whole.
+    Through(u64),
+    /// Entry `id` is settled already (unchanged, or failed): send nothing.
+    Settled(u64),
+}
+
+/// A file announced and waiting for its plan.
+struct QueuedFile {
+    id: u64,
+    display: String,
+    file: File,
+    size: u64,
+    mtime: Mtime,
+}
 
 /// What to send.
 pub(crate) struct SendJob {
@@ -88,6 +119,7 @@ where
     let (data_tx, data_rx) = async_channel::bounded::<Bytes>(DATA_QUEUE);
     let pending: PendingMap = Arc::default();
     let (done_tx, done_rx) = oneshot::channel();
+    let (plan_tx, plan_rx) = std::sync::mpsc::channel();
     let (controller, fixed_level) = match job.compression {
         Compression::Auto => (Some(LevelController::new()), None),
         Compression::Off => (None, None),
@@ -113,6 +145,11 @@ where
         read_buf: vec![0; DEFAULT_CHUNK_LEN as usize],
         totals: None,
         walked: (0, 0),
+        queue: VecDeque::new(),
+        plans: plan_rx,
+        plan_through: 0,
+        have: HashMap::new(),
+        settled_early: Vec::new(),
     };
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.
@@ -132,7 +169,7 @@ where
     };
     let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
     tokio::select! {
-        r = read_outcomes(reader, &pending, &tally) => r?,
+        r = read_outcomes(reader, &pending, &tally, &plan_tx) => r?,
         r = write => r?,
         e = data_writers => return Err(e),
         _ = cancel.cancelled() => return Err(EngineError::Cancelled),
@@ -146,10 +183,20 @@ async fn read_outcomes<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
     pending: &PendingMap,
     tally: &Tally,
+    plans: &std::sync::mpsc::Sender<Plan>,
 ) -> Result<(), EngineError> {
     loop {
+        // The producer is gone only if the session is ending anyway.
         match reader.message().await? {
+            Message::Have { id, chunks } => {
+                let _ = plans.send(Plan::Have(id, chunks));
+            }
+            Message::Planned { through } => {
+                let _ = plans.send(Plan::Through(through));
+            }
+            Message::Keepalive => {}
             Message::Outcome { id, outcome } => {
+                let _ = plans.send(Plan::Settled(id));
                 let entry = pending
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -167,6 +214,11 @@ async fn read_outcomes<R: AsyncRead + Unpin>(
                         reason: peer_text(&why),
                     },
                     Outcome::Skipped(why) => Event::Skipped {
+                        path,
+                        reason: peer_text(&why),
+                    },
+                    Outcome::Unchanged => Event::Unchanged { path, size },
+                    Outcome::Incomplete(why) => Event::FileIncomplete {
                         path,
                         reason: peer_text(&why),
                     },
@@ -229,6 +281,15 @@ struct Producer {
     totals: Option<std::sync::mpsc::Receiver<(u64, u64)>>,
     /// Files (and symlinks) and bytes met by the walk so far.
     walked: (u64, u64),
+    /// Files announced whose data waits for the receiver's plan.
+    queue: VecDeque<QueuedFile>,
+    plans: std::sync::mpsc::Receiver<Plan>,
+    /// Files up to this id may be sent (those not otherwise answered).
+    plan_through: u64,
+    /// Chunks the receiver holds, by file, for files still queued.
+    have: HashMap<u64, Vec<(u64, u32, u64)>>,
+    /// Queued files the receiver has settled already.
+    settled_early: Vec<u64>,
 }
 
 impl Producer {
@@ -243,6 +304,7 @@ impl Producer {
             Root::Symlink(target, stat) => self.symlink(&path, target, &stat)?,
             Root::Special(what) => self.special(&path, what)?,
         }
+        self.send_planned(true)?;
         match self.totals.take() {
             Some(counting) => {
                 if let Ok((files, bytes)) = counting.recv() {
@@ -361,6 +423,7 @@ impl Producer {
     /// receiver's verdict on it arrives.
     fn entry(&mut self, path: &WirePath, kind: EntryKind) -> Result<u64, EngineError> {
         self.poll_totals()?;
+        self.send_planned(false)?;
         self.next_id += 1;
         let id = self.next_id;
         let (size, is_dir) = match &kind {
@@ -389,8 +452,82 @@ impl Producer {
         Ok(id)
     }
 
-    fn abort(&mut self, id: u64, why: String) -> Result<(), EngineError> {
-        self.send(&Message::Abort { id, reason: why })
+    /// Give up on file or directory `id`; `transient` when sending it
+    /// again later may work (it changed while being read).
+    fn abort(&mut self, id: u64, why: String, transient: bool) -> Result<(), EngineError> {
+        self.send(&Message::Abort {
+            id,
+            reason: why,
+            transient,
+        })
+    }
+
+    /// Take in what the receiver has said so far; with `wait`, wait for
+    /// at least one word of it first.
+    fn absorb_plans(&mut self, wait: bool) -> Result<(), EngineError> {
+        let mut next = if wait {
+            Some(self.plans.recv().map_err(|_| EngineError::Closed)?)
+        } else {
+            None
+        };
+        loop {
+            let plan = match next.take() {
+                Some(plan) => plan,
+                None => match self.plans.try_recv() {
+                    Ok(plan) => plan,
+                    Err(_) => return Ok(()),
+                },
+            };
+            let queued = |id: u64| self.queue.iter().any(|q| q.id == id);
+            match plan {
+                Plan::Through(id) if id > self.next_id => {
+                    return Err(EngineError::Protocol(format!(
+                        "planned through entry {id}, which was never announced"
+                    )));
+                }
+                Plan::Through(id) => self.plan_through = self.plan_through.max(id),
+                Plan::Have(id, runs) if queued(id) && id > self.plan_through => {
+                    self.have.insert(id, runs);
+                }
+                Plan::Have(id, _) => {
+                    return Err(EngineError::Protocol(format!(
+                        "have for entry {id}, which is not a file waiting for its plan"
+                    )));
+                }
+                Plan::Settled(id) if queued(id) => self.settled_early.push(id),
+                Plan::Settled(_) => {}
+            }
+        }
+    }
+
+    /// Send the data of every queued file whose plan has come. With
+    /// `drain`, wait for the plans of all of them; otherwise wait only when
+    /// the walk is as far ahead of the data as the protocol allows.
+    fn send_planned(&mut self, drain: bool) -> Result<(), EngineError> {
+        loop {
+            self.absorb_plans(false)?;
+            let Some(front) = self.queue.front() else {
+                return Ok(());
+            };
+            let id = front.id;
+            if let Some(i) = self.settled_early.iter().position(|&s| s == id) {
+                self.settled_early.swap_remove(i);
+                self.queue.pop_front();
+                continue;
+            }
+            if id <= self.plan_through {
+                if let Some(file) = self.queue.pop_front() {
+                    self.send_file(file)?;
+                }
+                continue;
+            }
+            if !drain && (self.queue.len() as u64) < MAX_FILES_AHEAD {
+                return Ok(());
+            }
+            // The receiver plans what it has seen: show it our entries.
+            self.flush()?;
+            self.absorb_plans(true)?;
+        }
     }
 
     fn dir(&mut self, dir: OwnedFd, path: &WirePath, stat: &Stat) -> Result<(), EngineError> {
@@ -405,7 +542,7 @@ impl Producer {
                     self.child(&dir, path, &name, recorded_type)?;
                 }
             }
-            Err(e) => self.abort(id, format!("cannot list directory: {}", reason(&e)))?,
+            Err(e) => self.abort(id, format!("cannot list directory: {}", reason(&e)), false)?,
         }
         self.send(&Message::DirEnd { id })
     }
@@ -456,7 +593,7 @@ impl Producer {
                         mtime: fsx::mtime_of(&stat),
                     };
                     let id = self.entry(&path, kind)?;
-                    self.abort(id, format!("cannot open directory: {}", reason(&e)))?;
+                    self.abort(id, format!("cannot open directory: {}", reason(&e)), false)?;
                     self.send(&Message::DirEnd { id })
                 }
             },
@@ -478,6 +615,7 @@ impl Producer {
         }
     }
 
+    /// Announce a file; its data follows once the receiver has planned it.
     fn file(
         &mut self,
         path: &WirePath,
@@ -485,65 +623,145 @@ impl Producer {
         stat: &Stat,
     ) -> Result<(), EngineError> {
         let size = stat.st_size as u64;
+        let mtime = fsx::mtime_of(stat);
         let kind = EntryKind::File {
             size,
             mode: fsx::mode_of(stat),
-            mtime: fsx::mtime_of(stat),
+            mtime,
         };
         let id = self.entry(path, kind)?;
-        let file = match opened {
-            Ok(f) => f,
-            Err(e) => return self.abort(id, reason(&e)),
-        };
+        match opened {
+            Ok(file) => {
+                self.queue.push_back(QueuedFile {
+                    id,
+                    display: display_name(&self.label, path),
+                    file,
+                    size,
+                    mtime,
+                });
+                Ok(())
+            }
+            Err(e) => self.abort(id, reason(&e), false),
+        }
+    }
+
+    /// Send a planned file: the chunks the receiver does not hold, then
+    /// the digest over all of them.
+    fn send_file(&mut self, q: QueuedFile) -> Result<(), EngineError> {
+        let held = self.have.remove(&q.id).unwrap_or_default();
+        let held = check_held(&held, q.size)?;
         self.tally.event(Event::FileStarted {
-            path: display_name(&self.label, path),
-            size,
+            path: q.display.clone(),
+            size: q.size,
         });
-        let mut digest = DigestBuilder::new(size);
-        let mut offset = 0u64;
-        // A file of one chunk travels inline with its entry; the chunks of a
-        // larger one go to whichever connection is free, once the entry is
-        // on its way (the receiver parks a chunk that overtakes it).
-        let spread = size > u64::from(DEFAULT_CHUNK_LEN);
+        let held_bytes: u64 = held.iter().map(|&(_, len, n)| u64::from(len) * n).sum();
+        if held_bytes > 0 {
+            self.tally.event(Event::Resumed {
+                path: q.display.clone(),
+                bytes: held_bytes,
+            });
+        }
+        let mut digest = DigestBuilder::new(q.size);
+        // A file of one chunk travels inline with the control messages;
+        // the chunks of a larger one go to whichever connection is free,
+        // once the entry is on its way (the receiver parks a chunk that
+        // overtakes it).
+        let spread = q.size > u64::from(DEFAULT_CHUNK_LEN);
         if spread {
             self.flush()?;
         }
-        while offset < size {
-            let len = (size - offset).min(u64::from(DEFAULT_CHUNK_LEN)) as usize;
-            let buf = &mut self.read_buf[..len];
-            if let Err(e) = file.read_exact_at(buf, offset) {
-                let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    "the file shrank while it was being sent".to_string()
-                } else {
-                    reason(&e)
-                };
-                return self.abort(id, why);
+        let mut offset = 0;
+        let mut last_sign = Instant::now();
+        for &(start, len, count) in &held {
+            if let Err((why, transient)) =
+                self.send_range(&q, offset, start, spread, &mut digest)?
+            {
+                return self.abort(q.id, why, transient);
             }
+            for k in 0..count {
+                let at = start + k * u64::from(len);
+                match self.read_chunk(&q.file, at, len as usize) {
+                    Ok(raw) => digest.push(ferry_proto::digest::chunk_hash(raw)),
+                    Err((why, transient)) => return self.abort(q.id, why, transient),
+                }
+                if last_sign.elapsed() >= KEEPALIVE_EVERY {
+                    last_sign = Instant::now();
+                    self.send(&Message::Keepalive)?;
+                    self.flush()?;
+                }
+            }
+            offset = start + count * u64::from(len);
+        }
+        if let Err((why, transient)) = self.send_range(&q, offset, q.size, spread, &mut digest)? {
+            return self.abort(q.id, why, transient);
+        }
+        // A file rewritten while we read it would arrive as a mix of old
+        // and new bytes: refuse to let it be committed. Sending it again
+        // later may catch it at rest.
+        match rustix::fs::fstat(&q.file) {
+            Ok(after) if after.st_size as u64 == q.size && fsx::mtime_of(&after) == q.mtime => {}
+            Ok(_) => {
+                let why = "the file changed while it was being sent".to_string();
+                return self.abort(q.id, why, true);
+            }
+            Err(e) => return self.abort(q.id, reason(&e.into()), false),
+        }
+        self.send(&Message::FileEnd {
+            id: q.id,
+            digest: digest.finish().to_hex(),
+        })
+    }
+
+    /// Send the bytes `[from, to)` of a file as chunks. The inner error is
+    /// why the file cannot be sent, and whether that may pass.
+    fn send_range(
+        &mut self,
+        q: &QueuedFile,
+        from: u64,
+        to: u64,
+        spread: bool,
+        digest: &mut DigestBuilder,
+    ) -> Result<Result<(), (String, bool)>, EngineError> {
+        let mut offset = from;
+        while offset < to {
+            let len = (to - offset).min(u64::from(DEFAULT_CHUNK_LEN)) as usize;
+            if let Err(e) = self.read_chunk(&q.file, offset, len) {
+                return Ok(Err(e));
+            }
+            let buf = &self.read_buf[..len];
             if spread {
                 let mut frame = BytesMut::with_capacity(len + 64);
-                digest.push(self.encoder.encode(id, offset, buf, &mut frame));
+                digest.push(self.encoder.encode(q.id, offset, buf, &mut frame));
                 self.send_data(frame.freeze())?;
             } else {
-                digest.push(self.encoder.encode(id, offset, buf, &mut self.batch));
+                digest.push(self.encoder.encode(q.id, offset, buf, &mut self.batch));
                 self.maybe_flush()?;
             }
             self.adapt(len as u64)?;
             self.tally.event(Event::Bytes { n: len as u64 });
             offset += len as u64;
         }
-        // A file rewritten while we read it would arrive as a mix of old
-        // and new bytes: refuse to let it be committed.
-        match rustix::fs::fstat(&file) {
-            Ok(after)
-                if after.st_size == stat.st_size
-                    && fsx::mtime_of(&after) == fsx::mtime_of(stat) => {}
-            Ok(_) => return self.abort(id, "the file changed while it was being sent".into()),
-            Err(e) => return self.abort(id, reason(&e.into())),
+        Ok(Ok(()))
+    }
+
+    /// Read `len` bytes at `offset` into the read buffer.
+    fn read_chunk(
+        &mut self,
+        file: &File,
+        offset: u64,
+        len: usize,
+    ) -> Result<&[u8], (String, bool)> {
+        if self.read_buf.len() < len {
+            self.read_buf.resize(len, 0);
         }
-        self.send(&Message::FileEnd {
-            id,
-            digest: digest.finish().to_hex(),
-        })
+        let buf = &mut self.read_buf[..len];
+        match file.read_exact_at(buf, offset) {
+            Ok(()) => Ok(buf),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(("the file shrank while it was being sent".into(), true))
+            }
+            Err(e) => Err((reason(&e), false)),
+        }
     }
 
     fn symlink(
@@ -565,6 +783,34 @@ impl Producer {
         };
         self.entry(path, kind).map(drop)
     }
+}
+
+/// Check the receiver's list of held chunks against the file: runs in
+/// increasing order, disjoint, inside the file, of valid chunk lengths.
+/// Anything else is a protocol error: the receiver trusts nothing we send,
+/// and we trust nothing it says.
+fn check_held(runs: &[(u64, u32, u64)], size: u64) -> Result<Vec<(u64, u32, u64)>, EngineError> {
+    let mut end = 0u64;
+    for &(start, len, count) in runs {
+        let span = u64::from(len).checked_mul(count);
+        let stop = span.and_then(|span| start.checked_add(span));
+        match stop {
+            Some(stop)
+                if start >= end
+                    && stop <= size
+                    && (1..=MAX_CHUNK_LEN).contains(&len)
+                    && count > 0 =>
+            {
+                end = stop;
+            }
+            _ => {
+                return Err(EngineError::Protocol(format!(
+                    "the receiver claims chunks it cannot hold: [{start}, {len}, {count}] of a {size}-byte file"
+                )));
+            }
+        }
+    }
+    Ok(runs.to_vec())
 }
 
 /// Count the files (and symlinks) and bytes below a root on a thread of its

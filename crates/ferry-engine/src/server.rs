@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
+    watch_for_stall,
 };
 use crate::error::{EngineError, code_for, reason};
 use crate::events::{Event, EventSink, Tally};
@@ -43,7 +44,19 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct ServerConfig {
     /// Every remote path is resolved below this directory, and only below it.
     pub root: PathBuf,
+    /// A session in which no byte moves for this long is ended (its
+    /// journaled part files stay for the client's retry).
+    pub idle_timeout: Duration,
+    /// Part files nobody has touched for this long are removed (at start
+    /// and then every hour); `None` keeps them forever.
+    pub part_max_age: Option<Duration>,
 }
+
+/// The server's default stall timeout: longer than the client's, so that
+/// after a network stall the client notices first and reconnects.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long abandoned part files are kept for a resume by default.
+pub const DEFAULT_PART_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Serve sessions on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -67,6 +80,9 @@ pub async fn serve(
         })?,
     );
     let cancel = CancellationToken::new();
+    if let Some(max_age) = config.part_max_age {
+        tokio::spawn(sweep_every_hour(root.clone(), max_age, cancel.clone()));
+    }
     let registry = Registry::default();
     let sessions = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -91,10 +107,11 @@ pub async fn serve(
         let root = root.clone();
         let registry = registry.clone();
         let cancel = cancel.child_token();
+        let idle_timeout = config.idle_timeout;
         sessions.spawn(async move {
             let _permit = permit;
             info!(%peer, "connection");
-            match session(stream, &root, &registry, &cancel).await {
+            match session(stream, &root, &registry, &cancel, idle_timeout).await {
                 Ok(()) => info!(%peer, "session finished"),
                 Err(e) => warn!(%peer, "session ended: {e}"),
             }
@@ -118,6 +135,32 @@ pub async fn serve(
     Ok(())
 }
 
+/// Remove abandoned part files now and then every hour, off the async
+/// threads (it walks the whole tree), until the server stops.
+async fn sweep_every_hour(root: Arc<OwnedFd>, max_age: Duration, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(3600);
+    loop {
+        let root = root.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            crate::sweep::sweep_stale_parts(root.as_fd(), max_age, std::time::SystemTime::now())
+        })
+        .await;
+        match swept {
+            Ok(Ok(r)) if r.parts_removed + r.journals_removed > 0 => info!(
+                "removed {} abandoned part file(s) and {} journal(s), {} bytes",
+                r.parts_removed, r.journals_removed, r.bytes_freed
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("sweeping abandoned part files: {}", reason(&e)),
+            Err(e) => warn!("sweeping abandoned part files: {e}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+    }
+}
+
 /// Logs what a session moves.
 struct LogEvents {
     verb: &'static str,
@@ -129,6 +172,10 @@ impl EventSink for LogEvents {
             Event::FileDone { path, size } => info!("{} {path} ({size} bytes)", self.verb),
             Event::FileFailed { path, reason } => warn!("{path}: {reason}"),
             Event::Skipped { path, reason } => info!("skipped {path}: {reason}"),
+            Event::FileIncomplete { path, reason } => {
+                warn!("{path}: {reason} (kept for a resume)")
+            }
+            Event::Resumed { path, bytes } => info!("resuming {path}: {bytes} bytes already here"),
             _ => {}
         }
     }
@@ -174,13 +221,16 @@ async fn session(
     root: &OwnedFd,
     registry: &Registry,
     cancel: &CancellationToken,
+    idle_timeout: Duration,
 ) -> Result<(), EngineError> {
     let _ = stream.set_nodelay(true);
     let (r, w) = stream.into_split();
-    // The server reports no byte counts; one meter per connection is enough.
+    // One meter per connection: the control connection's is what the stall
+    // watch reads (it also carries data, and the session cannot finish
+    // without it moving).
     let meter = Meter::default();
     let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
-    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter);
+    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter.clone());
 
     let peer = reader.preface().await?;
     // Always answer with our own preface, so that a client of another
@@ -239,37 +289,72 @@ async fn session(
         Err(Refusal(code, message)) => return refuse(&mut writer, code, message).await,
     };
     writer.send_now(&Message::Ready).await?;
+    let watched = cancel.child_token();
+    let stalled = watch_for_stall(meter, idle_timeout, watched.clone());
     let (verb, result, tally) = match accepted {
         Accepted::Receive(dest) => {
             info!("upload to {}", dest.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
-            let result =
-                run_receiver(&mut reader, &mut writer, dest, tally.clone(), cancel, joins).await;
+            let result = run_receiver(
+                &mut reader,
+                &mut writer,
+                dest,
+                tally.clone(),
+                &watched,
+                joins,
+            )
+            .await;
             ("upload", result, tally)
         }
         Accepted::Send(job) => {
             info!("download of {}", job.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
-            let result =
-                run_sender(&mut reader, &mut writer, job, tally.clone(), cancel, joins).await;
+            let result = run_sender(
+                &mut reader,
+                &mut writer,
+                job,
+                tally.clone(),
+                &watched,
+                joins,
+            )
+            .await;
             ("download", result, tally)
         }
     };
-    if let Err(EngineError::Cancelled) = &result {
-        let msg = Message::error(ErrorCode::ShuttingDown, "the server is shutting down");
+    watched.cancel(); // ends the stall watch
+    let result = match result {
+        Err(EngineError::Cancelled) if stalled.load(std::sync::atomic::Ordering::Acquire) => {
+            Err(EngineError::Stalled(idle_timeout.as_secs()))
+        }
+        other => other,
+    };
+    let farewell = match &result {
+        Err(EngineError::Cancelled) => {
+            Some((ErrorCode::ShuttingDown, "the server is shutting down"))
+        }
+        Err(EngineError::Stalled(_)) => Some((
+            ErrorCode::Io,
+            "no data moved for too long; ending the session",
+        )),
+        _ => None,
+    };
+    if let Some((code, text)) = farewell {
+        let msg = Message::error(code, text);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer.send_now(&msg)).await;
     }
     let _ = writer.shutdown().await;
     let report = tally.report();
     info!(
-        "{verb} {}: {} ok, {} failed, {} skipped, {} bytes in {:.1} s",
+        "{verb} {}: {} ok ({} unchanged), {} failed, {} incomplete, {} skipped, {} bytes in {:.1} s",
         if result.is_ok() {
             "complete"
         } else {
             "ended early"
         },
         report.files_ok,
+        report.files_unchanged,
         report.failed.len(),
+        report.incomplete.len(),
         report.skipped.len(),
         report.file_bytes,
         started.elapsed().as_secs_f64()
@@ -300,7 +385,7 @@ fn accept_request(root: &OwnedFd, request: Message) -> Result<Accepted, Refusal>
             .map_err(|e| Refusal(ErrorCode::BadPath, format!("refused remote path: {e}")))
     };
     match request {
-        Message::Upload { dest } => {
+        Message::Upload { dest, ignore_times } => {
             let path = parse(dest.as_bytes())?;
             if path.is_root() {
                 let msg = "the remote path must name a file or directory below the server's root";
@@ -319,11 +404,14 @@ fn accept_request(root: &OwnedFd, request: Message) -> Result<Accepted, Refusal>
                 base,
                 prefix,
                 label: path.display(),
+                ignore_times,
             }))
         }
+        // The client receives, and applies `ignore_times` itself.
         Message::Download {
             source,
             compression,
+            ignore_times: _,
         } => {
             if let Compression::Level(level) = compression
                 && !(1..=19).contains(&level)

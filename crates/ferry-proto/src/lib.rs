@@ -46,10 +46,20 @@ pub mod limits {
     pub const MAX_REASON_LEN: usize = 4096;
     /// Most connections one session may have, the control one included.
     pub const MAX_STREAMS: u32 = 16;
+    /// Most file entries a sender may have announced whose `file_end` or
+    /// `abort` it has not sent yet (files answered `unchanged` excepted):
+    /// the receiver holds a part file open for each.
+    pub const MAX_FILES_AHEAD: u64 = 128;
+    /// Most runs a `have` message may list (it must fit one control frame).
+    pub const MAX_HAVE_RUNS: usize = 2048;
 }
 
 /// The protocol version this crate speaks. Bumped on any change to the wire.
 ///
 /// 2: sessions of several connections (`welcome` carries a secret and a
 /// stream limit; `join` / `joined` attach data connections).
-pub const PROTOCOL_VERSION: u16 = 2;
+///
+/// 3: resume. The receiver plans each file before its data is sent
+/// (`have`, `planned`, `outcome` `unchanged`), entries run ahead of file
+/// data, `incomplete` outcomes and transient aborts, `keepalive`.
+pub const PROTOCOL_VERSION: u16 = 3;

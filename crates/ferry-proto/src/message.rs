@@ -64,6 +64,20 @@ pub enum Outcome {
     Ok,
     Failed(String),
     Skipped(String),
+    /// The receiver already holds this file with the same size and mtime:
+    /// nothing of it is sent (rsync's "quick check").
+    Unchanged,
+    /// The file is not in place, for a reason that sending it again may
+    /// cure (a corrupt chunk, a digest mismatch, a file another transfer
+    /// was writing). What the receiver verified of it is kept for a resume.
+    Incomplete(String),
+}
+
+impl Outcome {
+    /// Whether the entry is in place on the receiver.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::Unchanged)
+    }
 }
 
 /// Machine-readable error categories, so a client can map them to exit
@@ -109,11 +123,20 @@ pub enum Message {
     Joined,
     /// Client → server: the client will send a file or tree to `dest`
     /// (relative to the server's root).
-    Upload { dest: WireBytes },
+    Upload {
+        dest: WireBytes,
+        /// Send every file, even one the receiver already holds with the
+        /// same size and mtime. Absent means false.
+        #[serde(default, skip_serializing_if = "is_false")]
+        ignore_times: bool,
+    },
     /// Client → server: send the file or tree at `source`.
     Download {
         source: WireBytes,
         compression: Compression,
+        /// As for `upload`; the client is the receiver and applies it.
+        #[serde(default, skip_serializing_if = "is_false")]
+        ignore_times: bool,
     },
     /// The request was accepted; the transfer starts.
     Ready,
@@ -129,8 +152,16 @@ pub enum Message {
     },
     /// Sender → receiver: every chunk of file `id` has been sent.
     FileEnd { id: u64, digest: String },
-    /// Sender → receiver: entry `id` cannot be sent whole (unreadable, changed while read); the receiver discards what it has of it and reports it failed.
-    Abort { id: u64, reason: String },
+    /// Sender → receiver: entry `id` cannot be sent whole (unreadable,
+    /// changed while read); the receiver discards what it has of it and
+    /// reports it failed, or incomplete when `transient` says that sending
+    /// it again may work (the file changed while it was read).
+    Abort {
+        id: u64,
+        reason: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        transient: bool,
+    },
     /// Sender → receiver: every entry below directory `id` has been sent,
     /// so its own metadata can now be applied.
     DirEnd { id: u64 },
@@ -142,10 +173,26 @@ pub enum Message {
         #[serde(flatten)]
         outcome: Outcome,
     },
+    /// Receiver → sender: of file `id`, it already holds these verified
+    /// chunks, as runs `[offset, len, count]` of `count` contiguous chunks
+    /// of `len` bytes from `offset`. The sender sends only the rest.
+    Have {
+        id: u64,
+        chunks: Vec<(u64, u32, u64)>,
+    },
+    /// Receiver → sender: every file entry up to id `through` that has had
+    /// no `have` or `outcome` is to be sent whole.
+    Planned { through: u64 },
+    /// Either way: still working (a long local verification), not stalled.
+    Keepalive,
     /// Receiver → sender: everything up to `end` is settled.
     Done,
     /// Either way: the session cannot go on.
     Error { code: ErrorCode, message: String },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl Message {
@@ -178,14 +225,16 @@ mod tests {
         assert_eq!(
             json(&Message::Download {
                 source: "a/b".into(),
-                compression: Compression::Level(3)
+                compression: Compression::Level(3),
+                ignore_times: false,
             }),
             r#"{"type":"download","source":"a/b","compression":{"mode":"level","level":3}}"#
         );
         assert_eq!(
             json(&Message::Download {
                 source: "x".into(),
-                compression: Compression::Auto
+                compression: Compression::Auto,
+                ignore_times: false,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"auto"}}"#
         );
@@ -257,13 +306,22 @@ mod tests {
             (
                 Message::Upload {
                     dest: "backup/photos".into(),
+                    ignore_times: false,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
+            ),
+            (
+                Message::Upload {
+                    dest: "b".into(),
+                    ignore_times: true,
+                },
+                r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
             (
                 Message::Download {
                     source: "".into(),
                     compression: Compression::Off,
+                    ignore_times: false,
                 },
                 r#"{"type":"download","source":"","compression":{"mode":"off"}}"#,
             ),
@@ -307,9 +365,44 @@ mod tests {
                 Message::Abort {
                     id: 1,
                     reason: "read error".into(),
+                    transient: false,
                 },
                 r#"{"type":"abort","id":1,"reason":"read error"}"#,
             ),
+            (
+                Message::Abort {
+                    id: 2,
+                    reason: "changed".into(),
+                    transient: true,
+                },
+                r#"{"type":"abort","id":2,"reason":"changed","transient":true}"#,
+            ),
+            (
+                Message::Have {
+                    id: 7,
+                    chunks: vec![(0, 1_048_576, 90), (95_420_416, 1_048_576, 2)],
+                },
+                r#"{"type":"have","id":7,"chunks":[[0,1048576,90],[95420416,1048576,2]]}"#,
+            ),
+            (
+                Message::Planned { through: 12 },
+                r#"{"type":"planned","through":12}"#,
+            ),
+            (
+                Message::Outcome {
+                    id: 8,
+                    outcome: Outcome::Unchanged,
+                },
+                r#"{"type":"outcome","id":8,"status":"unchanged"}"#,
+            ),
+            (
+                Message::Outcome {
+                    id: 9,
+                    outcome: Outcome::Incomplete("chunk at offset 0 is corrupt".into()),
+                },
+                r#"{"type":"outcome","id":9,"status":"incomplete","reason":"chunk at offset 0 is corrupt"}"#,
+            ),
+            (Message::Keepalive, r#"{"type":"keepalive"}"#),
             (Message::DirEnd { id: 1 }, r#"{"type":"dir_end","id":1}"#),
             (
                 Message::Outcome {
@@ -343,10 +436,14 @@ mod tests {
                 secret: "11".into(),
             },
             Message::Joined,
-            Message::Upload { dest: "d".into() },
+            Message::Upload {
+                dest: "d".into(),
+                ignore_times: true,
+            },
             Message::Download {
                 source: "".into(),
                 compression: Compression::Off,
+                ignore_times: true,
             },
             Message::Ready,
             Message::Totals { files: 1, bytes: 2 },
@@ -372,7 +469,14 @@ mod tests {
             Message::Abort {
                 id: 1,
                 reason: "gone".into(),
+                transient: true,
             },
+            Message::Have {
+                id: 3,
+                chunks: vec![(0, 4, 1)],
+            },
+            Message::Planned { through: 3 },
+            Message::Keepalive,
             Message::DirEnd { id: 1 },
             Message::End,
             Message::Outcome {

@@ -60,6 +60,12 @@ pub struct ServerArgs {
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// End a session in which no data moves for this many seconds (its resumable part files stay).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
+    /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly.
+    #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_age)]
+    pub keep_parts: std::time::Duration,
 }
 
 #[derive(Debug, Args)]
@@ -126,6 +132,32 @@ pub struct TransferOpts {
     /// Compression: auto (zstd, skipped for data that does not shrink), off, or a zstd level 1-19.
     #[arg(long, default_value = "auto", value_parser = parse_compression, value_name = "auto|off|LEVEL")]
     pub compress: Compression,
+    /// Send every file, even those the receiver already has with the same size and mtime.
+    #[arg(long, short = 'I')]
+    pub ignore_times: bool,
+    /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
+    /// Consider the connection stalled after this many seconds without any data moving.
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub timeout: u64,
+}
+
+/// An age like `90s`, `30m`, `36h`, `7d` (a bare number is seconds); zero
+/// means never.
+fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a number with an optional unit: s, m, h or d".to_string())?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err("the unit must be s, m, h or d".into()),
+    };
+    Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
 }
 
 fn parse_compression(s: &str) -> Result<Compression, String> {
@@ -150,6 +182,17 @@ mod tests {
         assert_eq!(parse_compression("7"), Ok(Compression::Level(7)));
         assert!(parse_compression("20").is_err());
         assert!(parse_compression("fast").is_err());
+    }
+
+    #[test]
+    fn ages() {
+        use std::time::Duration;
+        assert_eq!(parse_age("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_age("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_age("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_age("0"), Ok(Duration::ZERO));
+        assert!(parse_age("7w").is_err());
+        assert!(parse_age("d").is_err());
     }
 
     #[test]

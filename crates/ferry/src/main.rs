@@ -15,6 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 use ferry_engine::client::{self, ClientConfig};
@@ -228,7 +229,12 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
                 .local_addr()
                 .map_err(|e| Fatal::Failed(e.to_string()))?;
             let stop = CancellationToken::new();
-            let config = ServerConfig { root: root.clone() };
+            let config = ServerConfig {
+                root: root.clone(),
+                idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
+                // The user's own directory: leftovers are theirs to keep.
+                part_max_age: None,
+            };
             let stopped = stop.clone();
             let task = tokio::spawn(async move {
                 server::serve(listener, config, stopped.cancelled_owned()).await
@@ -248,6 +254,9 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         },
         streams: opts.streams.unwrap_or_else(client::default_streams),
         early_totals: ui.shows_progress(),
+        ignore_times: opts.ignore_times,
+        retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
+        timeout: Duration::from_secs(opts.timeout),
     };
     let remote_label = |path: &[u8]| match &plan.server {
         Target::Remote(addr) => format!("{addr}:{}", escape(path)),
@@ -350,7 +359,11 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     );
     let _ = std::io::stdout().flush();
     tracing::info!("listening on {local}, root {}", root.display());
-    let config = ServerConfig { root };
+    let config = ServerConfig {
+        root,
+        idle_timeout: Duration::from_secs(args.timeout),
+        part_max_age: (!args.keep_parts.is_zero()).then_some(args.keep_parts),
+    };
     let served = server::serve(listener, config, shutdown).await;
     match &served {
         Ok(()) => tracing::info!("server stopped"),

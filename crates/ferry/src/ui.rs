@@ -139,6 +139,9 @@ impl Ui {
                 "files_ok": r.files_ok,
                 "files_failed": r.failed.len(),
                 "files_skipped": r.skipped.len(),
+                "files_unchanged": r.files_unchanged,
+                "bytes_held": r.bytes_held,
+                "retries": r.retries,
                 "bytes": r.file_bytes,
                 "wire_bytes": r.wire_bytes,
                 "elapsed_secs": secs,
@@ -165,10 +168,10 @@ impl Ui {
                         r.failed.len(),
                         r.skipped.len()
                     ),
-                    format!("  - size:     {}", human_bytes(r.file_bytes)),
+                    format!("  - size:     {}{}", human_bytes(r.file_bytes), held(r.files_unchanged, r.bytes_held)),
                     format!("  - on wire:  {}{}", human_bytes(r.wire_bytes), ratio(r.file_bytes, r.wire_bytes)),
                     format!("  - average:  {}/s", human_bytes(rate as u64)),
-                    format!("  - elapsed:  {secs:.2} s"),
+                    format!("  - elapsed:  {secs:.2} s{}", retried(r.retries)),
                 ];
                 if !r.failed.is_empty() {
                     lines.push("Failed:".to_string());
@@ -261,7 +264,96 @@ impl EventSink for Ui {
                 Mode::Human => self.err(&format!("ferry: warning: skipped {path}: {reason}")),
                 Mode::Quiet => {}
             },
+            Event::Unchanged { path, size } => {
+                let settled = {
+                    let mut s = self.state();
+                    s.files_settled += 1;
+                    (s.files_settled, s.files_total)
+                };
+                if let Some(bar) = &self.bar {
+                    bar.inc(size);
+                }
+                match self.mode {
+                    Mode::Json => {
+                        self.json(json!({"event": "file_unchanged", "path": path, "bytes": size}))
+                    }
+                    Mode::Human if self.verbose => {
+                        self.out(&format!("[{}/{}] {path} (unchanged)", settled.0, settled.1))
+                    }
+                    _ => {}
+                }
+            }
+            Event::Resumed { path, bytes } => {
+                if let Some(bar) = &self.bar {
+                    bar.inc(bytes);
+                }
+                match self.mode {
+                    Mode::Json => {
+                        self.json(json!({"event": "resumed", "path": path, "bytes_held": bytes}))
+                    }
+                    Mode::Human if self.verbose => self.out(&format!(
+                        "resuming {path}: {} already there",
+                        human_bytes(bytes)
+                    )),
+                    _ => {}
+                }
+            }
+            Event::FileIncomplete { path, reason } => {
+                self.state().files_settled += 1;
+                match self.mode {
+                    Mode::Json => self
+                        .json(json!({"event": "file_incomplete", "path": path, "reason": reason})),
+                    Mode::Human => self.err(&format!(
+                        "ferry: warning: {path}: {reason}; it will be sent again"
+                    )),
+                    Mode::Quiet => {}
+                }
+            }
+            Event::Retry {
+                attempt,
+                delay,
+                reason,
+            } => {
+                {
+                    // The next attempt counts from the start again.
+                    let mut s = self.state();
+                    s.bytes_done = 0;
+                    s.files_settled = 0;
+                }
+                if let Some(bar) = &self.bar {
+                    bar.set_position(0);
+                }
+                let secs = delay.as_secs_f64();
+                match self.mode {
+                    Mode::Json => self.json(json!({
+                        "event": "retry", "attempt": attempt, "delay_secs": secs, "reason": reason
+                    })),
+                    Mode::Human => self.err(&format!(
+                        "ferry: attempt {attempt} failed: {reason}; retrying in {secs:.1} s"
+                    )),
+                    Mode::Quiet => {}
+                }
+            }
         }
+    }
+}
+
+/// What the receiver already had, for the summary's size line.
+fn held(unchanged: u64, bytes_held: u64) -> String {
+    if bytes_held == 0 && unchanged == 0 {
+        return String::new();
+    }
+    format!(
+        " sent; {} already there ({unchanged} files unchanged)",
+        human_bytes(bytes_held)
+    )
+}
+
+fn retried(retries: u32) -> String {
+    match retries {
+        0 => String::new(),
+        1 => " (after 1 retry)".into(),
+        n => format!(" (after {n} retries)"),
     }
 }
 

@@ -242,6 +242,20 @@ impl TmpfsMount {
     }
 }
 
+impl TmpfsMount {
+    fn resize(&self, size: &str) -> Result<(), String> {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        status
+            .success()
+            .then_some(())
+            .ok_or_else(|| format!("remount failed: {status}"))
+    }
+}
+
 impl Drop for TmpfsMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
@@ -249,14 +263,14 @@ impl Drop for TmpfsMount {
 }
 
 #[test]
-fn disk_full_fails_cleanly_and_the_server_keeps_serving() {
+fn disk_full_fails_cleanly_keeps_the_part_and_resumes_once_space_is_freed() {
     if !is_root() {
         eprintln!("skipping disk-full test: mounting a small tmpfs needs root");
         return;
     }
     let scratch = Scratch::new();
     let root = scratch.mkdir("root");
-    let _mount = match TmpfsMount::new(&root, "2m") {
+    let mount = match TmpfsMount::new(&root, "6m") {
         Ok(mount) => mount,
         Err(reason) => {
             eprintln!("skipping disk-full test: {reason}");
@@ -264,9 +278,11 @@ fn disk_full_fails_cleanly_and_the_server_keeps_serving() {
         }
     };
     set_mode(&root, 0o755);
-    // Random, so compression cannot squeeze 8 MiB into 2.
+    // Random, so compression cannot squeeze 12 MiB into 6.
     let big = scratch.join("big.bin");
-    write_random_file(&big, 8 * MIB, 801);
+    write_random_file(&big, 12 * MIB, 801);
+    let small = root.join("small.bin");
+    write_random_file(&small, 10 * 1024, 802);
     // Declared after the mount, so it is stopped before the unmount.
     let server = Server::start(&root);
 
@@ -274,22 +290,37 @@ fn disk_full_fails_cleanly_and_the_server_keeps_serving() {
     out.assert_code(1)
         .assert_stderr_contains("big.bin")
         .assert_stderr_contains("no space");
-    // The receiver may remove its part file just after replying: allow a moment.
-    let clean = poll_until(Duration::from_secs(5), || {
-        part_files(&root).is_empty().then_some(())
-    });
-    assert!(
-        clean.is_some(),
-        "leftover part files: {:?}\n{out}",
-        part_files(&root)
-    );
     assert!(
         fs::symlink_metadata(root.join("big.bin")).is_err(),
         "a failed file must not be renamed into place\n{out}"
     );
+    // What arrived verified stays, with its journal, for the same command.
+    let kept = poll_until(Duration::from_secs(5), || {
+        (part_files(&root).len() == 2).then_some(())
+    });
+    assert!(
+        kept.is_some(),
+        "part and journal: {:?}\n{out}",
+        part_files(&root)
+    );
 
-    let small = scratch.join("small.bin");
-    write_random_file(&small, 10 * 1024, 802);
-    server.run(&[&"up", &small, &"small.bin"]).assert_success();
-    assert_files_equal(&small, &root.join("small.bin"));
+    // The server keeps serving (the kept part fills the disk, so a read).
+    let fetched = scratch.join("fetched.bin");
+    server
+        .run(&[&"down", &"small.bin", &fetched])
+        .assert_success();
+    assert_files_equal(&small, &fetched);
+
+    // Space is freed: the same command finishes, sending only the rest.
+    mount.resize("32m").expect("grow the tmpfs");
+    let out = server.run(&[&"up", &big, &"big.bin", &"--json"]);
+    out.assert_success();
+    assert_files_equal(&big, &root.join("big.bin"));
+    let summary = out.json_event("summary");
+    let sent = summary["bytes"].as_u64().unwrap();
+    assert!(
+        sent < 10 * MIB && summary["bytes_held"].as_u64().unwrap() >= 2 * MIB,
+        "the resume sent {sent} bytes of 12 MiB\n{out}"
+    );
+    assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
 }

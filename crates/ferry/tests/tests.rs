@@ -11,3 +11,5 @@ mod errors;
 mod server;
 // Parallel connections: trees and large files arrive whole with 1 to 8 streams.
 mod streams;
+// A fault-injecting TCP proxy (cut, stall, flip at exact byte positions) and its self-tests.
+mod proxy;

@@ -24,7 +24,7 @@ use rustix::process::{Pid, Signal};
 
 /// The protocol version the binary speaks; bump together with
 /// `ferry_proto::PROTOCOL_VERSION` (the tests pin the wire, like golden bytes).
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The 6 magic bytes that open every ferry connection.
 pub const MAGIC: &[u8; 6] = b"FERRY\0";
 
@@ -200,6 +200,17 @@ impl Output {
             "stderr should mention {needle:?}\n{self}"
         );
         self
+    }
+
+    /// The last NDJSON event named `name` on stdout (a run with `--json`).
+    #[track_caller]
+    pub fn json_event(&self, name: &str) -> serde_json::Value {
+        self.stdout
+            .lines()
+            .rev()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|v| v["event"] == name)
+            .unwrap_or_else(|| panic!("no {name:?} event on stdout\n{self}"))
     }
 
     #[track_caller]
@@ -944,10 +955,10 @@ fn show(relative: &Path) -> String {
 }
 
 fn is_part_name(name: &OsStr) -> bool {
-    name.as_bytes().ends_with(b".ferry-part")
+    name.as_bytes().ends_with(b".ferry-part") || name.as_bytes().ends_with(b".ferry-journal")
 }
 
-/// Every `*.ferry-part` leftover under `root`.
+/// Every `*.ferry-part` (or `*.ferry-journal`) leftover under `root`.
 pub fn part_files(root: &Path) -> Vec<PathBuf> {
     walk(root)
         .into_keys()
