@@ -203,9 +203,13 @@ impl Connection {
         }
     }
 
-    /// End the session's control connection, passing on the result.
+    /// End the session's control connection, passing on the result. After
+    /// a failure nothing more is flushed: the connection may be the very
+    /// thing that stalled.
     async fn finish(mut self, result: Result<(), EngineError>) -> Result<(), EngineError> {
-        let _ = self.writer.shutdown().await;
+        if result.is_ok() {
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.writer.shutdown()).await;
+        }
         result
     }
 }
@@ -362,7 +366,9 @@ where
     let started = Instant::now();
     let (mut file_bytes, mut wire_bytes) = (0, 0);
     let mut retries = 0u32;
-    let mut fruitless = 0u32;
+    // Failed attempts in a row; one that made progress counts as the
+    // first of a new row, so a transfer that keeps moving keeps going.
+    let mut failures = 0u32;
     let mut reached_server = false;
     loop {
         let tally = Arc::new(Tally::new(events.clone()));
@@ -378,7 +384,7 @@ where
         let mut report = tally.report();
         file_bytes += report.file_bytes;
         let progress = report.file_bytes > 0 || report.files_ok > 0;
-        fruitless = if progress { 0 } else { fruitless + 1 };
+        failures = if progress { 1 } else { failures + 1 };
         let why = match &result {
             Ok(()) if report.incomplete.is_empty() => None,
             Ok(()) => {
@@ -395,11 +401,11 @@ where
             Err(e) if e.is_transient() => Some(e.to_string()),
             Err(_) => None,
         };
-        let give_up = fruitless > config.retries || cancel.is_cancelled();
+        let give_up = failures > config.retries || cancel.is_cancelled();
         match why {
             Some(why) if !give_up => {
                 retries += 1;
-                let delay = backoff(fruitless.max(1));
+                let delay = backoff(failures);
                 tracing::warn!("attempt {retries} failed: {why}; retrying in {delay:.1?}");
                 events.event(Event::Retry {
                     attempt: retries,
@@ -427,11 +433,11 @@ where
     }
 }
 
-/// The pause before the next attempt after `fruitless` attempts in a row
-/// without progress: exponential, capped, with ±25% jitter so that many
-/// clients cut off at once do not all come back at once.
-fn backoff(fruitless: u32) -> Duration {
-    let base = FIRST_BACKOFF.saturating_mul(1 << fruitless.saturating_sub(1).min(16));
+/// The pause after `failures` failed attempts in a row: exponential,
+/// capped, with ±25% jitter so that many clients cut off at once do not
+/// all come back at once.
+fn backoff(failures: u32) -> Duration {
+    let base = FIRST_BACKOFF.saturating_mul(1 << failures.saturating_sub(1).min(16));
     let base = base.min(MAX_BACKOFF);
     let noise = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

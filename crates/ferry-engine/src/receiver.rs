@@ -616,6 +616,15 @@ impl Worker {
                         return self.verdict(id, display, Outcome::Failed(reason(&e)), 0);
                     }
                 };
+                let mut held = held;
+                let mut runs = journal::runs(&held);
+                if runs.len() > MAX_HAVE_RUNS {
+                    // More than one `have` can carry: the rest comes again.
+                    runs.truncate(MAX_HAVE_RUNS);
+                    let (start, len, count) = runs[MAX_HAVE_RUNS - 1];
+                    let covered = start + u64::from(len) * count;
+                    held.retain(|r| r.offset < covered);
+                }
                 let mut ledger = ChunkLedger::new(size);
                 for r in &held {
                     // Sorted, in bounds and disjoint (the journal checked),
@@ -632,10 +641,7 @@ impl Worker {
                         path: display.clone(),
                         bytes,
                     });
-                    self.reply(Message::Have {
-                        id,
-                        chunks: journal::runs(&held),
-                    })?;
+                    self.reply(Message::Have { id, chunks: runs })?;
                 }
                 self.adopt(parent_dir);
                 let file = OpenFile {
@@ -805,8 +811,7 @@ impl Worker {
             Ok(raw) => raw,
             Err(fault) => {
                 f.damaged += u64::from(h.raw_len);
-                f.damage
-                    .get_or_insert_with(|| format!("{fault} (offset {})", h.offset));
+                f.damage.get_or_insert_with(|| fault.to_string());
                 return self.settle_if_damaged(h.file_id);
             }
         };

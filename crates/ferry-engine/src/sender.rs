@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::digest::DigestBuilder;
-use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD};
+use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS};
 use ferry_proto::message::{Compression, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WirePath, escape};
 use rustix::fs::{AtFlags, FileType, Stat};
@@ -489,9 +489,12 @@ impl Producer {
                 Plan::Have(id, runs) if queued(id) && id > self.plan_through => {
                     self.have.insert(id, runs);
                 }
+                // A file we aborted before its plan came (it could not be
+                // opened) may still get one: nothing to do.
+                Plan::Have(id, _) if id <= self.next_id => {}
                 Plan::Have(id, _) => {
                     return Err(EngineError::Protocol(format!(
-                        "have for entry {id}, which is not a file waiting for its plan"
+                        "have for entry {id}, which was never announced"
                     )));
                 }
                 Plan::Settled(id) if queued(id) => self.settled_early.push(id),
@@ -790,6 +793,12 @@ impl Producer {
 /// Anything else is a protocol error: the receiver trusts nothing we send,
 /// and we trust nothing it says.
 fn check_held(runs: &[(u64, u32, u64)], size: u64) -> Result<Vec<(u64, u32, u64)>, EngineError> {
+    if runs.len() > MAX_HAVE_RUNS {
+        return Err(EngineError::Protocol(format!(
+            "the receiver listed {} runs of held chunks, more than {MAX_HAVE_RUNS}",
+            runs.len()
+        )));
+    }
     let mut end = 0u64;
     for &(start, len, count) in runs {
         let span = u64::from(len).checked_mul(count);

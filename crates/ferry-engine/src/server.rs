@@ -52,9 +52,10 @@ pub struct ServerConfig {
     pub part_max_age: Option<Duration>,
 }
 
-/// The server's default stall timeout: longer than the client's, so that
-/// after a network stall the client notices first and reconnects.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The server's default stall timeout, the client's too: after a network
+/// stall both ends give up at about the same time, so the client's retry
+/// soon finds the part file its old session held free again.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long abandoned part files are kept for a resume by default.
 pub const DEFAULT_PART_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -342,7 +343,8 @@ async fn session(
         let msg = Message::error(code, text);
         let _ = tokio::time::timeout(Duration::from_secs(2), writer.send_now(&msg)).await;
     }
-    let _ = writer.shutdown().await;
+    // Bounded: after a stall, the connection may never drain.
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
     let report = tally.report();
     info!(
         "{verb} {}: {} ok ({} unchanged), {} failed, {} incomplete, {} skipped, {} bytes in {:.1} s",
@@ -447,7 +449,7 @@ async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
     writer
         .send_now(&Message::error(code, message.clone()))
         .await?;
-    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
     Err(EngineError::Remote { code, message })
 }
 

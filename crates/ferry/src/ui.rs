@@ -303,10 +303,12 @@ impl EventSink for Ui {
                 match self.mode {
                     Mode::Json => self
                         .json(json!({"event": "file_incomplete", "path": path, "reason": reason})),
-                    Mode::Human => self.err(&format!(
+                    // The retry line says it too; the summary lists what
+                    // never arrived.
+                    Mode::Human if self.verbose => self.err(&format!(
                         "ferry: warning: {path}: {reason}; it will be sent again"
                     )),
-                    Mode::Quiet => {}
+                    _ => {}
                 }
             }
             Event::Retry {

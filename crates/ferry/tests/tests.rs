@@ -13,3 +13,5 @@ mod server;
 mod streams;
 // A fault-injecting TCP proxy (cut, stall, flip at exact byte positions) and its self-tests.
 mod proxy;
+// Retry and resume under fault injection: cuts, stalls, kills, bit flips.
+mod resume;

@@ -317,6 +317,64 @@ fn run_os(args: &[OsString], opts: &RunOptions) -> Output {
     }
 }
 
+/// A `ferry` process running in the background, so that a test can act
+/// on it mid-transfer (kill it, break its connection).
+pub struct Running {
+    child: Child,
+    command: String,
+    stdout: Drain,
+    stderr: Drain,
+}
+
+/// Starts `ferry ARGS` in the background.
+pub fn spawn(args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Running {
+    let (mut cmd, command) = opts.command(&to_os_args(args));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+    let stdout = Drain::spawn(child.stdout.take().expect("piped stdout"));
+    let stderr = Drain::spawn(child.stderr.take().expect("piped stderr"));
+    Running {
+        child,
+        command,
+        stdout,
+        stderr,
+    }
+}
+
+impl Running {
+    /// Sends `signal` and waits (bounded) for the process to end.
+    pub fn kill(self, signal: Signal) -> Output {
+        let pid = Pid::from_raw(self.child.id() as i32).expect("a child has a positive pid");
+        let _ = rustix::process::kill_process(pid, signal);
+        self.wait(SERVER_TIMEOUT)
+    }
+
+    /// Waits at most `timeout` for the process to end; kills it and panics
+    /// with its output if it does not.
+    pub fn wait(mut self, timeout: Duration) -> Output {
+        let Some(status) = wait_deadline(&mut self.child, timeout) else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            panic!(
+                "timed out after {timeout:?}, killed: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                self.command,
+                clip(&self.stdout.finish(DRAIN_GRACE)),
+                clip(&self.stderr.finish(DRAIN_GRACE)),
+            );
+        };
+        Output {
+            command: self.command,
+            status,
+            stdout: self.stdout.finish(DRAIN_GRACE),
+            stderr: self.stderr.finish(DRAIN_GRACE),
+        }
+    }
+}
+
 /// Reads a pipe to its end on a thread, keeping everything read so far
 /// available to the test (server logs are asserted on while it runs).
 struct Drain {
@@ -414,7 +472,19 @@ impl Server {
 
     /// Starts with extra arguments and process options (user, program, cwd).
     pub fn start_as(root: &Path, extra: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Server {
-        let mut args: Vec<OsString> = ["server", "--host", "127.0.0.1", "--port", "0", "--root"]
+        Server::start_on(root, 0, extra, opts)
+    }
+
+    /// Starts on a given port (0: any free one), e.g. to restart a killed
+    /// server where its clients will reconnect.
+    pub fn start_on(
+        root: &Path,
+        port: u16,
+        extra: &[&dyn AsRef<OsStr>],
+        opts: &RunOptions,
+    ) -> Server {
+        let port = port.to_string();
+        let mut args: Vec<OsString> = ["server", "--host", "127.0.0.1", "--port", &port, "--root"]
             .iter()
             .map(OsString::from)
             .collect();
