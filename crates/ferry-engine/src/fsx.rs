@@ -138,12 +138,23 @@ pub(crate) fn create_dirs_beneath(
 /// Open directory `name` in `parent`, creating it if missing. An existing
 /// non-directory (a symlink included) is an error.
 pub(crate) fn ensure_dir(parent: BorrowedFd<'_>, name: &[u8], mode: u32) -> io::Result<OwnedFd> {
-    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+    ensure_dir_noting(parent, name, mode).map(|(fd, _)| fd)
+}
+
+/// [`ensure_dir`], also saying whether the directory was created just now
+/// (then nothing in it predates this transfer).
+pub(crate) fn ensure_dir_noting(
+    parent: BorrowedFd<'_>,
+    name: &[u8],
+    mode: u32,
+) -> io::Result<(OwnedFd, bool)> {
+    let created = match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
+        Ok(()) => true,
+        Err(rustix::io::Errno::EXIST) => false,
         Err(e) => return Err(e.into()),
-    }
+    };
     match rustix::fs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
-        Ok(fd) => Ok(fd),
+        Ok(fd) => Ok((fd, created)),
         Err(rustix::io::Errno::LOOP) => Err(symlink_refused()),
         Err(rustix::io::Errno::NOTDIR) => Err(io::Error::other("exists and is not a directory")),
         Err(e) => Err(e.into()),

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::chunk::DataChunk;
 use ferry_proto::digest::{ChunkLedger, FileDigest, MAX_CHUNKS_AHEAD};
 use ferry_proto::frame::Frame;
-use ferry_proto::limits::MAX_HAVE_RUNS;
+use ferry_proto::limits::{MAX_FILES_AHEAD, MAX_HAVE_RUNS};
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WireBytes, WirePath};
 use rustix::fs::{AtFlags, Mode};
@@ -47,9 +47,10 @@ use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx;
 use crate::journal::{self, ChunkRecord, Journal, SourceStamp};
 
-/// Files that may be open at once: the sender's pipeline keeps only a few
-/// in flight; the bound is against a peer exhausting file descriptors.
-const MAX_OPEN_FILES: usize = 256;
+/// Files that may be open at once: those the sender may announce ahead of
+/// their data, and as many again whose last chunks are still on their way;
+/// the bound is against a peer exhausting file descriptors.
+const MAX_OPEN_FILES: usize = 2 * MAX_FILES_AHEAD as usize;
 /// When this many chunks wait for their entries (the control connection
 /// lags behind the data connections), the data connections stop being read
 /// until the control connection has caught up: TCP flow control then holds
@@ -301,6 +302,9 @@ struct OpenDir {
     /// Files and directories below it not yet settled.
     children: u32,
     ended: bool,
+    /// Created by this transfer, or below one that was: nothing in it
+    /// can be unchanged or held already, and every file is planned whole.
+    fresh: bool,
 }
 
 struct Worker {
@@ -352,7 +356,9 @@ impl Worker {
             let batch = match frames.try_recv() {
                 Ok(batch) => batch,
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    // Idle: this is the moment to send what we owe.
+                    // Idle: this is the moment to send what we owe. The
+                    // sender may be waiting for a plan, so every one goes.
+                    self.send_plan(true)?;
                     self.flush_replies()?;
                     frames.blocking_recv().ok_or(EngineError::Closed)?
                 }
@@ -361,14 +367,7 @@ impl Worker {
             for frame in batch {
                 self.frame(frame)?;
             }
-            if self.plan_through > self.plan_sent {
-                // The sender waits for this before it sends file data.
-                self.plan_sent = self.plan_through;
-                self.reply(Message::Planned {
-                    through: self.plan_through,
-                })?;
-                self.flush_replies()?;
-            }
+            self.send_plan(false)?;
             if self.end_seen && self.files.is_empty() && self.dirs.is_empty() {
                 if self.parked_chunks > 0 {
                     return Err(EngineError::Protocol(
@@ -418,6 +417,21 @@ impl Worker {
             self.flush_replies()?;
         }
         Ok(())
+    }
+
+    /// Tell the sender which files it may send: at once with `now` (when
+    /// idle), otherwise once a quarter of its window is planned, so that a
+    /// busy receiver does not answer every small batch of entries.
+    fn send_plan(&mut self, now: bool) -> Result<(), EngineError> {
+        let new = self.plan_through - self.plan_sent;
+        if new == 0 || (!now && new < MAX_FILES_AHEAD / 4) {
+            return Ok(());
+        }
+        self.plan_sent = self.plan_through;
+        self.reply(Message::Planned {
+            through: self.plan_through,
+        })?;
+        self.flush_replies()
     }
 
     fn flush_replies(&mut self) -> Result<(), EngineError> {
@@ -533,8 +547,17 @@ impl Worker {
         let name = components.pop().unwrap_or_default();
         match kind {
             EntryKind::Dir { mode, mtime } => {
-                match fsx::ensure_dir(parent.as_fd(), &name, 0o700) {
-                    Ok(dir) => {
+                let parent_fresh = parent_dir
+                    .and_then(|d| self.dirs.get(&d))
+                    .is_some_and(|d| d.fresh);
+                match fsx::ensure_dir_noting(parent.as_fd(), &name, 0o700) {
+                    Ok((dir, created)) => {
+                        if created && !parent_fresh {
+                            // The top of a new subtree: the sender need not
+                            // wait for the plans of the files below it.
+                            self.reply(Message::Fresh { id })?;
+                            self.flush_replies()?;
+                        }
                         // We must be able to write into it until its
                         // metadata is applied, whatever mode it has.
                         if let Ok(st) = rustix::fs::fstat(&dir)
@@ -558,6 +581,7 @@ impl Worker {
                             parent_dir,
                             children: 0,
                             ended: false,
+                            fresh: created || parent_fresh,
                         };
                         self.dirs.insert(id, dir);
                         Ok(())
@@ -572,7 +596,12 @@ impl Worker {
                 }
                 // Never setuid/setgid from a peer: the receiver may run as root.
                 let mode = mode & 0o777;
+                // A new directory holds nothing yet: spare the stat.
+                let fresh_dir = parent_dir
+                    .and_then(|d| self.dirs.get(&d))
+                    .is_some_and(|d| d.fresh);
                 if !self.dest.ignore_times
+                    && !fresh_dir
                     && let Some(stat) = fsx::unchanged(parent.as_fd(), &name, size, mtime)
                 {
                     if fsx::mode_of(&stat) & 0o777 != mode {
@@ -600,13 +629,21 @@ impl Worker {
                     mtime_sec: mtime.sec,
                     mtime_nsec: mtime.nsec,
                 };
-                let journal_name = journal::journal_name(&name);
+                let journal_name = if size >= JOURNAL_MIN_SIZE {
+                    journal::journal_name(&name)
+                } else {
+                    Vec::new()
+                };
                 let file = File::from(part_file.fd);
+                // Below a fresh directory the sender sends whole files: a
+                // leftover (of a transfer racing ours) is not resumed.
+                let resumable = part_file.existing && !fresh_dir;
                 let (journal, held) = match self.prepare_part(
                     &parent,
                     &file,
                     &journal_name,
                     stamp,
+                    resumable,
                     part_file.existing,
                 ) {
                     Ok(prepared) => prepared,
@@ -698,11 +735,12 @@ impl Worker {
         file: &File,
         journal_name: &[u8],
         stamp: SourceStamp,
+        resumable: bool,
         existing: bool,
     ) -> std::io::Result<(Option<Journal>, Vec<ChunkRecord>)> {
         let journaled = stamp.size >= JOURNAL_MIN_SIZE;
         if existing {
-            if journaled {
+            if journaled && resumable {
                 let replies = self.replies.clone();
                 let mut last_sign = Instant::now();
                 let mut alive = |_verified: u64| {
@@ -729,7 +767,9 @@ impl Worker {
             }
             // Nothing in it can be trusted: start from empty.
             file.set_len(0)?;
-            journal::remove(parent.as_fd(), journal_name)?;
+            if journaled {
+                journal::remove(parent.as_fd(), journal_name)?;
+            }
         }
         // Without a journal the file still arrives; it just cannot resume.
         let journal = journaled

@@ -14,7 +14,7 @@
 //! the missing chunks are, while the held ones are read and hashed here so
 //! that the file digest still proves the whole file.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
@@ -66,11 +66,15 @@ enum Plan {
     Through(u64),
     /// Entry `id` is settled already (unchanged, or failed): send nothing.
     Settled(u64),
+    /// Directory `id` is new at the receiver: every file below it may go.
+    Fresh(u64),
 }
 
 /// A file announced and waiting for its plan.
 struct QueuedFile {
     id: u64,
+    /// The directories of this transfer that hold it, outermost first.
+    ancestors: Arc<[u64]>,
     display: String,
     file: File,
     size: u64,
@@ -150,6 +154,9 @@ where
         plan_through: 0,
         have: HashMap::new(),
         settled_early: Vec::new(),
+        dirs_open: Vec::new(),
+        ancestors: None,
+        fresh: HashSet::new(),
     };
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.
@@ -193,6 +200,9 @@ async fn read_outcomes<R: AsyncRead + Unpin>(
             }
             Message::Planned { through } => {
                 let _ = plans.send(Plan::Through(through));
+            }
+            Message::Fresh { id } => {
+                let _ = plans.send(Plan::Fresh(id));
             }
             Message::Keepalive => {}
             Message::Outcome { id, outcome } => {
@@ -290,6 +300,13 @@ struct Producer {
     have: HashMap<u64, Vec<(u64, u32, u64)>>,
     /// Queued files the receiver has settled already.
     settled_early: Vec<u64>,
+    /// The directories the walk is in, outermost first, and the same as
+    /// shared by the files queued meanwhile.
+    dirs_open: Vec<u64>,
+    ancestors: Option<Arc<[u64]>>,
+    /// Directories the receiver created in this transfer: the files below
+    /// them need no plan of their own.
+    fresh: HashSet<u64>,
 }
 
 impl Producer {
@@ -478,7 +495,8 @@ impl Producer {
                     Err(_) => return Ok(()),
                 },
             };
-            let queued = |id: u64| self.queue.iter().any(|q| q.id == id);
+            // Queued ids increase: a binary search, not a scan per answer.
+            let queued = |id: u64| self.queue.binary_search_by_key(&id, |q| q.id).is_ok();
             match plan {
                 Plan::Through(id) if id > self.next_id => {
                     return Err(EngineError::Protocol(format!(
@@ -499,6 +517,14 @@ impl Producer {
                 }
                 Plan::Settled(id) if queued(id) => self.settled_early.push(id),
                 Plan::Settled(_) => {}
+                Plan::Fresh(id) if id <= self.next_id => {
+                    self.fresh.insert(id);
+                }
+                Plan::Fresh(id) => {
+                    return Err(EngineError::Protocol(format!(
+                        "fresh directory {id}, which was never announced"
+                    )));
+                }
             }
         }
     }
@@ -518,7 +544,8 @@ impl Producer {
                 self.queue.pop_front();
                 continue;
             }
-            if id <= self.plan_through {
+            let under_fresh = front.ancestors.iter().any(|d| self.fresh.contains(d));
+            if id <= self.plan_through || under_fresh {
                 if let Some(file) = self.queue.pop_front() {
                     self.send_file(file)?;
                 }
@@ -539,14 +566,17 @@ impl Producer {
             mtime: fsx::mtime_of(stat),
         };
         let id = self.entry(path, kind)?;
-        match fsx::list_dir(dir.as_fd()) {
-            Ok(entries) => {
-                for (name, recorded_type) in entries {
-                    self.child(&dir, path, &name, recorded_type)?;
-                }
-            }
-            Err(e) => self.abort(id, format!("cannot list directory: {}", reason(&e)), false)?,
-        }
+        self.dirs_open.push(id);
+        self.ancestors = None;
+        let listed = match fsx::list_dir(dir.as_fd()) {
+            Ok(entries) => entries
+                .into_iter()
+                .try_for_each(|(name, recorded_type)| self.child(&dir, path, &name, recorded_type)),
+            Err(e) => self.abort(id, format!("cannot list directory: {}", reason(&e)), false),
+        };
+        self.dirs_open.pop();
+        self.ancestors = None;
+        listed?;
         self.send(&Message::DirEnd { id })
     }
 
@@ -635,8 +665,13 @@ impl Producer {
         let id = self.entry(path, kind)?;
         match opened {
             Ok(file) => {
+                let ancestors = self
+                    .ancestors
+                    .get_or_insert_with(|| Arc::from(self.dirs_open.as_slice()))
+                    .clone();
                 self.queue.push_back(QueuedFile {
                     id,
+                    ancestors,
                     display: display_name(&self.label, path),
                     file,
                     size,

@@ -49,7 +49,7 @@ pub mod limits {
     /// Most file entries a sender may have announced whose `file_end` or
     /// `abort` it has not sent yet (files answered `unchanged` excepted):
     /// the receiver holds a part file open for each.
-    pub const MAX_FILES_AHEAD: u64 = 128;
+    pub const MAX_FILES_AHEAD: u64 = 1024;
     /// Most runs a `have` message may list (it must fit one control frame).
     pub const MAX_HAVE_RUNS: usize = 2048;
 }

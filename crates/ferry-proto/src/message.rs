@@ -183,6 +183,10 @@ pub enum Message {
     /// Receiver → sender: every file entry up to id `through` that has had
     /// no `have` or `outcome` is to be sent whole.
     Planned { through: u64 },
+    /// Receiver → sender: directory `id` did not exist; the receiver
+    /// created it, so nothing below it can be unchanged or held: every file
+    /// below it is planned whole, without waiting for `planned`.
+    Fresh { id: u64 },
     /// Either way: still working (a long local verification), not stalled.
     Keepalive,
     /// Receiver → sender: everything up to `end` is settled.
@@ -403,6 +407,7 @@ mod tests {
                 r#"{"type":"outcome","id":9,"status":"incomplete","reason":"chunk at offset 0 is corrupt"}"#,
             ),
             (Message::Keepalive, r#"{"type":"keepalive"}"#),
+            (Message::Fresh { id: 1 }, r#"{"type":"fresh","id":1}"#),
             (Message::DirEnd { id: 1 }, r#"{"type":"dir_end","id":1}"#),
             (
                 Message::Outcome {
@@ -476,6 +481,7 @@ mod tests {
                 chunks: vec![(0, 4, 1)],
             },
             Message::Planned { through: 3 },
+            Message::Fresh { id: 2 },
             Message::Keepalive,
             Message::DirEnd { id: 1 },
             Message::End,

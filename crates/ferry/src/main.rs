@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             .with_writer(std::io::stderr)
             .init();
     }
+    raise_open_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -373,6 +374,21 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     logs.iter().for_each(logbuf::BufferedLog::flush);
     served.map_err(|e| Fatal::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lift the soft limit on open files to the hard limit (as Go programs
+/// do). A transfer holds a descriptor for each file it has announced ahead
+/// of the data (up to 1024, and as many again on the receiving side while
+/// their last chunks arrive), and a server serves many sessions; the
+/// common soft default of 1024 would be the bottleneck, the hard limit
+/// rarely is. Best effort: at worst the old limit stays.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed before this
