@@ -517,3 +517,40 @@ fn the_server_sweeps_abandoned_part_files_by_age() {
         server.stderr()
     );
 }
+
+#[test]
+fn a_source_changed_between_attempts_arrives_whole_in_its_new_version() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let big = scratch.join("big.bin");
+    let size = 32 * MIB;
+    write_random_file(&big, size, 4015);
+    set_mtime(&big, 1_700_000_000, 0);
+    let server = Server::start_with(&root, &[&"--timeout", &"2"]);
+    let proxy = proxy_to(
+        &server,
+        Direction::ClientToServer,
+        vec![Fault::stall(12 * MIB)],
+    );
+
+    let mut args: Vec<OsString> = ["up", "--compress", "off"].map(OsString::from).to_vec();
+    args.push(big.clone().into());
+    args.push("big.bin".into());
+    args.extend(via(&proxy));
+    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    let client = spawn(&refs, &RunOptions::with_timeout(RETRYING));
+    let stalled = poll_until(Duration::from_secs(30), || {
+        (proxy.faults_fired() == 1).then_some(())
+    });
+    assert!(stalled.is_some(), "the transfer never reached the stall");
+    // While the first attempt hangs, the source gets new content (same
+    // size): what the server holds of the old one must not be mixed in.
+    write_random_file(&big, size, 4016);
+    set_mtime(&big, 1_700_000_500, 0);
+
+    let out = client.wait(RETRYING);
+    out.assert_success();
+    assert!(summary_u64(&out, "retries") >= 1, "{out}");
+    assert_files_equal(&big, &root.join("big.bin"));
+    assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
+}
