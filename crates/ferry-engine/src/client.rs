@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::message::{Compression, Message};
+use ferry_proto::message::{Compression, ErrorCode, Message};
 use ferry_proto::path::{WireBytes, escape};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -195,7 +195,14 @@ impl Connection {
     /// Send a request and wait for the server to accept it.
     async fn request(&mut self, msg: &Message) -> Result<(), EngineError> {
         self.writer.send_now(msg).await?;
-        match self.reply().await? {
+        let reply = match self.reply().await {
+            // A refusal is final, unless the server is only going away.
+            Err(EngineError::Remote { code, message }) if code != ErrorCode::ShuttingDown => {
+                return Err(EngineError::Refused { code, message });
+            }
+            other => other?,
+        };
+        match reply {
             Message::Ready => Ok(()),
             other => Err(EngineError::Protocol(format!(
                 "expected ready, got {other:?}"

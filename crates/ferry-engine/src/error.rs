@@ -34,6 +34,10 @@ pub enum EngineError {
     Stalled(u64),
     #[error("{message}")]
     Remote { code: ErrorCode, message: String },
+    /// The server turned the request down (a path it will not serve, a
+    /// permission): asking again would get the same answer.
+    #[error("{message}")]
+    Refused { code: ErrorCode, message: String },
     #[error("the connection was closed before the transfer finished")]
     Closed,
     #[error("interrupted")]
@@ -58,7 +62,7 @@ impl EngineError {
         match self {
             EngineError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             EngineError::BadPath(_) => ErrorCode::BadPath,
-            EngineError::Remote { code, .. } => *code,
+            EngineError::Remote { code, .. } | EngineError::Refused { code, .. } => *code,
             EngineError::Cancelled => ErrorCode::ShuttingDown,
             EngineError::Protocol(_) | EngineError::NotFerry(_) => ErrorCode::Protocol,
             _ => ErrorCode::Io,
@@ -82,6 +86,7 @@ impl EngineError {
                 ErrorCode::ShuttingDown | ErrorCode::Io | ErrorCode::Protocol
             ),
             EngineError::Local { .. }
+            | EngineError::Refused { .. }
             | EngineError::VersionMismatch { .. }
             | EngineError::NotFerry(_)
             | EngineError::BadPath(_)
@@ -108,6 +113,7 @@ pub fn code_for(e: &io::Error) -> ErrorCode {
         io::ErrorKind::NotFound => ErrorCode::NotFound,
         io::ErrorKind::PermissionDenied => ErrorCode::PermissionDenied,
         io::ErrorKind::StorageFull => ErrorCode::NoSpace,
+        io::ErrorKind::NotADirectory => ErrorCode::BadPath,
         _ => ErrorCode::Io,
     }
 }

@@ -105,20 +105,31 @@ pub(crate) fn open_dir_beneath(base: BorrowedFd<'_>, components: &[&[u8]]) -> io
             // openat2 may ask us to retry (EAGAIN on a concurrent rename);
             // the walk below gives the same guarantees without that.
             Err(e) if e == rustix::io::Errno::AGAIN => {}
+            // Some component is not a directory; the walk says which, and
+            // whether it is a symlink.
+            Err(e) if e == rustix::io::Errno::NOTDIR => {}
             Err(e) => return Err(map_loop(e)),
         }
     }
-    let mut dir =
-        rustix::fs::openat(base, components[0], DIR_FLAGS, Mode::empty()).map_err(map_loop)?;
+    let mut dir = open_subdir(base, components[0])?;
     for c in &components[1..] {
-        dir = rustix::fs::openat(&dir, *c, DIR_FLAGS, Mode::empty()).map_err(map_loop)?;
+        dir = open_subdir(dir.as_fd(), c)?;
     }
     Ok(dir)
 }
 
 /// Open the subdirectory `name` of `dir`, refusing a symlink.
 pub(crate) fn open_subdir(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<OwnedFd> {
-    rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(map_loop)
+    rustix::fs::openat(dir, name, DIR_FLAGS, Mode::empty()).map_err(|e| match e {
+        // O_DIRECTORY reports a symlink as "not a directory": say what it is.
+        rustix::io::Errno::NOTDIR if is_symlink(dir, name) => symlink_refused(),
+        e => map_loop(e),
+    })
+}
+
+fn is_symlink(dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+    rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|stat| kind_of(&stat) == Kind::Symlink)
 }
 
 /// Like `mkdir -p` below `base`, never following a symlink; returns the
@@ -156,6 +167,7 @@ pub(crate) fn ensure_dir_noting(
     match rustix::fs::openat(parent, name, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => Ok((fd, created)),
         Err(rustix::io::Errno::LOOP) => Err(symlink_refused()),
+        Err(rustix::io::Errno::NOTDIR) if is_symlink(parent, name) => Err(symlink_refused()),
         Err(rustix::io::Errno::NOTDIR) => Err(io::Error::other("exists and is not a directory")),
         Err(e) => Err(e.into()),
     }

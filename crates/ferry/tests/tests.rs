@@ -15,3 +15,5 @@ mod streams;
 mod proxy;
 // Retry and resume under fault injection: cuts, stalls, kills, bit flips.
 mod resume;
+// Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
+mod confinement;
