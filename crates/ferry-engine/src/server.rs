@@ -6,8 +6,16 @@
 //! copy pass their own. On shutdown the server stops accepting, cancels
 //! the sessions in flight (each removes its part files and tells its
 //! client why) and returns once they have finished.
+//!
+//! Connections are admitted in two stages. Until it has sent its preface
+//! and its `hello` or `join`, a connection is *pending*: it costs nothing
+//! to open and proves nothing, so pending connections share a small budget
+//! of their own, and when it is full the oldest is dropped. Only a
+//! connection past its handshake takes one of the slots that bound the
+//! sessions served at once. So a crowd of silent sockets can neither hold
+//! those slots nor keep a newcomer waiting behind them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
@@ -34,8 +42,15 @@ use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
 
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections past their handshake served at once (control and data
+/// connections alike). A connection that has finished its handshake while
+/// all are taken waits for one, still counted as pending.
 const MAX_CONNECTIONS: usize = 256;
+/// Connections still in their handshake (or waiting for a slot after it).
+/// A client gets through its handshake within a round trip or two, so a
+/// connection still pending after this many newer ones arrived is almost
+/// surely idle or hostile: it is the one dropped to admit the next.
+const MAX_PENDING: usize = 64;
 /// How long sessions get to wind down after a shutdown request.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -50,6 +65,20 @@ pub struct ServerConfig {
     /// Part files nobody has touched for this long are removed (at start
     /// and then every hour); `None` keeps them forever.
     pub part_max_age: Option<Duration>,
+    /// Which requests are served: uploads, downloads, or both.
+    pub access: Access,
+}
+
+/// Which way files may move through a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Uploads and downloads.
+    #[default]
+    ReadWrite,
+    /// Downloads only: nothing below the root is ever created or changed.
+    ReadOnly,
+    /// Uploads only: nothing below the root is ever sent out.
+    WriteOnly,
 }
 
 /// The server's default stall timeout, the client's too: after a network
@@ -84,15 +113,20 @@ pub async fn serve(
     if let Some(max_age) = config.part_max_age {
         tokio::spawn(sweep_every_hour(root.clone(), max_age, cancel.clone()));
     }
-    let registry = Registry::default();
+    let shared = Arc::new(Shared {
+        root,
+        registry: Registry::default(),
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        idle_timeout: config.idle_timeout,
+        access: config.access,
+    });
+    let pending = Pending::default();
     let sessions = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
+    // Accept at once, always: waiting for a free slot before accepting
+    // would leave newcomers queued in the kernel's backlog behind whatever
+    // holds the slots. The pending budget bounds what accepting costs.
     loop {
-        let permit = tokio::select! {
-            _ = &mut shutdown => break,
-            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-        };
         let (stream, peer) = tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -105,15 +139,14 @@ pub async fn serve(
                 }
             },
         };
-        let root = root.clone();
-        let registry = registry.clone();
+        let ticket = pending.admit();
+        let shared = shared.clone();
         let cancel = cancel.child_token();
-        let idle_timeout = config.idle_timeout;
         sessions.spawn(async move {
-            let _permit = permit;
             info!(%peer, "connection");
-            match session(stream, &root, &registry, &cancel, idle_timeout).await {
-                Ok(()) => info!(%peer, "session finished"),
+            match connection(stream, ticket, &shared, &cancel).await {
+                Ok(Outcome::Finished) => info!(%peer, "session finished"),
+                Ok(Outcome::Dropped(why)) => info!(%peer, "connection dropped: {why}"),
                 Err(e) => warn!(%peer, "session ended: {e}"),
             }
         });
@@ -134,6 +167,181 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// What every connection of a server shares.
+struct Shared {
+    root: Arc<OwnedFd>,
+    registry: Registry,
+    /// One permit per connection past its handshake.
+    slots: Arc<Semaphore>,
+    idle_timeout: Duration,
+    access: Access,
+}
+
+/// The pending connections, oldest first, each with the token that drops
+/// it. Only the accept loop adds to it, so its length is exact.
+#[derive(Clone, Default)]
+struct Pending(Arc<Mutex<PendingQueue>>);
+
+#[derive(Default)]
+struct PendingQueue {
+    next_id: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
+}
+
+/// A connection's place among the pending ones; dropping it leaves.
+struct Ticket {
+    pending: Pending,
+    id: u64,
+    /// Cancelled when newer connections need the place.
+    evicted: CancellationToken,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingQueue> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admit a new connection, dropping the oldest pending one if the
+    /// budget is full. Dropping the oldest, not refusing the newest: an
+    /// idle flood then only ever pushes out its own sockets, while a
+    /// client that connects after it finishes its handshake long before
+    /// MAX_PENDING newer connections could push it out in turn.
+    fn admit(&self) -> Ticket {
+        let mut q = self.lock();
+        if q.queue.len() >= MAX_PENDING
+            && let Some((_, oldest)) = q.queue.pop_front()
+        {
+            oldest.cancel();
+        }
+        let id = q.next_id;
+        q.next_id += 1;
+        let evicted = CancellationToken::new();
+        q.queue.push_back((id, evicted.clone()));
+        Ticket {
+            pending: self.clone(),
+            id,
+            evicted,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Gone already if it was evicted.
+        self.pending.lock().queue.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// How a connection that did not fail ended.
+enum Outcome {
+    Finished,
+    /// Dropped before its handshake was through.
+    Dropped(&'static str),
+}
+
+/// What a connection asked for in its handshake.
+enum Opened {
+    /// `hello`: a new session, with this as its control connection.
+    Session {
+        reader: FrameReader<BoxRead>,
+        writer: FrameWriter<BoxWrite>,
+        meter: Meter,
+        software: String,
+    },
+    /// `join`: a data connection for a session in progress.
+    Join {
+        reader: FrameReader<BoxRead>,
+        writer: FrameWriter<BoxWrite>,
+        session_id: String,
+        secret: String,
+    },
+}
+
+/// Serve one connection: its handshake while it is pending (and may be
+/// dropped for a newer one), then its session or join while it holds a
+/// slot.
+async fn connection(
+    stream: TcpStream,
+    ticket: Ticket,
+    shared: &Shared,
+    cancel: &CancellationToken,
+) -> Result<Outcome, EngineError> {
+    let admitted = async {
+        let opened = open(stream).await?;
+        let permit = shared
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        Ok::<_, EngineError>((opened, permit))
+    };
+    let (opened, _permit) = tokio::select! {
+        _ = ticket.evicted.cancelled() => {
+            return Ok(Outcome::Dropped("no handshake yet, and newer connections needed its place"));
+        }
+        _ = cancel.cancelled() => return Ok(Outcome::Dropped("the server is shutting down")),
+        admitted = admitted => admitted?,
+    };
+    drop(ticket);
+    match opened {
+        Opened::Session {
+            reader,
+            writer,
+            meter,
+            software,
+        } => session(reader, writer, meter, &software, shared, cancel).await,
+        Opened::Join {
+            reader,
+            writer,
+            session_id,
+            secret,
+        } => join(reader, writer, &shared.registry, &session_id, &secret).await,
+    }
+    .map(|()| Outcome::Finished)
+}
+
+/// The handshake: prefaces both ways, then `hello` or `join`.
+async fn open(stream: TcpStream) -> Result<Opened, EngineError> {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    // One meter per connection: the control connection's is what the stall
+    // watch reads (it also carries data, and the session cannot finish
+    // without it moving).
+    let meter = Meter::default();
+    let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
+    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter.clone());
+
+    let peer = reader.preface().await?;
+    // Always answer with our own preface, so that a client of another
+    // version can name both versions to its user.
+    writer.preface().await?;
+    if let Err(e) = check_version(peer) {
+        let _ = writer
+            .send_now(&Message::error(e.code(), e.to_string()))
+            .await;
+        return Err(e);
+    }
+    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
+        .await
+        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
+    match hello {
+        Message::Hello { software } => Ok(Opened::Session {
+            reader,
+            writer,
+            meter,
+            software,
+        }),
+        Message::Join { session_id, secret } => Ok(Opened::Join {
+            reader,
+            writer,
+            session_id,
+            secret,
+        }),
+        _ => refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
+    }
 }
 
 /// Remove abandoned part files now and then every hour, off the async
@@ -217,42 +425,16 @@ fn same_secret(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// A session on its control connection, from `welcome` to the end.
 async fn session(
-    stream: TcpStream,
-    root: &OwnedFd,
-    registry: &Registry,
+    mut reader: FrameReader<BoxRead>,
+    mut writer: FrameWriter<BoxWrite>,
+    meter: Meter,
+    software: &str,
+    shared: &Shared,
     cancel: &CancellationToken,
-    idle_timeout: Duration,
 ) -> Result<(), EngineError> {
-    let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
-    // One meter per connection: the control connection's is what the stall
-    // watch reads (it also carries data, and the session cannot finish
-    // without it moving).
-    let meter = Meter::default();
-    let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
-    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter.clone());
-
-    let peer = reader.preface().await?;
-    // Always answer with our own preface, so that a client of another
-    // version can name both versions to its user.
-    writer.preface().await?;
-    if let Err(e) = check_version(peer) {
-        let _ = writer
-            .send_now(&Message::error(e.code(), e.to_string()))
-            .await;
-        return Err(e);
-    }
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
-        .await
-        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
-    let software = match hello {
-        Message::Hello { software } => software,
-        Message::Join { session_id, secret } => {
-            return join(reader, writer, registry, &session_id, &secret).await;
-        }
-        _ => return refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
-    };
+    let (registry, idle_timeout) = (&shared.registry, shared.idle_timeout);
     let (session_id, secret) = match random_hex().and_then(|id| Ok((id, random_hex()?))) {
         Ok(pair) => pair,
         Err(e) => {
@@ -285,7 +467,7 @@ async fn session(
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
     let started = Instant::now();
-    let accepted = match accept_request(root, request) {
+    let accepted = match accept_request(&shared.root, shared.access, request) {
         Ok(a) => a,
         Err(Refusal(code, message)) => return refuse(&mut writer, code, message).await,
     };
@@ -379,9 +561,23 @@ impl Refusal {
     }
 }
 
-/// Check a request against the root and prepare what it will run. Every
-/// path is validated here, whatever the client already checked.
-fn accept_request(root: &OwnedFd, request: Message) -> Result<Accepted, Refusal> {
+/// Check a request against the server's access and root, and prepare what
+/// it will run. Every path is validated here, whatever the client already
+/// checked.
+fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Accepted, Refusal> {
+    // Before anything touches the filesystem: a read-only server must not
+    // even create an upload's parent directories.
+    match (&request, access) {
+        (Message::Upload { .. }, Access::ReadOnly) => {
+            let msg = "this server is read-only: it serves downloads, not uploads";
+            return Err(Refusal(ErrorCode::PermissionDenied, msg.into()));
+        }
+        (Message::Download { .. }, Access::WriteOnly) => {
+            let msg = "this server is write-only: it accepts uploads, not downloads";
+            return Err(Refusal(ErrorCode::PermissionDenied, msg.into()));
+        }
+        _ => {}
+    }
     let parse = |bytes: &[u8]| {
         WirePath::parse(bytes)
             .map_err(|e| Refusal(ErrorCode::BadPath, format!("refused remote path: {e}")))
@@ -440,11 +636,11 @@ fn accept_request(root: &OwnedFd, request: Message) -> Result<Accepted, Refusal>
 }
 
 /// Refuse a request with a reason the client will show its user.
-async fn refuse<W: tokio::io::AsyncWrite + Unpin>(
+async fn refuse<T, W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     code: ErrorCode,
     message: String,
-) -> Result<(), EngineError> {
+) -> Result<T, EngineError> {
     warn!("refused: {message}");
     writer
         .send_now(&Message::error(code, message.clone()))

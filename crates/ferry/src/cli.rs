@@ -66,6 +66,12 @@ pub struct ServerArgs {
     /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly.
     #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_age)]
     pub keep_parts: std::time::Duration,
+    /// Serve downloads only: uploads are refused, nothing below the root is changed.
+    #[arg(long, conflicts_with = "write_only")]
+    pub read_only: bool,
+    /// Accept uploads only: downloads are refused, nothing below the root is sent out.
+    #[arg(long)]
+    pub write_only: bool,
 }
 
 #[derive(Debug, Args)]

@@ -235,6 +235,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
                 idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
                 // The user's own directory: leftovers are theirs to keep.
                 part_max_age: None,
+                access: server::Access::ReadWrite,
             };
             let stopped = stop.clone();
             let task = tokio::spawn(async move {
@@ -364,6 +365,11 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         root,
         idle_timeout: Duration::from_secs(args.timeout),
         part_max_age: (!args.keep_parts.is_zero()).then_some(args.keep_parts),
+        access: match (args.read_only, args.write_only) {
+            (true, _) => server::Access::ReadOnly,
+            (_, true) => server::Access::WriteOnly,
+            _ => server::Access::ReadWrite,
+        },
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {

@@ -17,3 +17,5 @@ mod proxy;
 mod resume;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
+// Read-only and write-only servers, and idle connections that must not lock clients out.
+mod access;
