@@ -26,6 +26,8 @@
 pub mod chunk;
 pub mod digest;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 pub mod path;
 pub mod preface;
