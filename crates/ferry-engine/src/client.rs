@@ -27,6 +27,7 @@ use crate::events::{Event, EventSink, Tally, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
+use crate::tls::ClientTls;
 
 /// How long to wait for a TCP connection to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,6 +53,8 @@ pub struct ClientConfig {
     pub retries: u32,
     /// A session in which no byte moves for this long has stalled.
     pub timeout: Duration,
+    /// TLS and what to trust; `None` speaks plain TCP (`--no-tls`).
+    pub tls: Option<ClientTls>,
 }
 
 /// The first pause between attempts; it doubles after each attempt that
@@ -90,6 +93,7 @@ struct Connection {
 /// Connect and exchange prefaces: a connection ready for its first message.
 async fn connect(
     addr: &str,
+    tls: Option<&ClientTls>,
     meter: &Meter,
 ) -> Result<(FrameReader<BoxRead>, FrameWriter<BoxWrite>), EngineError> {
     let connect_error = |reason: String| EngineError::Connect {
@@ -105,12 +109,51 @@ async fn connect(
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
-    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter.clone());
+    let (r, w): (BoxRead, BoxWrite) = match tls {
+        None => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+        Some(tls) => {
+            let handshake = tls.connector().connect(ClientTls::server_name(), stream);
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
+                Ok(Err(e)) => {
+                    return Err(tls.refusal().unwrap_or_else(|| handshake_error(addr, &e)));
+                }
+                Ok(Ok(s)) => s,
+            };
+            let (r, w) = tokio::io::split(stream);
+            (Box::new(r), Box::new(w))
+        }
+    };
+    let mut reader = FrameReader::new(r, meter.clone());
+    let mut writer = FrameWriter::new(w, meter.clone());
     writer.preface().await?;
     check_version(reader.preface().await?)?;
     Ok((reader, writer))
+}
+
+/// Why a TLS handshake failed, in the user's words. A peer that answers
+/// a TLS hello with bytes that are not TLS is a ferry server running with
+/// `--no-tls` (it answers with its plaintext preface): trying again would
+/// not help.
+fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidMessage(_)) => EngineError::NotTls {
+            addr: addr.to_string(),
+        },
+        Some(tls) => EngineError::Tls(tls.to_string()),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => EngineError::Tls(
+            "the server closed the connection during the handshake \
+             (if this persists: is it running with --no-tls?)"
+                .into(),
+        ),
+        None => EngineError::Tls(reason(e)),
+    }
 }
 
 /// The peer's next message, within the handshake timeout.
@@ -121,8 +164,13 @@ async fn reply(reader: &mut FrameReader<BoxRead>) -> Result<Message, EngineError
 }
 
 /// Open a data connection and attach it to `session`.
-async fn join(addr: &str, session: &SessionKey, meter: &Meter) -> Result<DataConn, EngineError> {
-    let (mut reader, mut writer) = connect(addr, meter).await?;
+async fn join(
+    addr: &str,
+    tls: Option<&ClientTls>,
+    session: &SessionKey,
+    meter: &Meter,
+) -> Result<DataConn, EngineError> {
+    let (mut reader, mut writer) = connect(addr, tls, meter).await?;
     writer
         .send_now(&Message::Join {
             session_id: session.id.clone(),
@@ -138,8 +186,20 @@ async fn join(addr: &str, session: &SessionKey, meter: &Meter) -> Result<DataCon
 }
 
 impl Connection {
-    async fn open(addr: &str, meter: Meter) -> Result<Self, EngineError> {
-        let (mut reader, mut writer) = connect(addr, &meter).await?;
+    async fn open(
+        addr: &str,
+        tls: Option<&ClientTls>,
+        meter: Meter,
+        events: &dyn EventSink,
+    ) -> Result<Self, EngineError> {
+        let (mut reader, mut writer) = connect(addr, tls, &meter).await?;
+        if let Some(new) = tls.map(ClientTls::remember).transpose()?.flatten() {
+            events.event(Event::NewServer {
+                addr: addr.to_string(),
+                fingerprint: new.fingerprint,
+                file: new.file,
+            });
+        }
         writer
             .send_now(&Message::Hello {
                 software: crate::SOFTWARE.to_string(),
@@ -173,14 +233,19 @@ impl Connection {
 
     /// Open the session's data connections in the background: the
     /// transfer starts on the control connection and widens as they join.
-    fn data_streams(&self, addr: &str, wanted: u32) -> mpsc::Receiver<DataConn> {
+    fn data_streams(
+        &self,
+        addr: &str,
+        tls: Option<&ClientTls>,
+        wanted: u32,
+    ) -> mpsc::Receiver<DataConn> {
         let extra = wanted.min(self.session.max_streams).saturating_sub(1);
         let (tx, rx) = mpsc::channel(extra.max(1) as usize);
         for _ in 0..extra {
             let (addr, session, tx) = (addr.to_string(), self.session.clone(), tx.clone());
-            let meter = self.meter.clone();
+            let (tls, meter) = (tls.cloned(), self.meter.clone());
             tokio::spawn(async move {
-                match join(&addr, &session, &meter).await {
+                match join(&addr, tls.as_ref(), &session, &meter).await {
                     Ok(conn) => {
                         let _ = tx.send(conn).await;
                     }
@@ -263,13 +328,19 @@ async fn upload_once(
         path: escape(local.as_os_str().as_bytes()),
         reason: reason(&e),
     })?;
-    let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
+    let mut conn = Connection::open(
+        &config.addr,
+        config.tls.as_ref(),
+        session.meter.clone(),
+        &*tally,
+    )
+    .await?;
     conn.request(&Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
     })
     .await?;
-    let joins = conn.data_streams(&config.addr, config.streams);
+    let joins = conn.data_streams(&config.addr, config.tls.as_ref(), config.streams);
     let job = SendJob {
         root,
         compression: config.compression,
@@ -302,14 +373,20 @@ async fn download_once(
 ) -> Result<(), EngineError> {
     let mut dest = local_destination(local, escape(remote))?;
     dest.ignore_times = config.ignore_times;
-    let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
+    let mut conn = Connection::open(
+        &config.addr,
+        config.tls.as_ref(),
+        session.meter.clone(),
+        &*tally,
+    )
+    .await?;
     conn.request(&Message::Download {
         source: WireBytes(remote.to_vec()),
         compression: config.compression,
         ignore_times: config.ignore_times,
     })
     .await?;
-    let joins = conn.data_streams(&config.addr, config.streams);
+    let joins = conn.data_streams(&config.addr, config.tls.as_ref(), config.streams);
     let result = session
         .watched(config.timeout, async |cancel| {
             run_receiver(

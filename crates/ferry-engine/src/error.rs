@@ -42,6 +42,43 @@ pub enum EngineError {
     Closed,
     #[error("interrupted")]
     Cancelled,
+    /// The TLS handshake or a TLS record failed (damaged bytes, a peer
+    /// that went away mid-handshake): worth another try.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The peer answered a TLS hello with something that is not TLS.
+    #[error("the server at {addr} does not speak TLS (is it running with --no-tls?)")]
+    NotTls { addr: String },
+    #[error(
+        "the server at {addr} presented the certificate {got}, not {expected} as given with \
+         --fingerprint; refusing to connect"
+    )]
+    FingerprintMismatch {
+        addr: String,
+        expected: String,
+        got: String,
+    },
+    #[error(
+        "@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+         @    WARNING: REMOTE SERVER KEY CHANGED!                  @\n\
+         @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+         IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
+         The ferry server at {addr} presented a certificate that is not the one\n\
+         remembered for it: someone may be intercepting this connection, or the\n\
+         server's key was replaced.\n\
+         expected: {expected}\n\
+         got:      {got}\n\
+         If the server's key was changed on purpose, remove line {line} of {file}\n\
+         (or pass --fingerprint with the new fingerprint) and run again.\n\
+         Refusing to connect."
+    )]
+    KeyChanged {
+        addr: String,
+        expected: String,
+        got: String,
+        file: String,
+        line: usize,
+    },
 }
 
 impl From<io::Error> for EngineError {
@@ -80,6 +117,7 @@ impl EngineError {
             | EngineError::Closed
             | EngineError::Timeout(_)
             | EngineError::Stalled(_)
+            | EngineError::Tls(_)
             | EngineError::Protocol(_) => true,
             EngineError::Remote { code, .. } => matches!(
                 code,
@@ -90,6 +128,9 @@ impl EngineError {
             | EngineError::VersionMismatch { .. }
             | EngineError::NotFerry(_)
             | EngineError::BadPath(_)
+            | EngineError::NotTls { .. }
+            | EngineError::FingerprintMismatch { .. }
+            | EngineError::KeyChanged { .. }
             | EngineError::Cancelled => false,
         }
     }

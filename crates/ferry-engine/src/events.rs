@@ -4,6 +4,7 @@
 //! events into progress bars, `-v` lines or NDJSON; the server turns them
 //! into log lines.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::limits::MAX_REASON_LEN;
@@ -39,6 +40,13 @@ pub enum Event {
         attempt: u32,
         delay: Duration,
         reason: String,
+    },
+    /// A server seen for the first time: its certificate's fingerprint
+    /// is now remembered in `file` and expected from then on.
+    NewServer {
+        addr: String,
+        fingerprint: String,
+        file: PathBuf,
     },
 }
 
@@ -135,7 +143,7 @@ impl EventSink for Tally {
                 Event::FileIncomplete { path, reason } => {
                     r.incomplete.push((path.clone(), reason.clone()))
                 }
-                Event::FileStarted { .. } | Event::Retry { .. } => {}
+                Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }
         self.inner.event(event);

@@ -35,6 +35,7 @@ mod receiver;
 mod sender;
 pub mod server;
 mod sweep;
+pub mod tls;
 
 pub use error::EngineError;
 pub use ferry_proto::message::Compression;

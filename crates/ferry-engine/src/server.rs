@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::limits::MAX_STREAMS;
 use ferry_proto::message::{Compression, ErrorCode, Message};
 use ferry_proto::path::{WirePath, escape};
+use ferry_proto::preface::{MAGIC, Preface};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,7 @@ use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
+use crate::tls::ServerTls;
 
 /// Connections past their handshake served at once (control and data
 /// connections alike). A connection that has finished its handshake while
@@ -67,6 +69,8 @@ pub struct ServerConfig {
     pub part_max_age: Option<Duration>,
     /// Which requests are served: uploads, downloads, or both.
     pub access: Access,
+    /// The server's TLS identity; `None` serves plain TCP (`--no-tls`).
+    pub tls: Option<ServerTls>,
 }
 
 /// Which way files may move through a server.
@@ -119,6 +123,7 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         idle_timeout: config.idle_timeout,
         access: config.access,
+        tls: config.tls,
     });
     let pending = Pending::default();
     let sessions = TaskTracker::new();
@@ -177,6 +182,7 @@ struct Shared {
     slots: Arc<Semaphore>,
     idle_timeout: Duration,
     access: Access,
+    tls: Option<ServerTls>,
 }
 
 /// The pending connections, oldest first, each with the token that drops
@@ -269,7 +275,7 @@ async fn connection(
     cancel: &CancellationToken,
 ) -> Result<Outcome, EngineError> {
     let admitted = async {
-        let opened = open(stream).await?;
+        let opened = open(stream, shared.tls.as_ref()).await?;
         let permit = shared
             .slots
             .clone()
@@ -303,16 +309,42 @@ async fn connection(
     .map(|()| Outcome::Finished)
 }
 
-/// The handshake: prefaces both ways, then `hello` or `join`.
-async fn open(stream: TcpStream) -> Result<Opened, EngineError> {
+/// The handshake: TLS unless the server runs with `--no-tls`, prefaces
+/// both ways, then `hello` or `join`.
+async fn open(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Opened, EngineError> {
     let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
+    // The first byte tells a TLS client (a handshake record, 0x16) from a
+    // plaintext ferry one (the preface's `F`), so that a client on the
+    // other setting hears why it cannot be served.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(0)) => return Err(EngineError::Closed),
+        Ok(Ok(_)) => {}
+    }
+    let plaintext_client = first[0] == MAGIC[0];
+    let (r, w): (BoxRead, BoxWrite) = match tls {
+        Some(tls) if !plaintext_client => {
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
+                .await
+                .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
+                .map_err(|e| EngineError::Tls(reason(&e)))?;
+            let (r, w) = tokio::io::split(accepted);
+            (Box::new(r), Box::new(w))
+        }
+        None if first[0] == TLS_HANDSHAKE_RECORD => return tls_client_refused(stream).await,
+        _ => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+    };
     // One meter per connection: the control connection's is what the stall
     // watch reads (it also carries data, and the session cannot finish
     // without it moving).
     let meter = Meter::default();
-    let mut reader = FrameReader::new(Box::new(r) as BoxRead, meter.clone());
-    let mut writer = FrameWriter::new(Box::new(w) as BoxWrite, meter.clone());
+    let mut reader = FrameReader::new(r, meter.clone());
+    let mut writer = FrameWriter::new(w, meter.clone());
 
     let peer = reader.preface().await?;
     // Always answer with our own preface, so that a client of another
@@ -327,6 +359,17 @@ async fn open(stream: TcpStream) -> Result<Opened, EngineError> {
     let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
+    if tls.is_some() && plaintext_client {
+        // Answered in plaintext, after its hello, so that the client reads
+        // the refusal rather than a reset connection.
+        warn!("a plaintext (--no-tls) client connected to this TLS server");
+        return refuse(
+            &mut writer,
+            ErrorCode::BadRequest,
+            "this server requires TLS; drop --no-tls on the client".into(),
+        )
+        .await;
+    }
     match hello {
         Message::Hello { software } => Ok(Opened::Session {
             reader,
@@ -342,6 +385,31 @@ async fn open(stream: TcpStream) -> Result<Opened, EngineError> {
         }),
         _ => refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
     }
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// A TLS client at a `--no-tls` server. It is answered with the plaintext
+/// preface, which its TLS stack rejects as "not TLS" and reports as such;
+/// then its hello is read away, so that closing does not reset the
+/// connection before the client has read the answer.
+async fn tls_client_refused(mut stream: TcpStream) -> Result<Opened, EngineError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let answer = async {
+        stream.write_all(&Preface::ours().encode()).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
+    Err(EngineError::Refused {
+        code: ErrorCode::BadRequest,
+        message: "a TLS client connected to this --no-tls server (drop --no-tls here, \
+                  or run the client with --no-tls)"
+            .into(),
+    })
 }
 
 /// Remove abandoned part files now and then every hour, off the async

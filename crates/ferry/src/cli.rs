@@ -72,6 +72,12 @@ pub struct ServerArgs {
     /// Accept uploads only: downloads are refused, nothing below the root is sent out.
     #[arg(long)]
     pub write_only: bool,
+    /// Where the server keeps its TLS key and certificate (made on first start) [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve plain TCP, without TLS: only on a network you trust; clients must use --no-tls too.
+    #[arg(long)]
+    pub no_tls: bool,
 }
 
 #[derive(Debug, Args)]
@@ -147,6 +153,15 @@ pub struct TransferOpts {
     /// Consider the connection stalled after this many seconds without any data moving.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
+    /// Trust only the server whose certificate has this fingerprint (as `ferry server` prints it), instead of known_hosts.
+    #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
+    pub fingerprint: Option<String>,
+    /// Where known_hosts (the fingerprints of servers seen before) is kept [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Talk plain TCP, without TLS, to a server run with --no-tls: only on a network you trust.
+    #[arg(long)]
+    pub no_tls: bool,
 }
 
 /// An age like `90s`, `30m`, `36h`, `7d` (a bare number is seconds); zero

@@ -21,6 +21,7 @@ use clap::Parser;
 use ferry_engine::client::{self, ClientConfig};
 use ferry_engine::events::TransferSummary;
 use ferry_engine::server::{self, ServerConfig};
+use ferry_engine::tls::{ClientTls, ServerTls};
 use ferry_engine::{CancellationToken, EngineError, escape};
 use tokio::net::TcpListener;
 
@@ -236,6 +237,8 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
                 // The user's own directory: leftovers are theirs to keep.
                 part_max_age: None,
                 access: server::Access::ReadWrite,
+                // Both ends in this process: nothing to protect.
+                tls: None,
             };
             let stopped = stop.clone();
             let task = tokio::spawn(async move {
@@ -244,7 +247,17 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
             (addr.to_string(), Some((stop, task)))
         }
     };
+    let tls = match &plan.server {
+        Target::Remote(_) if !opts.no_tls => {
+            let state_dir = state_dir(opts.state_dir.as_deref())?;
+            let tls = ClientTls::new(&addr, &state_dir, opts.fingerprint.as_deref())
+                .map_err(|e| Fatal::Failed(e.to_string()))?;
+            Some(tls)
+        }
+        _ => None,
+    };
     let config = ClientConfig {
+        tls,
         addr: addr.clone(),
         // Both ends local: there is no link whose bytes compression could
         // save, so `auto` means off.
@@ -354,13 +367,32 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let local = listener
         .local_addr()
         .map_err(|e| Fatal::Failed(e.to_string()))?;
+    let tls = if args.no_tls {
+        None
+    } else {
+        let dir = state_dir(args.state_dir.as_deref())?;
+        let (tls, created) =
+            ServerTls::load_or_create(&dir).map_err(|e| Fatal::Failed(e.to_string()))?;
+        if created {
+            tracing::info!("made a new TLS key and certificate in {}", dir.display());
+        }
+        Some(tls)
+    };
     let shutdown = shutdown_signal()?;
     println!(
         "ferry server listening on {local} (root: {})",
         root.display()
     );
+    match &tls {
+        Some(tls) => println!("ferry server fingerprint {}", tls.fingerprint()),
+        None => println!("ferry server: TLS is off (--no-tls): sessions travel in plaintext"),
+    }
     let _ = std::io::stdout().flush();
     tracing::info!("listening on {local}, root {}", root.display());
+    match &tls {
+        Some(tls) => tracing::info!("TLS 1.3, certificate fingerprint {}", tls.fingerprint()),
+        None => tracing::warn!("TLS is off (--no-tls): sessions travel in plaintext"),
+    }
     let config = ServerConfig {
         root,
         idle_timeout: Duration::from_secs(args.timeout),
@@ -370,6 +402,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
             (_, true) => server::Access::WriteOnly,
             _ => server::Access::ReadWrite,
         },
+        tls,
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {
@@ -380,6 +413,18 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     logs.iter().for_each(logbuf::BufferedLog::flush);
     served.map_err(|e| Fatal::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The state directory given, or the default one.
+fn state_dir(given: Option<&Path>) -> Result<PathBuf, Fatal> {
+    given
+        .map(Path::to_path_buf)
+        .or_else(ferry_engine::tls::default_state_dir)
+        .ok_or_else(|| {
+            Fatal::Failed(
+                "no state directory: set HOME or XDG_CONFIG_HOME, or pass --state-dir".into(),
+            )
+        })
 }
 
 /// Lift the soft limit on open files to the hard limit (as Go programs

@@ -336,6 +336,18 @@ impl EventSink for Ui {
                     Mode::Quiet => {}
                 }
             }
+            Event::NewServer {
+                addr,
+                fingerprint,
+                file,
+            } => {
+                // On stderr in every mode, --quiet and --json too: trusting
+                // a server's key for good is worth one line to a person.
+                self.err(&format!(
+                    "ferry: new server {addr}, fingerprint {fingerprint}, remembered in {}",
+                    file.display()
+                ))
+            }
         }
     }
 }

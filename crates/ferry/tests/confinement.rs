@@ -486,7 +486,8 @@ fn read_messages(stream: &mut TcpStream, deadline: Instant) -> Vec<serde_json::V
 }
 
 /// Uploads `steps` to `dest` as a hand-written client and returns what the
-/// server answered after `ready`.
+/// server answered after `ready`. The client speaks plaintext: the server
+/// must run with `--no-tls`.
 fn hostile_upload(server: &Server, dest: &str, steps: &[Step]) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + PEER_TIMEOUT;
     let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
@@ -528,7 +529,7 @@ fn outcome_of(messages: &[serde_json::Value], id: u64) -> Option<String> {
 fn hostile_upload_cannot_write_through_a_link_it_sent() {
     let (_scratch, root, outside) = setup();
     let before = snapshot(&outside);
-    let mut server = Server::start(&root);
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
     let abs = outside.display().to_string();
     // Each dest sits directly in the root, so `../outside` climbs out of it.
     let cases: Vec<(&str, Vec<Step>, u64)> = vec![
@@ -635,7 +636,7 @@ fn hostile_upload_cannot_write_through_a_link_it_sent() {
 fn hostile_upload_entry_paths_that_climb_are_refused() {
     let (_scratch, root, outside) = setup();
     let before = snapshot(&outside);
-    let mut server = Server::start(&root);
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
     let abs = outside.join("abs-evil").display().to_string();
     for (i, path) in ["../outside/evil", "a/../../outside/evil", abs.as_str()]
         .into_iter()
@@ -710,6 +711,8 @@ fn hostile_server_cannot_make_the_client_write_through_a_link() {
             &port.to_string(),
             &"--retries",
             &"0",
+            // The fake server speaks plaintext.
+            &"--no-tls",
         ],
         ERROR_TIMEOUT,
     );

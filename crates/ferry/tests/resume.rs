@@ -40,6 +40,27 @@ fn run_via(proxy: &FaultProxy, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
     run_with(&refs, &RunOptions::with_timeout(RETRYING))
 }
 
+/// A server with TLS (the default) or with `--no-tls`.
+fn start_server(root: &Path, tls: bool) -> Server {
+    if tls {
+        Server::start(root)
+    } else {
+        Server::start_with(root, &[&"--no-tls"])
+    }
+}
+
+/// Client arguments, with `--no-tls` added when TLS is off.
+fn with_tls<'a>(
+    args: &[&'a dyn AsRef<std::ffi::OsStr>],
+    tls: bool,
+) -> Vec<&'a dyn AsRef<std::ffi::OsStr>> {
+    let mut all = args.to_vec();
+    if !tls {
+        all.push(&"--no-tls");
+    }
+    all
+}
+
 fn proxy_to(server: &Server, direction: Direction, faults: Vec<Fault>) -> FaultProxy {
     let target = server.addr().parse().expect("the server prints IP:PORT");
     FaultProxy::start(target, direction, faults)
@@ -164,11 +185,20 @@ fn build_5k_tree(root: &Path) -> u64 {
 
 #[test]
 fn a_tree_of_5k_files_survives_cuts_and_resends_only_what_is_missing() {
+    five_k_tree_through_cuts(true);
+}
+
+#[test]
+fn a_tree_of_5k_files_survives_cuts_without_tls() {
+    five_k_tree_through_cuts(false);
+}
+
+fn five_k_tree_through_cuts(tls: bool) {
     let scratch = Scratch::new();
     let root = scratch.mkdir("root");
     let tree = scratch.mkdir("tree");
     let size = build_5k_tree(&tree);
-    let server = Server::start(&root);
+    let server = start_server(&root, tls);
     let cuts = [size * 3 / 10, size * 6 / 10];
     let dir = Direction::ClientToServer;
     let proxy = proxy_to(
@@ -177,7 +207,10 @@ fn a_tree_of_5k_files_survives_cuts_and_resends_only_what_is_missing() {
         cuts.iter().map(|&at| Fault::cut(at)).collect(),
     );
 
-    let out = run_via(&proxy, &[&"up", &tree, &"tree", &"--compress", &"off"]);
+    let out = run_via(
+        &proxy,
+        &with_tls(&[&"up", &tree, &"tree", &"--compress", &"off"], tls),
+    );
     out.assert_success();
     assert_trees_equal(&tree, &root.join("tree"));
     assert_eq!(summary_u64(&out, "retries"), cuts.len() as u64, "{out}");
@@ -185,12 +218,19 @@ fn a_tree_of_5k_files_survives_cuts_and_resends_only_what_is_missing() {
     let sent = data_bytes(&proxy, dir);
     let restart = from_zero(size, &cuts);
     eprintln!(
-        "5k tree: {} cuts; {sent} bytes on the wire for {size} (from zero: {restart})",
+        "5k tree (tls: {tls}): {} cuts; {sent} bytes on the wire for {size} (from zero: {restart})",
         cuts.len()
     );
     // Entries and digests cost some bytes per file on top of the data.
+    // What a cut loses also counts: bytes the proxy had forwarded that the
+    // server had not yet made durable when the session went down. Under
+    // TLS the server decrypts as well, lags a little further behind its
+    // sockets, and more is lost at each cut (measured: about 9 MB more
+    // than without TLS here, for two cuts), so the bound is looser there;
+    // it still says that far less than a restart from zero went again.
+    let (over, of_restart) = if tls { (size / 2, 85) } else { (size / 3, 70) };
     assert!(
-        sent < size + size / 3 && sent < restart * 7 / 10,
+        sent < size + over && sent < restart * of_restart / 100,
         "re-sent too much: {sent} for {size} (from zero: {restart})\n{out}"
     );
 }
@@ -238,12 +278,21 @@ fn without_retries_a_cut_fails_at_once_with_its_cause() {
 
 #[test]
 fn flipped_bits_are_caught_and_only_the_damaged_chunks_are_sent_again() {
+    flipped_bits(false);
+}
+
+#[test]
+fn flipped_bits_under_tls_end_the_connection_and_the_transfer_resumes() {
+    flipped_bits(true);
+}
+
+fn flipped_bits(tls: bool) {
     let scratch = Scratch::new();
     let root = scratch.mkdir("root");
     let big = scratch.join("big.bin");
     let size = 24 * MIB;
     write_random_file(&big, size, 4006);
-    let server = Server::start(&root);
+    let server = start_server(&root, tls);
     // One connection, raw chunks: these positions fall inside the payloads
     // of the 6th and 14th chunks (each frame adds only 34 bytes of header).
     let flips = vec![
@@ -255,25 +304,39 @@ fn flipped_bits_are_caught_and_only_the_damaged_chunks_are_sent_again() {
 
     let out = run_via(
         &proxy,
-        &[
-            &"up",
-            &big,
-            &"big.bin",
-            &"--compress",
-            &"off",
-            &"--streams",
-            &"1",
-        ],
+        &with_tls(
+            &[
+                &"up",
+                &big,
+                &"big.bin",
+                &"--compress",
+                &"off",
+                &"--streams",
+                &"1",
+            ],
+            tls,
+        ),
     );
     out.assert_success();
     assert_files_equal(&big, &root.join("big.bin"));
     assert_eq!(proxy.faults_fired(), 2, "{out}");
     assert!(summary_u64(&out, "retries") >= 1, "{out}");
-    out.assert_stdout_contains("corrupted in transit");
+    if tls {
+        // Under TLS a flipped bit breaks the record's authentication tag:
+        // the connection fails (bad_record_mac) before ferry's own chunk
+        // hash sees anything, and the retry resumes from the journal.
+        out.assert_stdout_contains("BadRecordMac");
+    } else {
+        out.assert_stdout_contains("corrupted in transit");
+    }
     let sent = data_bytes(&proxy, dir);
-    eprintln!("bit flips: 2 caught; {sent} bytes on the wire for {size}");
+    eprintln!("bit flips (tls: {tls}): 2 caught; {sent} bytes on the wire for {size}");
+    // Without TLS only the two damaged chunks go again. With TLS the whole
+    // connection goes down at each flip, and the resume starts from the
+    // last chunk the receiver had made durable, a little before the flip.
+    let allowance = if tls { 12 * MIB } else { 4 * MIB };
     assert!(
-        sent < size + 4 * MIB,
+        sent < size + allowance,
         "more than the damaged chunks went again: {sent} for {size}\n{out}"
     );
 }

@@ -93,7 +93,15 @@ fn prints_one_listening_line_with_address_and_root() {
     );
     let stdout = server.stdout();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 1, "exactly one line on stdout: {stdout:?}");
+    assert_eq!(lines.len(), 2, "exactly two lines on stdout: {stdout:?}");
+    let fingerprint = lines[1]
+        .strip_prefix("ferry server fingerprint SHA256:")
+        .unwrap_or_else(|| panic!("no fingerprint line: {stdout:?}"));
+    assert_eq!(
+        fingerprint.len(),
+        43,
+        "base64 of SHA-256, unpadded: {stdout:?}"
+    );
     assert!(
         lines[0].starts_with("ferry server listening on ")
             && lines[0].contains(&format!("(root: {})", root.display())),
@@ -252,6 +260,7 @@ fn server_of_another_version_is_a_clear_client_error() {
             &"127.0.0.1",
             &"--port",
             &port.to_string(),
+            &"--no-tls",
         ],
         ERROR_TIMEOUT,
     );
@@ -295,7 +304,7 @@ fn control_frame(json: &str) -> Vec<u8> {
 fn shutdown_mid_file_abandons_it_cleanly() {
     let scratch = Scratch::new();
     let root = scratch.mkdir("root");
-    let mut server = Server::start(&root);
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
 
     // A client that announces a 10 MiB file and then stalls, as a slow or
     // wedged client would: the server holds a part file for it.
@@ -369,6 +378,7 @@ fn interrupted_client_exits_130() {
             "big.bin".as_ref(),
             "--port".as_ref(),
             port.to_string().as_ref(),
+            "--no-tls".as_ref(),
         ])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())

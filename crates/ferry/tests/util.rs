@@ -115,6 +115,9 @@ impl RunOptions {
         let program = self.program.as_deref().unwrap_or(ferry_bin());
         let mut cmd = Command::new(program);
         cmd.args(args);
+        if !self.env.iter().any(|(key, _)| key == "XDG_CONFIG_HOME") {
+            cmd.env("XDG_CONFIG_HOME", state_home(args));
+        }
         for (key, value) in &self.env {
             cmd.env(key, value);
         }
@@ -412,6 +415,49 @@ impl Drain {
         let _ = self.done.recv_timeout(grace);
         self.snapshot()
     }
+}
+
+/// Where a ferry process started by a test keeps its state (the server's
+/// TLS key, the client's known_hosts): never the real home, and never a
+/// place another test uses. A server gets one directory per root, so that
+/// one restarted on the same root keeps its key, as a real one would; a
+/// client gets a fresh one per run, so it trusts on first use and never
+/// meets a port that another test's server held before. A test that needs
+/// something else sets XDG_CONFIG_HOME or passes --state-dir itself.
+fn state_home(args: &[OsString]) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static BASE: OnceLock<PathBuf> = OnceLock::new();
+    static CLIENTS: AtomicU64 = AtomicU64::new(0);
+    let base = BASE.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-test-state-")
+            .tempdir()
+            .expect("make the tests' state directory")
+            .keep();
+        set_mode(&dir, 0o755);
+        dir
+    });
+    let name = if args.first().is_some_and(|a| a == "server") {
+        let root = args
+            .iter()
+            .skip_while(|a| *a != "--root")
+            .nth(1)
+            .cloned()
+            .unwrap_or_default();
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        root.hash(&mut hasher);
+        format!("server-{:016x}", hasher.finish())
+    } else {
+        format!("client-{}", CLIENTS.fetch_add(1, Ordering::Relaxed))
+    };
+    let dir = base.join(name);
+    if fs::create_dir(&dir).is_ok() {
+        // Tests run some processes as `nobody`.
+        set_mode(&dir, 0o777);
+    }
+    dir
 }
 
 /// Options that let `nobody` run the client or the server when the suite
