@@ -19,3 +19,4 @@ mod resume;
 mod confinement;
 // Read-only and write-only servers, and idle connections that must not lock clients out.
 mod access;
+mod tls;
