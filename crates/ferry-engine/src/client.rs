@@ -135,17 +135,21 @@ async fn connect(
 }
 
 /// Why a TLS handshake failed, in the user's words. A peer that answers
-/// a TLS hello with bytes that are not TLS is a ferry server running with
-/// `--no-tls` (it answers with its plaintext preface): trying again would
-/// not help.
+/// a TLS hello with bytes that are not even a TLS record header is a ferry
+/// server running with `--no-tls` (it answers with its plaintext preface,
+/// `F` where a record type should be): trying again would not help. Other
+/// malformed records may be damage on the way, and are worth a retry.
 fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
+    use rustls::InvalidMessage::{InvalidContentType, UnknownProtocolVersion};
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
-        Some(rustls::Error::InvalidMessage(_)) => EngineError::NotTls {
-            addr: addr.to_string(),
-        },
+        Some(rustls::Error::InvalidMessage(InvalidContentType | UnknownProtocolVersion)) => {
+            EngineError::NotTls {
+                addr: addr.to_string(),
+            }
+        }
         Some(tls) => EngineError::Tls(tls.to_string()),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => EngineError::Tls(
             "the server closed the connection during the handshake \
