@@ -582,24 +582,29 @@ class Ferry(Tool):
         self.datasets = datasets
         self.links = links
         self.streams_supported = False
+        self.state_dir_supported = False
 
     def prepare(self, ctx: Ctx) -> None:
         help_text = subprocess.run([str(ctx.ferry), "up", "--help"], capture_output=True,
                                    text=True, timeout=30).stdout
         self.streams_supported = "--streams" in help_text
+        # A ferry with TLS keeps its key and known_hosts in a state
+        # directory: the bench's own, never the user's.
+        self.state_dir_supported = "--state-dir" in help_text
         if ctx.streams is not None and not self.streams_supported:
             log(f"note: this ferry has no --streams option; --streams {ctx.streams} is ignored")
 
     def run(self, ctx: Ctx, ds: Dataset) -> RunResult:
         net = ds.net
         port = free_port()
+        state = ["--state-dir", str(ctx.workdir / "ferry-state")] if self.state_dir_supported else []
         server = start_server(
             net.server([str(ctx.ferry), "server", "--host", net.server_host,
-                        "--port", str(port), "--root", str(ctx.dst_root)]),
+                        "--port", str(port), "--root", str(ctx.dst_root)] + state),
             port, self.log_path(ctx, ds, "server"))
         try:
             argv = [str(ctx.ferry), "up", str(ds.path), ds.name,
-                    "--host", net.server_host, "--port", str(port), "-q"]
+                    "--host", net.server_host, "--port", str(port), "-q"] + state
             if self.compress:
                 argv += ["--compress", self.compress]
             if ctx.streams is not None and self.streams_supported:
