@@ -431,6 +431,7 @@ fn state_home(args: &[OsString]) -> PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     static CLIENTS: AtomicU64 = AtomicU64::new(0);
     let base = BASE.get_or_init(|| {
+        remove_stale_state_homes();
         let dir = tempfile::Builder::new()
             .prefix("ferry-test-state-")
             .tempdir()
@@ -458,6 +459,29 @@ fn state_home(args: &[OsString]) -> PathBuf {
         set_mode(&dir, 0o777);
     }
     dir
+}
+
+/// The state directories of earlier test runs (a static cannot remove its
+/// own at exit): those untouched for a day, so that a run going on beside
+/// this one keeps its own.
+fn remove_stale_state_homes() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+            t.elapsed()
+                .is_ok_and(|age| age > Duration::from_secs(86_400))
+        });
+        if stale
+            && entry
+                .file_name()
+                .as_bytes()
+                .starts_with(b"ferry-test-state-")
+        {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Options that let `nobody` run the client or the server when the suite
