@@ -192,6 +192,19 @@ impl Connection {
         rx
     }
 
+    /// Open a session, have `request` accepted, and start joining its data
+    /// connections.
+    async fn start(
+        config: &ClientConfig,
+        session: &Session,
+        request: &Message,
+    ) -> Result<(Self, mpsc::Receiver<DataConn>), EngineError> {
+        let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
+        conn.request(request).await?;
+        let joins = conn.data_streams(&config.addr, config.streams);
+        Ok((conn, joins))
+    }
+
     /// Send a request and wait for the server to accept it.
     async fn request(&mut self, msg: &Message) -> Result<(), EngineError> {
         self.writer.send_now(msg).await?;
@@ -263,13 +276,11 @@ async fn upload_once(
         path: escape(local.as_os_str().as_bytes()),
         reason: reason(&e),
     })?;
-    let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
-    conn.request(&Message::Upload {
+    let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
-    })
-    .await?;
-    let joins = conn.data_streams(&config.addr, config.streams);
+    };
+    let (mut conn, joins) = Connection::start(config, &session, &request).await?;
     let job = SendJob {
         root,
         compression: config.compression,
@@ -302,14 +313,12 @@ async fn download_once(
 ) -> Result<(), EngineError> {
     let mut dest = local_destination(local, escape(remote))?;
     dest.ignore_times = config.ignore_times;
-    let mut conn = Connection::open(&config.addr, session.meter.clone()).await?;
-    conn.request(&Message::Download {
+    let request = Message::Download {
         source: WireBytes(remote.to_vec()),
         compression: config.compression,
         ignore_times: config.ignore_times,
-    })
-    .await?;
-    let joins = conn.data_streams(&config.addr, config.streams);
+    };
+    let (mut conn, joins) = Connection::start(config, &session, &request).await?;
     let result = session
         .watched(config.timeout, async |cancel| {
             run_receiver(
