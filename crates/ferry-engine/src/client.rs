@@ -261,6 +261,21 @@ impl Connection {
         rx
     }
 
+    /// Open a session, have `request` accepted, and start joining its data
+    /// connections.
+    async fn start(
+        config: &ClientConfig,
+        session: &Session,
+        request: &Message,
+        events: &dyn EventSink,
+    ) -> Result<(Self, mpsc::Receiver<DataConn>), EngineError> {
+        let tls = config.tls.as_ref();
+        let mut conn = Connection::open(&config.addr, tls, session.meter.clone(), events).await?;
+        conn.request(request).await?;
+        let joins = conn.data_streams(&config.addr, tls, config.streams);
+        Ok((conn, joins))
+    }
+
     /// Send a request and wait for the server to accept it.
     async fn request(&mut self, msg: &Message) -> Result<(), EngineError> {
         self.writer.send_now(msg).await?;
@@ -332,19 +347,11 @@ async fn upload_once(
         path: escape(local.as_os_str().as_bytes()),
         reason: reason(&e),
     })?;
-    let mut conn = Connection::open(
-        &config.addr,
-        config.tls.as_ref(),
-        session.meter.clone(),
-        &*tally,
-    )
-    .await?;
-    conn.request(&Message::Upload {
+    let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
-    })
-    .await?;
-    let joins = conn.data_streams(&config.addr, config.tls.as_ref(), config.streams);
+    };
+    let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
         root,
         compression: config.compression,
@@ -377,20 +384,12 @@ async fn download_once(
 ) -> Result<(), EngineError> {
     let mut dest = local_destination(local, escape(remote))?;
     dest.ignore_times = config.ignore_times;
-    let mut conn = Connection::open(
-        &config.addr,
-        config.tls.as_ref(),
-        session.meter.clone(),
-        &*tally,
-    )
-    .await?;
-    conn.request(&Message::Download {
+    let request = Message::Download {
         source: WireBytes(remote.to_vec()),
         compression: config.compression,
         ignore_times: config.ignore_times,
-    })
-    .await?;
-    let joins = conn.data_streams(&config.addr, config.tls.as_ref(), config.streams);
+    };
+    let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let result = session
         .watched(config.timeout, async |cancel| {
             run_receiver(

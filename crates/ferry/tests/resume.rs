@@ -3,7 +3,7 @@
 //! only what is missing. A fault-injecting proxy (`proxy.rs`) sits between
 //! client and server; the bytes it forwards are what crossed the "network".
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::path::Path;
 use std::time::Duration;
@@ -33,11 +33,27 @@ fn via(proxy: &FaultProxy) -> Vec<OsString> {
 }
 
 /// `ferry ARGS` through the proxy, in the foreground.
-fn run_via(proxy: &FaultProxy, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Output {
+fn run_via(proxy: &FaultProxy, args: &[&dyn AsRef<OsStr>]) -> Output {
     let mut all: Vec<OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
     all.extend(via(proxy));
-    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = all.iter().map(|a| a as _).collect();
-    run_with(&refs, &RunOptions::with_timeout(RETRYING))
+    run_with(&os_refs(&all), &RunOptions::with_timeout(RETRYING))
+}
+
+/// `ferry ARGS` through the proxy, in the background, once the proxy's
+/// single fault (a stall) has fired: the transfer hangs mid-way.
+fn spawn_until_stalled(proxy: &FaultProxy, args: &[&dyn AsRef<OsStr>]) -> Running {
+    let mut all: Vec<OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
+    all.extend(via(proxy));
+    let client = spawn(&os_refs(&all), &RunOptions::with_timeout(RETRYING));
+    let stalled = poll_until(Duration::from_secs(30), || {
+        (proxy.faults_fired() == 1).then_some(())
+    });
+    assert!(stalled.is_some(), "the transfer never reached the stall");
+    client
+}
+
+fn os_refs(args: &[OsString]) -> Vec<&dyn AsRef<OsStr>> {
+    args.iter().map(|a| a as &dyn AsRef<OsStr>).collect()
 }
 
 /// A server with TLS (the default) or with `--no-tls`.
@@ -358,16 +374,7 @@ fn a_server_killed_mid_file_and_restarted_resumes_from_its_journal() {
     let dir = Direction::ClientToServer;
     let proxy = proxy_to(&server, dir, vec![Fault::stall(24 * MIB)]);
 
-    let mut args: Vec<OsString> = ["up", "--compress", "off"].map(OsString::from).to_vec();
-    args.push(big.clone().into());
-    args.push("big.bin".into());
-    args.extend(via(&proxy));
-    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
-    let client = spawn(&refs, &RunOptions::with_timeout(RETRYING));
-    let stalled = poll_until(Duration::from_secs(30), || {
-        (proxy.faults_fired() == 1).then_some(())
-    });
-    assert!(stalled.is_some(), "the transfer never reached the stall");
+    let client = spawn_until_stalled(&proxy, &[&"up", &"--compress", &"off", &big, &"big.bin"]);
     // Let the server write what it received, then kill it without warning.
     let journal = root.join(".big.bin.ferry-journal");
     poll_until(Duration::from_secs(5), || {
@@ -405,16 +412,7 @@ fn a_client_killed_mid_upload_and_run_again_resumes() {
         vec![Fault::stall(24 * MIB)],
     );
 
-    let mut args: Vec<OsString> = ["up", "--compress", "off"].map(OsString::from).to_vec();
-    args.push(big.clone().into());
-    args.push("big.bin".into());
-    args.extend(via(&proxy));
-    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
-    let client = spawn(&refs, &RunOptions::with_timeout(RETRYING));
-    let stalled = poll_until(Duration::from_secs(30), || {
-        (proxy.faults_fired() == 1).then_some(())
-    });
-    assert!(stalled.is_some(), "the transfer never reached the stall");
+    let client = spawn_until_stalled(&proxy, &[&"up", &"--compress", &"off", &big, &"big.bin"]);
     client.kill(Signal::KILL);
 
     // The same command again (straight to the server this time).
@@ -446,17 +444,10 @@ fn a_download_killed_and_run_again_resumes_from_the_local_part() {
     );
     let local = scratch.join("got.bin");
 
-    let mut args: Vec<OsString> = ["down", "big.bin", "--compress", "off"]
-        .map(OsString::from)
-        .to_vec();
-    args.push(local.clone().into());
-    args.extend(via(&proxy));
-    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
-    let client = spawn(&refs, &RunOptions::with_timeout(RETRYING));
-    let stalled = poll_until(Duration::from_secs(30), || {
-        (proxy.faults_fired() == 1).then_some(())
-    });
-    assert!(stalled.is_some(), "the transfer never reached the stall");
+    let client = spawn_until_stalled(
+        &proxy,
+        &[&"down", &"big.bin", &"--compress", &"off", &local],
+    );
     // Let the client write what it has, then kill it without warning.
     poll_until(Duration::from_secs(5), || {
         (fs::metadata(scratch.join(".got.bin.ferry-journal")).map_or(0, |m| m.len()) > 32 + 24 * 8)
@@ -508,8 +499,7 @@ fn simultaneous_uploads_to_one_path_leave_one_whole_version() {
     let start = |src: &Path| {
         let mut args: Vec<OsString> = vec!["up".into(), src.into(), "same.bin".into()];
         args.extend(server.client_args());
-        let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
-        spawn(&refs, &RunOptions::with_timeout(RETRYING))
+        spawn(&os_refs(&args), &RunOptions::with_timeout(RETRYING))
     };
     let (first, second) = (start(&a), start(&b));
     first.wait(RETRYING).assert_success();
@@ -538,8 +528,7 @@ fn a_download_of_a_file_being_replaced_gets_one_whole_version() {
         let local = scratch.join(format!("got{round}.bin"));
         let mut args: Vec<OsString> = vec!["down".into(), "x.bin".into(), local.clone().into()];
         args.extend(server.client_args());
-        let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
-        let download = spawn(&refs, &RunOptions::with_timeout(RETRYING));
+        let download = spawn(&os_refs(&args), &RunOptions::with_timeout(RETRYING));
         server.run(&[&"up", &b, &"x.bin"]).assert_success();
         download.wait(RETRYING).assert_success();
         let got = fs::read(&local).unwrap();
@@ -601,16 +590,7 @@ fn a_source_changed_between_attempts_arrives_whole_in_its_new_version() {
         vec![Fault::stall(12 * MIB)],
     );
 
-    let mut args: Vec<OsString> = ["up", "--compress", "off"].map(OsString::from).to_vec();
-    args.push(big.clone().into());
-    args.push("big.bin".into());
-    args.extend(via(&proxy));
-    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
-    let client = spawn(&refs, &RunOptions::with_timeout(RETRYING));
-    let stalled = poll_until(Duration::from_secs(30), || {
-        (proxy.faults_fired() == 1).then_some(())
-    });
-    assert!(stalled.is_some(), "the transfer never reached the stall");
+    let client = spawn_until_stalled(&proxy, &[&"up", &"--compress", &"off", &big, &"big.bin"]);
     // While the first attempt hangs, the source gets new content (same
     // size): what the server holds of the old one must not be mixed in.
     write_random_file(&big, size, 4016);

@@ -291,33 +291,8 @@ pub fn run_with(args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Output {
 }
 
 fn run_os(args: &[OsString], opts: &RunOptions) -> Output {
-    let (mut cmd, command) = opts.command(args);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
-    // Drain both pipes while waiting: a verbose run must never block on a
-    // full pipe and look like a hang.
-    let stdout = Drain::spawn(child.stdout.take().expect("piped stdout"));
-    let stderr = Drain::spawn(child.stderr.take().expect("piped stderr"));
-    let Some(status) = wait_deadline(&mut child, opts.timeout) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "timed out after {:?}, killed: {command}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            opts.timeout,
-            clip(&stdout.finish(DRAIN_GRACE)),
-            clip(&stderr.finish(DRAIN_GRACE)),
-        );
-    };
-    Output {
-        command,
-        status,
-        stdout: stdout.finish(DRAIN_GRACE),
-        stderr: stderr.finish(DRAIN_GRACE),
-    }
+    let refs: Vec<&dyn AsRef<OsStr>> = args.iter().map(|a| a as &dyn AsRef<OsStr>).collect();
+    spawn(&refs, opts).wait(opts.timeout)
 }
 
 /// A `ferry` process running in the background, so that a test can act
