@@ -576,8 +576,10 @@ class Ferry(Tool):
     links = True
 
     def __init__(self, compress: str | None = None, name: str | None = None,
-                 datasets: tuple[str, ...] | None = None, links: bool = True):
+                 datasets: tuple[str, ...] | None = None, links: bool = True,
+                 tls: bool = True):
         self.compress = compress
+        self.tls = tls
         self.name = name or self.name
         self.datasets = datasets
         self.links = links
@@ -598,6 +600,8 @@ class Ferry(Tool):
         net = ds.net
         port = free_port()
         state = ["--state-dir", str(ctx.workdir / "ferry-state")] if self.state_dir_supported else []
+        if not self.tls:
+            state += ["--no-tls"]
         server = start_server(
             net.server([str(ctx.ferry), "server", "--host", net.server_host,
                         "--port", str(port), "--root", str(ctx.dst_root)] + state),
@@ -808,6 +812,8 @@ def make_tools(args) -> list[Tool]:
         Ferry(),
         # `off` beside `auto` on data where compression cannot or can pay.
         Ferry(compress="off", name="ferry-nocompress", datasets=("big-random", "text"), links=False),
+        # What TLS costs: the same defaults over plain TCP.
+        Ferry(name="ferry-no-tls", tls=False),
         SocatRaw(),
         TarSocat(),
         Rsync(compress=False),
@@ -1111,7 +1117,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Data sets: big-random, text, small-20k, pytree (and the link case, "
-                                       "text-1gbit). Tools: ferry, ferry-nocompress, socat, tar, rsync, rsync-z, scp.")
+                                       "text-1gbit). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, scp.")
     p.add_argument("--runs", type=int, help="interleaved runs per tool and data set (default 3, 1 with --quick)")
     p.add_argument("--datasets", help="comma list of data sets (default: all)")
     p.add_argument("--tools", help="comma list of tools (default: all)")
