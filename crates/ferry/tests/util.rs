@@ -291,8 +291,7 @@ pub fn run_with(args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Output {
 }
 
 fn run_os(args: &[OsString], opts: &RunOptions) -> Output {
-    let refs: Vec<&dyn AsRef<OsStr>> = args.iter().map(|a| a as &dyn AsRef<OsStr>).collect();
-    spawn(&refs, opts).wait(opts.timeout)
+    spawn_os(args, opts).wait(opts.timeout)
 }
 
 /// A `ferry` process running in the background, so that a test can act
@@ -306,7 +305,11 @@ pub struct Running {
 
 /// Starts `ferry ARGS` in the background.
 pub fn spawn(args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Running {
-    let (mut cmd, command) = opts.command(&to_os_args(args));
+    spawn_os(&to_os_args(args), opts)
+}
+
+fn spawn_os(args: &[OsString], opts: &RunOptions) -> Running {
+    let (mut cmd, command) = opts.command(args);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -535,15 +538,12 @@ impl Server {
             .collect();
         args.push(root.as_os_str().to_os_string());
         args.extend(to_os_args(extra));
-        let (mut cmd, command) = opts.command(&args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
-        let stdout = Drain::spawn(child.stdout.take().expect("piped stdout"));
-        let stderr = Drain::spawn(child.stderr.take().expect("piped stderr"));
+        let Running {
+            mut child,
+            command,
+            stdout,
+            stderr,
+        } = spawn_os(&args, opts);
 
         let mut exited = None;
         let addr = poll_until(SERVER_TIMEOUT, || {
