@@ -108,3 +108,156 @@ fn the_token_never_crosses_the_wire() {
         "the token crossed the wire"
     );
 }
+
+/// A network namespace with a veth pair, one end on a 10.x address, removed
+/// on drop: a place to bind a non-loopback address without touching the
+/// host's network.
+struct Netns(String);
+
+impl Netns {
+    const ADDR: &str = "10.231.0.1";
+
+    fn create() -> Option<Netns> {
+        if !is_root() {
+            return None;
+        }
+        let name = format!("ferry-auth-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        let ok = ip(&["-n", n, "link", "set", "lo", "up"])
+            && ip(&[
+                "-n", n, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+            ])
+            && ip(&[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/24", Netns::ADDR),
+                "dev",
+                "v0",
+            ])
+            && ip(&["-n", n, "link", "set", "v0", "up"])
+            && ip(&["-n", n, "link", "set", "v1", "up"]);
+        ok.then_some(ns)
+    }
+
+    fn command(&self, env: &[(&str, &std::path::Path)]) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.0]).arg(ferry_bin());
+        cmd.env_remove("FERRY_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_server_on_a_network_address_makes_a_token_and_requires_it() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipped: cannot create a network namespace (needs root and `ip netns`)");
+        return;
+    };
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let server_state = scratch.mkdir("server-state");
+    let client_state = scratch.mkdir("client-state");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"over the network\n");
+
+    let mut server = ns
+        .command(&[("XDG_CONFIG_HOME", &server_state)])
+        .args(["server", "--host", Netns::ADDR, "--port", "0", "--root"])
+        .arg(&root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (mut port, mut token) = (None, None);
+    while port.is_none() || token.is_none() {
+        let Ok(line) = rx.recv_timeout(ERROR_TIMEOUT) else {
+            let _ = server.kill();
+            panic!("no listening or token line (port {port:?}, token {token:?})");
+        };
+        if let Some(rest) = line.strip_prefix("ferry server listening on ") {
+            let addr = rest.split_whitespace().next().unwrap();
+            port = Some(addr.rsplit_once(':').unwrap().1.to_string());
+        }
+        if let Some(rest) = line.strip_prefix("ferry server token: ") {
+            token = Some(rest.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    let (port, token) = (port.unwrap(), token.unwrap());
+    assert_eq!(token.len(), 64, "{token}");
+    let token_file = server_state.join("ferry").join("token");
+    assert_eq!(fs::read_to_string(&token_file).unwrap().trim(), token);
+    let mode = fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let upload = |name: &str, token: Option<&str>| {
+        let mut cmd = ns.command(&[("XDG_CONFIG_HOME", &client_state)]);
+        cmd.args([
+            "up",
+            "--retries",
+            "0",
+            "--host",
+            Netns::ADDR,
+            "--port",
+            &port,
+        ])
+        .arg(&file)
+        .arg(name);
+        if let Some(t) = token {
+            cmd.env("FERRY_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = upload("none.txt", None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the server requires a token"), "{stderr}");
+    assert!(!root.join("none.txt").exists());
+
+    let served = upload("a.txt", Some(&token));
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    assert_eq!(fs::read(root.join("a.txt")).unwrap(), b"over the network\n");
+    let _ = server.kill();
+    let _ = server.wait();
+}
