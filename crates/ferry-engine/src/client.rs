@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
@@ -55,6 +56,8 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// TLS and what to trust; `None` speaks plain TCP (`--no-tls`).
     pub tls: Option<ClientTls>,
+    /// The token to prove if the server asks for one.
+    pub token: Option<Token>,
 }
 
 /// The first pause between attempts; it doubles after each attempt that
@@ -90,12 +93,16 @@ struct Connection {
     meter: Meter,
 }
 
+/// A connection ready for its first message, with its TLS channel
+/// binding (empty without TLS).
+type Connected = (FrameReader<BoxRead>, FrameWriter<BoxWrite>, Vec<u8>);
+
 /// Connect and exchange prefaces: a connection ready for its first message.
 async fn connect(
     addr: &str,
     tls: Option<&ClientTls>,
     meter: &Meter,
-) -> Result<(FrameReader<BoxRead>, FrameWriter<BoxWrite>), EngineError> {
+) -> Result<Connected, EngineError> {
     let connect_error = |reason: String| EngineError::Connect {
         addr: addr.to_string(),
         reason,
@@ -109,6 +116,7 @@ async fn connect(
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    let mut exporter = Vec::new();
     let (r, w): (BoxRead, BoxWrite) = match tls {
         None => {
             let (r, w) = stream.into_split();
@@ -123,6 +131,11 @@ async fn connect(
                 }
                 Ok(Ok(s)) => s,
             };
+            exporter = stream
+                .get_ref()
+                .1
+                .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+                .map_err(|e| EngineError::Tls(e.to_string()))?;
             let (r, w) = tokio::io::split(stream);
             (Box::new(r), Box::new(w))
         }
@@ -131,7 +144,7 @@ async fn connect(
     let mut writer = FrameWriter::new(w, meter.clone());
     writer.preface().await?;
     check_version(reader.preface().await?)?;
-    Ok((reader, writer))
+    Ok((reader, writer, exporter))
 }
 
 /// Why a TLS handshake failed, in the user's words. A peer that answers
@@ -174,7 +187,7 @@ async fn join(
     session: &SessionKey,
     meter: &Meter,
 ) -> Result<DataConn, EngineError> {
-    let (mut reader, mut writer) = connect(addr, tls, meter).await?;
+    let (mut reader, mut writer, _) = connect(addr, tls, meter).await?;
     writer
         .send_now(&Message::Join {
             session_id: session.id.clone(),
@@ -193,10 +206,11 @@ impl Connection {
     async fn open(
         addr: &str,
         tls: Option<&ClientTls>,
+        token: Option<&Token>,
         meter: Meter,
         events: &dyn EventSink,
     ) -> Result<Self, EngineError> {
-        let (mut reader, mut writer) = connect(addr, tls, &meter).await?;
+        let (mut reader, mut writer, exporter) = connect(addr, tls, &meter).await?;
         if let Some(new) = tls.map(ClientTls::remember).transpose()?.flatten() {
             events.event(Event::NewServer {
                 addr: addr.to_string(),
@@ -209,7 +223,38 @@ impl Connection {
                 software: crate::SOFTWARE.to_string(),
             })
             .await?;
-        match reply(&mut reader).await? {
+        let mut answer = reply(&mut reader).await;
+        if let Ok(Message::Challenge { nonce }) = &answer {
+            let Some(token) = token else {
+                return Err(EngineError::Refused {
+                    code: ErrorCode::PermissionDenied,
+                    message: "the server requires a token: set FERRY_TOKEN or pass --token-file"
+                        .into(),
+                });
+            };
+            let nonce = auth::unhex(nonce)
+                .ok_or_else(|| EngineError::Protocol("a challenge that is not hex".into()))?;
+            writer
+                .send_now(&Message::Auth {
+                    mac: token.mac(&nonce, &exporter),
+                })
+                .await?;
+            answer = reply(&mut reader).await;
+        }
+        let answer = match answer {
+            // A wrong token stays wrong: not worth a retry.
+            Err(EngineError::Remote {
+                code: ErrorCode::PermissionDenied,
+                message,
+            }) => {
+                return Err(EngineError::Refused {
+                    code: ErrorCode::PermissionDenied,
+                    message,
+                });
+            }
+            other => other?,
+        };
+        match answer {
             Message::Welcome {
                 session_id,
                 secret,
@@ -270,7 +315,14 @@ impl Connection {
         events: &dyn EventSink,
     ) -> Result<(Self, mpsc::Receiver<DataConn>), EngineError> {
         let tls = config.tls.as_ref();
-        let mut conn = Connection::open(&config.addr, tls, session.meter.clone(), events).await?;
+        let mut conn = Connection::open(
+            &config.addr,
+            tls,
+            config.token.as_ref(),
+            session.meter.clone(),
+            events,
+        )
+        .await?;
         conn.request(request).await?;
         let joins = conn.data_streams(&config.addr, tls, config.streams);
         Ok((conn, joins))

@@ -24,6 +24,7 @@
 //! - Memory is bounded by queue depths times the chunk size.
 
 mod adapt;
+pub mod auth;
 pub mod client;
 mod codec;
 mod conn;

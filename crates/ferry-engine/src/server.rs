@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::Read;
+use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
@@ -71,6 +73,9 @@ pub struct ServerConfig {
     pub access: Access,
     /// The server's TLS identity; `None` serves plain TCP (`--no-tls`).
     pub tls: Option<ServerTls>,
+    /// The token a client must prove before a session starts; `None`
+    /// serves every client (loopback, or `--no-auth`).
+    pub auth: Option<Token>,
 }
 
 /// Which way files may move through a server.
@@ -124,6 +129,7 @@ pub async fn serve(
         idle_timeout: config.idle_timeout,
         access: config.access,
         tls: config.tls,
+        auth: config.auth,
     });
     let pending = Pending::default();
     let sessions = TaskTracker::new();
@@ -149,7 +155,7 @@ pub async fn serve(
         let cancel = cancel.child_token();
         sessions.spawn(async move {
             info!(%peer, "connection");
-            match connection(stream, ticket, &shared, &cancel).await {
+            match connection(stream, peer, ticket, &shared, &cancel).await {
                 Ok(Outcome::Finished) => info!(%peer, "session finished"),
                 Ok(Outcome::Dropped(why)) => info!(%peer, "connection dropped: {why}"),
                 Err(e) => warn!(%peer, "session ended: {e}"),
@@ -183,6 +189,7 @@ struct Shared {
     idle_timeout: Duration,
     access: Access,
     tls: Option<ServerTls>,
+    auth: Option<Token>,
 }
 
 /// The pending connections, oldest first, each with the token that drops
@@ -270,12 +277,13 @@ enum Opened {
 /// slot.
 async fn connection(
     stream: TcpStream,
+    peer: SocketAddr,
     ticket: Ticket,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<Outcome, EngineError> {
     let admitted = async {
-        let opened = open(stream, shared.tls.as_ref()).await?;
+        let opened = open(stream, peer, shared).await?;
         let permit = shared
             .slots
             .clone()
@@ -311,7 +319,8 @@ async fn connection(
 
 /// The handshake: TLS unless the server runs with `--no-tls`, prefaces
 /// both ways, then `hello` or `join`.
-async fn open(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Opened, EngineError> {
+async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Opened, EngineError> {
+    let tls = shared.tls.as_ref();
     let _ = stream.set_nodelay(true);
     // The first byte tells a TLS client (a handshake record, 0x16) from a
     // plaintext ferry one (the preface's `F`), so that a client on the
@@ -324,12 +333,20 @@ async fn open(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Opened, Engi
         Ok(Ok(_)) => {}
     }
     let plaintext_client = first[0] == MAGIC[0];
+    // The TLS session's channel binding for authentication (empty
+    // without TLS).
+    let mut exporter = Vec::new();
     let (r, w): (BoxRead, BoxWrite) = match tls {
         Some(tls) if !plaintext_client => {
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
                 .await
                 .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
                 .map_err(|e| EngineError::Tls(reason(&e)))?;
+            exporter = accepted
+                .get_ref()
+                .1
+                .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+                .map_err(|e| EngineError::Tls(e.to_string()))?;
             let (r, w) = tokio::io::split(accepted);
             (Box::new(r), Box::new(w))
         }
@@ -346,11 +363,11 @@ async fn open(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Opened, Engi
     let mut reader = FrameReader::new(r, meter.clone());
     let mut writer = FrameWriter::new(w, meter.clone());
 
-    let peer = reader.preface().await?;
+    let theirs = reader.preface().await?;
     // Always answer with our own preface, so that a client of another
     // version can name both versions to its user.
     writer.preface().await?;
-    if let Err(e) = check_version(peer) {
+    if let Err(e) = check_version(theirs) {
         let _ = writer
             .send_now(&Message::error(e.code(), e.to_string()))
             .await;
@@ -371,12 +388,17 @@ async fn open(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Opened, Engi
         .await;
     }
     match hello {
-        Message::Hello { software } => Ok(Opened::Session {
-            reader,
-            writer,
-            meter,
-            software,
-        }),
+        Message::Hello { software } => {
+            if let Some(token) = &shared.auth {
+                authenticate(&mut reader, &mut writer, token, &exporter, peer).await?;
+            }
+            Ok(Opened::Session {
+                reader,
+                writer,
+                meter,
+                software,
+            })
+        }
         Message::Join { session_id, secret } => Ok(Opened::Join {
             reader,
             writer,
@@ -386,6 +408,50 @@ async fn open(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Opened, Engi
         _ => refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
     }
 }
+
+/// Have the client prove the token: `challenge`, `auth`. A failure is
+/// logged with the peer's address and answered only after a pause, which
+/// slows down guessing.
+async fn authenticate(
+    reader: &mut FrameReader<BoxRead>,
+    writer: &mut FrameWriter<BoxWrite>,
+    token: &Token,
+    exporter: &[u8],
+    peer: SocketAddr,
+) -> Result<(), EngineError> {
+    let nonce = match auth::random_bytes(32) {
+        Ok(n) => n,
+        Err(e) => {
+            let msg = format!("no random source for the challenge: {}", reason(&e));
+            return refuse(writer, ErrorCode::Io, msg).await;
+        }
+    };
+    writer
+        .send_now(&Message::Challenge {
+            nonce: auth::hex(&nonce),
+        })
+        .await?;
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
+        .await
+        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
+    if let Message::Auth { mac } = &answer
+        && token.verify(&nonce, exporter, mac)
+    {
+        info!(%peer, "authenticated");
+        return Ok(());
+    }
+    warn!(%peer, "authentication failed");
+    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
+    refuse(
+        writer,
+        ErrorCode::PermissionDenied,
+        "authentication failed".into(),
+    )
+    .await
+}
+
+/// How long a failed authentication waits before it is answered.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;

@@ -64,4 +64,7 @@ pub mod limits {
 /// 3: resume. The receiver plans each file before its data is sent
 /// (`have`, `planned`, `outcome` `unchanged`), entries run ahead of file
 /// data, `incomplete` outcomes and transient aborts, `keepalive`.
-pub const PROTOCOL_VERSION: u16 = 3;
+///
+/// 4: authentication. A server that requires a token answers `hello`
+/// with `challenge`; the client proves the token with `auth`.
+pub const PROTOCOL_VERSION: u16 = 4;

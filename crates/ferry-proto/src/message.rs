@@ -104,6 +104,12 @@ pub enum Message {
         /// The client's software version, for logs.
         software: String,
     },
+    /// Server → client, instead of `welcome` when the server requires a
+    /// token: prove it. 32 random bytes, hex.
+    Challenge { nonce: String },
+    /// Client → server, the answer to `challenge`: hex
+    /// HMAC-SHA256(token, "ferry-auth-v1" ‖ nonce ‖ TLS exporter).
+    Auth { mac: String },
     /// Server → client: the session exists. More connections may join it
     /// with `join`, proving they belong to it with `secret`.
     Welcome {
@@ -308,6 +314,16 @@ mod tests {
             ),
             (Message::Joined, r#"{"type":"joined"}"#),
             (
+                Message::Challenge {
+                    nonce: "9c0f".into(),
+                },
+                r#"{"type":"challenge","nonce":"9c0f"}"#,
+            ),
+            (
+                Message::Auth { mac: "41d2".into() },
+                r#"{"type":"auth","mac":"41d2"}"#,
+            ),
+            (
                 Message::Upload {
                     dest: "backup/photos".into(),
                     ignore_times: false,
@@ -430,6 +446,10 @@ mod tests {
             Message::Hello {
                 software: "s".into(),
             },
+            Message::Challenge {
+                nonce: "00ff".into(),
+            },
+            Message::Auth { mac: "ab".into() },
             Message::Welcome {
                 software: "s".into(),
                 session_id: "00ff".into(),

@@ -78,6 +78,12 @@ pub struct ServerArgs {
     /// Serve plain TCP, without TLS: only on a network you trust; clients must use --no-tls too.
     #[arg(long)]
     pub no_tls: bool,
+    /// Read the token clients must prove from FILE (FERRY_TOKEN, if set, wins). Without either, a server on a network address makes one in its state directory.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Serve every client without a token, even on a network address: only on a network you trust.
+    #[arg(long, conflicts_with = "token_file")]
+    pub no_auth: bool,
 }
 
 #[derive(Debug, Args)]
@@ -162,6 +168,9 @@ pub struct TransferOpts {
     /// Talk plain TCP, without TLS, to a server run with --no-tls: only on a network you trust.
     #[arg(long)]
     pub no_tls: bool,
+    /// Read the server's token from FILE (FERRY_TOKEN, if set, wins); the token itself never crosses the wire.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// An age like `90s`, `30m`, `36h`, `7d` (a bare number is seconds); zero

@@ -239,6 +239,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
                 access: server::Access::ReadWrite,
                 // Both ends in this process: nothing to protect.
                 tls: None,
+                auth: None,
             };
             let stopped = stop.clone();
             let task = tokio::spawn(async move {
@@ -256,8 +257,10 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         }
         _ => None,
     };
+    let token = configured_token(opts.token_file.as_deref())?;
     let config = ClientConfig {
         tls,
+        token,
         addr: addr.clone(),
         // Both ends local: there is no link whose bytes compression could
         // save, so `auto` means off.
@@ -378,6 +381,20 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         }
         Some(tls)
     };
+    let auth = if args.no_auth {
+        None
+    } else {
+        match configured_token(args.token_file.as_deref())? {
+            Some(token) => Some((token, None)),
+            None if ferry_engine::auth::needs_token(local.ip()) => {
+                let dir = state_dir(args.state_dir.as_deref())?;
+                let (token, path, created) = ferry_engine::auth::load_or_create_token(&dir)
+                    .map_err(|e| Fatal::Failed(e.to_string()))?;
+                Some((token, Some((path, created))))
+            }
+            None => None,
+        }
+    };
     let shutdown = shutdown_signal()?;
     println!(
         "ferry server listening on {local} (root: {})",
@@ -387,11 +404,34 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         Some(tls) => println!("ferry server fingerprint {}", tls.fingerprint()),
         None => println!("ferry server: TLS is off (--no-tls): sessions travel in plaintext"),
     }
+    match &auth {
+        Some((token, Some((path, true)))) => println!(
+            "ferry server token: {} (stored in {}; clients pass it with FERRY_TOKEN or --token-file)",
+            token.as_str(),
+            path.display()
+        ),
+        Some((_, Some((path, false)))) => println!(
+            "ferry server token stored in {}; clients pass it with FERRY_TOKEN or --token-file",
+            path.display()
+        ),
+        // Nothing the operator has to pass on.
+        Some((_, None)) | None => {}
+    }
     let _ = std::io::stdout().flush();
     tracing::info!("listening on {local}, root {}", root.display());
     match &tls {
         Some(tls) => tracing::info!("TLS 1.3, certificate fingerprint {}", tls.fingerprint()),
         None => tracing::warn!("TLS is off (--no-tls): sessions travel in plaintext"),
+    }
+    match &auth {
+        Some((_, Some((path, true)))) => {
+            tracing::info!("made a new client token in {}", path.display())
+        }
+        Some(_) => tracing::info!("clients must prove the token"),
+        None if args.no_auth => {
+            tracing::warn!("authentication is off (--no-auth): any client is served")
+        }
+        None => tracing::info!("loopback only: no token required"),
     }
     let config = ServerConfig {
         root,
@@ -403,6 +443,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
             _ => server::Access::ReadWrite,
         },
         tls,
+        auth: auth.map(|(token, _)| token),
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {
@@ -413,6 +454,12 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     logs.iter().for_each(logbuf::BufferedLog::flush);
     served.map_err(|e| Fatal::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The token from FERRY_TOKEN, else from `--token-file`.
+fn configured_token(file: Option<&Path>) -> Result<Option<ferry_engine::auth::Token>, Fatal> {
+    let env = std::env::var(ferry_engine::auth::TOKEN_ENV).ok();
+    ferry_engine::auth::configured_token(env.as_deref(), file).map_err(Fatal::Failed)
 }
 
 /// The state directory given, or the default one.

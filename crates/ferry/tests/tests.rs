@@ -20,3 +20,5 @@ mod confinement;
 // Read-only and write-only servers, and idle connections that must not lock clients out.
 mod access;
 mod tls;
+// Token authentication: challenge and response, never the token on the wire.
+mod auth;

@@ -192,13 +192,13 @@ fn a_tls_client_is_told_the_server_does_not_speak_tls() {
 }
 
 /// A forwarding proxy that keeps every byte the client sent.
-struct Capture {
-    port: u16,
+pub(crate) struct Capture {
+    pub(crate) port: u16,
     sent: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Capture {
-    fn start(target: &str) -> Capture {
+    pub(crate) fn start(target: &str) -> Capture {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let sent = Arc::new(Mutex::new(Vec::new()));
@@ -218,7 +218,7 @@ impl Capture {
         Capture { port, sent }
     }
 
-    fn captured(&self) -> Vec<u8> {
+    pub(crate) fn captured(&self) -> Vec<u8> {
         self.sent.lock().unwrap().clone()
     }
 }

@@ -1,0 +1,263 @@
+//! Authentication: a server with a token serves only clients that prove
+//! it, refuses the others clearly (and slowly, in its log), and the token
+//! itself never crosses the wire.
+
+use std::ffi::OsString;
+use std::fs;
+
+use crate::tls::Capture;
+use crate::util::*;
+
+const TOKEN: &str = "c0ffee-test-token-5e1f";
+
+fn with_token(token: Option<&str>) -> RunOptions {
+    let mut opts = RunOptions::with_timeout(ERROR_TIMEOUT);
+    if let Some(t) = token {
+        opts.env.push(("FERRY_TOKEN".into(), t.into()));
+    }
+    opts
+}
+
+#[test]
+fn a_server_with_a_token_serves_only_clients_that_prove_it() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"authenticated\n");
+    let server = Server::start_as(&root, &[], &with_token(Some(TOKEN)));
+    assert!(
+        server.wait_for_log("clients must prove the token", ERROR_TIMEOUT),
+        "{}",
+        server.stderr()
+    );
+
+    let none = server.run_with(&[&"up", &file, &"none.txt"], &with_token(None));
+    none.assert_code(1)
+        .assert_no_panic()
+        .assert_stderr_contains(
+            "the server requires a token: set FERRY_TOKEN or pass --token-file",
+        );
+    assert!(!root.join("none.txt").exists());
+
+    let wrong = server.run_with(&[&"up", &file, &"wrong.txt"], &with_token(Some("guess")));
+    wrong
+        .assert_code(1)
+        .assert_no_panic()
+        .assert_stderr_contains("authentication failed");
+    assert!(!root.join("wrong.txt").exists());
+    assert!(
+        server.wait_for_log("authentication failed", ERROR_TIMEOUT),
+        "the failed attempt is logged: {}",
+        server.stderr()
+    );
+
+    server
+        .run_with(&[&"up", &file, &"env.txt"], &with_token(Some(TOKEN)))
+        .assert_success();
+    assert_eq!(fs::read(root.join("env.txt")).unwrap(), b"authenticated\n");
+
+    let token_file = scratch.join("token");
+    write_file(&token_file, format!("{TOKEN}\n").as_bytes());
+    server
+        .run_with(
+            &[&"up", &"--token-file", &token_file, &file, &"file.txt"],
+            &with_token(None),
+        )
+        .assert_success();
+    assert_eq!(fs::read(root.join("file.txt")).unwrap(), b"authenticated\n");
+}
+
+#[test]
+fn a_loopback_server_without_a_token_needs_none() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"local\n");
+    let server = Server::start(&root);
+    // A client with a token it is never asked for is served as well.
+    server
+        .run_with(&[&"up", &file, &"a.txt"], &with_token(Some(TOKEN)))
+        .assert_success();
+    assert!(root.join("a.txt").exists());
+}
+
+#[test]
+fn the_token_never_crosses_the_wire() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"plaintext on purpose\n");
+    let server = Server::start_as(&root, &[&"--no-tls"], &with_token(Some(TOKEN)));
+    let capture = Capture::start(server.addr());
+    let port = capture.port.to_string();
+    let args: Vec<OsString> = ["up", "--no-tls", "--host", "127.0.0.1", "--port", &port]
+        .iter()
+        .map(OsString::from)
+        .chain([file.clone().into(), "a.txt".into()])
+        .collect();
+    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    run_with(&refs, &with_token(Some(TOKEN))).assert_success();
+    let wire = capture.captured();
+    assert!(
+        wire.windows(b"plaintext on purpose".len())
+            .any(|w| w == b"plaintext on purpose"),
+        "the capture sees the plaintext session"
+    );
+    assert!(
+        !wire.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes()),
+        "the token crossed the wire"
+    );
+}
+
+/// A network namespace with a veth pair, one end on a 10.x address, removed
+/// on drop: a place to bind a non-loopback address without touching the
+/// host's network.
+struct Netns(String);
+
+impl Netns {
+    const ADDR: &str = "10.231.0.1";
+
+    fn create() -> Option<Netns> {
+        if !is_root() {
+            return None;
+        }
+        let name = format!("ferry-auth-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        let ok = ip(&["-n", n, "link", "set", "lo", "up"])
+            && ip(&[
+                "-n", n, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
+            ])
+            && ip(&[
+                "-n",
+                n,
+                "addr",
+                "add",
+                &format!("{}/24", Netns::ADDR),
+                "dev",
+                "v0",
+            ])
+            && ip(&["-n", n, "link", "set", "v0", "up"])
+            && ip(&["-n", n, "link", "set", "v1", "up"]);
+        ok.then_some(ns)
+    }
+
+    fn command(&self, env: &[(&str, &std::path::Path)]) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", &self.0]).arg(ferry_bin());
+        cmd.env_remove("FERRY_TOKEN");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn a_server_on_a_network_address_makes_a_token_and_requires_it() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let Some(ns) = Netns::create() else {
+        eprintln!("skipped: cannot create a network namespace (needs root and `ip netns`)");
+        return;
+    };
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let server_state = scratch.mkdir("server-state");
+    let client_state = scratch.mkdir("client-state");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"over the network\n");
+
+    let mut server = ns
+        .command(&[("XDG_CONFIG_HOME", &server_state)])
+        .args(["server", "--host", Netns::ADDR, "--port", "0", "--root"])
+        .arg(&root)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = server.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let (mut port, mut token) = (None, None);
+    while port.is_none() || token.is_none() {
+        let Ok(line) = rx.recv_timeout(ERROR_TIMEOUT) else {
+            let _ = server.kill();
+            panic!("no listening or token line (port {port:?}, token {token:?})");
+        };
+        if let Some(rest) = line.strip_prefix("ferry server listening on ") {
+            let addr = rest.split_whitespace().next().unwrap();
+            port = Some(addr.rsplit_once(':').unwrap().1.to_string());
+        }
+        if let Some(rest) = line.strip_prefix("ferry server token: ") {
+            token = Some(rest.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    let (port, token) = (port.unwrap(), token.unwrap());
+    assert_eq!(token.len(), 64, "{token}");
+    let token_file = server_state.join("ferry").join("token");
+    assert_eq!(fs::read_to_string(&token_file).unwrap().trim(), token);
+    let mode = fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let upload = |name: &str, token: Option<&str>| {
+        let mut cmd = ns.command(&[("XDG_CONFIG_HOME", &client_state)]);
+        cmd.args([
+            "up",
+            "--retries",
+            "0",
+            "--host",
+            Netns::ADDR,
+            "--port",
+            &port,
+        ])
+        .arg(&file)
+        .arg(name);
+        if let Some(t) = token {
+            cmd.env("FERRY_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let refused = upload("none.txt", None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the server requires a token"), "{stderr}");
+    assert!(!root.join("none.txt").exists());
+
+    let served = upload("a.txt", Some(&token));
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    assert_eq!(fs::read(root.join("a.txt")).unwrap(), b"over the network\n");
+    let _ = server.kill();
+    let _ = server.wait();
+}
