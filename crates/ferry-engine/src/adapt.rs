@@ -73,6 +73,11 @@ pub(crate) struct LevelController {
     /// (bytes queued in socket buffers, or their absence), so it is not
     /// measured.
     recovering: bool,
+    /// Where the controller starts, and probes back towards when the
+    /// signal is unclear.
+    home: usize,
+    /// The blocked share above which the link is taken to limit.
+    link_bound: f64,
 }
 
 impl LevelController {
@@ -85,6 +90,23 @@ impl LevelController {
             failed_up: None,
             settle_for: SETTLE_WINDOWS,
             recovering: false,
+            home: START,
+            link_bound: LINK_BOUND,
+        }
+    }
+
+    /// A controller for a link that is most likely faster than any
+    /// compressor (loopback): it starts with compression off, and there a
+    /// sender that waits now and then waits on the receiver's CPU or disk,
+    /// which compression would only load more. It still climbs when the
+    /// sender waits nearly all the time, as it does when the loopback
+    /// address is a tunnel to a slow link (`ssh -L`).
+    pub(crate) fn starting_off() -> Self {
+        LevelController {
+            at: 0,
+            home: 0,
+            link_bound: CLEARLY_LINK_BOUND,
+            ..Self::new()
         }
     }
 
@@ -131,9 +153,9 @@ impl LevelController {
             self.settled = 0;
             let up = match self.failed_up {
                 Some(failed_up) => !failed_up,
-                None if blocked > LINK_BOUND => true,
+                None if blocked > self.link_bound => true,
                 None if blocked < CPU_BOUND => false,
-                None => self.at < START,
+                None => self.at < self.home,
             };
             self.probing = if up {
                 (self.at + 1 < LADDER.len()).then_some(self.at + 1)
@@ -191,6 +213,42 @@ mod tests {
             "gets there quickly and stays ({settled_off})"
         );
         assert_eq!(settle(rates, 60), None);
+    }
+
+    #[test]
+    fn loopback_start_never_compresses_a_window() {
+        // Raw is fastest; the sender waits now and then, on a receiver
+        // that is busy writing: starting off, no window is spent on a
+        // probe that cannot pay.
+        let mut c = LevelController::starting_off();
+        for i in 0..60 {
+            assert_eq!(c.level(), None, "window {i}");
+            c.observe(Window {
+                bytes: 1000,
+                secs: 1.0,
+                blocked_secs: [0.0, 0.3, 0.6][i % 3],
+            });
+        }
+    }
+
+    #[test]
+    fn starting_off_still_climbs_when_the_link_limits() {
+        // A receiver behind a slow link after all: mostly blocked, and
+        // level 1 doubles the effective rate.
+        let rates = |l: Option<i32>| match l {
+            None => (100.0, 0.9),
+            _ => (200.0, 0.9),
+        };
+        let mut c = LevelController::starting_off();
+        for _ in 0..10 {
+            let (rate, blocked) = rates(c.level());
+            c.observe(Window {
+                bytes: rate as u64,
+                secs: 1.0,
+                blocked_secs: blocked,
+            });
+        }
+        assert!(c.at >= 1, "climbed to compression ({:?})", c.level());
     }
 
     #[test]

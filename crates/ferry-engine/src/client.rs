@@ -91,11 +91,19 @@ struct Connection {
     session: SessionKey,
     /// Bytes over all of the session's connections.
     meter: Meter,
+    /// Whether the server is on this host (a loopback address).
+    local_peer: bool,
 }
 
-/// A connection ready for its first message, with its TLS channel
-/// binding (empty without TLS).
-type Connected = (FrameReader<BoxRead>, FrameWriter<BoxWrite>, Vec<u8>);
+/// A connection ready for its first message.
+struct Connected {
+    reader: FrameReader<BoxRead>,
+    writer: FrameWriter<BoxWrite>,
+    /// The TLS channel binding (empty without TLS).
+    exporter: Vec<u8>,
+    /// Whether the server is on this host (a loopback address).
+    local_peer: bool,
+}
 
 /// Connect and exchange prefaces: a connection ready for its first message.
 async fn connect(
@@ -116,6 +124,7 @@ async fn connect(
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    let local_peer = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
     let mut exporter = Vec::new();
     let (r, w): (BoxRead, BoxWrite) = match tls {
         None => {
@@ -144,7 +153,12 @@ async fn connect(
     let mut writer = FrameWriter::new(w, meter.clone());
     writer.preface().await?;
     check_version(reader.preface().await?)?;
-    Ok((reader, writer, exporter))
+    Ok(Connected {
+        reader,
+        writer,
+        exporter,
+        local_peer,
+    })
 }
 
 /// Why a TLS handshake failed, in the user's words. A peer that answers
@@ -187,7 +201,11 @@ async fn join(
     session: &SessionKey,
     meter: &Meter,
 ) -> Result<DataConn, EngineError> {
-    let (mut reader, mut writer, _) = connect(addr, tls, meter).await?;
+    let Connected {
+        mut reader,
+        mut writer,
+        ..
+    } = connect(addr, tls, meter).await?;
     writer
         .send_now(&Message::Join {
             session_id: session.id.clone(),
@@ -210,7 +228,12 @@ impl Connection {
         meter: Meter,
         events: &dyn EventSink,
     ) -> Result<Self, EngineError> {
-        let (mut reader, mut writer, exporter) = connect(addr, tls, &meter).await?;
+        let Connected {
+            mut reader,
+            mut writer,
+            exporter,
+            local_peer,
+        } = connect(addr, tls, &meter).await?;
         if let Some(new) = tls.map(ClientTls::remember).transpose()?.flatten() {
             events.event(Event::NewServer {
                 addr: addr.to_string(),
@@ -269,6 +292,7 @@ impl Connection {
                     max_streams,
                 },
                 meter,
+                local_peer,
             }),
             other => Err(EngineError::Protocol(format!(
                 "expected welcome, got {other:?}"
@@ -407,6 +431,7 @@ async fn upload_once(
     let job = SendJob {
         root,
         compression: config.compression,
+        local_peer: conn.local_peer,
         label: escape(local.as_os_str().as_bytes()),
         early_totals: config.early_totals,
     };

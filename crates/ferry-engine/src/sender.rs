@@ -85,6 +85,10 @@ struct QueuedFile {
 pub(crate) struct SendJob {
     pub(crate) root: Root,
     pub(crate) compression: Compression,
+    /// Whether the receiver is on this host (a loopback connection): there
+    /// the link is memory, faster than any compressor, so `auto` starts
+    /// off instead of spending a warm-up and a probe to find that out.
+    pub(crate) local_peer: bool,
     /// How the root is named in events and messages.
     pub(crate) label: String,
     /// Count the tree up front (on a thread of its own) so that progress
@@ -125,6 +129,7 @@ where
     let (done_tx, done_rx) = oneshot::channel();
     let (plan_tx, plan_rx) = std::sync::mpsc::channel();
     let (controller, fixed_level) = match job.compression {
+        Compression::Auto if job.local_peer => (Some(LevelController::starting_off()), None),
         Compression::Auto => (Some(LevelController::new()), None),
         Compression::Off => (None, None),
         Compression::Level(level) => (None, Some(level)),

@@ -306,7 +306,10 @@ async fn connection(
             writer,
             meter,
             software,
-        } => session(reader, writer, meter, &software, shared, cancel).await,
+        } => {
+            let local_peer = peer.ip().is_loopback();
+            session(reader, writer, meter, &software, local_peer, shared, cancel).await
+        }
         Opened::Join {
             reader,
             writer,
@@ -565,6 +568,7 @@ async fn session(
     mut writer: FrameWriter<BoxWrite>,
     meter: Meter,
     software: &str,
+    local_peer: bool,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<(), EngineError> {
@@ -623,8 +627,9 @@ async fn session(
             .await;
             ("upload", result, tally)
         }
-        Accepted::Send(job) => {
+        Accepted::Send(mut job) => {
             info!("download of {}", job.label);
+            job.local_peer = local_peer;
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
             let result = run_sender(
                 &mut reader,
@@ -757,6 +762,7 @@ fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Ac
             Ok(Accepted::Send(SendJob {
                 root: root_entry,
                 compression,
+                local_peer: false,
                 label: path.display(),
                 // The client cannot tell us whether it shows progress: count.
                 early_totals: true,

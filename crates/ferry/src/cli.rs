@@ -147,7 +147,8 @@ pub struct TransferOpts {
     /// Parallel connections for the transfer (1-16) [default: one per core, at most 8].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     pub streams: Option<u32>,
-    /// Compression: auto (zstd, skipped for data that does not shrink), off, or a zstd level 1-19.
+    /// Compression: auto (zstd when the link is the bottleneck, raw on loopback and for data that
+    /// does not shrink), off, or a zstd level 1-19.
     #[arg(long, default_value = "auto", value_parser = parse_compression, value_name = "auto|off|LEVEL")]
     pub compress: Compression,
     /// Send every file, even those the receiver already has with the same size and mtime.

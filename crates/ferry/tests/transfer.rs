@@ -305,3 +305,36 @@ fn default_host_is_localhost() {
     .assert_success();
     assert_files_equal(&file, &root.join("file.txt"));
 }
+
+/// Over loopback the link is faster than any compressor: `auto` sends even
+/// very compressible text raw, while a fixed level still compresses it.
+#[test]
+fn auto_compression_sends_raw_to_a_server_on_this_host() {
+    let scratch = Scratch::new();
+    let src = scratch.join("text.txt");
+    let text = "a line of text, the same again and again\n".repeat(400_000);
+    write_file(&src, text.as_bytes());
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+
+    let wire_bytes = |out: Output| {
+        out.assert_success();
+        out.json_event("summary")["wire_bytes"]
+            .as_u64()
+            .expect("wire_bytes in the summary")
+    };
+    let auto = wire_bytes(server.run(&[&"up", &src, &"auto.txt", &"--json"]));
+    let level_1 =
+        wire_bytes(server.run(&[&"up", &src, &"level-1.txt", &"--json", &"--compress", &"1"]));
+    let size = text.len() as u64;
+    assert!(
+        auto >= size,
+        "auto sent {auto} bytes for {size}: compressed"
+    );
+    assert!(
+        level_1 < size / 4,
+        "level 1 sent {level_1} bytes for {size}"
+    );
+    assert_eq!(fs::read(root.join("auto.txt")).unwrap(), text.as_bytes());
+    assert_eq!(fs::read(root.join("level-1.txt")).unwrap(), text.as_bytes());
+}
