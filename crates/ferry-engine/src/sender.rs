@@ -571,6 +571,12 @@ impl Producer {
             mtime: fsx::mtime_of(stat),
         };
         let id = self.entry(path, kind)?;
+        if id == 1 {
+            // The transfer's root goes out at once: if the receiver answers
+            // `fresh`, the files below it go without waiting for plans, and
+            // the walk need not fill a whole window of entries first.
+            self.flush()?;
+        }
         self.dirs_open.push(id);
         self.ancestors = None;
         let listed = match fsx::list_dir(dir.as_fd()) {

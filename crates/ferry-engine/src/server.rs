@@ -32,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
 use crate::conn::{
@@ -515,7 +515,10 @@ struct LogEvents {
 impl EventSink for LogEvents {
     fn event(&self, event: Event) {
         match event {
-            Event::FileDone { path, size } => info!("{} {path} ({size} bytes)", self.verb),
+            // A line per file would flood the log of a busy server (and
+            // cost a tree of small files a fifth of its time): the session
+            // ends with a summary; `RUST_LOG=debug` lists every file.
+            Event::FileDone { path, size } => debug!("{} {path} ({size} bytes)", self.verb),
             Event::FileFailed { path, reason } => warn!("{path}: {reason}"),
             Event::Skipped { path, reason } => info!("skipped {path}: {reason}"),
             Event::FileIncomplete { path, reason } => {
