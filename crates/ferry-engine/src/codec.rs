@@ -2,10 +2,9 @@
 
 use std::io;
 
-use bytes::BytesMut;
 use ferry_proto::chunk::{ChunkHeader, Codec, DataChunk};
 use ferry_proto::digest::chunk_hash;
-use ferry_proto::frame::encode_data;
+use ferry_proto::frame::{DATA_PREFIX_LEN, write_data_prefix};
 
 /// After this many chunks in a row that do not shrink, stop trying to
 /// compress, and try again only on every [`RESAMPLE_EVERY`]th chunk until
@@ -58,15 +57,18 @@ impl ChunkEncoder {
         Ok(())
     }
 
-    /// Append the data frame for `raw` (at `offset` of file `file_id`) to
-    /// `out`; returns the chunk's hash.
-    pub(crate) fn encode(
+    /// Make `frame` a data frame (of file `file_id`, at `offset`) around
+    /// the raw bytes already read into it after [`DATA_PREFIX_LEN`] bytes
+    /// of room: the bytes are not copied unless they compress. Returns the
+    /// chunk's hash and the frame's length, which is `frame.len()` unless
+    /// the payload shrank.
+    pub(crate) fn encode_in_place(
         &mut self,
         file_id: u64,
         offset: u64,
-        raw: &[u8],
-        out: &mut BytesMut,
-    ) -> u64 {
+        frame: &mut [u8],
+    ) -> (u64, usize) {
+        let raw = &frame[DATA_PREFIX_LEN..];
         let hash = chunk_hash(raw);
         let mut header = ChunkHeader {
             file_id,
@@ -75,13 +77,14 @@ impl ChunkEncoder {
             codec: Codec::Raw,
             hash,
         };
+        let mut payload_len = raw.len();
         if let Some(compressed) = self.try_compress(raw) {
             header.codec = Codec::Zstd;
-            encode_data(&header, compressed, out);
-        } else {
-            encode_data(&header, raw, out);
+            payload_len = compressed.len();
+            frame[DATA_PREFIX_LEN..DATA_PREFIX_LEN + payload_len].copy_from_slice(&self.scratch);
         }
-        hash
+        write_data_prefix(&header, payload_len, frame);
+        (hash, DATA_PREFIX_LEN + payload_len)
     }
 
     fn try_compress(&mut self, raw: &[u8]) -> Option<&[u8]> {
@@ -168,7 +171,21 @@ impl ChunkDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use ferry_proto::frame::{Frame, decode};
+
+    /// Append the data frame for `raw` to `out`, as the sender builds it:
+    /// read into room behind the headers, then encoded in place.
+    impl ChunkEncoder {
+        fn encode(&mut self, file_id: u64, offset: u64, raw: &[u8], out: &mut BytesMut) -> u64 {
+            let start = out.len();
+            out.extend_from_slice(&[0; DATA_PREFIX_LEN]);
+            out.extend_from_slice(raw);
+            let (hash, len) = self.encode_in_place(file_id, offset, &mut out[start..]);
+            out.truncate(start + len);
+            hash
+        }
+    }
 
     fn round_trip(level: Option<i32>, raw: &[u8]) -> (Codec, Vec<u8>) {
         let mut enc = ChunkEncoder::new(level).unwrap();

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::digest::DigestBuilder;
+use ferry_proto::frame::DATA_PREFIX_LEN;
 use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS};
 use ferry_proto::message::{Compression, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WirePath, escape};
@@ -151,7 +152,8 @@ where
         next_id: 0,
         batch: BytesMut::new(),
         batch_started: None,
-        read_buf: vec![0; DEFAULT_CHUNK_LEN as usize],
+        read_buf: Vec::new(),
+        frame_pool: FramePool::default(),
         totals: None,
         walked: (0, 0),
         queue: VecDeque::new(),
@@ -274,6 +276,66 @@ impl WindowMeter {
     }
 }
 
+/// Fill `buf` from `file` at `offset`. The error says why the file cannot
+/// be sent, and whether that may pass.
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), (String, bool)> {
+    match file.read_exact_at(buf, offset) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Err(("the file shrank while it was being sent".into(), true))
+        }
+        Err(e) => Err((reason(&e), false)),
+    }
+}
+
+/// Frame buffers spare at most: as many as the data queue holds, and a few
+/// in the connections' hands.
+const FRAME_POOL_SPARE: usize = DATA_QUEUE + 4;
+
+/// The buffers of the data frames of large files, used again once a
+/// connection has written them: a fresh megabyte for every chunk would
+/// cost page faults on every one of its pages.
+#[derive(Clone, Default)]
+struct FramePool(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl FramePool {
+    /// A frame of `len` bytes (their content is whatever the buffer held).
+    fn take(&self, len: usize) -> PooledFrame {
+        let spare = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut buf = spare.unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        PooledFrame {
+            buf,
+            len,
+            pool: self.clone(),
+        }
+    }
+}
+
+/// A data frame in a pooled buffer: its first `len` bytes.
+struct PooledFrame {
+    buf: Vec<u8>,
+    len: usize,
+    pool: FramePool,
+}
+
+impl AsRef<[u8]> for PooledFrame {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledFrame {
+    fn drop(&mut self) {
+        let mut spare = self.pool.0.lock().unwrap_or_else(|p| p.into_inner());
+        if spare.len() < FRAME_POOL_SPARE {
+            spare.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 struct Producer {
     /// Ordered frames, for the control connection.
     control: mpsc::Sender<Bytes>,
@@ -292,6 +354,7 @@ struct Producer {
     /// When the first frame of the current batch was added.
     batch_started: Option<Instant>,
     read_buf: Vec<u8>,
+    frame_pool: FramePool,
     /// The totals, from the counting thread, until they have been sent.
     totals: Option<std::sync::mpsc::Receiver<(u64, u64)>>,
     /// Files (and symlinks) and bytes met by the walk so far.
@@ -774,16 +837,36 @@ impl Producer {
         let mut offset = from;
         while offset < to {
             let len = (to - offset).min(u64::from(DEFAULT_CHUNK_LEN)) as usize;
-            if let Err(e) = self.read_chunk(&q.file, offset, len) {
-                return Ok(Err(e));
-            }
-            let buf = &self.read_buf[..len];
+            // The bytes are read straight into their frame, behind room for
+            // its headers: a copy of every byte sent costs as much as the
+            // read itself.
             if spread {
-                let mut frame = BytesMut::with_capacity(len + 64);
-                digest.push(self.encoder.encode(q.id, offset, buf, &mut frame));
-                self.send_data(frame.freeze())?;
+                let mut frame = self.frame_pool.take(DATA_PREFIX_LEN + len);
+                if let Err(e) =
+                    read_exact_at(&q.file, &mut frame.buf[DATA_PREFIX_LEN..frame.len], offset)
+                {
+                    return Ok(Err(e));
+                }
+                let (hash, frame_len) =
+                    self.encoder
+                        .encode_in_place(q.id, offset, &mut frame.buf[..frame.len]);
+                frame.len = frame_len;
+                digest.push(hash);
+                self.send_data(Bytes::from_owner(frame))?;
             } else {
-                digest.push(self.encoder.encode(q.id, offset, buf, &mut self.batch));
+                let start = self.batch.len();
+                self.batch.resize(start + DATA_PREFIX_LEN + len, 0);
+                if let Err(e) =
+                    read_exact_at(&q.file, &mut self.batch[start + DATA_PREFIX_LEN..], offset)
+                {
+                    self.batch.truncate(start);
+                    return Ok(Err(e));
+                }
+                let (hash, frame_len) =
+                    self.encoder
+                        .encode_in_place(q.id, offset, &mut self.batch[start..]);
+                self.batch.truncate(start + frame_len);
+                digest.push(hash);
                 self.maybe_flush()?;
             }
             self.adapt(len as u64)?;
@@ -804,13 +887,8 @@ impl Producer {
             self.read_buf.resize(len, 0);
         }
         let buf = &mut self.read_buf[..len];
-        match file.read_exact_at(buf, offset) {
-            Ok(()) => Ok(buf),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(("the file shrank while it was being sent".into(), true))
-            }
-            Err(e) => Err((reason(&e), false)),
-        }
+        read_exact_at(file, buf, offset)?;
+        Ok(buf)
     }
 
     fn symlink(

@@ -78,6 +78,21 @@ pub fn encode_data(header: &ChunkHeader, payload: &[u8], dst: &mut BytesMut) {
     dst.put_slice(payload);
 }
 
+/// Bytes in front of a data frame's payload: the frame header, then the
+/// chunk header.
+pub const DATA_PREFIX_LEN: usize = FRAME_HEADER_LEN + CHUNK_HEADER_LEN;
+
+/// Write the prefix of a data frame whose payload (`payload_len` bytes)
+/// follows it in the same buffer: for a sender that reads file bytes
+/// straight into the frame rather than copying them there. `dst` is at
+/// least [`DATA_PREFIX_LEN`] bytes; only those are written.
+pub fn write_data_prefix(header: &ChunkHeader, payload_len: usize, dst: &mut [u8]) {
+    let mut dst = &mut dst[..DATA_PREFIX_LEN];
+    dst.put_u8(TYPE_DATA);
+    dst.put_u32((CHUNK_HEADER_LEN + payload_len) as u32);
+    header.encode(&mut dst);
+}
+
 /// Decode one frame from the front of `src`, advancing past it.
 ///
 /// Returns `Ok(None)` when `src` does not yet hold a whole frame; room for
@@ -142,6 +157,23 @@ mod tests {
         encode_data(&h, b"hi", &mut b);
         assert_eq!(&b[..5], &[2, 0, 0, 0, 31]);
         assert_eq!(&b[5 + 29..], b"hi");
+    }
+
+    #[test]
+    fn a_prefix_written_in_place_makes_the_same_frame() {
+        let h = ChunkHeader {
+            file_id: 7,
+            offset: 1 << 20,
+            raw_len: 5,
+            codec: Codec::Zstd,
+            hash: 0xfeed,
+        };
+        let mut appended = BytesMut::new();
+        encode_data(&h, b"12345", &mut appended);
+        let mut in_place = vec![0xaa; DATA_PREFIX_LEN];
+        in_place.extend_from_slice(b"12345");
+        write_data_prefix(&h, 5, &mut in_place);
+        assert_eq!(&appended[..], &in_place[..]);
     }
 
     #[test]
