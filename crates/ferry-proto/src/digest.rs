@@ -27,11 +27,24 @@ impl FileDigest {
         format!("{:032x}", self.0)
     }
 
+    /// Exactly 32 hex digits, either case. (Parsed by hand: this runs once
+    /// per file received, and `from_str_radix` costs more than the rest of
+    /// a small file's bookkeeping.)
     pub fn from_hex(s: &str) -> Option<Self> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if s.len() != 32 {
             return None;
         }
-        u128::from_str_radix(s, 16).ok().map(FileDigest)
+        s.bytes()
+            .try_fold(0u128, |acc, b| {
+                let digit = match b {
+                    b'0'..=b'9' => b - b'0',
+                    b'a'..=b'f' => b - b'a' + 10,
+                    b'A'..=b'F' => b - b'A' + 10,
+                    _ => return None,
+                };
+                Some(acc << 4 | u128::from(digit))
+            })
+            .map(FileDigest)
     }
 }
 
@@ -184,6 +197,30 @@ mod tests {
         assert_eq!(empty, FileDigest(XxHash3_128::oneshot(&0u64.to_le_bytes())));
         assert_eq!(FileDigest::from_hex(&empty.to_hex()), Some(empty));
         assert_eq!(FileDigest::from_hex("xyz"), None);
+    }
+
+    #[test]
+    fn hex_digests_parse_exactly() {
+        let d = FileDigest(0x0123_4567_89ab_cdef_fedc_ba98_7654_3210);
+        assert_eq!(FileDigest::from_hex(&d.to_hex()), Some(d));
+        let upper = d.to_hex().to_uppercase();
+        assert_eq!(FileDigest::from_hex(&upper), Some(d));
+        assert_eq!(
+            FileDigest::from_hex(&"f".repeat(32)),
+            Some(FileDigest(u128::MAX))
+        );
+        for bad in [
+            "",
+            "0",
+            &"0".repeat(31),
+            &"0".repeat(33),
+            &format!("{}g", "0".repeat(31)),
+        ] {
+            assert_eq!(FileDigest::from_hex(bad), None, "{bad:?}");
+        }
+        // Signs and spaces, which a radix parser might let through.
+        assert_eq!(FileDigest::from_hex(&format!("+{}", "0".repeat(31))), None);
+        assert_eq!(FileDigest::from_hex(&format!(" {}", "0".repeat(31))), None);
     }
 
     /// The known values table of PROTOCOL.md §7.
