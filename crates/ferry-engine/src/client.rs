@@ -28,6 +28,7 @@ use crate::events::{Event, EventSink, Tally, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
+use crate::throttle;
 use crate::tls::ClientTls;
 
 /// How long to wait for a TCP connection to be accepted.
@@ -189,9 +190,16 @@ fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
 
 /// The peer's next message, within the handshake timeout.
 async fn reply(reader: &mut FrameReader<BoxRead>) -> Result<Message, EngineError> {
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
+    reply_within(reader, HANDSHAKE_TIMEOUT).await
+}
+
+async fn reply_within(
+    reader: &mut FrameReader<BoxRead>,
+    timeout: Duration,
+) -> Result<Message, EngineError> {
+    tokio::time::timeout(timeout, reader.message())
         .await
-        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
+        .map_err(|_| EngineError::Timeout(timeout.as_secs()))?
 }
 
 /// Open a data connection and attach it to `session`.
@@ -262,7 +270,10 @@ impl Connection {
                     mac: token.mac(&nonce, &exporter),
                 })
                 .await?;
-            answer = reply(&mut reader).await;
+            // A server answers a wrong token only after a delay of up to
+            // MAX_DELAY: wait for it, or a mistyped token would look like a
+            // stalled server and be retried, failing again each time.
+            answer = reply_within(&mut reader, HANDSHAKE_TIMEOUT + throttle::MAX_DELAY).await;
         }
         let answer = match answer {
             // A wrong token stays wrong: not worth a retry.

@@ -36,6 +36,7 @@ mod receiver;
 mod sender;
 pub mod server;
 mod sweep;
+mod throttle;
 pub mod tls;
 
 pub use error::EngineError;

@@ -547,6 +547,15 @@ impl Worker {
         let name = components.pop().unwrap_or_default();
         match kind {
             EntryKind::Dir { mode, mtime } => {
+                // Checked before anything is created for it. An honest
+                // sender stays within the limit (it counts the directories
+                // we have not answered, a superset of those open here).
+                let limit = ferry_proto::limits::MAX_OPEN_DIRS;
+                if self.dirs.len() >= limit {
+                    return Err(EngineError::Protocol(format!(
+                        "too many directories open at once (limit {limit})"
+                    )));
+                }
                 let parent_fresh = parent_dir
                     .and_then(|d| self.dirs.get(&d))
                     .is_some_and(|d| d.fresh);

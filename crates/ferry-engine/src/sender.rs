@@ -13,18 +13,26 @@
 //! the receiver already has is not sent; of a file it holds in part, only
 //! the missing chunks are, while the held ones are read and hashed here so
 //! that the file digest still proves the whole file.
+//!
+//! Nor is memory bounded by what the receiver leaves unanswered: the walk
+//! stops before a new entry while `MAX_OPEN_DIRS` directories (the
+//! protocol's limit) or `MAX_UNANSWERED` entries in all wait for their
+//! outcomes, and what the receiver says is merged as it comes rather than
+//! queued.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use ferry_proto::digest::DigestBuilder;
-use ferry_proto::frame::DATA_PREFIX_LEN;
-use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS};
+use ferry_proto::frame::{DATA_PREFIX_LEN, Frame};
+use ferry_proto::limits::{
+    DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS,
+};
 use ferry_proto::message::{Compression, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WirePath, escape};
 use rustix::fs::{AtFlags, FileType, Stat};
@@ -59,17 +67,14 @@ const BATCH_DELAY: Duration = Duration::from_millis(5);
 /// tell it this often that the sender is alive.
 const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 
-/// What the receiver said about files whose data is not sent yet.
-enum Plan {
-    /// It holds these chunks of file `id` (runs of offset, length, count).
-    Have(u64, Vec<(u64, u32, u64)>),
-    /// Send every file up to this id not otherwise answered, whole.
-    Through(u64),
-    /// Entry `id` is settled already (unchanged, or failed): send nothing.
-    Settled(u64),
-    /// Directory `id` is new at the receiver: every file below it may go.
-    Fresh(u64),
-}
+/// Entries sent and not answered yet, at most, in all: each is remembered
+/// (its name, for the report) until its outcome comes. A receiver answers
+/// as it goes, so a transfer in flight holds far fewer; this is the bound
+/// against one that never answers, which would otherwise make us remember
+/// the whole tree.
+const MAX_UNANSWERED: usize = 64 * 1024;
+/// The same for the bytes of their names.
+const MAX_UNANSWERED_NAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// A file announced and waiting for its plan.
 struct QueuedFile {
@@ -99,13 +104,178 @@ pub(crate) struct SendJob {
 }
 
 /// An entry sent and not yet answered.
-struct Pending {
+struct Unanswered {
     path: String,
     size: u64,
     is_dir: bool,
+    /// A file whose data waits for its plan: the only kind a `have` is for.
+    awaiting_plan: bool,
 }
 
-type PendingMap = Arc<Mutex<HashMap<u64, Pending>>>;
+/// What passes from the reader of the receiver's replies to the producer:
+/// the entries not answered yet, and what the receiver said that the
+/// producer has not taken in. Replies are merged in as they arrive, never
+/// queued: the reader never waits for the producer (so neither side can
+/// block the other on a full TCP buffer), and a receiver that repeats
+/// itself cannot grow our memory while the producer is busy. What is held
+/// here is bounded by the unanswered entries, and those are bounded by
+/// `Producer::wait_for_room`.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    /// Signalled when something comes in, and when the reader stops.
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct InboxState {
+    unanswered: HashMap<u64, Unanswered>,
+    /// How many of the unanswered entries are directories, and the bytes
+    /// of their names.
+    unanswered_dirs: usize,
+    name_bytes: usize,
+    /// The last entry id sent.
+    announced: u64,
+    news: News,
+    /// The reader has stopped: nothing more will come in.
+    closed: bool,
+}
+
+/// What the receiver said about files whose data is not sent yet, since
+/// the producer last looked.
+#[derive(Default)]
+struct News {
+    /// Send every file up to this id not otherwise answered, whole (0:
+    /// nothing new).
+    through: u64,
+    /// The chunks it holds of files waiting for their plan (runs of
+    /// offset, length, count).
+    have: HashMap<u64, Vec<(u64, u32, u64)>>,
+    /// Files settled already (unchanged, or failed): send nothing more.
+    settled: Vec<u64>,
+    /// Directories new at the receiver: every file below them may go.
+    fresh: HashSet<u64>,
+}
+
+impl News {
+    fn is_empty(&self) -> bool {
+        self.through == 0
+            && self.have.is_empty()
+            && self.settled.is_empty()
+            && self.fresh.is_empty()
+    }
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until `ready` holds; `Closed` if the reader stops first.
+    fn wait_until(&self, ready: impl Fn(&InboxState) -> bool) -> Result<(), EngineError> {
+        let mut state = self.lock();
+        while !ready(&state) {
+            if state.closed {
+                return Err(EngineError::Closed);
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Take what the receiver said; with `wait`, wait for some word first.
+    fn take_news(&self, wait: bool) -> Result<News, EngineError> {
+        if wait {
+            self.wait_until(|s| !s.news.is_empty())?;
+        }
+        Ok(std::mem::take(&mut self.lock().news))
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Closes the inbox however the sender ends, so that a producer waiting
+/// on it learns that nothing more will come.
+struct CloseOnDrop(Arc<Inbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+impl InboxState {
+    /// Take in one reply; an outcome also becomes an event.
+    fn take_in(&mut self, msg: Message) -> Result<Option<Event>, EngineError> {
+        let never_sent = |what: &str, id: u64| {
+            EngineError::Protocol(format!("{what} for entry {id}, which was never announced"))
+        };
+        match msg {
+            Message::Have { id, chunks } => match self.unanswered.get(&id) {
+                Some(e) if e.awaiting_plan => {
+                    self.news.have.insert(id, chunks);
+                }
+                // A file we aborted before its plan came (it could not be
+                // opened) may still get one: nothing to do.
+                _ if id <= self.announced => {}
+                _ => return Err(never_sent("have", id)),
+            },
+            Message::Planned { through } if through > self.announced => {
+                return Err(never_sent("planned", through));
+            }
+            Message::Planned { through } => self.news.through = self.news.through.max(through),
+            Message::Fresh { id } => match self.unanswered.get(&id) {
+                Some(e) if e.is_dir => {
+                    self.news.fresh.insert(id);
+                }
+                _ if id <= self.announced => {}
+                _ => return Err(never_sent("fresh", id)),
+            },
+            Message::Outcome { id, outcome } => {
+                let Some(Unanswered {
+                    path, size, is_dir, ..
+                }) = self.unanswered.remove(&id)
+                else {
+                    return Err(EngineError::Protocol(format!(
+                        "verdict for unknown entry {id}"
+                    )));
+                };
+                self.name_bytes -= path.len();
+                if is_dir {
+                    self.unanswered_dirs -= 1;
+                } else {
+                    self.news.settled.push(id);
+                }
+                return Ok(Some(match outcome {
+                    Outcome::Ok if is_dir => return Ok(None),
+                    Outcome::Ok => Event::FileDone { path, size },
+                    Outcome::Failed(why) => Event::FileFailed {
+                        path,
+                        reason: peer_text(&why),
+                    },
+                    Outcome::Skipped(why) => Event::Skipped {
+                        path,
+                        reason: peer_text(&why),
+                    },
+                    Outcome::Unchanged => Event::Unchanged { path, size },
+                    Outcome::Incomplete(why) => Event::FileIncomplete {
+                        path,
+                        reason: peer_text(&why),
+                    },
+                }));
+            }
+            other => {
+                return Err(EngineError::Protocol(format!(
+                    "unexpected message from the receiver: {other:?}"
+                )));
+            }
+        }
+        Ok(None)
+    }
+}
 
 /// Run the sending side over an established, accepted session.
 ///
@@ -126,9 +296,9 @@ where
 {
     let (control_tx, mut control_rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
     let (data_tx, data_rx) = async_channel::bounded::<Bytes>(DATA_QUEUE);
-    let pending: PendingMap = Arc::default();
+    let inbox = Arc::new(Inbox::default());
+    let _close_inbox = CloseOnDrop(inbox.clone());
     let (done_tx, done_rx) = oneshot::channel();
-    let (plan_tx, plan_rx) = std::sync::mpsc::channel();
     let (controller, fixed_level) = match job.compression {
         Compression::Auto if job.local_peer => (Some(LevelController::starting_off()), None),
         Compression::Auto => (Some(LevelController::new()), None),
@@ -138,7 +308,7 @@ where
     let producer = Producer {
         control: control_tx,
         data: data_tx,
-        pending: pending.clone(),
+        inbox: inbox.clone(),
         tally: tally.clone(),
         encoder: ChunkEncoder::new(
             controller
@@ -157,7 +327,6 @@ where
         totals: None,
         walked: (0, 0),
         queue: VecDeque::new(),
-        plans: plan_rx,
         plan_through: 0,
         have: HashMap::new(),
         settled_early: Vec::new(),
@@ -183,11 +352,14 @@ where
     };
     let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
     tokio::select! {
-        r = read_outcomes(reader, &pending, &tally, &plan_tx) => r?,
+        r = read_outcomes(reader, &inbox, &tally) => r?,
         r = write => r?,
         e = data_writers => return Err(e),
         _ = cancel.cancelled() => return Err(EngineError::Cancelled),
     }
+    // The receiver is done: a producer still waiting for its word (only
+    // after a `done` that came too early) must not wait forever.
+    inbox.close();
     drop(control_rx);
     done_rx.await.unwrap_or(Err(EngineError::Closed))
 }
@@ -195,58 +367,43 @@ where
 /// Read the receiver's verdicts until it says the transfer is done.
 async fn read_outcomes<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    pending: &PendingMap,
+    inbox: &Inbox,
     tally: &Tally,
-    plans: &std::sync::mpsc::Sender<Plan>,
 ) -> Result<(), EngineError> {
+    let mut events = Vec::new();
     loop {
-        // The producer is gone only if the session is ending anyway.
-        match reader.message().await? {
-            Message::Have { id, chunks } => {
-                let _ = plans.send(Plan::Have(id, chunks));
-            }
-            Message::Planned { through } => {
-                let _ = plans.send(Plan::Through(through));
-            }
-            Message::Fresh { id } => {
-                let _ = plans.send(Plan::Fresh(id));
-            }
-            Message::Keepalive => {}
-            Message::Outcome { id, outcome } => {
-                let _ = plans.send(Plan::Settled(id));
-                let entry = pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                let Some(Pending { path, size, is_dir }) = entry else {
-                    return Err(EngineError::Protocol(format!(
-                        "verdict for unknown entry {id}"
-                    )));
+        // Everything one read brought, under one lock and one wake-up: on
+        // small files that is hundreds of outcomes.
+        let mut msg = reader.message().await?;
+        let mut done = false;
+        {
+            let mut state = inbox.lock();
+            loop {
+                match msg {
+                    Message::Done => done = true,
+                    Message::Keepalive => {}
+                    msg => events.extend(state.take_in(msg)?),
+                }
+                msg = match reader.buffered()? {
+                    _ if done => break,
+                    Some(Frame::Control(Message::Error { code, message })) => {
+                        return Err(EngineError::Remote { code, message });
+                    }
+                    Some(Frame::Control(next)) => next,
+                    Some(Frame::Data(_)) => {
+                        return Err(EngineError::Protocol("unexpected data chunk".into()));
+                    }
+                    None => break,
                 };
-                tally.event(match outcome {
-                    Outcome::Ok if is_dir => continue,
-                    Outcome::Ok => Event::FileDone { path, size },
-                    Outcome::Failed(why) => Event::FileFailed {
-                        path,
-                        reason: peer_text(&why),
-                    },
-                    Outcome::Skipped(why) => Event::Skipped {
-                        path,
-                        reason: peer_text(&why),
-                    },
-                    Outcome::Unchanged => Event::Unchanged { path, size },
-                    Outcome::Incomplete(why) => Event::FileIncomplete {
-                        path,
-                        reason: peer_text(&why),
-                    },
-                });
             }
-            Message::Done => return Ok(()),
-            other => {
-                return Err(EngineError::Protocol(format!(
-                    "unexpected message from the receiver: {other:?}"
-                )));
-            }
+        }
+        inbox.changed.notify_all();
+        // Outside the lock: the sink may take its time.
+        for event in events.drain(..) {
+            tally.event(event);
+        }
+        if done {
+            return Ok(());
         }
     }
 }
@@ -341,7 +498,7 @@ struct Producer {
     control: mpsc::Sender<Bytes>,
     /// Chunks of large files, for whichever connection is free.
     data: async_channel::Sender<Bytes>,
-    pending: PendingMap,
+    inbox: Arc<Inbox>,
     tally: Arc<Tally>,
     encoder: ChunkEncoder,
     /// Present in `auto` mode: picks the level as the transfer goes.
@@ -361,7 +518,6 @@ struct Producer {
     walked: (u64, u64),
     /// Files announced whose data waits for the receiver's plan.
     queue: VecDeque<QueuedFile>,
-    plans: std::sync::mpsc::Receiver<Plan>,
     /// Files up to this id may be sent (those not otherwise answered).
     plan_through: u64,
     /// Chunks the receiver holds, by file, for files still queued.
@@ -509,32 +665,75 @@ impl Producer {
     fn entry(&mut self, path: &WirePath, kind: EntryKind) -> Result<u64, EngineError> {
         self.poll_totals()?;
         self.send_planned(false)?;
+        let (size, is_dir, is_file) = match &kind {
+            EntryKind::File { size, .. } => (*size, false, true),
+            EntryKind::Dir { .. } => (0, true, false),
+            _ => (0, false, false),
+        };
+        self.wait_for_room(is_dir)?;
         self.next_id += 1;
         let id = self.next_id;
-        let (size, is_dir) = match &kind {
-            EntryKind::File { size, .. } => (*size, false),
-            EntryKind::Dir { .. } => (0, true),
-            _ => (0, false),
-        };
         if matches!(kind, EntryKind::File { .. } | EntryKind::Symlink { .. }) {
             self.walked.0 += 1;
             self.walked.1 += size;
         }
-        let pending = Pending {
+        let entry = Unanswered {
             path: display_name(&self.label, path),
             size,
             is_dir,
+            awaiting_plan: is_file,
         };
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, pending);
+        {
+            let mut inbox = self.inbox.lock();
+            inbox.name_bytes += entry.path.len();
+            inbox.unanswered_dirs += usize::from(is_dir);
+            inbox.unanswered.insert(id, entry);
+            inbox.announced = id;
+        }
         self.send(&Message::Entry {
             id,
             path: path.to_wire(),
             kind,
         })?;
         Ok(id)
+    }
+
+    /// Keep what the receiver has not answered within bounds before one
+    /// more entry: at most `MAX_OPEN_DIRS` directories (the protocol's
+    /// limit: the receiver holds each open) and `MAX_UNANSWERED` entries in
+    /// all (ours: we remember each). At a bound, send every file we may,
+    /// then wait for outcomes. A receiver answers everything then but the
+    /// directories our walk is still inside, which are fewer than either
+    /// bound (see `MAX_OPEN_DIRS`), so the wait ends.
+    fn wait_for_room(&mut self, is_dir: bool) -> Result<(), EngineError> {
+        let full = |s: &InboxState| {
+            s.unanswered.len() >= MAX_UNANSWERED
+                || s.name_bytes >= MAX_UNANSWERED_NAME_BYTES
+                || (is_dir && s.unanswered_dirs >= MAX_OPEN_DIRS)
+        };
+        if !full(&self.inbox.lock()) {
+            return Ok(());
+        }
+        self.send_planned(true)?;
+        self.flush()?;
+        let walking = self.dirs_open.len();
+        tracing::debug!(walking, "waiting for the receiver to answer entries");
+        // Until well below every bound, so that the next wait is far off;
+        // or down to what only our walk holds.
+        self.inbox.wait_until(|s| {
+            let roomy = s.unanswered.len() <= MAX_UNANSWERED / 2
+                && s.name_bytes <= MAX_UNANSWERED_NAME_BYTES / 2
+                && s.unanswered_dirs <= MAX_OPEN_DIRS / 2;
+            roomy || s.unanswered.len() <= walking
+        })
+    }
+
+    /// File `id` no longer waits for its plan: a `have` for it from now on
+    /// is ignored.
+    fn planned(&self, id: u64) {
+        if let Some(e) = self.inbox.lock().unanswered.get_mut(&id) {
+            e.awaiting_plan = false;
+        }
     }
 
     /// Give up on file or directory `id`; `transient` when sending it
@@ -550,51 +749,22 @@ impl Producer {
     /// Take in what the receiver has said so far; with `wait`, wait for
     /// at least one word of it first.
     fn absorb_plans(&mut self, wait: bool) -> Result<(), EngineError> {
-        let mut next = if wait {
-            Some(self.plans.recv().map_err(|_| EngineError::Closed)?)
-        } else {
-            None
-        };
-        loop {
-            let plan = match next.take() {
-                Some(plan) => plan,
-                None => match self.plans.try_recv() {
-                    Ok(plan) => plan,
-                    Err(_) => return Ok(()),
-                },
-            };
-            // Queued ids increase: a binary search, not a scan per answer.
-            let queued = |id: u64| self.queue.binary_search_by_key(&id, |q| q.id).is_ok();
-            match plan {
-                Plan::Through(id) if id > self.next_id => {
-                    return Err(EngineError::Protocol(format!(
-                        "planned through entry {id}, which was never announced"
-                    )));
-                }
-                Plan::Through(id) => self.plan_through = self.plan_through.max(id),
-                Plan::Have(id, runs) if queued(id) && id > self.plan_through => {
-                    self.have.insert(id, runs);
-                }
-                // A file we aborted before its plan came (it could not be
-                // opened) may still get one: nothing to do.
-                Plan::Have(id, _) if id <= self.next_id => {}
-                Plan::Have(id, _) => {
-                    return Err(EngineError::Protocol(format!(
-                        "have for entry {id}, which was never announced"
-                    )));
-                }
-                Plan::Settled(id) if queued(id) => self.settled_early.push(id),
-                Plan::Settled(_) => {}
-                Plan::Fresh(id) if id <= self.next_id => {
-                    self.fresh.insert(id);
-                }
-                Plan::Fresh(id) => {
-                    return Err(EngineError::Protocol(format!(
-                        "fresh directory {id}, which was never announced"
-                    )));
-                }
+        let news = self.inbox.take_news(wait)?;
+        // Queued ids increase: a binary search, not a scan per answer.
+        let queue = &self.queue;
+        let queued = |id: u64| queue.binary_search_by_key(&id, |q| q.id).is_ok();
+        // Before `through`: a receiver sends a file's `have` before the
+        // `planned` that covers it, and both may be in this news.
+        for (id, runs) in news.have {
+            if queued(id) && id > self.plan_through {
+                self.have.insert(id, runs);
             }
         }
+        self.plan_through = self.plan_through.max(news.through);
+        self.settled_early
+            .extend(news.settled.into_iter().filter(|&id| queued(id)));
+        self.fresh.extend(news.fresh);
+        Ok(())
     }
 
     /// Send the data of every queued file whose plan has come. With
@@ -615,6 +785,7 @@ impl Producer {
             let under_fresh = front.ancestors.iter().any(|d| self.fresh.contains(d));
             if id <= self.plan_through || under_fresh {
                 if let Some(file) = self.queue.pop_front() {
+                    self.planned(id);
                     self.send_file(file)?;
                 }
                 continue;
@@ -753,7 +924,10 @@ impl Producer {
                 });
                 Ok(())
             }
-            Err(e) => self.abort(id, reason(&e), false),
+            Err(e) => {
+                self.planned(id);
+                self.abort(id, reason(&e), false)
+            }
         }
     }
 
@@ -1003,4 +1177,98 @@ fn count(root: &OwnedFd) -> (u64, u64) {
     let mut totals = (0, 0);
     walk(root, &mut totals);
     totals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox_with(entries: &[(u64, bool)]) -> InboxState {
+        let mut state = InboxState::default();
+        for &(id, is_dir) in entries {
+            let entry = Unanswered {
+                path: format!("entry {id}"),
+                size: 0,
+                is_dir,
+                awaiting_plan: !is_dir,
+            };
+            state.name_bytes += entry.path.len();
+            state.unanswered_dirs += usize::from(is_dir);
+            state.unanswered.insert(id, entry);
+            state.announced = id;
+        }
+        state
+    }
+
+    #[test]
+    fn a_receiver_repeating_itself_does_not_grow_the_inbox() {
+        let mut state = inbox_with(&[(1, true), (2, false)]);
+        for _ in 0..10_000 {
+            for msg in [
+                Message::Planned { through: 2 },
+                Message::Fresh { id: 1 },
+                Message::Have {
+                    id: 2,
+                    chunks: vec![(0, 1024, 1)],
+                },
+            ] {
+                state.take_in(msg).unwrap();
+            }
+        }
+        assert_eq!(state.news.through, 2);
+        assert_eq!(state.news.fresh.len(), 1);
+        assert_eq!(state.news.have.len(), 1);
+        assert!(state.news.settled.is_empty());
+    }
+
+    #[test]
+    fn outcomes_settle_entries_and_keep_the_counts() {
+        let mut state = inbox_with(&[(1, true), (2, false), (3, true)]);
+        assert_eq!(state.unanswered_dirs, 2);
+        let ok = |id| Message::Outcome {
+            id,
+            outcome: Outcome::Ok,
+        };
+        assert!(
+            state.take_in(ok(3)).unwrap().is_none(),
+            "a directory is no event"
+        );
+        assert!(matches!(
+            state.take_in(ok(2)).unwrap(),
+            Some(Event::FileDone { .. })
+        ));
+        assert_eq!(state.unanswered_dirs, 1);
+        assert_eq!(state.unanswered.len(), 1);
+        assert_eq!(state.name_bytes, "entry 1".len());
+        assert_eq!(state.news.settled, [2], "only files wait in the queue");
+        let again = state.take_in(ok(2)).unwrap_err();
+        assert!(again.to_string().contains("unknown entry 2"), "{again}");
+    }
+
+    #[test]
+    fn plans_for_entries_never_announced_are_protocol_errors() {
+        let mut state = inbox_with(&[(1, true), (2, false)]);
+        for msg in [
+            Message::Planned { through: 3 },
+            Message::Fresh { id: 3 },
+            Message::Have {
+                id: 3,
+                chunks: vec![],
+            },
+        ] {
+            let e = state.take_in(msg).unwrap_err();
+            assert!(e.to_string().contains("never announced"), "{e}");
+        }
+        // For an entry announced but not waiting for that (a file that is
+        // planned already, a file called fresh): ignored, as before.
+        state.unanswered.get_mut(&2).unwrap().awaiting_plan = false;
+        state
+            .take_in(Message::Have {
+                id: 2,
+                chunks: vec![(0, 1024, 1)],
+            })
+            .unwrap();
+        state.take_in(Message::Fresh { id: 2 }).unwrap();
+        assert!(state.news.is_empty());
+    }
 }

@@ -44,6 +44,7 @@ use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
+use crate::throttle::{self, AuthThrottle};
 use crate::tls::ServerTls;
 
 /// Connections past their handshake served at once (control and data
@@ -130,6 +131,7 @@ pub async fn serve(
         access: config.access,
         tls: config.tls,
         auth: config.auth,
+        throttle: Mutex::default(),
     });
     let pending = Pending::default();
     let sessions = TaskTracker::new();
@@ -190,6 +192,9 @@ struct Shared {
     access: Access,
     tls: Option<ServerTls>,
     auth: Option<Token>,
+    /// Recent authentication failures by address: what slows a guesser
+    /// down whichever connection it guesses on.
+    throttle: Mutex<AuthThrottle>,
 }
 
 /// The pending connections, oldest first, each with the token that drops
@@ -393,7 +398,7 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
     match hello {
         Message::Hello { software } => {
             if let Some(token) = &shared.auth {
-                authenticate(&mut reader, &mut writer, token, &exporter, peer).await?;
+                authenticate(&mut reader, &mut writer, token, &exporter, peer, shared).await?;
             }
             Ok(Opened::Session {
                 reader,
@@ -412,15 +417,23 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
     }
 }
 
-/// Have the client prove the token: `challenge`, `auth`. A failure is
-/// logged with the peer's address and answered only after a pause, which
-/// slows down guessing.
+/// Have the client prove the token: `challenge`, `auth`.
+///
+/// A failure is logged once, with the peer's address and why, and counted
+/// against the address: its answer waits the longer the more recent
+/// failures the address has (see `throttle`). The wait happens here, in
+/// the handshake, so the connection still counts as pending: it never
+/// holds a session slot, and a crowd of them only pushes out each other
+/// (the oldest pending go first). A success is answered at once and
+/// forgets the address's failures: a user behind the same NAT as a guesser
+/// must not be locked out.
 async fn authenticate(
     reader: &mut FrameReader<BoxRead>,
     writer: &mut FrameWriter<BoxWrite>,
     token: &Token,
     exporter: &[u8],
     peer: SocketAddr,
+    shared: &Shared,
 ) -> Result<(), EngineError> {
     let nonce = match auth::random_bytes(32) {
         Ok(n) => n,
@@ -434,27 +447,62 @@ async fn authenticate(
             nonce: auth::hex(&nonce),
         })
         .await?;
-    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
-        .await
-        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
-    if let Message::Auth { mac } = &answer
-        && token.verify(&nonce, exporter, mac)
-    {
-        info!(%peer, "authenticated");
-        return Ok(());
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message()).await;
+    // A client without a token gives up at the challenge: it goes away
+    // (or says nothing). That is a failed attempt too, or a guesser could
+    // probe for free by hanging up.
+    let (why, gone) = match &answer {
+        Ok(Ok(Message::Auth { mac })) if token.verify(&nonce, exporter, mac) => {
+            lock_throttle(shared).success(peer.ip());
+            info!(%peer, "authenticated");
+            return Ok(());
+        }
+        Ok(Ok(Message::Auth { .. })) => ("wrong token".to_string(), false),
+        Ok(Ok(_)) => (
+            "answered the challenge with another message than auth".into(),
+            false,
+        ),
+        Ok(Err(_)) => ("no answer to the challenge (no token?)".to_string(), true),
+        Err(_) => (
+            format!(
+                "no answer to the challenge within {} s (no token?)",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ),
+            false,
+        ),
+    };
+    let penalty = lock_throttle(shared).failure(peer.ip(), Instant::now());
+    // The one log line per failed attempt.
+    let answer = if gone {
+        String::new()
+    } else {
+        format!("; answering in {} s", penalty.delay.as_secs())
+    };
+    warn!(
+        %peer,
+        "authentication failed: {why}; failure {} from this address in {} min{answer}",
+        penalty.failures,
+        throttle::WINDOW.as_secs() / 60,
+    );
+    if !gone {
+        tokio::time::sleep(penalty.delay).await;
+        let refusal = Message::error(ErrorCode::PermissionDenied, "authentication failed");
+        // The client may be gone by now: the failure is logged already.
+        let answered = async {
+            writer.send_now(&refusal).await?;
+            writer.shutdown().await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), answered).await;
     }
-    warn!(%peer, "authentication failed");
-    tokio::time::sleep(AUTH_FAILURE_DELAY).await;
-    refuse(
-        writer,
-        ErrorCode::PermissionDenied,
-        "authentication failed".into(),
-    )
-    .await
+    Err(EngineError::Refused {
+        code: ErrorCode::PermissionDenied,
+        message: "the client did not prove the token".into(),
+    })
 }
 
-/// How long a failed authentication waits before it is answered.
-const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
+fn lock_throttle(shared: &Shared) -> std::sync::MutexGuard<'_, AuthThrottle> {
+    shared.throttle.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// The first byte of a TLS connection: a handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;

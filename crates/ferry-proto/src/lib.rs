@@ -54,6 +54,25 @@ pub mod limits {
     pub const MAX_FILES_AHEAD: u64 = 1024;
     /// Most runs a `have` message may list (it must fit one control frame).
     pub const MAX_HAVE_RUNS: usize = 2048;
+    /// Most directory entries a sender may have announced whose `outcome`
+    /// has not reached it. The receiver holds each such directory open (its
+    /// path, a handle on its parent) until its `dir_end` has come and all
+    /// below it is settled: without a bound, a peer could announce
+    /// directories and never end them until the receiver's memory ran out.
+    ///
+    /// An honest walk never needs this many. The directories it is still
+    /// inside are at most `MAX_PATH_LEN / 2 + 1` = 2049 (the root, and a
+    /// level per two bytes of the longest path: a one-byte name and a
+    /// `/`); every other
+    /// unanswered directory is ended, and is answered once the files below
+    /// it, of which at most `MAX_FILES_AHEAD` wait for their data, have
+    /// been sent. So a sender at the bound sends what it can, waits for
+    /// outcomes, and is soon back below it.
+    pub const MAX_OPEN_DIRS: usize = 4096;
+
+    // The walk's own depth must leave room below the bound, or a deep
+    // tree could make an honest sender wait forever.
+    const _: () = assert!(MAX_OPEN_DIRS > MAX_PATH_LEN / 2 + 1);
 }
 
 /// The protocol version this crate speaks. Bumped on any change to the wire.
@@ -66,5 +85,6 @@ pub mod limits {
 /// data, `incomplete` outcomes and transient aborts, `keepalive`.
 ///
 /// 4: authentication. A server that requires a token answers `hello`
-/// with `challenge`; the client proves the token with `auth`.
+/// with `challenge`; the client proves the token with `auth`. A sender
+/// keeps at most `MAX_OPEN_DIRS` directories unanswered.
 pub const PROTOCOL_VERSION: u16 = 4;

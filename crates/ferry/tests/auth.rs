@@ -67,6 +67,87 @@ fn a_server_with_a_token_serves_only_clients_that_prove_it() {
     assert_eq!(fs::read(root.join("file.txt")).unwrap(), b"authenticated\n");
 }
 
+/// The server's log lines that report a failed attempt.
+fn failure_lines(server: &Server) -> Vec<String> {
+    server
+        .stderr()
+        .lines()
+        .filter(|line| line.contains("authentication failed"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn failed_attempts_are_logged_and_slowed_per_address_and_the_right_token_still_works() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"after the guessing\n");
+    let server = Server::start_as(&root, &[], &with_token(Some(TOKEN)));
+    assert!(
+        server.wait_for_log("clients must prove the token", ERROR_TIMEOUT),
+        "{}",
+        server.stderr()
+    );
+
+    // A client without a token gives up at the challenge and hangs up:
+    // that counts as a failure from its address, though nobody waits for
+    // the answer.
+    server
+        .run_with(&[&"up", &file, &"none.txt"], &with_token(None))
+        .assert_code(1)
+        .assert_no_panic();
+    assert!(
+        server.wait_for_log("no answer to the challenge (no token?)", ERROR_TIMEOUT),
+        "the hang-up is logged as a failed attempt: {}",
+        server.stderr()
+    );
+
+    // The second failure from 127.0.0.1, on a connection of its own, is
+    // answered after 2 s rather than the first failure's 1 s: the count
+    // belongs to the address. Only a lower bound: the machine is shared.
+    let started = std::time::Instant::now();
+    server
+        .run_with(&[&"up", &file, &"wrong.txt"], &with_token(Some("guess")))
+        .assert_code(1)
+        .assert_no_panic()
+        .assert_stderr_contains("authentication failed");
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1900),
+        "the second failure from the address was answered after {took:?}"
+    );
+    assert!(!root.join("wrong.txt").exists());
+
+    // One log line per attempt, saying why and how many.
+    let lines = failure_lines(&server);
+    assert_eq!(lines.len(), 2, "{}", server.stderr());
+    assert!(
+        lines[0].contains("failure 1 from this address"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("wrong token"), "{}", lines[1]);
+    assert!(
+        lines[1].contains("failure 2 from this address"),
+        "{}",
+        lines[1]
+    );
+    assert!(lines[1].contains("127.0.0.1"), "{}", lines[1]);
+
+    // Whatever failed before from its address, the right token is served
+    // (and not made to wait: a user behind a shared NAT address is never
+    // locked out by someone else's guessing).
+    server
+        .run_with(&[&"up", &file, &"ok.txt"], &with_token(Some(TOKEN)))
+        .assert_success();
+    assert_eq!(
+        fs::read(root.join("ok.txt")).unwrap(),
+        b"after the guessing\n"
+    );
+    assert_eq!(failure_lines(&server).len(), 2, "{}", server.stderr());
+}
+
 #[test]
 fn a_loopback_server_without_a_token_needs_none() {
     let scratch = Scratch::new();

@@ -654,6 +654,53 @@ fn hostile_upload_entry_paths_that_climb_are_refused() {
     }
 }
 
+/// The directories a receiver holds open are bounded (PROTOCOL.md §8.4,
+/// `MAX_OPEN_DIRS`): a sender that announces directories and never ends
+/// them gets a clear protocol error instead of growing the server's memory,
+/// nothing is created for the entry past the limit, and the server goes on
+/// serving.
+#[test]
+fn hostile_upload_of_more_open_directories_than_the_limit_is_refused() {
+    const MAX_OPEN_DIRS: usize = 4096;
+    let (scratch, root, _outside) = setup();
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
+    // The root and MAX_OPEN_DIRS directories below it, none ever ended.
+    let names: Vec<String> = (0..MAX_OPEN_DIRS).map(|i| format!("d{i}")).collect();
+    let steps: Vec<Step> = std::iter::once(Step::Dir(""))
+        .chain(names.iter().map(|n| Step::Dir(n)))
+        .collect();
+    let answers = hostile_upload(&server, "many", &steps);
+    let error = answers.iter().find(|m| m["type"] == "error");
+    assert!(
+        error.is_some_and(|e| e["code"] == "protocol"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("too many directories open at once (limit 4096)"))),
+        "expected the limit's protocol error, got {:?}",
+        answers.last()
+    );
+    let last = &names[MAX_OPEN_DIRS - 1];
+    assert!(root.join("many").join(&names[MAX_OPEN_DIRS - 2]).is_dir());
+    assert!(
+        !root.join("many").join(last).exists(),
+        "nothing is created for the entry past the limit"
+    );
+    assert!(server.wait_for_log("too many directories open at once", ERROR_TIMEOUT));
+    assert_server_healthy(&mut server);
+
+    // The server goes on serving: a normal upload, by the real client.
+    let file = scratch.join("after.txt");
+    write_file(&file, b"still serving\n");
+    server
+        .run(&[&"up", &"--no-tls", &file, &"after.txt"])
+        .assert_success();
+    assert_eq!(
+        fs::read(root.join("after.txt")).unwrap(),
+        b"still serving\n"
+    );
+    assert_server_healthy(&mut server);
+}
+
 /// A hostile server answers a download with a link and then a file below
 /// it: the client, as the receiver, must not follow the link.
 #[test]

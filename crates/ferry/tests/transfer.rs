@@ -338,3 +338,29 @@ fn auto_compression_sends_raw_to_a_server_on_this_host() {
     assert_eq!(fs::read(root.join("auto.txt")).unwrap(), text.as_bytes());
     assert_eq!(fs::read(root.join("level-1.txt")).unwrap(), text.as_bytes());
 }
+
+/// More directories than a receiver may hold open at once (4096,
+/// PROTOCOL.md §8.4) and a chain 300 deep: an honest sender stays within
+/// the limit, waiting for outcomes when it must, and the tree arrives whole.
+#[test]
+fn a_tree_of_more_directories_than_may_be_open_at_once_arrives_whole() {
+    let scratch = Scratch::new();
+    let src = scratch.join("src");
+    for i in 0..4500 {
+        let dir = src.join(format!("wide/{i:04}"));
+        fs::create_dir_all(&dir).unwrap();
+        if i % 100 == 0 {
+            write_file(&dir.join("f.txt"), format!("{i}\n").as_bytes());
+        }
+    }
+    let deep: PathBuf = std::iter::once(src.join("deep"))
+        .chain((0..300).map(|_| PathBuf::from("d")))
+        .collect();
+    fs::create_dir_all(&deep).unwrap();
+    write_file(&deep.join("bottom.txt"), b"at the bottom\n");
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &src, &"copy"]).assert_success();
+    assert_trees_equal(&src, &root.join("copy"));
+}
