@@ -27,6 +27,7 @@ import gzip
 import json
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -220,6 +221,16 @@ def is_listening(pid: int, port: int) -> bool:
             if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
                 return True
     return False
+
+
+def bench_token(workdir: Path) -> Path:
+    """The token ferry's server and client share in the bench (0600)."""
+    path = workdir / "ferry-token"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def start_server(argv: list[str], port: int, log_path: Path) -> Proc:
@@ -593,6 +604,9 @@ class Ferry(Tool):
         # A ferry with TLS keeps its key and known_hosts in a state
         # directory: the bench's own, never the user's.
         self.state_dir_supported = "--state-dir" in help_text
+        # A ferry with authentication wants a token from a server on a
+        # network address (the 1 Gbit/s case): both sides get the bench's.
+        self.token_supported = "--token-file" in help_text
         if ctx.streams is not None and not self.streams_supported:
             log(f"note: this ferry has no --streams option; --streams {ctx.streams} is ignored")
 
@@ -600,6 +614,8 @@ class Ferry(Tool):
         net = ds.net
         port = free_port()
         state = ["--state-dir", str(ctx.workdir / "ferry-state")] if self.state_dir_supported else []
+        if self.token_supported:
+            state += ["--token-file", str(bench_token(ctx.workdir))]
         if not self.tls:
             state += ["--no-tls"]
         server = start_server(
