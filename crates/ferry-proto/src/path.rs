@@ -206,6 +206,19 @@ impl fmt::Display for WirePath {
 /// bidi and zero-width format characters become `\xNN` or `\u{…}` escapes;
 /// a backslash is doubled so escapes stay unambiguous.
 pub fn escape(bytes: &[u8]) -> String {
+    // Most names are printable ASCII, which needs no escape: checked in
+    // one pass (this runs for every file a transfer names).
+    if bytes
+        .iter()
+        .all(|&b| (b' '..=b'~').contains(&b) && b != b'\\')
+    {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    escape_each(bytes)
+}
+
+/// [`escape`], character by character.
+fn escape_each(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -291,6 +304,19 @@ mod tests {
         let back: WireBytes = serde_json::from_str(&raw).unwrap();
         assert_eq!(back.0, vec![b'a', 0xff]);
         assert!(serde_json::from_str::<WireBytes>(r#"{"b64":"!!"}"#).is_err());
+    }
+
+    #[test]
+    proptest! {
+        #[test]
+        fn the_fast_path_of_escape_changes_nothing(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            prop_assert_eq!(escape(&bytes), escape_each(&bytes));
+        }
+
+        #[test]
+        fn printable_ascii_escapes_the_same_either_way(text in "[ -~]{0,64}") {
+            prop_assert_eq!(escape(text.as_bytes()), escape_each(text.as_bytes()));
+        }
     }
 
     #[test]
