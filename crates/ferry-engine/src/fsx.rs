@@ -312,7 +312,7 @@ pub(crate) fn unchanged(dir: BorrowedFd<'_>, name: &[u8], size: u64, mtime: Mtim
 /// The process umask, read once from /proc (reading it with umask(2)
 /// would briefly change it for every thread). If it cannot be read, the
 /// most restrictive answer makes every file get an explicit chmod.
-fn process_umask() -> u32 {
+pub(crate) fn process_umask() -> u32 {
     static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *UMASK.get_or_init(|| {
         std::fs::read_to_string("/proc/self/status")

@@ -292,8 +292,10 @@ impl Drop for OpenFile {
 struct OpenDir {
     display: String,
     wire_path: Vec<u8>,
-    parent: Arc<OwnedFd>,
-    name: Vec<u8>,
+    /// The directory itself, open from its creation (or check) until its
+    /// metadata is applied: the parent of everything below it, with no
+    /// path to resolve again for each.
+    fd: Arc<OwnedFd>,
     mode: u32,
     mtime: Mtime,
     /// Set when the sender could not read it whole.
@@ -531,9 +533,24 @@ impl Worker {
         let path = WirePath::parse(path.as_bytes())?;
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.parent_dir_of(&path);
-        let mut components = self.dest.prefix.clone();
-        components.extend(path.components().map(<[u8]>::to_vec));
-        let parent = match self.parent_of(&components) {
+        // A directory of this transfer is open already; any other parent
+        // is opened beneath the destination (or found in the cache).
+        let open_parent = parent_dir
+            .and_then(|d| self.dirs.get(&d))
+            .map(|d| d.fd.clone());
+        let parent = match open_parent {
+            Some(fd) => Ok(fd),
+            None => {
+                let mut components = self.dest.prefix.clone();
+                components.extend(path.components().map(<[u8]>::to_vec));
+                self.parent_of(&components)
+            }
+        };
+        let name = match path.components().last() {
+            Some(last) => last.to_vec(),
+            None => self.dest.prefix.last().cloned().unwrap_or_default(),
+        };
+        let parent = match parent {
             Ok(p) => p,
             Err(e) => {
                 let why = format!("cannot open its directory: {}", reason(&e));
@@ -544,7 +561,6 @@ impl Worker {
                 };
             }
         };
-        let name = components.pop().unwrap_or_default();
         match kind {
             EntryKind::Dir { mode, mtime } => {
                 // Checked before anything is created for it. An honest
@@ -568,8 +584,10 @@ impl Worker {
                             self.flush_replies()?;
                         }
                         // We must be able to write into it until its
-                        // metadata is applied, whatever mode it has.
-                        if let Ok(st) = rustix::fs::fstat(&dir)
+                        // metadata is applied, whatever mode it has (one we
+                        // made has 0700, unless the umask took some of it).
+                        if (!created || fsx::process_umask() & 0o700 != 0)
+                            && let Ok(st) = rustix::fs::fstat(&dir)
                             && st.st_mode & 0o700 != 0o700
                         {
                             let _ = rustix::fs::fchmod(
@@ -582,8 +600,7 @@ impl Worker {
                         let dir = OpenDir {
                             display,
                             wire_path: path.as_bytes().to_vec(),
-                            parent,
-                            name,
+                            fd: Arc::new(dir),
                             mode,
                             mtime,
                             failure: None,
@@ -1012,13 +1029,13 @@ impl Worker {
             return Ok(None);
         };
         self.dir_ids.remove(&d.wire_path);
-        let applied = fsx::open_dir_beneath(d.parent.as_fd(), &[&d.name]).and_then(|dir| {
-            rustix::fs::fchmod(&dir, Mode::from_raw_mode(d.mode & 0o1777))?;
-            rustix::fs::futimens(&dir, &fsx::mtime_only(d.mtime))?;
-            Ok(())
-        });
+        let applied = rustix::fs::fchmod(&*d.fd, Mode::from_raw_mode(d.mode & 0o1777))
+            .and_then(|()| rustix::fs::futimens(&*d.fd, &fsx::mtime_only(d.mtime)));
         let failure = match applied {
-            Err(e) => Some(format!("cannot set directory metadata: {}", reason(&e))),
+            Err(e) => Some(format!(
+                "cannot set directory metadata: {}",
+                reason(&e.into())
+            )),
             Ok(()) => d.failure,
         };
         self.dir_verdict(id, d.display, failure)?;
