@@ -306,7 +306,6 @@ mod tests {
         assert!(serde_json::from_str::<WireBytes>(r#"{"b64":"!!"}"#).is_err());
     }
 
-    #[test]
     proptest! {
         #[test]
         fn the_fast_path_of_escape_changes_nothing(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
