@@ -5,7 +5,10 @@
 //! validates every path, resolves it below the destination without
 //! following symlinks, writes verified chunks into a hidden
 //! `.NAME.ferry-part` sibling and renames it into place only once the
-//! whole-file digest matches. No half file is ever visible.
+//! whole-file digest matches. No half file is ever visible. (A small file
+//! in a directory this transfer made is written to an unnamed file
+//! instead, linked into place once it verifies: see
+//! [`fsx::open_unnamed_part`].)
 //!
 //! Before any data of a file is sent, the receiver plans it: a regular
 //! file of the same size and mtime is left alone (`unchanged`); a part
@@ -246,7 +249,10 @@ struct OpenFile {
     parent: Arc<OwnedFd>,
     name: Vec<u8>,
     part: Vec<u8>,
-    /// The part file, locked for as long as it is open.
+    /// The part file has no name (yet): see [`fsx::open_unnamed_part`].
+    unnamed: bool,
+    /// The part file, locked for as long as it is open (unless unnamed:
+    /// no one else can find it).
     file: File,
     /// The record of verified chunks, for a resume (large files only).
     journal: Option<Journal>,
@@ -276,7 +282,8 @@ impl Drop for OpenFile {
     fn drop(&mut self) {
         // Worth keeping only with a journal and something verified in it.
         let resumable = self.keep && self.journal.is_some() && self.ledger.received() > 0;
-        if self.committed || resumable {
+        // An unnamed part file goes with its descriptor.
+        if self.committed || resumable || self.unnamed {
             return;
         }
         // Removed while still locked, so no other transfer can take it
@@ -637,7 +644,16 @@ impl Worker {
                     return self.verdict(id, display, Outcome::Unchanged, size);
                 }
                 let part = fsx::part_name(&name);
-                let opened = fsx::open_part(parent.as_fd(), &part, mode);
+                // In a directory this transfer made, a small file (one with
+                // no journal to resume from) needs no named part file.
+                let unnamed = (fresh_dir && size < JOURNAL_MIN_SIZE)
+                    .then(|| fsx::open_unnamed_part(parent.as_fd(), mode))
+                    .flatten();
+                let is_unnamed = unnamed.is_some();
+                let opened = match unnamed {
+                    Some(part_file) => Ok(part_file),
+                    None => fsx::open_part(parent.as_fd(), &part, mode),
+                };
                 let part_file = match opened {
                     Ok(p) => p,
                     Err(e) => {
@@ -712,6 +728,7 @@ impl Worker {
                     parent,
                     name,
                     part,
+                    unnamed: is_unnamed,
                     file,
                     journal,
                     journal_name,
@@ -965,7 +982,7 @@ impl Worker {
                 f.keep = false;
                 Outcome::Incomplete(e.to_string())
             }
-            Ok(()) => match commit(&f) {
+            Ok(()) => match commit(&mut f) {
                 Ok(()) => {
                     f.committed = true;
                     if f.journal.take().is_some() {
@@ -1044,12 +1061,26 @@ impl Worker {
 }
 
 /// Make a verified part file the real one: metadata first, then the
-/// atomic rename, so the name only ever shows the complete file.
-fn commit(f: &OpenFile) -> Result<(), String> {
+/// atomic rename (or, for an unnamed part file, the link), so the name
+/// only ever shows the complete file.
+fn commit(f: &mut OpenFile) -> Result<(), String> {
     if !f.mode_set {
         rustix::fs::fchmod(&f.file, Mode::from_raw_mode(f.mode)).map_err(|e| reason(&e.into()))?;
     }
     rustix::fs::futimens(&f.file, &fsx::mtime_only(f.mtime)).map_err(|e| reason(&e.into()))?;
+    if f.unnamed {
+        match fsx::name_unnamed_part(f.file.as_fd(), f.parent.as_fd(), &f.name) {
+            Ok(()) => return Ok(()),
+            // Something took the name since the directory was made (a
+            // transfer racing ours): replace it, as a named part would.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                fsx::name_unnamed_part(f.file.as_fd(), f.parent.as_fd(), &f.part)
+                    .map_err(|e| reason(&e))?;
+                f.unnamed = false;
+            }
+            Err(e) => return Err(reason(&e)),
+        }
+    }
     match rustix::fs::renameat(
         f.parent.as_fd(),
         f.part.as_slice(),
