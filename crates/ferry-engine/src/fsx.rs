@@ -498,7 +498,12 @@ pub(crate) fn open_confined_root(base: BorrowedFd<'_>, path: &WirePath) -> io::R
 /// Memory grows with the size of one directory, never with the tree.
 pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, FileType)>> {
     let mut entries = Vec::new();
-    for entry in rustix::fs::Dir::read_from(dir)? {
+    // A duplicate of the descriptor rather than `Dir::read_from`, which
+    // opens the directory again. The duplicate shares its position, so
+    // the listing starts with a rewind: a directory may be listed twice.
+    let mut listing = rustix::fs::Dir::new(dir.try_clone_to_owned()?)?;
+    listing.rewind();
+    for entry in listing {
         let entry = entry?;
         let name: &CStr = entry.file_name();
         let name = name.to_bytes();
@@ -653,6 +658,24 @@ mod tests {
         // A part that is never named leaves nothing behind.
         drop(second);
         assert_eq!(listed(&b).len(), 1);
+    }
+
+    #[test]
+    fn a_directory_lists_the_same_twice_through_one_descriptor() {
+        let tmp = tempfile::tempdir().unwrap();
+        for name in ["b", "a", "c"] {
+            std::fs::write(tmp.path().join(name), name).unwrap();
+        }
+        let b = base(tmp.path());
+        let names = || -> Vec<Vec<u8>> {
+            list_dir(b.as_fd())
+                .unwrap()
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        };
+        assert_eq!(names(), [b"a", b"b", b"c"]);
+        assert_eq!(names(), [b"a", b"b", b"c"]);
     }
 
     #[test]
