@@ -126,6 +126,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
+/// Frames at least this large skip the write buffer: a TLS record's worth.
+const DIRECT_WRITE: usize = 16 * 1024;
+
 /// Writes frames to the other half, buffering small ones together.
 pub(crate) struct FrameWriter<W: AsyncWrite> {
     inner: BufWriter<W>,
@@ -163,7 +166,17 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 
     /// Queue bytes that already hold whole frames.
     pub(crate) async fn raw(&mut self, frames: &[u8]) -> Result<(), EngineError> {
-        self.inner.write_all(frames).await?;
+        if frames.len() >= DIRECT_WRITE {
+            // Big enough to go out by itself: copying it into the buffer
+            // first would only add a pass over every byte (TLS copies it
+            // into its records anyway). What is buffered goes first.
+            if !self.inner.buffer().is_empty() {
+                self.inner.flush().await?;
+            }
+            self.inner.get_mut().write_all(frames).await?;
+        } else {
+            self.inner.write_all(frames).await?;
+        }
         self.meter.fetch_add(frames.len() as u64, Ordering::Relaxed);
         Ok(())
     }
