@@ -171,10 +171,13 @@ impl LevelController {
 mod tests {
     use super::*;
 
-    /// Drive the controller against a model where each level gives a known
-    /// rate, and return where it settles after `windows` windows.
-    fn settle(rate_at: impl Fn(Option<i32>) -> (f64, f64), windows: usize) -> Option<i32> {
-        let mut c = LevelController::new();
+    /// Drive controller `c` against a model where each level gives a known
+    /// rate and blocked share, for `windows` windows; returns the level.
+    fn drive(
+        c: &mut LevelController,
+        rate_at: impl Fn(Option<i32>) -> (f64, f64),
+        windows: usize,
+    ) -> Option<i32> {
         for _ in 0..windows {
             let (rate, blocked_share) = rate_at(c.level());
             c.observe(Window {
@@ -184,6 +187,11 @@ mod tests {
             });
         }
         LADDER[c.at]
+    }
+
+    /// Where a controller with the default start settles.
+    fn settle(rate_at: impl Fn(Option<i32>) -> (f64, f64), windows: usize) -> Option<i32> {
+        drive(&mut LevelController::new(), rate_at, windows)
     }
 
     #[test]
@@ -239,16 +247,8 @@ mod tests {
             None => (100.0, 0.9),
             _ => (200.0, 0.9),
         };
-        let mut c = LevelController::starting_off();
-        for _ in 0..10 {
-            let (rate, blocked) = rates(c.level());
-            c.observe(Window {
-                bytes: rate as u64,
-                secs: 1.0,
-                blocked_secs: blocked,
-            });
-        }
-        assert!(c.at >= 1, "climbed to compression ({:?})", c.level());
+        let level = drive(&mut LevelController::starting_off(), rates, 10);
+        assert!(level.is_some(), "climbed to compression");
     }
 
     #[test]
