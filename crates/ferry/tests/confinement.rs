@@ -490,6 +490,14 @@ fn read_messages(stream: &mut TcpStream, deadline: Instant) -> Vec<serde_json::V
 /// must run with `--no-tls`.
 fn hostile_upload(server: &Server, dest: &str, steps: &[Step]) -> Vec<serde_json::Value> {
     let deadline = Instant::now() + PEER_TIMEOUT;
+    let mut stream = hostile_upload_session(server, dest, deadline);
+    // The server may close early (a protocol error): what it said still counts.
+    let _ = stream.write_all(&transfer(steps));
+    read_messages(&mut stream, deadline)
+}
+
+/// A hand-written client's upload session to `dest`, accepted (`ready`).
+fn hostile_upload_session(server: &Server, dest: &str, deadline: Instant) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
     let mut hello = preface().to_vec();
     hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
@@ -506,9 +514,7 @@ fn hostile_upload(server: &Server, dest: &str, steps: &[Step]) -> Vec<serde_json
         .unwrap();
     let ready = read_messages_one(&mut stream, deadline);
     assert_eq!(ready["type"], "ready", "{ready}\n{}", server.stderr());
-    // The server may close early (a protocol error): what it said still counts.
-    let _ = stream.write_all(&transfer(steps));
-    read_messages(&mut stream, deadline)
+    stream
 }
 
 fn read_messages_one(stream: &mut TcpStream, deadline: Instant) -> serde_json::Value {
@@ -632,6 +638,65 @@ fn hostile_upload_cannot_write_through_a_link_it_sent() {
 
 /// Entry paths are validated like request paths (PROTOCOL.md §5.2); the
 /// request path is covered in errors.rs, the entry path here.
+/// In a directory the upload has just made, a small file is written
+/// unnamed and linked into place once it verifies (no part file name to
+/// plant anything at). A symlink planted at its final name meanwhile is
+/// replaced by the file, never written through.
+#[test]
+fn a_link_planted_in_a_new_directory_during_an_upload_is_replaced() {
+    let (_scratch, root, outside) = setup();
+    let before = snapshot(&outside);
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    let mut stream = hostile_upload_session(&server, "new", deadline);
+    // The new directory and the entry of the file, but not its data yet.
+    let mtime = r#""mtime":{"sec":1700000000,"nsec":0}"#;
+    let mut announce = control_frame(&format!(
+        r#"{{"type":"entry","id":1,"path":"","kind":"dir","mode":493,{mtime}}}"#
+    ));
+    announce.extend(control_frame(&format!(
+        r#"{{"type":"entry","id":2,"path":"victim.txt","kind":"file","size":5,"mode":420,{mtime}}}"#
+    )));
+    stream.write_all(&announce).unwrap();
+    let dir = root.join("new");
+    // Bounded by the deadline.
+    while !dir.is_dir() {
+        assert!(Instant::now() < deadline, "the directory was never made");
+        thread::sleep(Duration::from_millis(5));
+    }
+    symlink(outside.join("victim.txt"), dir.join("victim.txt")).unwrap();
+    let mut rest = hello_chunk(2);
+    rest.extend(control_frame(&format!(
+        r#"{{"type":"file_end","id":2,"digest":"{HELLO_DIGEST}"}}"#
+    )));
+    rest.extend(control_frame(r#"{"type":"dir_end","id":1}"#));
+    rest.extend(control_frame(r#"{"type":"end"}"#));
+    stream.write_all(&rest).unwrap();
+    let answers = read_messages(&mut stream, deadline);
+
+    assert_eq!(
+        outcome_of(&answers, 2).as_deref(),
+        Some("\"ok\": null"),
+        "{answers:?}"
+    );
+    let arrived = dir.join("victim.txt");
+    assert!(
+        fs::symlink_metadata(&arrived)
+            .unwrap()
+            .file_type()
+            .is_file(),
+        "the link is replaced by the file"
+    );
+    assert_eq!(fs::read(&arrived).unwrap(), HELLO);
+    let names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["victim.txt"], "no part file left");
+    assert_unchanged(&outside, &before, &"a link planted during the upload");
+    assert_server_healthy(&mut server);
+}
+
 #[test]
 fn hostile_upload_entry_paths_that_climb_are_refused() {
     let (_scratch, root, outside) = setup();
