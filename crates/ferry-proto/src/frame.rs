@@ -52,16 +52,24 @@ pub enum FrameError {
     ControlTooLarge(usize),
 }
 
-/// Append a control frame carrying `msg` to `dst`.
+/// Append a control frame carrying `msg` to `dst`. The JSON is written
+/// in place, behind a header whose length is filled in after it; on an
+/// error `dst` is left as it was.
 pub fn encode_control(msg: &Message, dst: &mut BytesMut) -> Result<(), FrameError> {
-    let body = serde_json::to_vec(msg)?;
-    if body.len() > MAX_CONTROL_LEN as usize {
-        return Err(FrameError::ControlTooLarge(body.len()));
-    }
-    dst.reserve(FRAME_HEADER_LEN + body.len());
+    let start = dst.len();
     dst.put_u8(TYPE_CONTROL);
-    dst.put_u32(body.len() as u32);
-    dst.put_slice(&body);
+    dst.put_u32(0);
+    let written = serde_json::to_writer((&mut *dst).writer(), msg);
+    let len = dst.len() - start - FRAME_HEADER_LEN;
+    if let Err(e) = written {
+        dst.truncate(start);
+        return Err(e.into());
+    }
+    if len > MAX_CONTROL_LEN as usize {
+        dst.truncate(start);
+        return Err(FrameError::ControlTooLarge(len));
+    }
+    dst[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(())
 }
 
@@ -119,7 +127,7 @@ pub fn decode(src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
     src.advance(FRAME_HEADER_LEN);
     let body: Bytes = src.split_to(len as usize).freeze();
     let frame = match frame_type {
-        TYPE_CONTROL => Frame::Control(serde_json::from_slice(&body)?),
+        TYPE_CONTROL => Frame::Control(Message::from_json(&body)?),
         _ => Frame::Data(DataChunk::decode(body)?),
     };
     Ok(Some(frame))
@@ -157,6 +165,25 @@ mod tests {
         encode_data(&h, b"hi", &mut b);
         assert_eq!(&b[..5], &[2, 0, 0, 0, 31]);
         assert_eq!(&b[5 + 29..], b"hi");
+    }
+
+    #[test]
+    fn an_oversized_control_message_is_refused_and_leaves_the_buffer_as_it_was() {
+        let mut b = control_bytes(&Message::End);
+        let before = b.clone();
+        let huge = Message::error(ErrorCode::Io, "x".repeat(MAX_CONTROL_LEN as usize));
+        assert!(matches!(
+            encode_control(&huge, &mut b),
+            Err(FrameError::ControlTooLarge(n)) if n > MAX_CONTROL_LEN as usize
+        ));
+        assert_eq!(b, before);
+        // What follows still frames correctly.
+        encode_control(&Message::Ready, &mut b).unwrap();
+        assert_eq!(decode(&mut b).unwrap(), Some(Frame::Control(Message::End)));
+        assert_eq!(
+            decode(&mut b).unwrap(),
+            Some(Frame::Control(Message::Ready))
+        );
     }
 
     #[test]

@@ -88,9 +88,13 @@ fn check_frame(f: &Frame, wire: &[u8]) {
 /// A JSON control message: what decodes re-encodes (as JSON and as a
 /// frame) to the same message, and its JSON is canonical from then on.
 pub fn control(data: &[u8]) {
+    // The fast path for per-file messages must read as serde does.
+    let fast = Message::from_json(data).ok();
     let Ok(msg) = serde_json::from_slice::<Message>(data) else {
+        assert!(fast.is_none(), "the fast path took what serde refuses");
         return;
     };
+    assert_eq!(fast.as_ref(), Some(&msg), "the fast path read it otherwise");
     check_message(&msg);
 }
 

@@ -28,6 +28,7 @@ pub mod digest;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+mod hot;
 pub mod message;
 pub mod path;
 pub mod preface;
