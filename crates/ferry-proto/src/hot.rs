@@ -112,6 +112,10 @@ impl<'a> Cursor<'a> {
     fn signed(&mut self) -> Option<i64> {
         let negative = self.lit(b"-").is_some();
         let magnitude = self.unsigned()?;
+        if negative && magnitude == 0 {
+            // JSON's -0 is a float to serde (the fuzzer found this).
+            return None;
+        }
         if negative {
             // i64::MIN's magnitude is one past i64::MAX.
             0i64.checked_sub_unsigned(magnitude)
@@ -213,6 +217,7 @@ mod tests {
             br#"{"type":"outcome","id":18446744073709551616,"status":"ok"}"#,
             br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":4294967296,"mtime":{"sec":0,"nsec":0}}"#,
             br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":1,"mtime":{"sec":-9223372036854775809,"nsec":0}}"#,
+            br#"{"type":"entry","id":1,"path":"","kind":"dir","mode":493,"mtime":{"sec":-0,"nsec":9}}"#,
             // Trailing bytes, truncation, invalid UTF-8.
             br#"{"type":"outcome","id":1,"status":"ok"} "#,
             br#"{"type":"outcome","id":1,"status":"ok""#,
