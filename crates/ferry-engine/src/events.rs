@@ -64,10 +64,14 @@ pub(crate) fn peer_text(text: &str) -> String {
 /// Name of an entry for events: the root's label, then the wire path.
 pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
     if path.is_root() {
-        label.to_string()
-    } else {
-        format!("{label}/{}", path.display())
+        return label.to_string();
     }
+    // Built in one allocation: this runs for every entry of a transfer.
+    let mut name = String::with_capacity(label.len() + 1 + path.as_bytes().len());
+    name.push_str(label);
+    name.push('/');
+    path.display_into(&mut name);
+    name
 }
 
 /// The outcome of one transfer, as the side that ran it saw it.

@@ -537,7 +537,7 @@ impl Worker {
             )));
         }
         self.last_id = id;
-        let path = WirePath::parse(path.as_bytes())?;
+        let path = WirePath::from_wire(path)?;
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.parent_dir_of(&path);
         // A directory of this transfer is open already; any other parent
@@ -643,13 +643,18 @@ impl Worker {
                     self.discard_parked(id);
                     return self.verdict(id, display, Outcome::Unchanged, size);
                 }
-                let part = fsx::part_name(&name);
                 // In a directory this transfer made, a small file (one with
-                // no journal to resume from) needs no named part file.
+                // no journal to resume from) needs no named part file, nor
+                // its name unless a racing transfer takes the file's name.
                 let unnamed = (fresh_dir && size < JOURNAL_MIN_SIZE)
                     .then(|| fsx::open_unnamed_part(parent.as_fd(), mode))
                     .flatten();
                 let is_unnamed = unnamed.is_some();
+                let part = if is_unnamed {
+                    Vec::new()
+                } else {
+                    fsx::part_name(&name)
+                };
                 let opened = match unnamed {
                     Some(part_file) => Ok(part_file),
                     None => fsx::open_part(parent.as_fd(), &part, mode),
@@ -690,7 +695,9 @@ impl Worker {
                 ) {
                     Ok(prepared) => prepared,
                     Err(e) => {
-                        let _ = fsx::remove_if_present(parent.as_fd(), &part);
+                        if !is_unnamed {
+                            let _ = fsx::remove_if_present(parent.as_fd(), &part);
+                        }
                         self.discard_parked(id);
                         return self.verdict(id, display, Outcome::Failed(reason(&e)), 0);
                     }
@@ -1074,6 +1081,7 @@ fn commit(f: &mut OpenFile) -> Result<(), String> {
             // Something took the name since the directory was made (a
             // transfer racing ours): replace it, as a named part would.
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                f.part = fsx::part_name(&f.name);
                 fsx::name_unnamed_part(f.file.as_fd(), f.parent.as_fd(), &f.part)
                     .map_err(|e| reason(&e))?;
                 f.unnamed = false;

@@ -114,41 +114,14 @@ impl WirePath {
 
     /// Validate untrusted bytes as a relative path.
     pub fn parse(bytes: &[u8]) -> Result<Self, PathError> {
-        let shown = || escape(bytes);
-        if bytes.len() > MAX_PATH_LEN {
-            return Err(PathError::TooLong {
-                shown: escape(&bytes[..64]) + "…",
-                len: bytes.len(),
-                max: MAX_PATH_LEN,
-            });
-        }
-        if bytes.is_empty() {
-            return Ok(WirePath::root());
-        }
-        if bytes.contains(&0) {
-            return Err(PathError::Nul(shown()));
-        }
-        if bytes[0] == b'/' {
-            return Err(PathError::Absolute(shown()));
-        }
-        // `..` anywhere is reported before any other defect, because it is
-        // the one that matters to a user who typed it.
-        if bytes.split(|&b| b == b'/').any(|c| c == b"..") {
-            return Err(PathError::ParentComponent(shown()));
-        }
-        for component in bytes.split(|&b| b == b'/') {
-            if component.is_empty() || component == b"." {
-                return Err(PathError::NotCanonical(shown()));
-            }
-            if component.len() > MAX_COMPONENT_LEN {
-                return Err(PathError::TooLong {
-                    shown: shown(),
-                    len: component.len(),
-                    max: MAX_COMPONENT_LEN,
-                });
-            }
-        }
+        check(bytes)?;
         Ok(WirePath(bytes.to_vec()))
+    }
+
+    /// Validate a path as it came off the wire, keeping its bytes.
+    pub fn from_wire(bytes: WireBytes) -> Result<Self, PathError> {
+        check(&bytes.0)?;
+        Ok(WirePath(bytes.0))
     }
 
     pub fn is_root(&self) -> bool {
@@ -187,6 +160,55 @@ impl WirePath {
             escape(&self.0)
         }
     }
+
+    /// [`display`](Self::display), appended to `out`.
+    pub fn display_into(&self, out: &mut String) {
+        if self.is_root() {
+            out.push('.');
+        } else {
+            escape_into(&self.0, out);
+        }
+    }
+}
+
+/// The checks of [`WirePath::parse`].
+fn check(bytes: &[u8]) -> Result<(), PathError> {
+    let shown = || escape(bytes);
+    if bytes.len() > MAX_PATH_LEN {
+        return Err(PathError::TooLong {
+            shown: escape(&bytes[..64]) + "…",
+            len: bytes.len(),
+            max: MAX_PATH_LEN,
+        });
+    }
+    if bytes.is_empty() {
+        // The root of the transfer.
+        return Ok(());
+    }
+    if bytes.contains(&0) {
+        return Err(PathError::Nul(shown()));
+    }
+    if bytes[0] == b'/' {
+        return Err(PathError::Absolute(shown()));
+    }
+    // `..` anywhere is reported before any other defect, because it is
+    // the one that matters to a user who typed it.
+    if bytes.split(|&b| b == b'/').any(|c| c == b"..") {
+        return Err(PathError::ParentComponent(shown()));
+    }
+    for component in bytes.split(|&b| b == b'/') {
+        if component.is_empty() || component == b"." {
+            return Err(PathError::NotCanonical(shown()));
+        }
+        if component.len() > MAX_COMPONENT_LEN {
+            return Err(PathError::TooLong {
+                shown: shown(),
+                len: component.len(),
+                max: MAX_COMPONENT_LEN,
+            });
+        }
+    }
+    Ok(())
 }
 
 impl fmt::Debug for WirePath {
@@ -206,20 +228,27 @@ impl fmt::Display for WirePath {
 /// bidi and zero-width format characters become `\xNN` or `\u{…}` escapes;
 /// a backslash is doubled so escapes stay unambiguous.
 pub fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    escape_into(bytes, &mut out);
+    out
+}
+
+/// [`escape`], appended to `out`.
+pub fn escape_into(bytes: &[u8], out: &mut String) {
     // Most names are printable ASCII, which needs no escape: checked in
     // one pass (this runs for every file a transfer names).
     if bytes
         .iter()
         .all(|&b| (b' '..=b'~').contains(&b) && b != b'\\')
     {
-        return String::from_utf8_lossy(bytes).into_owned();
+        out.push_str(&String::from_utf8_lossy(bytes));
+        return;
     }
-    escape_each(bytes)
+    escape_each(bytes, out);
 }
 
-/// [`escape`], character by character.
-fn escape_each(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
+/// [`escape_into`], character by character.
+fn escape_each(bytes: &[u8], out: &mut String) {
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
@@ -241,7 +270,6 @@ fn escape_each(bytes: &[u8]) -> String {
             out.push_str(&format!("\\x{b:02x}"));
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -309,12 +337,16 @@ mod tests {
     proptest! {
         #[test]
         fn the_fast_path_of_escape_changes_nothing(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
-            prop_assert_eq!(escape(&bytes), escape_each(&bytes));
+            let mut each = String::new();
+            escape_each(&bytes, &mut each);
+            prop_assert_eq!(escape(&bytes), each);
         }
 
         #[test]
         fn printable_ascii_escapes_the_same_either_way(text in "[ -~]{0,64}") {
-            prop_assert_eq!(escape(text.as_bytes()), escape_each(text.as_bytes()));
+            let mut each = String::new();
+            escape_each(text.as_bytes(), &mut each);
+            prop_assert_eq!(escape(text.as_bytes()), each);
         }
     }
 
