@@ -405,14 +405,37 @@ enum Step<'a> {
     /// A file holding `hello`, its chunk and `file_end` right behind the
     /// entry (a receiver does not check that the sender waited for a plan).
     Hello(&'a str),
+    /// Only the entry of such a file: its data follows later, as
+    /// `HelloData` with the entry's id.
+    HelloEntry(&'a str),
+    HelloData(u64),
 }
 
 /// The transfer for `steps`, entry ids from 1 in order, then `end`.
 fn transfer(steps: &[Step]) -> Vec<u8> {
+    let mut out = frames(steps);
+    out.extend(control_frame(r#"{"type":"end"}"#));
+    out
+}
+
+/// The frames for `steps`, entry ids from 1 in order.
+fn frames(steps: &[Step]) -> Vec<u8> {
     let mtime = r#""mtime":{"sec":1700000000,"nsec":0}"#;
+    let hello_data = |id: u64| {
+        let mut data = hello_chunk(id);
+        data.extend(control_frame(&format!(
+            r#"{{"type":"file_end","id":{id},"digest":"{HELLO_DIGEST}"}}"#
+        )));
+        data
+    };
     let mut out = Vec::new();
     let mut id = 0u64;
     for step in steps {
+        let file_entry = |id: u64, path: &str| {
+            format!(
+                r#"{{"type":"entry","id":{id},"path":"{path}","kind":"file","size":5,"mode":420,{mtime}}}"#
+            )
+        };
         let json = match step {
             Step::Dir(path) => {
                 id += 1;
@@ -429,16 +452,21 @@ fn transfer(steps: &[Step]) -> Vec<u8> {
             }
             Step::Hello(path) => {
                 id += 1;
-                out.extend(control_frame(&format!(
-                    r#"{{"type":"entry","id":{id},"path":"{path}","kind":"file","size":5,"mode":420,{mtime}}}"#
-                )));
-                out.extend(hello_chunk(id));
-                format!(r#"{{"type":"file_end","id":{id},"digest":"{HELLO_DIGEST}"}}"#)
+                out.extend(control_frame(&file_entry(id, path)));
+                out.extend(hello_data(id));
+                continue;
+            }
+            Step::HelloEntry(path) => {
+                id += 1;
+                file_entry(id, path)
+            }
+            Step::HelloData(file) => {
+                out.extend(hello_data(*file));
+                continue;
             }
         };
         out.extend(control_frame(&json));
     }
-    out.extend(control_frame(r#"{"type":"end"}"#));
     out
 }
 
@@ -636,8 +664,6 @@ fn hostile_upload_cannot_write_through_a_link_it_sent() {
     assert_server_healthy(&mut server);
 }
 
-/// Entry paths are validated like request paths (PROTOCOL.md §5.2); the
-/// request path is covered in errors.rs, the entry path here.
 /// In a directory the upload has just made, a small file is written
 /// unnamed and linked into place once it verifies (no part file name to
 /// plant anything at). A symlink planted at its final name meanwhile is
@@ -650,14 +676,9 @@ fn a_link_planted_in_a_new_directory_during_an_upload_is_replaced() {
     let deadline = Instant::now() + PEER_TIMEOUT;
     let mut stream = hostile_upload_session(&server, "new", deadline);
     // The new directory and the entry of the file, but not its data yet.
-    let mtime = r#""mtime":{"sec":1700000000,"nsec":0}"#;
-    let mut announce = control_frame(&format!(
-        r#"{{"type":"entry","id":1,"path":"","kind":"dir","mode":493,{mtime}}}"#
-    ));
-    announce.extend(control_frame(&format!(
-        r#"{{"type":"entry","id":2,"path":"victim.txt","kind":"file","size":5,"mode":420,{mtime}}}"#
-    )));
-    stream.write_all(&announce).unwrap();
+    stream
+        .write_all(&frames(&[Step::Dir(""), Step::HelloEntry("victim.txt")]))
+        .unwrap();
     let dir = root.join("new");
     // Bounded by the deadline.
     while !dir.is_dir() {
@@ -665,13 +686,9 @@ fn a_link_planted_in_a_new_directory_during_an_upload_is_replaced() {
         thread::sleep(Duration::from_millis(5));
     }
     symlink(outside.join("victim.txt"), dir.join("victim.txt")).unwrap();
-    let mut rest = hello_chunk(2);
-    rest.extend(control_frame(&format!(
-        r#"{{"type":"file_end","id":2,"digest":"{HELLO_DIGEST}"}}"#
-    )));
-    rest.extend(control_frame(r#"{"type":"dir_end","id":1}"#));
-    rest.extend(control_frame(r#"{"type":"end"}"#));
-    stream.write_all(&rest).unwrap();
+    stream
+        .write_all(&transfer(&[Step::HelloData(2), Step::DirEnd(1)]))
+        .unwrap();
     let answers = read_messages(&mut stream, deadline);
 
     assert_eq!(
@@ -697,6 +714,8 @@ fn a_link_planted_in_a_new_directory_during_an_upload_is_replaced() {
     assert_server_healthy(&mut server);
 }
 
+/// Entry paths are validated like request paths (PROTOCOL.md §5.2); the
+/// request path is covered in errors.rs, the entry path here.
 #[test]
 fn hostile_upload_entry_paths_that_climb_are_refused() {
     let (_scratch, root, outside) = setup();
