@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::fs;
+use std::path::PathBuf;
 
 use crate::tls::Capture;
 use crate::util::*;
@@ -18,18 +19,25 @@ fn with_token(token: Option<&str>) -> RunOptions {
     opts
 }
 
-#[test]
-fn a_server_with_a_token_serves_only_clients_that_prove_it() {
+/// A server that requires `TOKEN`, once it says so, and a file `a.txt`
+/// holding `content` to upload to it.
+fn token_server(content: &[u8]) -> (Scratch, PathBuf, PathBuf, Server) {
     let scratch = Scratch::new();
     let root = scratch.mkdir("root");
     let file = scratch.join("a.txt");
-    write_file(&file, b"authenticated\n");
+    write_file(&file, content);
     let server = Server::start_as(&root, &[], &with_token(Some(TOKEN)));
     assert!(
         server.wait_for_log("clients must prove the token", ERROR_TIMEOUT),
         "{}",
         server.stderr()
     );
+    (scratch, root, file, server)
+}
+
+#[test]
+fn a_server_with_a_token_serves_only_clients_that_prove_it() {
+    let (scratch, root, file, server) = token_server(b"authenticated\n");
 
     let none = server.run_with(&[&"up", &file, &"none.txt"], &with_token(None));
     none.assert_code(1)
@@ -79,16 +87,7 @@ fn failure_lines(server: &Server) -> Vec<String> {
 
 #[test]
 fn failed_attempts_are_logged_and_slowed_per_address_and_the_right_token_still_works() {
-    let scratch = Scratch::new();
-    let root = scratch.mkdir("root");
-    let file = scratch.join("a.txt");
-    write_file(&file, b"after the guessing\n");
-    let server = Server::start_as(&root, &[], &with_token(Some(TOKEN)));
-    assert!(
-        server.wait_for_log("clients must prove the token", ERROR_TIMEOUT),
-        "{}",
-        server.stderr()
-    );
+    let (_scratch, root, file, server) = token_server(b"after the guessing\n");
 
     // A client without a token gives up at the challenge and hangs up:
     // that counts as a failure from its address, though nobody waits for
