@@ -59,7 +59,11 @@ pub fn encode_control(msg: &Message, dst: &mut BytesMut) -> Result<(), FrameErro
     let start = dst.len();
     dst.put_u8(TYPE_CONTROL);
     dst.put_u32(0);
-    let written = serde_json::to_writer((&mut *dst).writer(), msg);
+    // The per-file messages skip serde when they can: see `hot`.
+    let written = match crate::hot::write(msg, dst) {
+        true => Ok(()),
+        false => serde_json::to_writer((&mut *dst).writer(), msg),
+    };
     let len = dst.len() - start - FRAME_HEADER_LEN;
     if let Err(e) = written {
         dst.truncate(start);

@@ -111,6 +111,12 @@ fn check_message(msg: &Message) {
     let mut buf = BytesMut::new();
     match frame::encode_control(msg, &mut buf) {
         Ok(()) => {
+            // The fast writer for per-file messages writes serde's bytes.
+            assert_eq!(
+                &buf[frame::FRAME_HEADER_LEN..],
+                &json[..],
+                "the fast path wrote it otherwise"
+            );
             let again = frame::decode(&mut buf).expect("our own frame decodes");
             assert_eq!(again, Some(Frame::Control(msg.clone())));
             assert!(buf.is_empty());
