@@ -37,6 +37,38 @@ pub(crate) enum Kind {
     Special(&'static str),
 }
 
+/// Fill `buf` from `fd` at `offset`; `false` if the file ends first.
+///
+/// rustix makes the system call itself: glibc's `pread` wraps each call
+/// in thread-cancellation bookkeeping that ferry never uses, and on a tree
+/// of small files that is a call per file on each side.
+pub(crate) fn read_full_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
+            Ok(0) => return Ok(false),
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
+/// Write all of `buf` to `fd` at `offset` (see [`read_full_at`]).
+pub(crate) fn write_all_at(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut written = 0;
+    while written < buf.len() {
+        match rustix::io::pwrite(fd, &buf[written..], offset + written as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn kind_of(stat: &Stat) -> Kind {
     match FileType::from_raw_mode(stat.st_mode) {
         FileType::RegularFile => Kind::File,

@@ -343,7 +343,7 @@ fn verify(
             break;
         }
         let chunk = &mut buf[..rec.len as usize];
-        let whole = read_full_at(part, chunk, rec.offset)?;
+        let whole = fsx::read_full_at(part, chunk, rec.offset)?;
         checked_bytes += u64::from(rec.len);
         if whole && chunk_hash(chunk) == rec.hash {
             if extends_prefix {
@@ -371,20 +371,6 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(filled)
-}
-
-/// Fill `buf` from `fd` at `offset`; `false` if the file ends first.
-fn read_full_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
-            Ok(0) => return Ok(false),
-            Ok(n) => filled += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(true)
 }
 
 /// Remove the journal `name` in `dir` if present.

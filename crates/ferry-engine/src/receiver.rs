@@ -27,7 +27,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -905,7 +904,7 @@ impl Worker {
                 return self.settle_if_damaged(h.file_id);
             }
         };
-        if let Err(e) = f.file.write_all_at(raw, h.offset) {
+        if let Err(e) = fsx::write_all_at(f.file.as_fd(), raw, h.offset) {
             // Disk full and the like: not cured by sending again at once,
             // but what is verified stays for the same command later.
             return self.fail_open_file(h.file_id, Outcome::Failed(reason(&e)), true);

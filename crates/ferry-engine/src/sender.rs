@@ -23,7 +23,6 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -436,11 +435,9 @@ impl WindowMeter {
 /// Fill `buf` from `file` at `offset`. The error says why the file cannot
 /// be sent, and whether that may pass.
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), (String, bool)> {
-    match file.read_exact_at(buf, offset) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Err(("the file shrank while it was being sent".into(), true))
-        }
+    match fsx::read_full_at(file.as_fd(), buf, offset) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(("the file shrank while it was being sent".into(), true)),
         Err(e) => Err((reason(&e), false)),
     }
 }
