@@ -26,10 +26,11 @@ impl FileDigest {
     pub fn to_hex(self) -> String {
         // By hand, as `from_hex`: once per file sent.
         const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        (0..32)
-            .rev()
-            .map(|i| char::from(DIGITS[(self.0 >> (4 * i)) as usize & 0xf]))
-            .collect()
+        let mut hex = [0u8; 32];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            *digit = DIGITS[(self.0 >> (4 * (31 - i))) as usize & 0xf];
+        }
+        String::from_utf8_lossy(&hex).into_owned()
     }
 
     /// Exactly 32 hex digits, either case. (Parsed by hand: this runs once
