@@ -125,6 +125,23 @@ pub(crate) enum ChunkFault {
     HashMismatch(u64),
 }
 
+/// A received data chunk, with the hash of a raw one checked where it was
+/// read: on the connection's task, so that with several connections the
+/// hashing spreads over the runtime's threads, and the thread that writes
+/// the files only writes. A compressed chunk is checked once decompressed.
+pub(crate) struct ReadChunk {
+    pub(crate) chunk: DataChunk,
+    raw_hash_ok: bool,
+}
+
+impl ReadChunk {
+    pub(crate) fn check(chunk: DataChunk) -> Self {
+        let raw_hash_ok =
+            chunk.header.codec == Codec::Raw && chunk_hash(&chunk.payload) == chunk.header.hash;
+        ReadChunk { chunk, raw_hash_ok }
+    }
+}
+
 /// Decodes received chunks, reusing one zstd context and one buffer.
 pub(crate) struct ChunkDecoder {
     decompressor: zstd::bulk::Decompressor<'static>,
@@ -139,12 +156,14 @@ impl ChunkDecoder {
         })
     }
 
-    /// The verified raw bytes of `chunk`. Decompression is bounded by the
+    /// The verified raw bytes of `read`. Decompression is bounded by the
     /// declared raw length, which the frame decoder already capped.
-    pub(crate) fn decode<'a>(&'a mut self, chunk: &'a DataChunk) -> Result<&'a [u8], ChunkFault> {
+    pub(crate) fn decode<'a>(&'a mut self, read: &'a ReadChunk) -> Result<&'a [u8], ChunkFault> {
+        let chunk = &read.chunk;
         let h = &chunk.header;
         let raw: &[u8] = match h.codec {
-            Codec::Raw => &chunk.payload,
+            Codec::Raw if read.raw_hash_ok => return Ok(&chunk.payload),
+            Codec::Raw => return Err(ChunkFault::HashMismatch(h.offset)),
             Codec::Zstd => {
                 self.scratch.clear();
                 self.scratch.reserve(h.raw_len as usize);
@@ -195,8 +214,9 @@ mod tests {
             panic!("not a data frame")
         };
         let mut dec = ChunkDecoder::new().unwrap();
-        let out = dec.decode(&chunk).unwrap().to_vec();
-        (chunk.header.codec, out)
+        let codec = chunk.header.codec;
+        let out = dec.decode(&ReadChunk::check(chunk)).unwrap().to_vec();
+        (codec, out)
     }
 
     fn noise(n: usize) -> Vec<u8> {
@@ -244,18 +264,27 @@ mod tests {
 
     #[test]
     fn corruption_is_caught() {
-        let mut enc = ChunkEncoder::new(None).unwrap();
-        let mut buf = BytesMut::new();
-        enc.encode(1, 0, b"hello world", &mut buf);
-        let last = buf.len() - 1;
-        buf[last] ^= 1;
-        let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
-            panic!()
-        };
-        let mut dec = ChunkDecoder::new().unwrap();
-        assert!(matches!(
-            dec.decode(&chunk),
-            Err(ChunkFault::HashMismatch(0))
-        ));
+        // Raw chunks are checked when read, compressed ones when decoded.
+        let text = b"the quick brown fox jumps over the lazy dog\n".repeat(100);
+        for level in [None, Some(1)] {
+            let mut enc = ChunkEncoder::new(level).unwrap();
+            let mut buf = BytesMut::new();
+            enc.encode(1, 0, &text, &mut buf);
+            let last = buf.len() - 1;
+            buf[last] ^= 1;
+            let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
+                panic!()
+            };
+            let mut dec = ChunkDecoder::new().unwrap();
+            let read = ReadChunk::check(chunk);
+            let fault = dec.decode(&read);
+            assert!(
+                matches!(
+                    fault,
+                    Err(ChunkFault::HashMismatch(0) | ChunkFault::Corrupt(0, _))
+                ),
+                "{level:?}: {fault:?}"
+            );
+        }
     }
 }

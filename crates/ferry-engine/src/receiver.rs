@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_proto::chunk::DataChunk;
 use ferry_proto::digest::{ChunkLedger, FileDigest, MAX_CHUNKS_AHEAD};
 use ferry_proto::frame::Frame;
 use ferry_proto::limits::{MAX_FILES_AHEAD, MAX_HAVE_RUNS};
@@ -42,7 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::ChunkDecoder;
+use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
@@ -131,7 +130,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (frame_tx, frame_rx) = mpsc::channel::<Vec<Frame>>(FRAME_QUEUE);
+    let (frame_tx, frame_rx) = mpsc::channel::<Vec<Inbound>>(FRAME_QUEUE);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<Message>>(64);
     let (done_tx, done_rx) = oneshot::channel();
     let gate = Arc::new(DataGate::default());
@@ -169,9 +168,9 @@ where
     let read_control = async move {
         loop {
             let first = reader.next().await?.ok_or(EngineError::Closed)?;
-            let mut batch = vec![first];
+            let mut batch = vec![Inbound::from(first)];
             while let Some(frame) = reader.buffered()? {
-                batch.push(frame);
+                batch.push(Inbound::from(frame));
             }
             if control_tx.send(batch).await.is_err() {
                 return std::future::pending::<Result<(), EngineError>>().await;
@@ -216,25 +215,41 @@ where
     }
 }
 
+/// A frame as the connections' readers pass it to the worker.
+enum Inbound {
+    Control(Message),
+    Data(ReadChunk),
+}
+
+impl From<Frame> for Inbound {
+    fn from(frame: Frame) -> Self {
+        match frame {
+            Frame::Control(msg) => Inbound::Control(msg),
+            Frame::Data(chunk) => Inbound::Data(ReadChunk::check(chunk)),
+        }
+    }
+}
+
 /// Read a data connection until the sender ends it, passing its chunks on.
 async fn read_data_conn(
     mut conn: DataConn,
-    frames: mpsc::Sender<Vec<Frame>>,
+    frames: mpsc::Sender<Vec<Inbound>>,
     gate: Arc<DataGate>,
 ) -> Result<(), EngineError> {
+    let data_only = |frame: Frame| match frame {
+        Frame::Data(chunk) => Ok(Inbound::Data(ReadChunk::check(chunk))),
+        Frame::Control(_) => Err(EngineError::Protocol(
+            "a control message arrived on a data connection".into(),
+        )),
+    };
     loop {
         gate.wait_open().await;
         let Some(first) = conn.reader.next().await? else {
             return Ok(());
         };
-        let mut batch = vec![first];
+        let mut batch = vec![data_only(first)?];
         while let Some(frame) = conn.reader.buffered()? {
-            batch.push(frame);
-        }
-        if batch.iter().any(|f| matches!(f, Frame::Control(_))) {
-            return Err(EngineError::Protocol(
-                "a control message arrived on a data connection".into(),
-            ));
+            batch.push(data_only(frame)?);
         }
         if frames.send(batch).await.is_err() {
             return Ok(());
@@ -329,7 +344,7 @@ struct Worker {
     /// Open directories by wire path, to find an entry's parent.
     dir_ids: HashMap<Vec<u8>, u64>,
     /// Chunks that arrived before their entry, by entry id.
-    parked: HashMap<u64, Vec<DataChunk>>,
+    parked: HashMap<u64, Vec<ReadChunk>>,
     parked_chunks: usize,
     end_seen: bool,
     /// The most recently used parent directory, by path: consecutive files
@@ -342,7 +357,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, mut frames: mpsc::Receiver<Vec<Frame>>) -> Result<(), EngineError> {
+    fn run(mut self, mut frames: mpsc::Receiver<Vec<Inbound>>) -> Result<(), EngineError> {
         let result = self.receive(&mut frames);
         if let Err(e) = &result {
             // Tell the sender why, unless it is the one who ended it.
@@ -359,7 +374,7 @@ impl Worker {
         result
     }
 
-    fn receive(&mut self, frames: &mut mpsc::Receiver<Vec<Frame>>) -> Result<(), EngineError> {
+    fn receive(&mut self, frames: &mut mpsc::Receiver<Vec<Inbound>>) -> Result<(), EngineError> {
         loop {
             let batch = match frames.try_recv() {
                 Ok(batch) => batch,
@@ -389,31 +404,31 @@ impl Worker {
     }
 
     /// Handle one frame.
-    fn frame(&mut self, frame: Frame) -> Result<(), EngineError> {
+    fn frame(&mut self, frame: Inbound) -> Result<(), EngineError> {
         match frame {
-            Frame::Data(chunk) => self.chunk(chunk),
-            Frame::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind),
-            Frame::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest),
-            Frame::Control(Message::Abort {
+            Inbound::Data(chunk) => self.chunk(chunk),
+            Inbound::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind),
+            Inbound::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest),
+            Inbound::Control(Message::Abort {
                 id,
                 reason,
                 transient,
             }) => self.abort(id, &reason, transient),
-            Frame::Control(Message::Keepalive) => Ok(()),
-            Frame::Control(Message::DirEnd { id }) => self.dir_end(id),
-            Frame::Control(Message::Totals { files, bytes }) => {
+            Inbound::Control(Message::Keepalive) => Ok(()),
+            Inbound::Control(Message::DirEnd { id }) => self.dir_end(id),
+            Inbound::Control(Message::Totals { files, bytes }) => {
                 self.tally.event(Event::Totals { files, bytes });
                 Ok(())
             }
-            Frame::Control(Message::End) => {
+            Inbound::Control(Message::End) => {
                 self.end_seen = true;
                 Ok(())
             }
-            Frame::Control(Message::Error { code, message }) => Err(EngineError::Remote {
+            Inbound::Control(Message::Error { code, message }) => Err(EngineError::Remote {
                 code,
                 message: peer_text(&message),
             }),
-            Frame::Control(other) => Err(EngineError::Protocol(format!(
+            Inbound::Control(other) => Err(EngineError::Protocol(format!(
                 "unexpected message from the sender: {other:?}"
             ))),
         }
@@ -871,8 +886,8 @@ impl Worker {
         Ok(())
     }
 
-    fn chunk(&mut self, chunk: DataChunk) -> Result<(), EngineError> {
-        let h = chunk.header;
+    fn chunk(&mut self, chunk: ReadChunk) -> Result<(), EngineError> {
+        let h = chunk.chunk.header;
         let Some(f) = self.files.get_mut(&h.file_id) else {
             if h.file_id > self.last_id {
                 // Overtook its entry on another connection: wait for it.
