@@ -50,6 +50,9 @@ pub struct ClientConfig {
     /// Send every file, even those the receiver has with the same size
     /// and mtime.
     pub ignore_times: bool,
+    /// Preserve owners (by number) where the receiver can apply them: a
+    /// server or a downloading client that runs as root.
+    pub owners: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -445,6 +448,7 @@ async fn upload_once(
         local_peer: conn.local_peer,
         label: escape(local.as_os_str().as_bytes()),
         early_totals: config.early_totals,
+        owners: config.owners,
     };
     let result = session
         .watched(config.timeout, async |cancel| {
@@ -472,10 +476,12 @@ async fn download_once(
 ) -> Result<(), EngineError> {
     let mut dest = local_destination(local, escape(remote))?;
     dest.ignore_times = config.ignore_times;
+    dest.owners = config.owners && fsx::may_chown();
     let request = Message::Download {
         source: WireBytes(remote.to_vec()),
         compression: config.compression,
         ignore_times: config.ignore_times,
+        owners: dest.owners,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let result = session
@@ -649,5 +655,6 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         prefix: vec![name.as_bytes().to_vec()],
         label,
         ignore_times: false,
+        owners: false,
     })
 }

@@ -15,7 +15,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use ferry_proto::message::Mtime;
+use ferry_proto::message::{Mtime, Owner};
 use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
 
@@ -91,6 +91,45 @@ pub(crate) fn mtime_of(stat: &Stat) -> Mtime {
 
 pub(crate) fn mode_of(stat: &Stat) -> u32 {
     stat.st_mode & 0o7777
+}
+
+pub(crate) fn owner_of(stat: &Stat) -> Owner {
+    Owner {
+        uid: stat.st_uid,
+        gid: stat.st_gid,
+    }
+}
+
+/// Whether this process may give files away to any owner: only root can,
+/// so only a receiver running as root applies the owners it is sent (as
+/// rsync and tar do).
+pub(crate) fn may_chown() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Give `fd` the owner `owner` (which must be valid: see
+/// [`Owner::is_valid`]).
+pub(crate) fn set_owner(fd: BorrowedFd<'_>, owner: Owner) -> io::Result<()> {
+    let (uid, gid) = (
+        rustix::fs::Uid::from_raw(owner.uid),
+        rustix::fs::Gid::from_raw(owner.gid),
+    );
+    Ok(rustix::fs::fchown(fd, Some(uid), Some(gid))?)
+}
+
+/// The owner a file created in directory `dir` gets, by this process:
+/// its effective uid, and its effective gid unless the directory is
+/// setgid (then the directory's group).
+pub(crate) fn owner_of_new_files(dir: &Stat) -> Owner {
+    let setgid = dir.st_mode & 0o2000 != 0;
+    Owner {
+        uid: rustix::process::geteuid().as_raw(),
+        gid: if setgid {
+            dir.st_gid
+        } else {
+            rustix::process::getegid().as_raw()
+        },
+    }
 }
 
 /// Timestamps that set the mtime and leave the atime alone.

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::digest::{ChunkLedger, FileDigest, MAX_CHUNKS_AHEAD};
 use ferry_proto::frame::Frame;
 use ferry_proto::limits::{MAX_FILES_AHEAD, MAX_HAVE_RUNS};
-use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
+use ferry_proto::message::{EntryKind, Message, Mtime, Outcome, Owner};
 use ferry_proto::path::{WireBytes, WirePath};
 use rustix::fs::{AtFlags, Mode};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -114,6 +114,8 @@ pub(crate) struct Destination {
     /// Receive every file, even one already here with the same size and
     /// mtime.
     pub(crate) ignore_times: bool,
+    /// Apply the owners that entries carry (this process is root).
+    pub(crate) owners: bool,
 }
 
 /// Run the receiving side over an established, accepted session. Data
@@ -280,6 +282,9 @@ struct OpenFile {
     /// Whether the part file was created with `mode` already.
     mode_set: bool,
     mtime: Mtime,
+    /// The owner to give it before it takes its name, if it has not that
+    /// one already.
+    chown: Option<Owner>,
     /// The sender's digest, once its `file_end` has arrived.
     expected: Option<FileDigest>,
     /// Bytes of chunks that arrived corrupt, and why the first one was:
@@ -319,6 +324,11 @@ struct OpenDir {
     fd: Arc<OwnedFd>,
     mode: u32,
     mtime: Mtime,
+    /// The owner to give it, if owners are applied.
+    owner: Option<Owner>,
+    /// The owner of a file this process creates in it (known when owners
+    /// are applied).
+    new_files_owner: Option<Owner>,
     /// Set when the sender could not read it whole.
     failure: Option<String>,
     parent_dir: Option<u64>,
@@ -407,7 +417,12 @@ impl Worker {
     fn frame(&mut self, frame: Inbound) -> Result<(), EngineError> {
         match frame {
             Inbound::Data(chunk) => self.chunk(chunk),
-            Inbound::Control(Message::Entry { id, path, kind }) => self.entry(id, path, kind),
+            Inbound::Control(Message::Entry {
+                id,
+                path,
+                kind,
+                owner,
+            }) => self.entry(id, path, kind, owner),
             Inbound::Control(Message::FileEnd { id, digest }) => self.file_end(id, &digest),
             Inbound::Control(Message::Abort {
                 id,
@@ -544,13 +559,27 @@ impl Worker {
         self.dir_ids.get(parent).copied()
     }
 
-    fn entry(&mut self, id: u64, path: WireBytes, kind: EntryKind) -> Result<(), EngineError> {
+    fn entry(
+        &mut self,
+        id: u64,
+        path: WireBytes,
+        kind: EntryKind,
+        owner: Option<Owner>,
+    ) -> Result<(), EngineError> {
         if id <= self.last_id {
             return Err(EngineError::Protocol(format!(
                 "entry id {id} is not increasing"
             )));
         }
         self.last_id = id;
+        if let Some(o) = owner.filter(|o| !o.is_valid()) {
+            return Err(EngineError::Protocol(format!(
+                "entry {id} has an invalid owner {}:{}",
+                o.uid, o.gid
+            )));
+        }
+        // Owners are applied only by a root receiver (the only one that can).
+        let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.parent_dir_of(&path);
@@ -616,6 +645,11 @@ impl Worker {
                                 Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
                             );
                         }
+                        // What a file made in it will be owned by, to spare
+                        // a chown where that is already the one wanted.
+                        let new_files_owner = owner
+                            .and_then(|_| rustix::fs::fstat(&dir).ok())
+                            .map(|st| fsx::owner_of_new_files(&st));
                         self.adopt(parent_dir);
                         self.dir_ids.insert(path.as_bytes().to_vec(), id);
                         let dir = OpenDir {
@@ -624,6 +658,8 @@ impl Worker {
                             fd: Arc::new(dir),
                             mode,
                             mtime,
+                            owner,
+                            new_files_owner,
                             failure: None,
                             parent_dir,
                             children: 0,
@@ -651,8 +687,10 @@ impl Worker {
                     && !fresh_dir
                     && let Some(stat) = fsx::unchanged(parent.as_fd(), &name, size, mtime)
                 {
-                    if fsx::mode_of(&stat) & 0o777 != mode {
-                        fix_mode(&parent, &name, mode);
+                    let mode_to_fix = (fsx::mode_of(&stat) & 0o777 != mode).then_some(mode);
+                    let owner_to_fix = owner.filter(|o| fsx::owner_of(&stat) != *o);
+                    if mode_to_fix.is_some() || owner_to_fix.is_some() {
+                        fix_metadata(&parent, &name, mode_to_fix, owner_to_fix);
                     }
                     self.discard_parked(id);
                     return self.verdict(id, display, Outcome::Unchanged, size);
@@ -699,6 +737,12 @@ impl Worker {
                 // Below a fresh directory the sender sends whole files: a
                 // leftover (of a transfer racing ours) is not resumed.
                 let resumable = part_file.existing && !fresh_dir;
+                // A part file this process just made has a known owner.
+                let made_with = parent_dir
+                    .and_then(|d| self.dirs.get(&d))
+                    .and_then(|d| d.new_files_owner)
+                    .filter(|_| !part_file.existing);
+                let chown = owner.filter(|o| made_with != Some(*o));
                 let (journal, held) = match self.prepare_part(
                     &parent,
                     &file,
@@ -759,6 +803,7 @@ impl Worker {
                     mode,
                     mode_set: part_file.mode_set,
                     mtime,
+                    chown,
                     expected: None,
                     damaged: 0,
                     damage: None,
@@ -776,7 +821,7 @@ impl Worker {
                 Ok(())
             }
             EntryKind::Symlink { target, mtime } => {
-                let outcome = match make_symlink(&parent, &name, target.as_bytes(), mtime) {
+                let outcome = match make_symlink(&parent, &name, target.as_bytes(), mtime, owner) {
                     Ok(()) => Outcome::Ok,
                     Err(e) => Outcome::Failed(reason(&e)),
                 };
@@ -1067,13 +1112,15 @@ impl Worker {
             return Ok(None);
         };
         self.dir_ids.remove(&d.wire_path);
-        let applied = rustix::fs::fchmod(&*d.fd, Mode::from_raw_mode(d.mode & 0o1777))
-            .and_then(|()| rustix::fs::futimens(&*d.fd, &fsx::mtime_only(d.mtime)));
+        let applied = d
+            .owner
+            .map_or(Ok(()), |o| fsx::set_owner(d.fd.as_fd(), o))
+            .and_then(|()| {
+                rustix::fs::fchmod(&*d.fd, Mode::from_raw_mode(d.mode & 0o1777))?;
+                Ok(rustix::fs::futimens(&*d.fd, &fsx::mtime_only(d.mtime))?)
+            });
         let failure = match applied {
-            Err(e) => Some(format!(
-                "cannot set directory metadata: {}",
-                reason(&e.into())
-            )),
+            Err(e) => Some(format!("cannot set directory metadata: {}", reason(&e))),
             Ok(()) => d.failure,
         };
         self.dir_verdict(id, d.display, failure)?;
@@ -1085,6 +1132,11 @@ impl Worker {
 /// atomic rename (or, for an unnamed part file, the link), so the name
 /// only ever shows the complete file.
 fn commit(f: &mut OpenFile) -> Result<(), String> {
+    // The owner first: a chown may clear mode bits.
+    if let Some(owner) = f.chown {
+        fsx::set_owner(f.file.as_fd(), owner)
+            .map_err(|e| format!("cannot set its owner: {}", reason(&e)))?;
+    }
     if !f.mode_set {
         rustix::fs::fchmod(&f.file, Mode::from_raw_mode(f.mode)).map_err(|e| reason(&e.into()))?;
     }
@@ -1117,29 +1169,57 @@ fn commit(f: &mut OpenFile) -> Result<(), String> {
     }
 }
 
-/// Give an unchanged file the sender's mode: opened without following a
-/// symlink swapped in since the check. Best effort: the content is right.
-fn fix_mode(parent: &OwnedFd, name: &[u8], mode: u32) {
+/// Give an unchanged file the sender's mode and owner (where they differ):
+/// opened without following a symlink swapped in since the check. Best
+/// effort: the content is right.
+fn fix_metadata(parent: &OwnedFd, name: &[u8], mode: Option<u32>, owner: Option<Owner>) {
     if let Ok((file, _)) = fsx::open_regular(parent.as_fd(), name) {
-        let _ = rustix::fs::fchmod(&file, Mode::from_raw_mode(mode));
+        if let Some(owner) = owner {
+            let _ = fsx::set_owner(file.as_fd(), owner);
+        }
+        if let Some(mode) = mode {
+            let _ = rustix::fs::fchmod(&file, Mode::from_raw_mode(mode));
+        }
     }
 }
 
 /// Create a symlink atomically: under the part name, then renamed.
-fn make_symlink(parent: &OwnedFd, name: &[u8], target: &[u8], mtime: Mtime) -> std::io::Result<()> {
+fn make_symlink(
+    parent: &OwnedFd,
+    name: &[u8],
+    target: &[u8],
+    mtime: Mtime,
+    owner: Option<Owner>,
+) -> std::io::Result<()> {
     if target.is_empty() || target.contains(&0) {
         return Err(std::io::Error::other("invalid symlink target"));
     }
     let part = fsx::part_name(name);
     fsx::remove_if_present(parent.as_fd(), &part)?;
     rustix::fs::symlinkat(target, parent, part.as_slice())?;
-    let placed = rustix::fs::utimensat(
-        parent,
-        part.as_slice(),
-        &fsx::mtime_only(mtime),
-        AtFlags::SYMLINK_NOFOLLOW,
-    )
-    .and_then(|()| rustix::fs::renameat(parent, part.as_slice(), parent, name));
+    let owned = owner.map_or(Ok(()), |o| {
+        let (uid, gid) = (
+            rustix::fs::Uid::from_raw(o.uid),
+            rustix::fs::Gid::from_raw(o.gid),
+        );
+        rustix::fs::chownat(
+            parent,
+            part.as_slice(),
+            Some(uid),
+            Some(gid),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+    });
+    let placed = owned
+        .and_then(|()| {
+            rustix::fs::utimensat(
+                parent,
+                part.as_slice(),
+                &fsx::mtime_only(mtime),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+        })
+        .and_then(|()| rustix::fs::renameat(parent, part.as_slice(), parent, name));
     match placed {
         Ok(()) => Ok(()),
         Err(e) => {

@@ -32,7 +32,7 @@ use ferry_proto::frame::{DATA_PREFIX_LEN, Frame};
 use ferry_proto::limits::{
     DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS,
 };
-use ferry_proto::message::{Compression, EntryKind, Message, Mtime, Outcome};
+use ferry_proto::message::{Compression, EntryKind, Message, Mtime, Outcome, Owner};
 use ferry_proto::path::{WirePath, escape};
 use rustix::fs::{AtFlags, FileType, Stat};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -100,6 +100,8 @@ pub(crate) struct SendJob {
     /// can show totals from the start. Without it, the totals are counted
     /// during the walk and sent just before `end`.
     pub(crate) early_totals: bool,
+    /// Send each entry's owner, for a receiver that applies them.
+    pub(crate) owners: bool,
 }
 
 /// An entry sent and not yet answered.
@@ -318,6 +320,7 @@ where
         window: WindowMeter::new(),
         warmed_up: false,
         label: job.label,
+        owners: job.owners,
         next_id: 0,
         batch: BytesMut::new(),
         batch_started: None,
@@ -503,6 +506,8 @@ struct Producer {
     window: WindowMeter,
     warmed_up: bool,
     label: String,
+    /// Whether entries carry their owner.
+    owners: bool,
     next_id: u64,
     batch: BytesMut,
     /// When the first frame of the current batch was added.
@@ -659,7 +664,12 @@ impl Producer {
 
     /// Announce an entry; returns its id. It is remembered until the
     /// receiver's verdict on it arrives.
-    fn entry(&mut self, path: &WirePath, kind: EntryKind) -> Result<u64, EngineError> {
+    fn entry(
+        &mut self,
+        path: &WirePath,
+        kind: EntryKind,
+        stat: Option<&Stat>,
+    ) -> Result<u64, EngineError> {
         self.poll_totals()?;
         self.send_planned(false)?;
         let (size, is_dir, is_file) = match &kind {
@@ -687,10 +697,12 @@ impl Producer {
             inbox.unanswered.insert(id, entry);
             inbox.announced = id;
         }
+        let owner: Option<Owner> = stat.filter(|_| self.owners).map(fsx::owner_of);
         self.send(&Message::Entry {
             id,
             path: path.to_wire(),
             kind,
+            owner,
         })?;
         Ok(id)
     }
@@ -801,7 +813,7 @@ impl Producer {
             mode: fsx::mode_of(stat),
             mtime: fsx::mtime_of(stat),
         };
-        let id = self.entry(path, kind)?;
+        let id = self.entry(path, kind, Some(stat))?;
         if id == 1 {
             // The transfer's root goes out at once: if the receiver answers
             // `fresh`, the files below it go without waiting for plans, and
@@ -867,7 +879,7 @@ impl Producer {
                         mode: fsx::mode_of(&stat),
                         mtime: fsx::mtime_of(&stat),
                     };
-                    let id = self.entry(&path, kind)?;
+                    let id = self.entry(&path, kind, Some(&stat))?;
                     self.abort(id, format!("cannot open directory: {}", reason(&e)), false)?;
                     self.send(&Message::DirEnd { id })
                 }
@@ -904,7 +916,7 @@ impl Producer {
             mode: fsx::mode_of(stat),
             mtime,
         };
-        let id = self.entry(path, kind)?;
+        let id = self.entry(path, kind, Some(stat))?;
         match opened {
             Ok(file) => {
                 let ancestors = self
@@ -1072,14 +1084,14 @@ impl Producer {
             target: ferry_proto::path::WireBytes(target),
             mtime: fsx::mtime_of(stat),
         };
-        self.entry(path, kind).map(drop)
+        self.entry(path, kind, Some(stat)).map(drop)
     }
 
     fn special(&mut self, path: &WirePath, what: &'static str) -> Result<(), EngineError> {
         let kind = EntryKind::Special {
             what: what.to_string(),
         };
-        self.entry(path, kind).map(drop)
+        self.entry(path, kind, None).map(drop)
     }
 }
 

@@ -793,6 +793,8 @@ fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Ac
                 prefix,
                 label: path.display(),
                 ignore_times,
+                // Entries carry owners unless the client said --no-owner.
+                owners: fsx::may_chown(),
             }))
         }
         // The client receives, and applies `ignore_times` itself.
@@ -800,6 +802,7 @@ fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Ac
             source,
             compression,
             ignore_times: _,
+            owners,
         } => {
             if let Compression::Level(level) = compression
                 && !(1..=19).contains(&level)
@@ -817,6 +820,7 @@ fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Ac
                 label: path.display(),
                 // The client cannot tell us whether it shows progress: count.
                 early_totals: true,
+                owners,
             }))
         }
         other => Err(Refusal(

@@ -17,7 +17,7 @@ use ferry_proto::chunk::{ChunkHeader, Codec};
 use ferry_proto::digest::{ChunkLedger, DigestBuilder, chunk_hash};
 use ferry_proto::frame::{Frame, decode, encode_control, encode_data};
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
-use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
+use ferry_proto::message::{EntryKind, Message, Mtime, Outcome, Owner};
 use ferry_proto::path::WirePath;
 
 const MIB: usize = 1024 * 1024;
@@ -101,6 +101,10 @@ fn file_entry() -> Message {
                 nsec: 123_456_789,
             },
         },
+        owner: Some(Owner {
+            uid: 1000,
+            gid: 1000,
+        }),
     }
 }
 

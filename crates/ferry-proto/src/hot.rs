@@ -19,7 +19,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use crate::message::{EntryKind, Message, Mtime, Outcome};
+use crate::message::{EntryKind, Message, Mtime, Outcome, Owner};
 use crate::path::WireBytes;
 
 /// Append `msg`'s JSON to `out` as serde writes it, if it is a hot message
@@ -27,7 +27,12 @@ use crate::path::WireBytes;
 /// return false.
 pub(crate) fn write(msg: &Message, out: &mut BytesMut) -> bool {
     match msg {
-        Message::Entry { id, path, kind } => {
+        Message::Entry {
+            id,
+            path,
+            kind,
+            owner,
+        } => {
             let Some(path) = plain(path.as_bytes()) else {
                 return false;
             };
@@ -56,7 +61,15 @@ pub(crate) fn write(msg: &Message, out: &mut BytesMut) -> bool {
             put_unsigned(out, mtime.sec.unsigned_abs());
             out.put_slice(b",\"nsec\":");
             put_unsigned(out, u64::from(mtime.nsec));
-            out.put_slice(b"}}");
+            out.put_u8(b'}');
+            if let Some(owner) = owner {
+                out.put_slice(b",\"owner\":{\"uid\":");
+                put_unsigned(out, u64::from(owner.uid));
+                out.put_slice(b",\"gid\":");
+                put_unsigned(out, u64::from(owner.gid));
+                out.put_u8(b'}');
+            }
+            out.put_u8(b'}');
         }
         Message::FileEnd { id, digest } => {
             let Some(digest) = plain(digest.as_bytes()) else {
@@ -158,7 +171,21 @@ fn entry(c: &mut Cursor<'_>) -> Option<Message> {
     } else {
         return None;
     };
-    Some(Message::Entry { id, path, kind })
+    let owner = if c.lit(b",\"owner\":{\"uid\":").is_some() {
+        let uid = u32::try_from(c.unsigned()?).ok()?;
+        c.lit(b",\"gid\":")?;
+        let gid = u32::try_from(c.unsigned()?).ok()?;
+        c.lit(b"}")?;
+        Some(Owner { uid, gid })
+    } else {
+        None
+    };
+    Some(Message::Entry {
+        id,
+        path,
+        kind,
+        owner,
+    })
 }
 
 /// `,"mtime":{"sec":S,"nsec":N}`.
@@ -265,8 +292,23 @@ mod tests {
                 mode: u32::MAX,
                 mtime: Mtime { sec, nsec: 0 },
             },
+            owner: None,
+        };
+        let owned = |owner| Message::Entry {
+            id: 2,
+            path: "d".into(),
+            kind: EntryKind::Dir {
+                mode: 0o700,
+                mtime: Mtime { sec: 1, nsec: 2 },
+            },
+            owner: Some(owner),
         };
         for msg in [
+            owned(Owner { uid: 0, gid: 0 }),
+            owned(Owner {
+                uid: u32::MAX,
+                gid: 65534,
+            }),
             file(b"a/b c", i64::MIN),
             file(b"", i64::MAX),
             file("é/\u{7f}".as_bytes(), -1),
@@ -311,6 +353,20 @@ mod tests {
                         nsec: 999_999_999,
                     },
                 },
+                owner: None,
+            },
+            Message::Entry {
+                id: 8,
+                path: "f".into(),
+                kind: EntryKind::File {
+                    size: 1,
+                    mode: 0o600,
+                    mtime: Mtime { sec: 5, nsec: 0 },
+                },
+                owner: Some(Owner {
+                    uid: 1000,
+                    gid: 4_294_967_295,
+                }),
             },
             Message::Entry {
                 id: 1,
@@ -319,6 +375,7 @@ mod tests {
                     mode: 0o755,
                     mtime: Mtime { sec: 0, nsec: 0 },
                 },
+                owner: None,
             },
             Message::FileEnd {
                 id: u64::MAX,
@@ -364,6 +421,9 @@ mod tests {
             br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":4294967296,"mtime":{"sec":0,"nsec":0}}"#,
             br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":1,"mtime":{"sec":-9223372036854775809,"nsec":0}}"#,
             br#"{"type":"entry","id":1,"path":"","kind":"dir","mode":493,"mtime":{"sec":-0,"nsec":9}}"#,
+            br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":1,"mtime":{"sec":0,"nsec":0},"owner":{"gid":0,"uid":0}}"#,
+            br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":1,"mtime":{"sec":0,"nsec":0},"owner":{"uid":4294967296,"gid":0}}"#,
+            br#"{"type":"entry","id":1,"path":"a","kind":"dir","mode":1,"mtime":{"sec":0,"nsec":0},"owner":null}"#,
             // Trailing bytes, truncation, invalid UTF-8.
             br#"{"type":"outcome","id":1,"status":"ok"} "#,
             br#"{"type":"outcome","id":1,"status":"ok""#,
@@ -403,6 +463,7 @@ mod tests {
             sec in any::<i64>(),
             nsec in any::<u32>(),
             is_file in any::<bool>(),
+            owner in proptest::option::of((any::<u32>(), any::<u32>())),
         ) {
             let mtime = Mtime { sec, nsec };
             let kind = if is_file {
@@ -410,7 +471,8 @@ mod tests {
             } else {
                 EntryKind::Dir { mode, mtime }
             };
-            let msg = Message::Entry { id, path: path.as_str().into(), kind };
+            let owner = owner.map(|(uid, gid)| Owner { uid, gid });
+            let msg = Message::Entry { id, path: path.as_str().into(), kind, owner };
             let body = serde_json::to_vec(&msg).unwrap();
             prop_assert_eq!(written(&msg), Some(body.clone()));
             prop_assert_eq!(parse(&body), Some(msg));
@@ -428,8 +490,8 @@ mod tests {
         ) {
             let mtime = Mtime { sec, nsec: 7 };
             let msg = match which {
-                0 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::File { size, mode: 0o644, mtime } },
-                1 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::Dir { mode: 0o755, mtime } },
+                0 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::File { size, mode: 0o644, mtime }, owner: None },
+                1 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::Dir { mode: 0o755, mtime }, owner: Some(Owner { uid: size as u32, gid: 0 }) },
                 2 => Message::FileEnd { id, digest: String::from_utf8_lossy(&text).into_owned() },
                 3 => Message::Outcome { id, outcome: Outcome::Ok },
                 _ => Message::Outcome { id, outcome: Outcome::Skipped(String::from_utf8_lossy(&text).into_owned()) },
@@ -450,8 +512,12 @@ mod tests {
 
         /// Near-misses of canonical forms: one byte changed.
         #[test]
-        fn agrees_with_serde_on_mutated_hot_messages(at in any::<prop::sample::Index>(), byte in any::<u8>()) {
-            let canonical = br#"{"type":"entry","id":12,"path":"a/b","kind":"file","size":4096,"mode":420,"mtime":{"sec":1700000000,"nsec":5}}"#;
+        fn agrees_with_serde_on_mutated_hot_messages(at in any::<prop::sample::Index>(), byte in any::<u8>(), owned in any::<bool>()) {
+            let canonical: &[u8] = if owned {
+                br#"{"type":"entry","id":12,"path":"a/b","kind":"file","size":4096,"mode":420,"mtime":{"sec":1700000000,"nsec":5},"owner":{"uid":1000,"gid":100}}"#
+            } else {
+                br#"{"type":"entry","id":12,"path":"a/b","kind":"file","size":4096,"mode":420,"mtime":{"sec":1700000000,"nsec":5}}"#
+            };
             let mut body = canonical.to_vec();
             let i = at.index(body.len());
             body[i] = byte;

@@ -21,6 +21,22 @@ pub struct Mtime {
     pub nsec: u32,
 }
 
+/// Who owns an entry, by number: names are not mapped (as with rsync's
+/// `--numeric-ids`), so both ends should share their user database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// Whether both ids name someone: `-1` (u32::MAX) means "leave as it
+    /// is" to chown(2), never an owner.
+    pub fn is_valid(&self) -> bool {
+        self.uid != u32::MAX && self.gid != u32::MAX
+    }
+}
+
 /// How the sender should compress data chunks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "mode", content = "level")]
@@ -155,6 +171,10 @@ pub enum Message {
         /// As for `upload`; the client is the receiver and applies it.
         #[serde(default, skip_serializing_if = "is_false")]
         ignore_times: bool,
+        /// Send each entry's owner: the client receives as root and will
+        /// apply them. Absent means false.
+        #[serde(default, skip_serializing_if = "is_false")]
+        owners: bool,
     },
     /// The request was accepted; the transfer starts.
     Ready,
@@ -167,6 +187,11 @@ pub enum Message {
         path: WireBytes,
         #[serde(flatten)]
         kind: EntryKind,
+        /// Sent when the receiver may apply it (a download asked for
+        /// owners; an upload unless the user said `--no-owner`). A receiver
+        /// that is not root ignores it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        owner: Option<Owner>,
     },
     /// Sender → receiver: every chunk of file `id` has been sent.
     FileEnd { id: u64, digest: String },
@@ -249,6 +274,7 @@ mod tests {
                 source: "a/b".into(),
                 compression: Compression::Level(3),
                 ignore_times: false,
+                owners: false,
             }),
             r#"{"type":"download","source":"a/b","compression":{"mode":"level","level":3}}"#
         );
@@ -257,6 +283,7 @@ mod tests {
                 source: "x".into(),
                 compression: Compression::Auto,
                 ignore_times: false,
+                owners: false,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"auto"}}"#
         );
@@ -269,8 +296,31 @@ mod tests {
                     mode: 0o644,
                     mtime: Mtime { sec: 1, nsec: 2 }
                 },
+                owner: None,
             }),
             r#"{"type":"entry","id":3,"path":{"b64":"ZC//"},"kind":"file","size":5,"mode":420,"mtime":{"sec":1,"nsec":2}}"#
+        );
+        assert_eq!(
+            json(&Message::Entry {
+                id: 6,
+                path: "f".into(),
+                kind: EntryKind::File {
+                    size: 0,
+                    mode: 0o600,
+                    mtime: Mtime::default()
+                },
+                owner: Some(Owner { uid: 1000, gid: 33 }),
+            }),
+            r#"{"type":"entry","id":6,"path":"f","kind":"file","size":0,"mode":384,"mtime":{"sec":0,"nsec":0},"owner":{"uid":1000,"gid":33}}"#
+        );
+        assert_eq!(
+            json(&Message::Download {
+                source: "x".into(),
+                compression: Compression::Off,
+                ignore_times: false,
+                owners: true,
+            }),
+            r#"{"type":"download","source":"x","compression":{"mode":"off"},"owners":true}"#
         );
         assert_eq!(
             json(&Message::Entry {
@@ -280,6 +330,7 @@ mod tests {
                     target: "../t".into(),
                     mtime: Mtime::default()
                 },
+                owner: None,
             }),
             r#"{"type":"entry","id":4,"path":"l","kind":"symlink","target":"../t","mtime":{"sec":0,"nsec":0}}"#
         );
@@ -354,6 +405,7 @@ mod tests {
                     source: "".into(),
                     compression: Compression::Off,
                     ignore_times: false,
+                    owners: false,
                 },
                 r#"{"type":"download","source":"","compression":{"mode":"off"}}"#,
             ),
@@ -373,6 +425,7 @@ mod tests {
                             nsec: 123_456_789,
                         },
                     },
+                    owner: None,
                 },
                 r#"{"type":"entry","id":1,"path":"","kind":"dir","mode":493,"mtime":{"sec":1700000000,"nsec":123456789}}"#,
             ),
@@ -383,6 +436,7 @@ mod tests {
                     kind: EntryKind::Special {
                         what: "fifo".into(),
                     },
+                    owner: None,
                 },
                 r#"{"type":"entry","id":5,"path":"p","kind":"special","what":"fifo"}"#,
             ),
@@ -481,6 +535,7 @@ mod tests {
                 source: "".into(),
                 compression: Compression::Off,
                 ignore_times: true,
+                owners: false,
             },
             Message::Ready,
             Message::Totals { files: 1, bytes: 2 },
@@ -491,6 +546,7 @@ mod tests {
                     mode: 0o755,
                     mtime: Mtime { sec: -5, nsec: 9 },
                 },
+                owner: None,
             },
             Message::Entry {
                 id: 2,
@@ -498,6 +554,7 @@ mod tests {
                 kind: EntryKind::Special {
                     what: "fifo".into(),
                 },
+                owner: None,
             },
             Message::FileEnd {
                 id: 1,

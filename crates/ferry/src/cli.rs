@@ -154,6 +154,11 @@ pub struct TransferOpts {
     /// Send every file, even those the receiver already has with the same size and mtime.
     #[arg(long, short = 'I')]
     pub ignore_times: bool,
+    /// Do not preserve owners. By default a receiver running as root (the server for an upload,
+    /// this client for a download) gives each file the user and group ids it has on the sending
+    /// side, by number, as `rsync -a --numeric-ids` does; other receivers keep their own.
+    #[arg(long)]
+    pub no_owner: bool,
     /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,

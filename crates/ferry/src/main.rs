@@ -274,6 +274,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         streams: opts.streams.unwrap_or_else(client::default_streams),
         early_totals: ui.shows_progress(),
         ignore_times: opts.ignore_times,
+        owners: !opts.no_owner,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     };

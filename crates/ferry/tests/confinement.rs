@@ -785,6 +785,34 @@ fn hostile_upload_of_more_open_directories_than_the_limit_is_refused() {
     assert_server_healthy(&mut server);
 }
 
+/// An owner is checked like everything else a peer sends: uid `-1` is no
+/// one (chown(2) reads it as "leave as it is"). The server refuses the
+/// transfer before creating anything, and goes on serving.
+#[test]
+fn hostile_upload_of_an_invalid_owner_is_refused() {
+    let (_scratch, root, _outside) = setup();
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    let mut stream = hostile_upload_session(&server, "owned", deadline);
+    let mut bytes = control_frame(
+        r#"{"type":"entry","id":1,"path":"","kind":"dir","mode":493,"mtime":{"sec":0,"nsec":0},"owner":{"uid":4294967295,"gid":0}}"#,
+    );
+    bytes.extend(control_frame(r#"{"type":"end"}"#));
+    // The server may close early: what it said still counts.
+    let _ = stream.write_all(&bytes);
+    let answers = read_messages(&mut stream, deadline);
+    let error = answers.iter().find(|m| m["type"] == "error");
+    assert!(
+        error.is_some_and(|e| e["code"] == "protocol"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("invalid owner 4294967295:0"))),
+        "expected a protocol error naming the owner, got {answers:?}"
+    );
+    assert!(!root.join("owned").exists(), "nothing is created");
+    assert_server_healthy(&mut server);
+}
+
 /// A hostile server answers a download with a link and then a file below
 /// it: the client, as the receiver, must not follow the link.
 #[test]

@@ -20,5 +20,7 @@ mod confinement;
 // Read-only and write-only servers, and idle connections that must not lock clients out.
 mod access;
 mod tls;
+// Owners: kept by a root receiver, both ways; --no-owner; non-root receivers.
+mod owners;
 // Token authentication: challenge and response, never the token on the wire.
 mod auth;
