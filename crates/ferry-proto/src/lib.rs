@@ -88,4 +88,7 @@ pub mod limits {
 /// 4: authentication. A server that requires a token answers `hello`
 /// with `challenge`; the client proves the token with `auth`. A sender
 /// keeps at most `MAX_OPEN_DIRS` directories unanswered.
-pub const PROTOCOL_VERSION: u16 = 4;
+///
+/// 5: owners. Entries may carry their owner's ids; a download may ask
+/// for them.
+pub const PROTOCOL_VERSION: u16 = 5;

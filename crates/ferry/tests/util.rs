@@ -24,7 +24,7 @@ use rustix::process::{Pid, Signal};
 
 /// The protocol version the binary speaks; bump together with
 /// `ferry_proto::PROTOCOL_VERSION` (the tests pin the wire, like golden bytes).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The 6 magic bytes that open every ferry connection.
 pub const MAGIC: &[u8; 6] = b"FERRY\0";
 
