@@ -3,8 +3,9 @@
 use std::io;
 
 use ferry_proto::chunk::{ChunkHeader, Codec, DataChunk};
-use ferry_proto::digest::chunk_hash;
+use ferry_proto::digest::{chunk_hash, zero_chunk_hash};
 use ferry_proto::frame::{DATA_PREFIX_LEN, write_data_prefix};
+use ferry_proto::limits::DEFAULT_CHUNK_LEN;
 
 /// After this many chunks in a row that do not shrink, stop trying to
 /// compress, and try again only on every [`RESAMPLE_EVERY`]th chunk until
@@ -87,6 +88,26 @@ impl ChunkEncoder {
         (hash, DATA_PREFIX_LEN + payload_len)
     }
 
+    /// Make `frame` (at least [`DATA_PREFIX_LEN`] bytes) the data frame of
+    /// a full chunk of zeros of file `file_id` at `offset`: a hole, sent
+    /// as its header alone. Returns the chunk's hash and the frame's length.
+    pub(crate) fn encode_zeros(
+        &mut self,
+        file_id: u64,
+        offset: u64,
+        frame: &mut [u8],
+    ) -> (u64, usize) {
+        let header = ChunkHeader {
+            file_id,
+            offset,
+            raw_len: DEFAULT_CHUNK_LEN,
+            codec: Codec::Zeros,
+            hash: zero_chunk_hash(),
+        };
+        write_data_prefix(&header, 0, frame);
+        (header.hash, DATA_PREFIX_LEN)
+    }
+
     fn try_compress(&mut self, raw: &[u8]) -> Option<&[u8]> {
         if !self.enabled {
             return None;
@@ -136,10 +157,22 @@ pub(crate) struct ReadChunk {
 
 impl ReadChunk {
     pub(crate) fn check(chunk: DataChunk) -> Self {
-        let raw_hash_ok =
-            chunk.header.codec == Codec::Raw && chunk_hash(&chunk.payload) == chunk.header.hash;
+        let raw_hash_ok = match chunk.header.codec {
+            Codec::Raw => chunk_hash(&chunk.payload) == chunk.header.hash,
+            // Always a full chunk (the frame decoder saw to it): one hash.
+            Codec::Zeros => chunk.header.hash == zero_chunk_hash(),
+            Codec::Zstd => false,
+        };
         ReadChunk { chunk, raw_hash_ok }
     }
+}
+
+/// What a verified chunk holds.
+#[derive(Debug)]
+pub(crate) enum Decoded<'a> {
+    Bytes(&'a [u8]),
+    /// As many zeros as the chunk's raw length: a hole of the file.
+    Zeros,
 }
 
 /// Decodes received chunks, reusing one zstd context and one buffer.
@@ -158,12 +191,13 @@ impl ChunkDecoder {
 
     /// The verified raw bytes of `read`. Decompression is bounded by the
     /// declared raw length, which the frame decoder already capped.
-    pub(crate) fn decode<'a>(&'a mut self, read: &'a ReadChunk) -> Result<&'a [u8], ChunkFault> {
+    pub(crate) fn decode<'a>(&'a mut self, read: &'a ReadChunk) -> Result<Decoded<'a>, ChunkFault> {
         let chunk = &read.chunk;
         let h = &chunk.header;
         let raw: &[u8] = match h.codec {
-            Codec::Raw if read.raw_hash_ok => return Ok(&chunk.payload),
-            Codec::Raw => return Err(ChunkFault::HashMismatch(h.offset)),
+            Codec::Raw if read.raw_hash_ok => return Ok(Decoded::Bytes(&chunk.payload)),
+            Codec::Zeros if read.raw_hash_ok => return Ok(Decoded::Zeros),
+            Codec::Raw | Codec::Zeros => return Err(ChunkFault::HashMismatch(h.offset)),
             Codec::Zstd => {
                 self.scratch.clear();
                 self.scratch.reserve(h.raw_len as usize);
@@ -183,7 +217,7 @@ impl ChunkDecoder {
         if chunk_hash(raw) != h.hash {
             return Err(ChunkFault::HashMismatch(h.offset));
         }
-        Ok(raw)
+        Ok(Decoded::Bytes(raw))
     }
 }
 
@@ -215,8 +249,11 @@ mod tests {
         };
         let mut dec = ChunkDecoder::new().unwrap();
         let codec = chunk.header.codec;
-        let out = dec.decode(&ReadChunk::check(chunk)).unwrap().to_vec();
-        (codec, out)
+        let read = ReadChunk::check(chunk);
+        let Ok(Decoded::Bytes(out)) = dec.decode(&read) else {
+            panic!("no bytes decoded");
+        };
+        (codec, out.to_vec())
     }
 
     fn noise(n: usize) -> Vec<u8> {
@@ -260,6 +297,31 @@ mod tests {
             enc.try_compress(&text).is_some(),
             "a chunk that shrank resumes compression"
         );
+    }
+
+    #[test]
+    fn a_hole_travels_as_its_header_and_a_wrong_hash_is_caught() {
+        let mut enc = ChunkEncoder::new(Some(1)).unwrap();
+        let mut frame = vec![0xaa; DATA_PREFIX_LEN];
+        let (hash, len) = enc.encode_zeros(3, 1 << 20, &mut frame);
+        assert_eq!(len, DATA_PREFIX_LEN);
+        assert_eq!(hash, chunk_hash(&vec![0; DEFAULT_CHUNK_LEN as usize]));
+        let mut buf = BytesMut::from(&frame[..]);
+        let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
+            panic!("not a data frame")
+        };
+        assert_eq!(chunk.header.codec, Codec::Zeros);
+        let mut dec = ChunkDecoder::new().unwrap();
+        let mut wrong = chunk.clone();
+        assert!(matches!(
+            dec.decode(&ReadChunk::check(chunk)),
+            Ok(Decoded::Zeros)
+        ));
+        wrong.header.hash ^= 1;
+        assert!(matches!(
+            dec.decode(&ReadChunk::check(wrong)),
+            Err(ChunkFault::HashMismatch(_))
+        ));
     }
 
     #[test]

@@ -100,6 +100,45 @@ pub(crate) fn owner_of(stat: &Stat) -> Owner {
     }
 }
 
+/// Make `len` bytes of `fd` at `offset` read as zeros, by punching a hole
+/// (the file keeps its size); by writing zeros where the filesystem cannot.
+pub(crate) fn zero_range(fd: BorrowedFd<'_>, offset: u64, len: u32) -> io::Result<()> {
+    use rustix::fs::FallocateFlags;
+    let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+    match rustix::fs::fallocate(fd, punch, offset, u64::from(len)) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::NOSYS) => {
+            static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+            let mut at = offset;
+            let end = offset + u64::from(len);
+            while at < end {
+                let n = (end - at).min(ZEROS.len() as u64) as usize;
+                write_all_at(fd, &ZEROS[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Whether the `len` bytes of `fd` at `offset` lie in a hole: no data
+/// from `offset` up to their end (`SEEK_DATA`). False when that cannot
+/// be told.
+pub(crate) fn is_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> bool {
+    match rustix::fs::seek(fd, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(next_data) => next_data >= offset + len,
+        // No data at or after `offset`.
+        Err(rustix::io::Errno::NXIO) => true,
+        Err(_) => false,
+    }
+}
+
+/// Whether a file has fewer blocks than its size needs: it may have holes.
+pub(crate) fn may_have_holes(stat: &Stat) -> bool {
+    (stat.st_blocks as u64).saturating_mul(512) < stat.st_size as u64
+}
+
 /// Whether this process may give files away to any owner: only root can,
 /// so only a receiver running as root applies the owners it is sent (as
 /// rsync and tar do).
@@ -593,6 +632,30 @@ mod tests {
 
     fn base(dir: &std::path::Path) -> OwnedFd {
         rustix::fs::open(dir, DIR_FLAGS, Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn zeroed_ranges_read_as_zeros_and_holes_are_found() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        std::fs::write(&path, vec![0xab; 3 << 20]).unwrap();
+        let file = File::options().read(true).write(true).open(&path).unwrap();
+        zero_range(file.as_fd(), 1 << 20, 1 << 20).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len(), 3 << 20, "the size is kept");
+        assert!(bytes[..1 << 20].iter().all(|&b| b == 0xab));
+        assert!(bytes[1 << 20..2 << 20].iter().all(|&b| b == 0));
+        assert!(bytes[2 << 20..].iter().all(|&b| b == 0xab));
+        // Where the filesystem punched a hole, SEEK_DATA finds it; a
+        // filesystem that wrote zeros instead has no hole to find.
+        let stat = rustix::fs::fstat(&file).unwrap();
+        if may_have_holes(&stat) {
+            assert!(is_hole(file.as_fd(), 1 << 20, 1 << 20));
+        }
+        assert!(!is_hole(file.as_fd(), 0, 1 << 20));
+        assert!(!is_hole(file.as_fd(), (1 << 20) + 4096, 1 << 20));
+        // Past the end there is no data at all.
+        assert!(is_hole(file.as_fd(), 3 << 20, 1 << 20));
     }
 
     #[test]

@@ -41,7 +41,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::codec::{ChunkDecoder, ReadChunk};
+use crate::codec::{ChunkDecoder, Decoded, ReadChunk};
 use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
@@ -285,6 +285,12 @@ struct OpenFile {
     /// The owner to give it before it takes its name, if it has not that
     /// one already.
     chown: Option<Owner>,
+    /// The part file was made for this attempt: every byte not written
+    /// reads as zero.
+    blank: bool,
+    /// Some chunks were holes, left unwritten: the length is set before
+    /// the commit.
+    holes: bool,
     /// The sender's digest, once its `file_end` has arrived.
     expected: Option<FileDigest>,
     /// Bytes of chunks that arrived corrupt, and why the first one was:
@@ -804,6 +810,8 @@ impl Worker {
                     mode_set: part_file.mode_set,
                     mtime,
                     chown,
+                    blank: !part_file.existing,
+                    holes: false,
                     expected: None,
                     damaged: 0,
                     damage: None,
@@ -964,7 +972,21 @@ impl Worker {
                 return self.settle_if_damaged(h.file_id);
             }
         };
-        if let Err(e) = fsx::write_all_at(f.file.as_fd(), raw, h.offset) {
+        let written = match raw {
+            Decoded::Bytes(raw) => fsx::write_all_at(f.file.as_fd(), raw, h.offset),
+            // A hole: nothing to write into a part file that held nothing
+            // (the length is set at the end); otherwise whatever an earlier
+            // attempt left there must read as zeros.
+            Decoded::Zeros => {
+                f.holes = true;
+                if f.blank {
+                    Ok(())
+                } else {
+                    fsx::zero_range(f.file.as_fd(), h.offset, h.raw_len)
+                }
+            }
+        };
+        if let Err(e) = written {
             // Disk full and the like: not cured by sending again at once,
             // but what is verified stays for the same command later.
             return self.fail_open_file(h.file_id, Outcome::Failed(reason(&e)), true);
@@ -1132,6 +1154,9 @@ impl Worker {
 /// atomic rename (or, for an unnamed part file, the link), so the name
 /// only ever shows the complete file.
 fn commit(f: &mut OpenFile) -> Result<(), String> {
+    if f.holes {
+        f.file.set_len(f.size).map_err(|e| reason(&e))?;
+    }
     // The owner first: a chown may clear mode bits.
     if let Some(owner) = f.chown {
         fsx::set_owner(f.file.as_fd(), owner)

@@ -84,6 +84,8 @@ struct QueuedFile {
     file: File,
     size: u64,
     mtime: Mtime,
+    /// It has fewer blocks than bytes: its holes are worth looking for.
+    sparse: bool,
 }
 
 /// What to send.
@@ -930,6 +932,7 @@ impl Producer {
                     file,
                     size,
                     mtime,
+                    sparse: fsx::may_have_holes(stat),
                 });
                 Ok(())
             }
@@ -1020,6 +1023,31 @@ impl Producer {
         let mut offset = from;
         while offset < to {
             let len = (to - offset).min(u64::from(DEFAULT_CHUNK_LEN)) as usize;
+            // A full chunk in a hole goes as a header: nothing to read,
+            // hash or write, and the copy stays sparse.
+            if q.sparse
+                && len == DEFAULT_CHUNK_LEN as usize
+                && fsx::is_hole(q.file.as_fd(), offset, len as u64)
+            {
+                let hash = if spread {
+                    let mut frame = [0; DATA_PREFIX_LEN];
+                    let (hash, _) = self.encoder.encode_zeros(q.id, offset, &mut frame);
+                    self.send_data(Bytes::copy_from_slice(&frame))?;
+                    hash
+                } else {
+                    let start = self.batch.len();
+                    self.batch.resize(start + DATA_PREFIX_LEN, 0);
+                    let (hash, _) =
+                        self.encoder
+                            .encode_zeros(q.id, offset, &mut self.batch[start..]);
+                    self.maybe_flush()?;
+                    hash
+                };
+                digest.push(hash);
+                self.tally.event(Event::Bytes { n: len as u64 });
+                offset += len as u64;
+                continue;
+            }
             // The bytes are read straight into their frame, behind room for
             // its headers: a copy of every byte sent costs as much as the
             // read itself.

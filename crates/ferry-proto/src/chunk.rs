@@ -4,15 +4,16 @@
 //! file_id  u64 BE   which file (the id of its Entry message)
 //! offset   u64 BE   where the raw bytes belong in the file
 //! raw_len  u32 BE   length of the raw bytes, 1..=MAX_CHUNK_LEN
-//! codec    u8       0 = raw, 1 = zstd
+//! codec    u8       0 = raw, 1 = zstd, 2 = zeros
 //! hash     u64 BE   XXH3-64 of the raw bytes
-//! payload  …        raw bytes, or one zstd frame that decodes to raw_len bytes
+//! payload  …        raw bytes, one zstd frame that decodes to raw_len bytes,
+//!                   or nothing (zeros: a hole of a sparse file)
 //! ```
 
 use bytes::{Buf, BufMut, Bytes};
 use thiserror::Error;
 
-use crate::limits::MAX_CHUNK_LEN;
+use crate::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN};
 
 /// Length of the fixed chunk header.
 pub const CHUNK_HEADER_LEN: usize = 8 + 8 + 4 + 1 + 8;
@@ -22,6 +23,11 @@ pub const CHUNK_HEADER_LEN: usize = 8 + 8 + 4 + 1 + 8;
 pub enum Codec {
     Raw = 0,
     Zstd = 1,
+    /// `raw_len` zero bytes, with no payload: a whole chunk inside a hole
+    /// of a sparse file. Only ever a full chunk of [`DEFAULT_CHUNK_LEN`]
+    /// bytes, so that its hash is one the receiver knows already (a peer
+    /// cannot make it hash megabytes for a few bytes on the wire).
+    Zeros = 2,
 }
 
 /// The fixed header of a data chunk.
@@ -87,6 +93,7 @@ impl DataChunk {
         let codec = match body.get_u8() {
             0 => Codec::Raw,
             1 => Codec::Zstd,
+            2 => Codec::Zeros,
             other => return Err(ChunkError::UnknownCodec(other)),
         };
         let hash = body.get_u64();
@@ -101,6 +108,7 @@ impl DataChunk {
         let payload_ok = match codec {
             Codec::Raw => body.len() == raw_len as usize,
             Codec::Zstd => !body.is_empty() && body.len() < raw_len as usize,
+            Codec::Zeros => body.is_empty() && raw_len == DEFAULT_CHUNK_LEN,
         };
         if !payload_ok {
             return Err(ChunkError::PayloadMismatch {
@@ -201,6 +209,28 @@ mod tests {
         };
         assert!(matches!(
             DataChunk::decode(encode(&zstd_bigger, b"abcd")),
+            Err(ChunkError::PayloadMismatch { .. })
+        ));
+        // Zeros: no payload, and only a full chunk.
+        let zeros = ChunkHeader {
+            codec: Codec::Zeros,
+            raw_len: DEFAULT_CHUNK_LEN,
+            ..base
+        };
+        assert_eq!(
+            DataChunk::decode(encode(&zeros, b"")).map(|c| c.header),
+            Ok(zeros)
+        );
+        assert!(matches!(
+            DataChunk::decode(encode(&zeros, b"\0")),
+            Err(ChunkError::PayloadMismatch { .. })
+        ));
+        let short_zeros = ChunkHeader {
+            raw_len: DEFAULT_CHUNK_LEN - 1,
+            ..zeros
+        };
+        assert!(matches!(
+            DataChunk::decode(encode(&short_zeros, b"")),
             Err(ChunkError::PayloadMismatch { .. })
         ));
         let mut bad_codec = encode(&base, b"abcd").to_vec();

@@ -18,6 +18,12 @@ pub fn chunk_hash(raw: &[u8]) -> u64 {
     XxHash3_64::oneshot(raw)
 }
 
+/// The hash of a full chunk of zeros (codec `zeros`), computed once.
+pub fn zero_chunk_hash() -> u64 {
+    static HASH: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *HASH.get_or_init(|| chunk_hash(&vec![0; crate::limits::DEFAULT_CHUNK_LEN as usize]))
+}
+
 /// A whole-file digest, rendered on the wire as 32 lowercase hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileDigest(pub u128);

@@ -142,6 +142,10 @@ pub fn chunk(data: &[u8]) {
     match h.codec {
         Codec::Raw => assert_eq!(c.payload.len(), h.raw_len as usize),
         Codec::Zstd => assert!(!c.payload.is_empty() && c.payload.len() < h.raw_len as usize),
+        Codec::Zeros => {
+            assert!(c.payload.is_empty());
+            assert_eq!(h.raw_len, crate::limits::DEFAULT_CHUNK_LEN);
+        }
     }
     let mut again = Vec::new();
     h.encode(&mut again);

@@ -364,3 +364,83 @@ fn a_tree_of_more_directories_than_may_be_open_at_once_arrives_whole() {
     server.run(&[&"up", &src, &"copy"]).assert_success();
     assert_trees_equal(&src, &root.join("copy"));
 }
+
+/// Writes `data` at each offset of a file of `size` bytes that is
+/// otherwise a hole.
+fn write_sparse(path: &std::path::Path, size: u64, data: &[(u64, &[u8])]) {
+    use std::os::unix::fs::FileExt;
+    let file = fs::File::create(path).unwrap();
+    file.set_len(size).unwrap();
+    for (offset, bytes) in data {
+        file.write_all_at(bytes, *offset).unwrap();
+    }
+}
+
+/// Bytes the filesystem holds for `path` (its blocks, not its size).
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Holes of a sparse file are neither read, sent nor written: a whole
+/// chunk inside a hole travels as a header, and the copy is as sparse,
+/// up and down. A hole at the very end (no data to extend the file) still
+/// ends at the right size.
+#[test]
+fn sparse_files_travel_as_their_data_and_stay_sparse() {
+    const MIB: u64 = 1 << 20;
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    write_sparse(
+        &src.join("disk.img"),
+        40 * MIB + 123,
+        &[
+            (0, b"boot sector"),
+            (20 * MIB + 100, b"middle"),
+            (40 * MIB, b"tail"),
+        ],
+    );
+    write_sparse(
+        &src.join("trailing-hole.img"),
+        16 * MIB,
+        &[(5, b"head only")],
+    );
+    if allocated(&src.join("disk.img")) >= MIB {
+        eprintln!(
+            "note: sparse_files_… skipped: the filesystem of the scratch directory keeps no holes"
+        );
+        return;
+    }
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let wire_bytes = |out: Output| {
+        out.assert_success();
+        out.json_event("summary")["wire_bytes"]
+            .as_u64()
+            .expect("wire_bytes in the summary")
+    };
+
+    let up = wire_bytes(server.run(&[&"up", &src, &"copy", &"--json"]));
+    assert_trees_equal(&src, &root.join("copy"));
+    let back = scratch.join("back");
+    let down = wire_bytes(server.run(&[&"down", &"copy", &back, &"--json"]));
+    assert_trees_equal(&src, &back);
+
+    // The chunks holding data (at most four of 1 MiB) and a header per hole.
+    for (way, wire) in [("up", up), ("down", down)] {
+        assert!(
+            wire < 5 * MIB,
+            "{way}: {wire} bytes on the wire for 56 MiB of mostly holes"
+        );
+    }
+    for copy in [root.join("copy"), back] {
+        for name in ["disk.img", "trailing-hole.img"] {
+            let held = allocated(&copy.join(name));
+            assert!(
+                held <= 4 * MIB,
+                "{}/{name}: {held} bytes allocated",
+                copy.display()
+            );
+        }
+    }
+}
