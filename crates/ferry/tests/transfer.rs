@@ -317,12 +317,6 @@ fn auto_compression_sends_raw_to_a_server_on_this_host() {
     let root = scratch.mkdir("root");
     let server = Server::start(&root);
 
-    let wire_bytes = |out: Output| {
-        out.assert_success();
-        out.json_event("summary")["wire_bytes"]
-            .as_u64()
-            .expect("wire_bytes in the summary")
-    };
     let auto = wire_bytes(server.run(&[&"up", &src, &"auto.txt", &"--json"]));
     let level_1 =
         wire_bytes(server.run(&[&"up", &src, &"level-1.txt", &"--json", &"--compress", &"1"]));
@@ -363,6 +357,14 @@ fn a_tree_of_more_directories_than_may_be_open_at_once_arrives_whole() {
 
     server.run(&[&"up", &src, &"copy"]).assert_success();
     assert_trees_equal(&src, &root.join("copy"));
+}
+
+/// The bytes a successful `--json` transfer put on the wire.
+fn wire_bytes(out: Output) -> u64 {
+    out.assert_success();
+    out.json_event("summary")["wire_bytes"]
+        .as_u64()
+        .expect("wire_bytes in the summary")
 }
 
 /// Writes `data` at each offset of a file of `size` bytes that is
@@ -413,12 +415,6 @@ fn sparse_files_travel_as_their_data_and_stay_sparse() {
     }
     let root = scratch.mkdir("root");
     let server = Server::start(&root);
-    let wire_bytes = |out: Output| {
-        out.assert_success();
-        out.json_event("summary")["wire_bytes"]
-            .as_u64()
-            .expect("wire_bytes in the summary")
-    };
 
     let up = wire_bytes(server.run(&[&"up", &src, &"copy", &"--json"]));
     assert_trees_equal(&src, &root.join("copy"));
