@@ -139,6 +139,56 @@ pub(crate) fn may_have_holes(stat: &Stat) -> bool {
     (stat.st_blocks as u64).saturating_mul(512) < stat.st_size as u64
 }
 
+/// Give the regular file `from_name` in `from_dir` the further name
+/// `to_name` in `to_dir`, replacing what is there atomically (as a rename
+/// does), unless that is the same file already. Neither name is followed
+/// if it is a symlink.
+pub(crate) fn hard_link(
+    from_dir: BorrowedFd<'_>,
+    from_name: &[u8],
+    to_dir: BorrowedFd<'_>,
+    to_name: &[u8],
+) -> io::Result<()> {
+    let source = rustix::fs::statat(from_dir, from_name, AtFlags::SYMLINK_NOFOLLOW)?;
+    if kind_of(&source) != Kind::File {
+        return Err(io::Error::other("its first name is not a regular file"));
+    }
+    let same = |st: &Stat| st.st_dev == source.st_dev && st.st_ino == source.st_ino;
+    if rustix::fs::statat(to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| same(&st)) {
+        return Ok(());
+    }
+    // Linked under the part name, then renamed: the name never shows
+    // anything but the old entry or the link.
+    let part = part_name(to_name);
+    remove_if_present(to_dir, &part)?;
+    rustix::fs::linkat(
+        from_dir,
+        from_name,
+        to_dir,
+        part.as_slice(),
+        AtFlags::empty(),
+    )?;
+    let linked = rustix::fs::statat(to_dir, part.as_slice(), AtFlags::SYMLINK_NOFOLLOW);
+    let placed = match linked {
+        Ok(st) if same(&st) => rustix::fs::renameat(to_dir, part.as_slice(), to_dir, to_name)
+            .map_err(|e| match e {
+                rustix::io::Errno::ISDIR
+                | rustix::io::Errno::NOTEMPTY
+                | rustix::io::Errno::EXIST => io::Error::other("a directory is in the way"),
+                e => e.into(),
+            }),
+        // Something else took the first name between the check and the link.
+        Ok(_) => Err(io::Error::other(
+            "its first name changed while it was linked",
+        )),
+        Err(e) => Err(e.into()),
+    };
+    if placed.is_err() {
+        let _ = remove_if_present(to_dir, &part);
+    }
+    placed
+}
+
 /// Whether this process may give files away to any owner: only root can,
 /// so only a receiver running as root applies the owners it is sent (as
 /// rsync and tar do).

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::digest::{ChunkLedger, FileDigest, MAX_CHUNKS_AHEAD};
 use ferry_proto::frame::Frame;
-use ferry_proto::limits::{MAX_FILES_AHEAD, MAX_HAVE_RUNS};
+use ferry_proto::limits::{MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_WAITING_LINKS};
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome, Owner};
 use ferry_proto::path::{WireBytes, WirePath};
 use rustix::fs::{AtFlags, Mode};
@@ -149,6 +149,8 @@ where
         dir_ids: HashMap::new(),
         parked: HashMap::new(),
         parked_chunks: 0,
+        waiting_links: HashMap::new(),
+        links_waiting: 0,
         end_seen: false,
         parent_cache: None,
         plan_through: 0,
@@ -346,6 +348,16 @@ struct OpenDir {
     fresh: bool,
 }
 
+/// A `hardlink` entry whose file is still arriving: it gets its name once
+/// the file has its own.
+struct WaitingLink {
+    id: u64,
+    display: String,
+    parent: Arc<OwnedFd>,
+    name: Vec<u8>,
+    parent_dir: Option<u64>,
+}
+
 struct Worker {
     gate: Arc<DataGate>,
     dest: Destination,
@@ -362,6 +374,9 @@ struct Worker {
     /// Chunks that arrived before their entry, by entry id.
     parked: HashMap<u64, Vec<ReadChunk>>,
     parked_chunks: usize,
+    /// Hard links to files still arriving, by the id of that file.
+    waiting_links: HashMap<u64, Vec<WaitingLink>>,
+    links_waiting: usize,
     end_seen: bool,
     /// The most recently used parent directory, by path: consecutive files
     /// mostly share one.
@@ -407,7 +422,11 @@ impl Worker {
                 self.frame(frame)?;
             }
             self.send_plan(false)?;
-            if self.end_seen && self.files.is_empty() && self.dirs.is_empty() {
+            if self.end_seen
+                && self.files.is_empty()
+                && self.dirs.is_empty()
+                && self.waiting_links.is_empty()
+            {
                 if self.parked_chunks > 0 {
                     return Err(EngineError::Protocol(
                         "chunks arrived for entries that were never announced".into(),
@@ -839,6 +858,50 @@ impl Worker {
                 let why = format!("special file ({}), not transferred", peer_text(&what));
                 self.verdict(id, display, Outcome::Skipped(why), 0)
             }
+            EntryKind::Hardlink { first, target } => {
+                if first >= id {
+                    return Err(EngineError::Protocol(format!(
+                        "hard link {id} names entry {first}, which does not come before it"
+                    )));
+                }
+                let target = WirePath::from_wire(target)?;
+                if self.files.contains_key(&first) {
+                    // Its file is still arriving: the link waits for it.
+                    if self.links_waiting >= MAX_WAITING_LINKS {
+                        return Err(EngineError::Protocol(format!(
+                            "too many hard links waiting for their files (limit {MAX_WAITING_LINKS})"
+                        )));
+                    }
+                    self.links_waiting += 1;
+                    self.adopt(parent_dir);
+                    let link = WaitingLink {
+                        id,
+                        display,
+                        parent,
+                        name,
+                        parent_dir,
+                    };
+                    self.waiting_links.entry(first).or_default().push(link);
+                    return Ok(());
+                }
+                // Settled already, or unchanged: link to its name, found
+                // beneath the destination like any path.
+                let Some(target_name) = target.components().last().map(<[u8]>::to_vec) else {
+                    return Err(EngineError::Protocol(format!(
+                        "hard link {id} names the root of the transfer"
+                    )));
+                };
+                let mut components = self.dest.prefix.clone();
+                components.extend(target.components().map(<[u8]>::to_vec));
+                let linked = self.parent_of(&components).and_then(|dir| {
+                    fsx::hard_link(dir.as_fd(), &target_name, parent.as_fd(), &name)
+                });
+                let outcome = match linked {
+                    Ok(()) => Outcome::Ok,
+                    Err(e) => Outcome::Failed(reason(&e)),
+                };
+                self.verdict(id, display, outcome, 0)
+            }
         }
     }
 
@@ -933,8 +996,40 @@ impl Worker {
     fn fail_open_file(&mut self, id: u64, outcome: Outcome, keep: bool) -> Result<(), EngineError> {
         if let Some(mut f) = self.files.remove(&id) {
             f.keep = keep;
+            self.release_links(id, Err(&outcome))?;
             self.verdict(id, f.display.clone(), outcome, 0)?;
             self.settled(f.parent_dir)?;
+        }
+        Ok(())
+    }
+
+    /// File `first` is settled: in place as `name` in `dir`, or not (why).
+    /// Give its waiting hard links their names, or the same fate.
+    fn release_links(
+        &mut self,
+        first: u64,
+        placed: Result<(&OwnedFd, &[u8]), &Outcome>,
+    ) -> Result<(), EngineError> {
+        let Some(links) = self.waiting_links.remove(&first) else {
+            return Ok(());
+        };
+        self.links_waiting -= links.len();
+        for link in links {
+            let outcome = match placed {
+                Ok((dir, name)) => {
+                    match fsx::hard_link(dir.as_fd(), name, link.parent.as_fd(), &link.name) {
+                        Ok(()) => Outcome::Ok,
+                        Err(e) => Outcome::Failed(reason(&e)),
+                    }
+                }
+                // Sending the file again may cure it, and then its links.
+                Err(Outcome::Incomplete(why)) => {
+                    Outcome::Incomplete(format!("its file did not arrive whole: {why}"))
+                }
+                Err(_) => Outcome::Failed("its file could not be placed".into()),
+            };
+            self.verdict(link.id, link.display, outcome, 0)?;
+            self.settled(link.parent_dir)?;
         }
         Ok(())
     }
@@ -1084,6 +1179,11 @@ impl Worker {
                 }
             },
         };
+        let placed = match &outcome {
+            Outcome::Ok => Ok((&*f.parent, f.name.as_slice())),
+            other => Err(other),
+        };
+        self.release_links(id, placed)?;
         self.verdict(id, f.display.clone(), outcome, f.size)?;
         self.settled(f.parent_dir)
     }

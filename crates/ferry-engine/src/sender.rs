@@ -72,6 +72,12 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 /// against one that never answers, which would otherwise make us remember
 /// the whole tree.
 const MAX_UNANSWERED: usize = 64 * 1024;
+// Every hard link the receiver holds waiting for its file is unanswered.
+const _: () = assert!(MAX_UNANSWERED <= ferry_proto::limits::MAX_WAITING_LINKS);
+/// Files with several names whose first name the walk remembers, so that
+/// their other names go as links. Past it, further ones go as copies (as
+/// if they had one name), and memory stays bounded.
+const MAX_LINKED_FILES: usize = 1 << 20;
 /// The same for the bytes of their names.
 const MAX_UNANSWERED_NAME_BYTES: usize = 64 * 1024 * 1024;
 
@@ -337,6 +343,7 @@ where
         dirs_open: Vec::new(),
         ancestors: None,
         fresh: HashSet::new(),
+        linked: HashMap::new(),
     };
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.
@@ -535,6 +542,9 @@ struct Producer {
     /// Directories the receiver created in this transfer: the files below
     /// them need no plan of their own.
     fresh: HashSet<u64>,
+    /// The files with more than one name met so far, by device and inode:
+    /// the entry and path of their first name.
+    linked: HashMap<(u64, u64), (u64, ferry_proto::path::WireBytes)>,
 }
 
 impl Producer {
@@ -682,7 +692,10 @@ impl Producer {
         self.wait_for_room(is_dir)?;
         self.next_id += 1;
         let id = self.next_id;
-        if matches!(kind, EntryKind::File { .. } | EntryKind::Symlink { .. }) {
+        if matches!(
+            kind,
+            EntryKind::File { .. } | EntryKind::Symlink { .. } | EntryKind::Hardlink { .. }
+        ) {
             self.walked.0 += 1;
             self.walked.1 += size;
         }
@@ -913,12 +926,27 @@ impl Producer {
     ) -> Result<(), EngineError> {
         let size = stat.st_size as u64;
         let mtime = fsx::mtime_of(stat);
+        // Another name of a file sent already goes as a link to it.
+        let inode = (stat.st_nlink > 1).then_some((stat.st_dev, stat.st_ino));
+        if let Some((first, target)) = inode.and_then(|key| self.linked.get(&key)) {
+            let kind = EntryKind::Hardlink {
+                first: *first,
+                target: target.clone(),
+            };
+            return self.entry(path, kind, None).map(drop);
+        }
         let kind = EntryKind::File {
             size,
             mode: fsx::mode_of(stat),
             mtime,
         };
         let id = self.entry(path, kind, Some(stat))?;
+        if let Some(key) = inode
+            && opened.is_ok()
+            && self.linked.len() < MAX_LINKED_FILES
+        {
+            self.linked.insert(key, (id, path.to_wire()));
+        }
         match opened {
             Ok(file) => {
                 let ancestors = self

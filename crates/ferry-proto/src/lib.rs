@@ -70,6 +70,10 @@ pub mod limits {
     /// been sent. So a sender at the bound sends what it can, waits for
     /// outcomes, and is soon back below it.
     pub const MAX_OPEN_DIRS: usize = 4096;
+    /// Most `hardlink` entries a receiver holds while the file they name
+    /// is still arriving (each until that file is settled). A sender that
+    /// keeps at most this many entries unanswered stays within it.
+    pub const MAX_WAITING_LINKS: usize = 64 * 1024;
 
     // The walk's own depth must leave room below the bound, or a deep
     // tree could make an honest sender wait forever.
@@ -89,6 +93,7 @@ pub mod limits {
 /// with `challenge`; the client proves the token with `auth`. A sender
 /// keeps at most `MAX_OPEN_DIRS` directories unanswered.
 ///
-/// 5: owners. Entries may carry their owner's ids; a download may ask
-/// for them.
+/// 5: owners, holes and hard links. Entries may carry their owner's ids
+/// (a download may ask for them); a full chunk of zeros travels as a
+/// header (codec `zeros`); a `hardlink` entry names a file sent earlier.
 pub const PROTOCOL_VERSION: u16 = 5;

@@ -66,6 +66,13 @@ pub enum EntryKind {
         target: WireBytes,
         mtime: Mtime,
     },
+    /// Another name of a file sent earlier in this transfer: entry
+    /// `first`, at `target` (a path in the same transfer). It shares that
+    /// file's content and metadata, so it carries none of its own.
+    Hardlink {
+        first: u64,
+        target: WireBytes,
+    },
     /// A fifo, socket or device: announced so the receiver can count it,
     /// never transferred.
     Special {
@@ -312,6 +319,18 @@ mod tests {
                 owner: Some(Owner { uid: 1000, gid: 33 }),
             }),
             r#"{"type":"entry","id":6,"path":"f","kind":"file","size":0,"mode":384,"mtime":{"sec":0,"nsec":0},"owner":{"uid":1000,"gid":33}}"#
+        );
+        assert_eq!(
+            json(&Message::Entry {
+                id: 7,
+                path: "b/f".into(),
+                kind: EntryKind::Hardlink {
+                    first: 6,
+                    target: "f".into()
+                },
+                owner: None,
+            }),
+            r#"{"type":"entry","id":7,"path":"b/f","kind":"hardlink","first":6,"target":"f"}"#
         );
         assert_eq!(
             json(&Message::Download {

@@ -813,6 +813,77 @@ fn hostile_upload_of_an_invalid_owner_is_refused() {
     assert_server_healthy(&mut server);
 }
 
+/// Hard links are confined like every other write: a link to a symlink
+/// that leads outside links nothing (and never what it points to), a
+/// target that climbs out is refused, and a link may only name an entry
+/// that came before it.
+#[test]
+fn hostile_upload_cannot_link_to_files_outside() {
+    let (_scratch, root, outside) = setup();
+    let before = snapshot(&outside);
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
+    let victim = outside.join("victim.txt").display().to_string();
+    let mtime = r#""mtime":{"sec":1700000000,"nsec":0}"#;
+    let dir = format!(r#"{{"type":"entry","id":1,"path":"","kind":"dir","mode":493,{mtime}}}"#);
+    let link = format!(
+        r#"{{"type":"entry","id":2,"path":"evil","kind":"symlink","target":"{victim}",{mtime}}}"#
+    );
+    let cases = [
+        // Through a symlink sent in the same transfer.
+        (
+            "hl1",
+            r#"{"type":"entry","id":3,"path":"victim","kind":"hardlink","first":2,"target":"evil"}"#,
+            "failed",
+        ),
+        // A target that climbs out of the transfer.
+        (
+            "hl2",
+            r#"{"type":"entry","id":3,"path":"victim","kind":"hardlink","first":2,"target":"../../outside/victim.txt"}"#,
+            "bad_path",
+        ),
+        // A link that names itself, or what comes after it.
+        (
+            "hl3",
+            r#"{"type":"entry","id":3,"path":"victim","kind":"hardlink","first":3,"target":"evil"}"#,
+            "protocol",
+        ),
+    ];
+    for (dest, hardlink, expected) in cases {
+        let deadline = Instant::now() + PEER_TIMEOUT;
+        let mut stream = hostile_upload_session(&server, dest, deadline);
+        let mut bytes = Vec::new();
+        for json in [
+            dir.as_str(),
+            link.as_str(),
+            hardlink,
+            r#"{"type":"dir_end","id":1}"#,
+            r#"{"type":"end"}"#,
+        ] {
+            bytes.extend(control_frame(json));
+        }
+        // The server may close early: what it said still counts.
+        let _ = stream.write_all(&bytes);
+        let answers = read_messages(&mut stream, deadline);
+        let refused = match expected {
+            "failed" => outcome_of(&answers, 3).is_some_and(|o| o.contains("failed")),
+            code => answers
+                .iter()
+                .any(|m| m["type"] == "error" && m["code"] == code),
+        };
+        assert!(refused, "{dest}: expected {expected}, got {answers:?}");
+        let made = root.join(dest).join("victim");
+        assert!(
+            fs::symlink_metadata(&made).is_err(),
+            "{dest}: {} exists",
+            made.display()
+        );
+        assert_unchanged(&outside, &before, &format!("{dest}: {answers:?}"));
+        let names = std::os::unix::fs::MetadataExt::nlink(&lstat(&outside.join("victim.txt")));
+        assert_eq!(names, 1, "{dest}: the file outside got another name");
+        assert_server_healthy(&mut server);
+    }
+}
+
 /// A hostile server answers a download with a link and then a file below
 /// it: the client, as the receiver, must not follow the link.
 #[test]

@@ -440,3 +440,79 @@ fn sparse_files_travel_as_their_data_and_stay_sparse() {
         }
     }
 }
+
+/// The device and inode of `path`, not following a symlink.
+fn inode(path: &std::path::Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path).unwrap();
+    (meta.dev(), meta.ino())
+}
+
+/// Hard links arrive as links, as with tar or `rsync -H`: every name of a
+/// file in the tree names one file at the receiver, whether its data has
+/// arrived when the link does (a large file still in flight) or not, up
+/// and down, and again when nothing changed. A file whose other name is
+/// outside the tree is a plain file.
+#[test]
+fn hard_links_arrive_as_links() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    fs::create_dir_all(src.join("a/deep")).unwrap();
+    fs::create_dir_all(src.join("b")).unwrap();
+    write_random_file(&src.join("a/small.txt"), 3000, 91);
+    fs::hard_link(src.join("a/small.txt"), src.join("b/small-again.txt")).unwrap();
+    fs::hard_link(src.join("a/small.txt"), src.join("a/deep/third.txt")).unwrap();
+    write_random_file(&src.join("a/large.bin"), 9 * MIB, 92);
+    fs::hard_link(src.join("a/large.bin"), src.join("b/large-again.bin")).unwrap();
+    write_random_file(&scratch.join("outside.txt"), 100, 93);
+    fs::hard_link(scratch.join("outside.txt"), src.join("b/alone.txt")).unwrap();
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+
+    let groups: [&[&str]; 2] = [
+        &["a/small.txt", "b/small-again.txt", "a/deep/third.txt"],
+        &["a/large.bin", "b/large-again.bin"],
+    ];
+    let assert_linked = |tree: &std::path::Path| {
+        for names in groups {
+            let first = inode(&tree.join(names[0]));
+            for name in &names[1..] {
+                assert_eq!(
+                    inode(&tree.join(name)),
+                    first,
+                    "{} is not a link of {} in {}",
+                    name,
+                    names[0],
+                    tree.display()
+                );
+            }
+        }
+        let alone = tree.join("b/alone.txt");
+        assert_eq!(fs::symlink_metadata(&alone).unwrap().len(), 100);
+    };
+
+    let up = server.run(&[&"up", &src, &"copy", &"--json"]);
+    up.assert_success();
+    assert_eq!(up.json_event("summary")["files_ok"], 6, "{up}");
+    assert_trees_equal(&src, &root.join("copy"));
+    assert_linked(&root.join("copy"));
+
+    // Nothing changed: the files are unchanged and the links stay links.
+    server.run(&[&"up", &src, &"copy"]).assert_success();
+    assert_linked(&root.join("copy"));
+
+    // A name that became a separate file is made a link again.
+    fs::remove_file(root.join("copy/b/small-again.txt")).unwrap();
+    fs::copy(
+        root.join("copy/a/small.txt"),
+        root.join("copy/b/small-again.txt"),
+    )
+    .unwrap();
+    server.run(&[&"up", &src, &"copy"]).assert_success();
+    assert_linked(&root.join("copy"));
+
+    let back = scratch.join("back");
+    server.run(&[&"down", &"copy", &back]).assert_success();
+    assert_trees_equal(&src, &back);
+    assert_linked(&back);
+}
