@@ -53,6 +53,8 @@ pub struct ClientConfig {
     /// Preserve owners (by number) where the receiver can apply them: a
     /// server or a downloading client that runs as root.
     pub owners: bool,
+    /// Make device nodes when this client receives (downloads) as root.
+    pub devices: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -477,6 +479,7 @@ async fn download_once(
     let mut dest = local_destination(local, escape(remote))?;
     dest.ignore_times = config.ignore_times;
     dest.owners = config.owners && fsx::may_chown();
+    dest.devices = config.devices && fsx::may_chown();
     let request = Message::Download {
         source: WireBytes(remote.to_vec()),
         compression: config.compression,
@@ -656,5 +659,6 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         label,
         ignore_times: false,
         owners: false,
+        devices: false,
     })
 }

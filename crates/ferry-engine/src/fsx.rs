@@ -12,7 +12,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use ferry_proto::message::{Mtime, Owner};
@@ -185,6 +185,59 @@ pub(crate) fn hard_link(
     };
     if placed.is_err() {
         let _ = remove_if_present(to_dir, &part);
+    }
+    placed
+}
+
+/// Make the fifo or device node `name` in `dir`, with the mode, owner and
+/// mtime given, in place atomically: it is made under the part name, its
+/// metadata is set through a handle on it (so a symlink swapped in under
+/// that name meanwhile is never followed), and it is renamed into place.
+pub(crate) fn make_node(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    file_type: FileType,
+    device: rustix::fs::Dev,
+    mode: u32,
+    mtime: Mtime,
+    owner: Option<Owner>,
+) -> io::Result<()> {
+    let part = part_name(name);
+    remove_if_present(dir, &part)?;
+    let mode = Mode::from_raw_mode(mode & 0o777);
+    rustix::fs::mknodat(dir, part.as_slice(), file_type, mode, device)?;
+    let placed = (|| -> io::Result<()> {
+        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let node = rustix::fs::openat(dir, part.as_slice(), flags, Mode::empty())?;
+        if FileType::from_raw_mode(rustix::fs::fstat(&node)?.st_mode) != file_type {
+            return Err(io::Error::other("replaced while it was being made"));
+        }
+        if let Some(owner) = owner {
+            let (uid, gid) = (
+                rustix::fs::Uid::from_raw(owner.uid),
+                rustix::fs::Gid::from_raw(owner.gid),
+            );
+            rustix::fs::chownat(&node, c"", Some(uid), Some(gid), AtFlags::EMPTY_PATH)?;
+        }
+        // chmod and utimensat take no O_PATH handle, but they take its
+        // name in /proc, which leads to that inode and nowhere else.
+        let by_handle = format!("/proc/self/fd/{}", node.as_raw_fd());
+        rustix::fs::chmod(by_handle.as_str(), mode)?;
+        rustix::fs::utimensat(
+            rustix::fs::CWD,
+            by_handle.as_str(),
+            &mtime_only(mtime),
+            AtFlags::empty(),
+        )?;
+        rustix::fs::renameat(dir, part.as_slice(), dir, name).map_err(|e| match e {
+            rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST => {
+                io::Error::other("a directory is in the way")
+            }
+            e => e.into(),
+        })
+    })();
+    if placed.is_err() {
+        let _ = remove_if_present(dir, &part);
     }
     placed
 }

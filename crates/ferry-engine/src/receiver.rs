@@ -116,6 +116,9 @@ pub(crate) struct Destination {
     pub(crate) ignore_times: bool,
     /// Apply the owners that entries carry (this process is root).
     pub(crate) owners: bool,
+    /// Make the device nodes that entries describe (this process is root
+    /// and the user allowed it).
+    pub(crate) devices: bool,
 }
 
 /// Run the receiving side over an established, accepted session. Data
@@ -857,6 +860,57 @@ impl Worker {
             EntryKind::Special { what } => {
                 let why = format!("special file ({}), not transferred", peer_text(&what));
                 self.verdict(id, display, Outcome::Skipped(why), 0)
+            }
+            EntryKind::Fifo { mode, mtime } => {
+                let made = fsx::make_node(
+                    parent.as_fd(),
+                    &name,
+                    rustix::fs::FileType::Fifo,
+                    0,
+                    mode,
+                    mtime,
+                    owner,
+                );
+                let outcome = match made {
+                    Ok(()) => Outcome::Ok,
+                    Err(e) => Outcome::Failed(reason(&e)),
+                };
+                self.verdict(id, display, outcome, 0)
+            }
+            EntryKind::Device {
+                block,
+                major,
+                minor,
+                mode,
+                mtime,
+            } => {
+                let (file_type, what) = if block {
+                    (rustix::fs::FileType::BlockDevice, "block device")
+                } else {
+                    (rustix::fs::FileType::CharacterDevice, "character device")
+                };
+                // A node gives access to whatever device it names (a disk,
+                // say), to anyone its mode lets in: never unasked.
+                let outcome = if !self.dest.devices {
+                    Outcome::Skipped(format!(
+                        "{what}, not recreated: only a receiver running as root with --devices makes device nodes"
+                    ))
+                } else {
+                    let device = rustix::fs::makedev(major, minor);
+                    match fsx::make_node(
+                        parent.as_fd(),
+                        &name,
+                        file_type,
+                        device,
+                        mode,
+                        mtime,
+                        owner,
+                    ) {
+                        Ok(()) => Outcome::Ok,
+                        Err(e) => Outcome::Failed(reason(&e)),
+                    }
+                };
+                self.verdict(id, display, outcome, 0)
             }
             EntryKind::Hardlink { first, target } => {
                 if first >= id {

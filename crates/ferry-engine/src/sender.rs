@@ -557,7 +557,7 @@ impl Producer {
             Root::Dir(fd, stat) => self.dir(fd, &path, &stat)?,
             Root::File(file, stat) => self.file(&path, Ok(file), &stat)?,
             Root::Symlink(target, stat) => self.symlink(&path, target, &stat)?,
-            Root::Special(what) => self.special(&path, what)?,
+            Root::Special(what) => self.special(&path, what, None)?,
         }
         self.send_planned(true)?;
         match self.totals.take() {
@@ -694,7 +694,11 @@ impl Producer {
         let id = self.next_id;
         if matches!(
             kind,
-            EntryKind::File { .. } | EntryKind::Symlink { .. } | EntryKind::Hardlink { .. }
+            EntryKind::File { .. }
+                | EntryKind::Symlink { .. }
+                | EntryKind::Hardlink { .. }
+                | EntryKind::Fifo { .. }
+                | EntryKind::Device { .. }
         ) {
             self.walked.0 += 1;
             self.walked.1 += size;
@@ -913,7 +917,7 @@ impl Producer {
                     Ok(())
                 }
             },
-            Kind::Special(what) => self.special(&path, what),
+            Kind::Special(what) => self.special(&path, what, Some(&stat)),
         }
     }
 
@@ -1143,11 +1147,35 @@ impl Producer {
         self.entry(path, kind, Some(stat)).map(drop)
     }
 
-    fn special(&mut self, path: &WirePath, what: &'static str) -> Result<(), EngineError> {
-        let kind = EntryKind::Special {
-            what: what.to_string(),
+    /// A fifo or a device node (with its metadata, `stat`, when known),
+    /// or a socket or unknown type, which is only announced.
+    fn special(
+        &mut self,
+        path: &WirePath,
+        what: &'static str,
+        stat: Option<&Stat>,
+    ) -> Result<(), EngineError> {
+        let file_type = stat.map(|st| FileType::from_raw_mode(st.st_mode));
+        let kind = match (file_type, stat) {
+            (Some(FileType::Fifo), Some(st)) => EntryKind::Fifo {
+                mode: fsx::mode_of(st),
+                mtime: fsx::mtime_of(st),
+            },
+            (Some(t @ (FileType::CharacterDevice | FileType::BlockDevice)), Some(st)) => {
+                EntryKind::Device {
+                    block: t == FileType::BlockDevice,
+                    major: rustix::fs::major(st.st_rdev),
+                    minor: rustix::fs::minor(st.st_rdev),
+                    mode: fsx::mode_of(st),
+                    mtime: fsx::mtime_of(st),
+                }
+            }
+            _ => EntryKind::Special {
+                what: what.to_string(),
+            },
         };
-        self.entry(path, kind, None).map(drop)
+        let owner_from = stat.filter(|_| !matches!(kind, EntryKind::Special { .. }));
+        self.entry(path, kind, owner_from).map(drop)
     }
 }
 
@@ -1230,6 +1258,10 @@ fn count(root: &OwnedFd) -> (u64, u64) {
                     totals.1 += stat.st_size as u64;
                 }
                 Kind::Symlink => totals.0 += 1,
+                // Fifos and device nodes are made; sockets only announced.
+                Kind::Special(_) if FileType::from_raw_mode(stat.st_mode) != FileType::Socket => {
+                    totals.0 += 1
+                }
                 Kind::Dir => {
                     if let Ok(fd) = fsx::open_subdir(dir.as_fd(), &name) {
                         walk(&fd, totals);

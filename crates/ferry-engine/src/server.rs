@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub part_max_age: Option<Duration>,
     /// Which requests are served: uploads, downloads, or both.
     pub access: Access,
+    /// Make the device nodes that uploads hold (when running as root);
+    /// otherwise they are skipped.
+    pub devices: bool,
     /// The server's TLS identity; `None` serves plain TCP (`--no-tls`).
     pub tls: Option<ServerTls>,
     /// The token a client must prove before a session starts; `None`
@@ -129,6 +132,7 @@ pub async fn serve(
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         idle_timeout: config.idle_timeout,
         access: config.access,
+        devices: config.devices,
         tls: config.tls,
         auth: config.auth,
         throttle: Mutex::default(),
@@ -190,6 +194,7 @@ struct Shared {
     slots: Arc<Semaphore>,
     idle_timeout: Duration,
     access: Access,
+    devices: bool,
     tls: Option<ServerTls>,
     auth: Option<Token>,
     /// Recent authentication failures by address: what slows a guesser
@@ -656,7 +661,7 @@ async fn session(
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
     let started = Instant::now();
-    let accepted = match accept_request(&shared.root, shared.access, request) {
+    let accepted = match accept_request(&shared.root, shared.access, shared.devices, request) {
         Ok(a) => a,
         Err(Refusal(code, message)) => return refuse(&mut writer, code, message).await,
     };
@@ -754,7 +759,12 @@ impl Refusal {
 /// Check a request against the server's access and root, and prepare what
 /// it will run. Every path is validated here, whatever the client already
 /// checked.
-fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Accepted, Refusal> {
+fn accept_request(
+    root: &OwnedFd,
+    access: Access,
+    devices: bool,
+    request: Message,
+) -> Result<Accepted, Refusal> {
     // Before anything touches the filesystem: a read-only server must not
     // even create an upload's parent directories.
     match (&request, access) {
@@ -795,6 +805,7 @@ fn accept_request(root: &OwnedFd, access: Access, request: Message) -> Result<Ac
                 ignore_times,
                 // Entries carry owners unless the client said --no-owner.
                 owners: fsx::may_chown(),
+                devices: devices && fsx::may_chown(),
             }))
         }
         // The client receives, and applies `ignore_times` itself.

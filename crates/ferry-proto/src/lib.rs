@@ -95,5 +95,6 @@ pub mod limits {
 ///
 /// 5: owners, holes and hard links. Entries may carry their owner's ids
 /// (a download may ask for them); a full chunk of zeros travels as a
-/// header (codec `zeros`); a `hardlink` entry names a file sent earlier.
+/// header (codec `zeros`); a `hardlink` entry names a file sent earlier;
+/// `fifo` and `device` entries carry what it takes to make them.
 pub const PROTOCOL_VERSION: u16 = 5;

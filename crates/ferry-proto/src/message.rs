@@ -73,8 +73,21 @@ pub enum EntryKind {
         first: u64,
         target: WireBytes,
     },
-    /// A fifo, socket or device: announced so the receiver can count it,
-    /// never transferred.
+    /// A named pipe.
+    Fifo {
+        mode: u32,
+        mtime: Mtime,
+    },
+    /// A device node: character (`block` false) or block.
+    Device {
+        block: bool,
+        major: u32,
+        minor: u32,
+        mode: u32,
+        mtime: Mtime,
+    },
+    /// A socket, or a type ferry does not know: announced so the receiver
+    /// can count it, never transferred.
     Special {
         what: String,
     },
@@ -333,6 +346,33 @@ mod tests {
             r#"{"type":"entry","id":7,"path":"b/f","kind":"hardlink","first":6,"target":"f"}"#
         );
         assert_eq!(
+            json(&Message::Entry {
+                id: 8,
+                path: "p".into(),
+                kind: EntryKind::Fifo {
+                    mode: 0o644,
+                    mtime: Mtime::default()
+                },
+                owner: None,
+            }),
+            r#"{"type":"entry","id":8,"path":"p","kind":"fifo","mode":420,"mtime":{"sec":0,"nsec":0}}"#
+        );
+        assert_eq!(
+            json(&Message::Entry {
+                id: 9,
+                path: "null".into(),
+                kind: EntryKind::Device {
+                    block: false,
+                    major: 1,
+                    minor: 3,
+                    mode: 0o666,
+                    mtime: Mtime::default()
+                },
+                owner: None,
+            }),
+            r#"{"type":"entry","id":9,"path":"null","kind":"device","block":false,"major":1,"minor":3,"mode":438,"mtime":{"sec":0,"nsec":0}}"#
+        );
+        assert_eq!(
             json(&Message::Download {
                 source: "x".into(),
                 compression: Compression::Off,
@@ -453,11 +493,11 @@ mod tests {
                     id: 5,
                     path: "p".into(),
                     kind: EntryKind::Special {
-                        what: "fifo".into(),
+                        what: "socket".into(),
                     },
                     owner: None,
                 },
-                r#"{"type":"entry","id":5,"path":"p","kind":"special","what":"fifo"}"#,
+                r#"{"type":"entry","id":5,"path":"p","kind":"special","what":"socket"}"#,
             ),
             (
                 Message::FileEnd {
@@ -513,9 +553,9 @@ mod tests {
             (
                 Message::Outcome {
                     id: 5,
-                    outcome: Outcome::Skipped("fifo".into()),
+                    outcome: Outcome::Skipped("socket".into()),
                 },
-                r#"{"type":"outcome","id":5,"status":"skipped","reason":"fifo"}"#,
+                r#"{"type":"outcome","id":5,"status":"skipped","reason":"socket"}"#,
             ),
             (Message::Done, r#"{"type":"done"}"#),
         ];

@@ -72,6 +72,11 @@ pub struct ServerArgs {
     /// Accept uploads only: downloads are refused, nothing below the root is sent out.
     #[arg(long)]
     pub write_only: bool,
+    /// Recreate the device nodes clients upload (when running as root). Off by default: a node
+    /// opens whatever device it names (a disk, say) to anyone its mode lets in, so any client
+    /// allowed to upload could hand local users raw access to this machine's disks.
+    #[arg(long)]
+    pub devices: bool,
     /// Where the server keeps its TLS key and certificate (made on first start) [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
@@ -159,6 +164,11 @@ pub struct TransferOpts {
     /// side, by number, as `rsync -a --numeric-ids` does; other receivers keep their own.
     #[arg(long)]
     pub no_owner: bool,
+    /// Recreate device nodes when this client receives (a download) as root. Without it they are
+    /// skipped with a warning; fifos are always recreated. For an upload the server decides
+    /// (`ferry server --devices`).
+    #[arg(long)]
+    pub devices: bool,
     /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,

@@ -238,6 +238,8 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
                 // The user's own directory: leftovers are theirs to keep.
                 part_max_age: None,
                 access: server::Access::ReadWrite,
+                // The user's own copy: as asked.
+                devices: opts.devices,
                 // Both ends in this process: nothing to protect.
                 tls: None,
                 auth: None,
@@ -275,6 +277,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         early_totals: ui.shows_progress(),
         ignore_times: opts.ignore_times,
         owners: !opts.no_owner,
+        devices: opts.devices,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     };
@@ -444,6 +447,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
             (_, true) => server::Access::WriteOnly,
             _ => server::Access::ReadWrite,
         },
+        devices: args.devices,
         tls,
         auth: auth.map(|(token, _)| token),
     };

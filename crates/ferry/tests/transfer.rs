@@ -34,17 +34,21 @@ fn upload_tree_creates_missing_parents_and_downloads_back() {
 }
 
 #[test]
-fn special_files_are_skipped_with_a_warning() {
+fn fifos_arrive_and_sockets_are_skipped_with_a_warning() {
     let (_scratch, src, root) = full_tree();
+    let socket = src.join("a/socket");
+    let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
     let server = Server::start(&root);
 
     let out = server.run(&[&"up", &src, &"copy"]);
-    // A skipped fifo is a warning, not a failure.
-    out.assert_success().assert_stderr_contains(FIFO);
+    // A skipped socket is a warning, not a failure.
+    out.assert_success().assert_stderr_contains("socket");
     assert!(
-        fs::symlink_metadata(root.join("copy").join(FIFO)).is_err(),
-        "the fifo must not be recreated as anything\n{out}"
+        fs::symlink_metadata(root.join("copy/a/socket")).is_err(),
+        "the socket must not be recreated as anything\n{out}"
     );
+    // The fifo arrives as a fifo, with its mode and mtime.
+    assert_trees_equal(&src, &root.join("copy"));
 }
 
 #[test]
@@ -515,4 +519,64 @@ fn hard_links_arrive_as_links() {
     server.run(&[&"down", &"copy", &back]).assert_success();
     assert_trees_equal(&src, &back);
     assert_linked(&back);
+}
+
+/// Device nodes are made only by a receiver running as root that was
+/// started with --devices (a node opens whatever device it names), and are
+/// skipped with a warning otherwise; both ways.
+#[test]
+fn device_nodes_are_made_only_when_allowed() {
+    if !is_root() {
+        eprintln!(
+            "note: device_nodes_are_made_only_when_allowed skipped: only root makes device nodes"
+        );
+        return;
+    }
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    let node = |name: &str, file_type, mode, major, minor| {
+        let path = src.join(name);
+        let device = rustix::fs::makedev(major, minor);
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &path,
+            file_type,
+            rustix::fs::Mode::from_raw_mode(0),
+            device,
+        )
+        .unwrap();
+        set_mode(&path, mode);
+        set_mtime(&path, 1_600_000_000 + i64::from(minor), 5);
+    };
+    node("null", rustix::fs::FileType::CharacterDevice, 0o666, 1, 3);
+    node("loop", rustix::fs::FileType::BlockDevice, 0o600, 7, 201);
+    set_mtime(&src, 1_600_000_000, 7);
+
+    let refused = scratch.mkdir("refused");
+    let plain = Server::start(&refused);
+    let out = plain.run(&[&"up", &src, &"copy"]);
+    out.assert_success().assert_stderr_contains("--devices");
+    assert!(
+        fs::symlink_metadata(refused.join("copy/null")).is_err(),
+        "{out}"
+    );
+    assert!(
+        fs::symlink_metadata(refused.join("copy/loop")).is_err(),
+        "{out}"
+    );
+
+    let root = scratch.mkdir("root");
+    let server = Server::start_with(&root, &[&"--devices"]);
+    server.run(&[&"up", &src, &"copy"]).assert_success();
+    assert_trees_equal(&src, &root.join("copy"));
+
+    let back = scratch.join("back");
+    server
+        .run(&[&"down", &"copy", &back, &"--devices"])
+        .assert_success();
+    assert_trees_equal(&src, &back);
+    let unasked = scratch.join("unasked");
+    let out = server.run(&[&"down", &"copy", &unasked]);
+    out.assert_success().assert_stderr_contains("--devices");
+    assert!(fs::symlink_metadata(unasked.join("null")).is_err(), "{out}");
 }

@@ -887,7 +887,7 @@ pub const FIFO: &str = "fifo";
 ///   private-dir/ 0o700 (secret.txt)   sealed-dir/ 0o555 (inside.txt)
 ///   links/to-file -> ../a/b/c/deep.txt   links/to-dir -> ../a/b
 ///   links/dangling -> missing-target     links/absolute -> /etc/hostname
-///   fifo                      skipped by design: must not arrive
+///   fifo                      0o644, recreated as a fifo
 /// ```
 pub fn build_full_tree(root: &Path) {
     fs::create_dir_all(root).unwrap_or_else(|e| panic!("mkdir {}: {e}", root.display()));
@@ -975,6 +975,8 @@ pub fn build_full_tree(root: &Path) {
     }
 
     mkfifo(&root.join(FIFO));
+    let (secs, nanos) = clock.next();
+    set_mtime(&root.join(FIFO), secs, nanos);
 
     for (path, mode) in &files {
         set_mode(path, *mode);
@@ -1015,6 +1017,9 @@ enum Kind {
     File,
     Dir,
     Symlink,
+    Fifo,
+    Device,
+    /// Sockets: never transferred.
     Special,
 }
 
@@ -1026,13 +1031,12 @@ fn kind_of(meta: &fs::Metadata) -> Kind {
         Kind::Dir
     } else if file_type.is_file() {
         Kind::File
+    } else if file_type.is_fifo() {
+        Kind::Fifo
+    } else if file_type.is_block_device() || file_type.is_char_device() {
+        Kind::Device
     } else {
-        debug_assert!(
-            file_type.is_fifo()
-                || file_type.is_socket()
-                || file_type.is_block_device()
-                || file_type.is_char_device()
-        );
+        debug_assert!(file_type.is_socket());
         Kind::Special
     }
 }
@@ -1082,9 +1086,9 @@ pub fn part_files(root: &Path) -> Vec<PathBuf> {
 }
 
 /// Asserts `dst` is a faithful copy of `src`: the same names (less the
-/// special files, which are skipped by design), kinds, bytes, permission
-/// bits, link targets and mtimes to the nanosecond, the root included; and
-/// no special files or `*.ferry-part` leftovers in `dst`.
+/// sockets, which are skipped by design), kinds, bytes, permission bits,
+/// link targets, device numbers and mtimes to the nanosecond, the root
+/// included; and no sockets or `*.ferry-part` leftovers in `dst`.
 #[track_caller]
 pub fn assert_trees_equal(src: &Path, dst: &Path) {
     let src_entries: BTreeMap<_, _> = walk(src)
@@ -1102,7 +1106,7 @@ pub fn assert_trees_equal(src: &Path, dst: &Path) {
         .collect();
     assert!(
         junk.is_empty(),
-        "{} has special files or .ferry-part leftovers: {junk:?}",
+        "{} has sockets or .ferry-part leftovers: {junk:?}",
         dst.display()
     );
 
@@ -1191,7 +1195,26 @@ fn compare_entry(
                 "{name}: symlink target differs ({src_target:?} vs {dst_target:?})"
             );
         }
-        Kind::Special => unreachable!("special files are filtered out before comparing"),
+        Kind::Fifo => assert_eq!(
+            src_meta.mode() & 0o777,
+            dst_meta.mode() & 0o777,
+            "{name}: fifo mode differs"
+        ),
+        Kind::Device => {
+            assert_eq!(src_meta.rdev(), dst_meta.rdev(), "{name}: device differs");
+            assert_eq!(
+                (
+                    src_meta.file_type().is_block_device(),
+                    src_meta.mode() & 0o777
+                ),
+                (
+                    dst_meta.file_type().is_block_device(),
+                    dst_meta.mode() & 0o777
+                ),
+                "{name}: device kind or mode differs"
+            );
+        }
+        Kind::Special => unreachable!("sockets are filtered out before comparing"),
     }
     assert_eq!(
         (src_meta.mtime(), src_meta.mtime_nsec()),
@@ -1251,7 +1274,7 @@ mod self_test {
     use super::*;
     use std::panic::{AssertUnwindSafe, catch_unwind};
 
-    /// A faithful copy made by `cp -a`, less the fifo (skipped by design).
+    /// A faithful copy made by `cp -a`.
     fn tree_and_copy() -> (Scratch, PathBuf, PathBuf) {
         let scratch = Scratch::new();
         let src = scratch.join("src");
@@ -1264,10 +1287,6 @@ mod self_test {
             .status()
             .expect("run cp -a");
         assert!(status.success(), "cp -a failed");
-        fs::remove_file(dst.join(FIFO)).unwrap();
-        // Removing the fifo touched the root's mtime: put it back.
-        let meta = lstat(&src);
-        set_mtime(&dst, meta.mtime(), meta.mtime_nsec());
         (scratch, src, dst)
     }
 
