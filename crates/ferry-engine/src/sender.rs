@@ -1241,9 +1241,12 @@ fn count_in_background(root: &Root) -> Result<std::sync::mpsc::Receiver<(u64, u6
 }
 
 /// Count the files (and symlinks) and bytes below a directory. Only stats,
-/// no reads: cheap next to the transfer itself.
+/// no reads: cheap next to the transfer itself. The bytes of a file with
+/// several names count once, as they are sent once (up to as many such
+/// files as the walk remembers).
 fn count(root: &OwnedFd) -> (u64, u64) {
-    fn walk(dir: &OwnedFd, totals: &mut (u64, u64)) {
+    type Seen = HashSet<(u64, u64)>;
+    fn walk(dir: &OwnedFd, totals: &mut (u64, u64), seen: &mut Seen) {
         let Ok(entries) = fsx::list_dir(dir.as_fd()) else {
             return;
         };
@@ -1255,7 +1258,12 @@ fn count(root: &OwnedFd) -> (u64, u64) {
             match fsx::kind_of(&stat) {
                 Kind::File => {
                     totals.0 += 1;
-                    totals.1 += stat.st_size as u64;
+                    let again = stat.st_nlink > 1
+                        && seen.len() < MAX_LINKED_FILES
+                        && !seen.insert((stat.st_dev, stat.st_ino));
+                    if !again {
+                        totals.1 += stat.st_size as u64;
+                    }
                 }
                 Kind::Symlink => totals.0 += 1,
                 // Fifos and device nodes are made; sockets only announced.
@@ -1264,7 +1272,7 @@ fn count(root: &OwnedFd) -> (u64, u64) {
                 }
                 Kind::Dir => {
                     if let Ok(fd) = fsx::open_subdir(dir.as_fd(), &name) {
-                        walk(&fd, totals);
+                        walk(&fd, totals, seen);
                     }
                 }
                 Kind::Special(_) => {}
@@ -1272,13 +1280,28 @@ fn count(root: &OwnedFd) -> (u64, u64) {
         }
     }
     let mut totals = (0, 0);
-    walk(root, &mut totals);
+    walk(root, &mut totals, &mut Seen::new());
     totals
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_count_takes_a_file_with_several_names_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        std::fs::write(tmp.path().join("a"), [1; 1000]).unwrap();
+        std::fs::hard_link(tmp.path().join("a"), tmp.path().join("sub/b")).unwrap();
+        std::fs::write(tmp.path().join("c"), [2; 10]).unwrap();
+        let root = fsx::open_local_root(tmp.path()).unwrap();
+        let Root::Dir(fd, _) = root else {
+            panic!("not a directory")
+        };
+        // Three names, and the bytes the transfer sends: 1000 once, 10.
+        assert_eq!(count(&fd), (3, 1010));
+    }
 
     fn inbox_with(entries: &[(u64, bool)]) -> InboxState {
         let mut state = InboxState::default();
