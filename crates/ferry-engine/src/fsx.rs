@@ -170,13 +170,7 @@ pub(crate) fn hard_link(
     )?;
     let linked = rustix::fs::statat(to_dir, part.as_slice(), AtFlags::SYMLINK_NOFOLLOW);
     let placed = match linked {
-        Ok(st) if same(&st) => rustix::fs::renameat(to_dir, part.as_slice(), to_dir, to_name)
-            .map_err(|e| match e {
-                rustix::io::Errno::ISDIR
-                | rustix::io::Errno::NOTEMPTY
-                | rustix::io::Errno::EXIST => io::Error::other("a directory is in the way"),
-                e => e.into(),
-            }),
+        Ok(st) if same(&st) => rename_into_place(to_dir, &part, to_name),
         // Something else took the first name between the check and the link.
         Ok(_) => Err(io::Error::other(
             "its first name changed while it was linked",
@@ -213,10 +207,7 @@ pub(crate) fn make_node(
             return Err(io::Error::other("replaced while it was being made"));
         }
         if let Some(owner) = owner {
-            let (uid, gid) = (
-                rustix::fs::Uid::from_raw(owner.uid),
-                rustix::fs::Gid::from_raw(owner.gid),
-            );
+            let (uid, gid) = ids(owner);
             rustix::fs::chownat(&node, c"", Some(uid), Some(gid), AtFlags::EMPTY_PATH)?;
         }
         // chmod and utimensat take no O_PATH handle, but they take its
@@ -229,12 +220,7 @@ pub(crate) fn make_node(
             &mtime_only(mtime),
             AtFlags::empty(),
         )?;
-        rustix::fs::renameat(dir, part.as_slice(), dir, name).map_err(|e| match e {
-            rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST => {
-                io::Error::other("a directory is in the way")
-            }
-            e => e.into(),
-        })
+        rename_into_place(dir, &part, name)
     })();
     if placed.is_err() {
         let _ = remove_if_present(dir, &part);
@@ -252,11 +238,28 @@ pub(crate) fn may_chown() -> bool {
 /// Give `fd` the owner `owner` (which must be valid: see
 /// [`Owner::is_valid`]).
 pub(crate) fn set_owner(fd: BorrowedFd<'_>, owner: Owner) -> io::Result<()> {
-    let (uid, gid) = (
+    let (uid, gid) = ids(owner);
+    Ok(rustix::fs::fchown(fd, Some(uid), Some(gid))?)
+}
+
+/// `owner` as the ids chown(2) takes (it must be valid: see
+/// [`Owner::is_valid`]).
+pub(crate) fn ids(owner: Owner) -> (rustix::fs::Uid, rustix::fs::Gid) {
+    (
         rustix::fs::Uid::from_raw(owner.uid),
         rustix::fs::Gid::from_raw(owner.gid),
-    );
-    Ok(rustix::fs::fchown(fd, Some(uid), Some(gid))?)
+    )
+}
+
+/// Rename `part` over `name` in `dir`: how everything the receiver makes
+/// takes its name, whole. A directory in the way is left alone, and said.
+pub(crate) fn rename_into_place(dir: BorrowedFd<'_>, part: &[u8], name: &[u8]) -> io::Result<()> {
+    rustix::fs::renameat(dir, part, dir, name).map_err(|e| match e {
+        rustix::io::Errno::ISDIR | rustix::io::Errno::NOTEMPTY | rustix::io::Errno::EXIST => {
+            io::Error::other("a directory is in the way")
+        }
+        e => e.into(),
+    })
 }
 
 /// The owner a file created in directory `dir` gets, by this process:

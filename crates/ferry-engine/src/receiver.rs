@@ -1334,18 +1334,7 @@ fn commit(f: &mut OpenFile) -> Result<(), String> {
             Err(e) => return Err(reason(&e)),
         }
     }
-    match rustix::fs::renameat(
-        f.parent.as_fd(),
-        f.part.as_slice(),
-        f.parent.as_fd(),
-        f.name.as_slice(),
-    ) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::ISDIR)
-        | Err(rustix::io::Errno::NOTEMPTY)
-        | Err(rustix::io::Errno::EXIST) => Err("a directory is in the way".into()),
-        Err(e) => Err(reason(&e.into())),
-    }
+    fsx::rename_into_place(f.parent.as_fd(), &f.part, &f.name).map_err(|e| reason(&e))
 }
 
 /// Give an unchanged file the sender's mode and owner (where they differ):
@@ -1376,43 +1365,20 @@ fn make_symlink(
     let part = fsx::part_name(name);
     fsx::remove_if_present(parent.as_fd(), &part)?;
     rustix::fs::symlinkat(target, parent, part.as_slice())?;
-    let owned = owner.map_or(Ok(()), |o| {
-        let (uid, gid) = (
-            rustix::fs::Uid::from_raw(o.uid),
-            rustix::fs::Gid::from_raw(o.gid),
-        );
-        rustix::fs::chownat(
-            parent,
-            part.as_slice(),
-            Some(uid),
-            Some(gid),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-    });
-    let placed = owned
-        .and_then(|()| {
-            rustix::fs::utimensat(
-                parent,
-                part.as_slice(),
-                &fsx::mtime_only(mtime),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-        })
-        .and_then(|()| rustix::fs::renameat(parent, part.as_slice(), parent, name));
-    match placed {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = fsx::remove_if_present(parent.as_fd(), &part);
-            match e {
-                rustix::io::Errno::ISDIR
-                | rustix::io::Errno::NOTEMPTY
-                | rustix::io::Errno::EXIST => {
-                    Err(std::io::Error::other("a directory is in the way"))
-                }
-                e => Err(e.into()),
-            }
+    let placed = (|| -> std::io::Result<()> {
+        if let Some(owner) = owner {
+            let (uid, gid) = fsx::ids(owner);
+            let nofollow = AtFlags::SYMLINK_NOFOLLOW;
+            rustix::fs::chownat(parent, part.as_slice(), Some(uid), Some(gid), nofollow)?;
         }
+        let mtime = fsx::mtime_only(mtime);
+        rustix::fs::utimensat(parent, part.as_slice(), &mtime, AtFlags::SYMLINK_NOFOLLOW)?;
+        fsx::rename_into_place(parent.as_fd(), &part, name)
+    })();
+    if placed.is_err() {
+        let _ = fsx::remove_if_present(parent.as_fd(), &part);
     }
+    placed
 }
 
 #[cfg(test)]

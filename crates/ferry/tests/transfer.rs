@@ -580,3 +580,33 @@ fn device_nodes_are_made_only_when_allowed() {
     out.assert_success().assert_stderr_contains("--devices");
     assert!(fs::symlink_metadata(unasked.join("null")).is_err(), "{out}");
 }
+
+/// A directory where a file, a symlink or a fifo should land is left as
+/// it is, and each is reported by name: nothing is replaced by a rename
+/// over a directory.
+#[test]
+fn a_directory_in_the_way_is_kept_and_reported() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    write_file(&src.join("file"), b"data");
+    std::os::unix::fs::symlink("file", src.join("link")).unwrap();
+    mkfifo(&src.join("pipe"));
+    let root = scratch.mkdir("root");
+    for name in ["file", "link", "pipe"] {
+        fs::create_dir_all(root.join("copy").join(name)).unwrap();
+        write_file(&root.join("copy").join(name).join("kept.txt"), b"kept");
+    }
+    let server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"copy"]);
+    out.assert_code(1);
+    for name in ["file", "link", "pipe"] {
+        assert!(
+            out.stderr
+                .contains(&format!("/{name}: a directory is in the way")),
+            "{name}\n{out}"
+        );
+        let kept = root.join("copy").join(name).join("kept.txt");
+        assert_eq!(fs::read(&kept).unwrap(), b"kept", "{}", kept.display());
+    }
+}
