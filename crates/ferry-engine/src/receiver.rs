@@ -664,8 +664,13 @@ impl Worker {
                         // We must be able to write into it until its
                         // metadata is applied, whatever mode it has (one we
                         // made has 0700, unless the umask took some of it).
-                        if (!created || fsx::process_umask() & 0o700 != 0)
-                            && let Ok(st) = rustix::fs::fstat(&dir)
+                        let mode_unknown = !created || fsx::process_umask() & 0o700 != 0;
+                        // One stat serves both that and the owners below.
+                        let stat = (mode_unknown || owner.is_some())
+                            .then(|| rustix::fs::fstat(&dir).ok())
+                            .flatten();
+                        if mode_unknown
+                            && let Some(st) = &stat
                             && st.st_mode & 0o700 != 0o700
                         {
                             let _ = rustix::fs::fchmod(
@@ -674,10 +679,9 @@ impl Worker {
                             );
                         }
                         // What a file made in it will be owned by, to spare
-                        // a chown where that is already the one wanted.
-                        let new_files_owner = owner
-                            .and_then(|_| rustix::fs::fstat(&dir).ok())
-                            .map(|st| fsx::owner_of_new_files(&st));
+                        // a chown where that is already the one wanted (the
+                        // chmod above leaves owner and setgid bit alone).
+                        let new_files_owner = owner.and(stat.as_ref()).map(fsx::owner_of_new_files);
                         self.adopt(parent_dir);
                         self.dir_ids.insert(path.as_bytes().to_vec(), id);
                         let dir = OpenDir {

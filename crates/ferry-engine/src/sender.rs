@@ -72,14 +72,14 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 /// against one that never answers, which would otherwise make us remember
 /// the whole tree.
 const MAX_UNANSWERED: usize = 64 * 1024;
+/// The same for the bytes of their names.
+const MAX_UNANSWERED_NAME_BYTES: usize = 64 * 1024 * 1024;
 // Every hard link the receiver holds waiting for its file is unanswered.
 const _: () = assert!(MAX_UNANSWERED <= ferry_proto::limits::MAX_WAITING_LINKS);
 /// Files with several names whose first name the walk remembers, so that
 /// their other names go as links. Past it, further ones go as copies (as
 /// if they had one name), and memory stays bounded.
 const MAX_LINKED_FILES: usize = 1 << 20;
-/// The same for the bytes of their names.
-const MAX_UNANSWERED_NAME_BYTES: usize = 64 * 1024 * 1024;
 
 /// A file announced and waiting for its plan.
 struct QueuedFile {
