@@ -34,6 +34,9 @@ pub(crate) enum Kind {
     File,
     Dir,
     Symlink,
+    /// A fifo or a device node: the receiver makes one like it.
+    Node,
+    /// A socket, or a type ferry does not know: announced, never made.
     Special(&'static str),
 }
 
@@ -74,10 +77,8 @@ pub(crate) fn kind_of(stat: &Stat) -> Kind {
         FileType::RegularFile => Kind::File,
         FileType::Directory => Kind::Dir,
         FileType::Symlink => Kind::Symlink,
-        FileType::Fifo => Kind::Special("fifo"),
+        FileType::Fifo | FileType::CharacterDevice | FileType::BlockDevice => Kind::Node,
         FileType::Socket => Kind::Special("socket"),
-        FileType::CharacterDevice => Kind::Special("character device"),
-        FileType::BlockDevice => Kind::Special("block device"),
         FileType::Unknown => Kind::Special("unknown file type"),
     }
 }
@@ -634,6 +635,7 @@ pub(crate) enum Root {
     Dir(OwnedFd, Stat),
     File(File, Stat),
     Symlink(Vec<u8>, Stat),
+    Node(Stat),
     Special(&'static str),
 }
 
@@ -651,6 +653,7 @@ pub(crate) fn open_entry(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Root> {
             rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes(),
             stat,
         ),
+        Kind::Node => Root::Node(stat),
         Kind::Special(what) => Root::Special(what),
     })
 }
@@ -687,6 +690,7 @@ pub(crate) fn open_local_root(path: &std::path::Path) -> io::Result<Root> {
             Root::File(File::from(fd), stat)
         }
         Kind::Symlink => unreachable!("stat follows symlinks"),
+        Kind::Node => Root::Node(stat),
         Kind::Special(what) => Root::Special(what),
     })
 }

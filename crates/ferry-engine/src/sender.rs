@@ -557,7 +557,8 @@ impl Producer {
             Root::Dir(fd, stat) => self.dir(fd, &path, &stat)?,
             Root::File(file, stat) => self.file(&path, Ok(file), &stat)?,
             Root::Symlink(target, stat) => self.symlink(&path, target, &stat)?,
-            Root::Special(what) => self.special(&path, what, None)?,
+            Root::Node(stat) => self.node(&path, &stat)?,
+            Root::Special(what) => self.special(&path, what)?,
         }
         self.send_planned(true)?;
         match self.totals.take() {
@@ -917,7 +918,8 @@ impl Producer {
                     Ok(())
                 }
             },
-            Kind::Special(what) => self.special(&path, what, Some(&stat)),
+            Kind::Node => self.node(&path, &stat),
+            Kind::Special(what) => self.special(&path, what),
         }
     }
 
@@ -1147,35 +1149,32 @@ impl Producer {
         self.entry(path, kind, Some(stat)).map(drop)
     }
 
-    /// A fifo or a device node (with its metadata, `stat`, when known),
-    /// or a socket or unknown type, which is only announced.
-    fn special(
-        &mut self,
-        path: &WirePath,
-        what: &'static str,
-        stat: Option<&Stat>,
-    ) -> Result<(), EngineError> {
-        let file_type = stat.map(|st| FileType::from_raw_mode(st.st_mode));
-        let kind = match (file_type, stat) {
-            (Some(FileType::Fifo), Some(st)) => EntryKind::Fifo {
-                mode: fsx::mode_of(st),
-                mtime: fsx::mtime_of(st),
-            },
-            (Some(t @ (FileType::CharacterDevice | FileType::BlockDevice)), Some(st)) => {
-                EntryKind::Device {
-                    block: t == FileType::BlockDevice,
-                    major: rustix::fs::major(st.st_rdev),
-                    minor: rustix::fs::minor(st.st_rdev),
-                    mode: fsx::mode_of(st),
-                    mtime: fsx::mtime_of(st),
-                }
-            }
-            _ => EntryKind::Special {
-                what: what.to_string(),
+    /// A fifo or a device node, announced with what the receiver needs to
+    /// make one like it.
+    fn node(&mut self, path: &WirePath, stat: &Stat) -> Result<(), EngineError> {
+        let mode = fsx::mode_of(stat);
+        let mtime = fsx::mtime_of(stat);
+        let kind = match FileType::from_raw_mode(stat.st_mode) {
+            FileType::Fifo => EntryKind::Fifo { mode, mtime },
+            // `kind_of` calls nothing else a node: a device, then.
+            t => EntryKind::Device {
+                block: t == FileType::BlockDevice,
+                major: rustix::fs::major(stat.st_rdev),
+                minor: rustix::fs::minor(stat.st_rdev),
+                mode,
+                mtime,
             },
         };
-        let owner_from = stat.filter(|_| !matches!(kind, EntryKind::Special { .. }));
-        self.entry(path, kind, owner_from).map(drop)
+        self.entry(path, kind, Some(stat)).map(drop)
+    }
+
+    /// A socket or a type ferry does not know: only announced, so that the
+    /// receiver reports it skipped.
+    fn special(&mut self, path: &WirePath, what: &'static str) -> Result<(), EngineError> {
+        let kind = EntryKind::Special {
+            what: what.to_string(),
+        };
+        self.entry(path, kind, None).map(drop)
     }
 }
 
@@ -1220,7 +1219,7 @@ fn count_in_background(root: &Root) -> Result<std::sync::mpsc::Receiver<(u64, u6
     let known = match root {
         Root::Dir(..) => None,
         Root::File(_, stat) => Some((1, stat.st_size as u64)),
-        Root::Symlink(..) => Some((1, 0)),
+        Root::Symlink(..) | Root::Node(_) => Some((1, 0)),
         Root::Special(_) => Some((0, 0)),
     };
     if let Some(totals) = known {
@@ -1265,11 +1264,7 @@ fn count(root: &OwnedFd) -> (u64, u64) {
                         totals.1 += stat.st_size as u64;
                     }
                 }
-                Kind::Symlink => totals.0 += 1,
-                // Fifos and device nodes are made; sockets only announced.
-                Kind::Special(_) if FileType::from_raw_mode(stat.st_mode) != FileType::Socket => {
-                    totals.0 += 1
-                }
+                Kind::Symlink | Kind::Node => totals.0 += 1,
                 Kind::Dir => {
                     if let Ok(fd) = fsx::open_subdir(dir.as_fd(), &name) {
                         walk(&fd, totals, seen);
@@ -1301,6 +1296,29 @@ mod tests {
         };
         // Three names, and the bytes the transfer sends: 1000 once, 10.
         assert_eq!(count(&fd), (3, 1010));
+    }
+
+    #[test]
+    fn the_count_takes_fifos_which_are_made_and_not_sockets_which_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(tmp.path().join("socket")).unwrap();
+        let Root::Dir(fd, _) = fsx::open_local_root(tmp.path()).unwrap() else {
+            panic!("not a directory")
+        };
+        assert_eq!(count(&fd), (1, 0));
+        // The same holds for a fifo named as the root.
+        let root = fsx::open_local_root(&fifo).unwrap();
+        assert!(matches!(root, Root::Node(_)));
+        assert_eq!(count_in_background(&root).unwrap().recv().unwrap(), (1, 0));
     }
 
     fn inbox_with(entries: &[(u64, bool)]) -> InboxState {

@@ -51,6 +51,28 @@ fn fifos_arrive_and_sockets_are_skipped_with_a_warning() {
     assert_trees_equal(&src, &root.join("copy"));
 }
 
+/// A fifo named as what to send arrives as a fifo, as `cp -a` and
+/// `rsync -a` make it: both ways, with its mode and mtime.
+#[test]
+fn a_fifo_named_as_the_root_arrives_as_a_fifo() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let pipe = scratch.join("pipe");
+    mkfifo(&pipe);
+    set_mode(&pipe, 0o640);
+    set_mtime(&pipe, 1_234_567_890, 5);
+    let server = Server::start(&root);
+
+    server.run(&[&"up", &pipe, &"remote-pipe"]).assert_success();
+    assert_files_equal(&pipe, &root.join("remote-pipe"));
+
+    let back = scratch.join("back");
+    server
+        .run(&[&"down", &"remote-pipe", &back])
+        .assert_success();
+    assert_files_equal(&pipe, &back);
+}
+
 #[test]
 fn copy_between_two_local_paths_runs_in_process() {
     let (scratch, src, _root) = full_tree();
@@ -569,6 +591,10 @@ fn device_nodes_are_made_only_when_allowed() {
     let server = Server::start_with(&root, &[&"--devices"]);
     server.run(&[&"up", &src, &"copy"]).assert_success();
     assert_trees_equal(&src, &root.join("copy"));
+    // A device named as what to send, not only one met in a tree.
+    let alone = src.join("loop");
+    server.run(&[&"up", &alone, &"alone"]).assert_success();
+    assert_files_equal(&alone, &root.join("alone"));
 
     let back = scratch.join("back");
     server
