@@ -23,7 +23,7 @@ use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
-use crate::error::{EngineError, reason};
+use crate::error::{EngineError, Violation, reason};
 use crate::events::{Event, EventSink, Tally, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
@@ -227,9 +227,11 @@ async fn join(
         .await?;
     match reply(&mut reader).await? {
         Message::Joined => Ok(DataConn { reader, writer }),
-        other => Err(EngineError::Protocol(format!(
-            "expected joined, got {other:?}"
-        ))),
+        other => Err(Violation::Expected {
+            expected: "joined",
+            got: other.name(),
+        }
+        .into()),
     }
 }
 
@@ -268,8 +270,7 @@ impl Connection {
                         .into(),
                 });
             };
-            let nonce = auth::unhex(nonce)
-                .ok_or_else(|| EngineError::Protocol("a challenge that is not hex".into()))?;
+            let nonce = auth::unhex(nonce).ok_or(Violation::BadChallenge)?;
             writer
                 .send_now(&Message::Auth {
                     mac: token.mac(&nonce, &exporter),
@@ -310,9 +311,11 @@ impl Connection {
                 meter,
                 local_peer,
             }),
-            other => Err(EngineError::Protocol(format!(
-                "expected welcome, got {other:?}"
-            ))),
+            other => Err(Violation::Expected {
+                expected: "welcome",
+                got: other.name(),
+            }
+            .into()),
         }
     }
 
@@ -380,9 +383,11 @@ impl Connection {
         };
         match reply {
             Message::Ready => Ok(()),
-            other => Err(EngineError::Protocol(format!(
-                "expected ready, got {other:?}"
-            ))),
+            other => Err(Violation::Expected {
+                expected: "ready",
+                got: other.name(),
+            }
+            .into()),
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::EngineError;
+use crate::error::{EngineError, Violation};
 
 /// How long a peer may take to send its preface or first message.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -106,7 +106,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Err(EngineError::Remote { code, message })
             }
             Some(Frame::Control(m)) => Ok(m),
-            Some(Frame::Data(_)) => Err(EngineError::Protocol("unexpected data chunk".into())),
+            Some(Frame::Data(_)) => Err(Violation::UnexpectedData.into()),
             None => Err(EngineError::Closed),
         }
     }

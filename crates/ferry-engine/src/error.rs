@@ -23,7 +23,7 @@ pub enum EngineError {
     #[error(transparent)]
     NotFerry(#[from] PrefaceError),
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(#[from] Violation),
     #[error("invalid path from the peer: {0}")]
     BadPath(#[from] PathError),
     #[error("connection lost: {0}")]
@@ -89,8 +89,78 @@ impl From<io::Error> for EngineError {
 
 impl From<FrameError> for EngineError {
     fn from(e: FrameError) -> Self {
-        EngineError::Protocol(e.to_string())
+        EngineError::Protocol(Violation::Frame(e))
     }
+}
+
+/// Which way an entry or a chunk travels, to say who broke a rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Sender,
+    Receiver,
+    Client,
+    Server,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Sender => "sender",
+            Role::Receiver => "receiver",
+            Role::Client => "client",
+            Role::Server => "server",
+        })
+    }
+}
+
+/// What a peer did that the protocol does not allow. Such a peer is
+/// broken or hostile: the session ends, and the peer is told why.
+#[derive(Debug, Error)]
+pub enum Violation {
+    #[error(transparent)]
+    Frame(FrameError),
+    #[error("expected {expected}, got {got}")]
+    Expected {
+        expected: &'static str,
+        got: &'static str,
+    },
+    #[error("unexpected message from the {from}: {message}")]
+    UnexpectedMessage { from: Role, message: &'static str },
+    #[error("a data chunk arrived on the control connection where none may")]
+    UnexpectedData,
+    #[error("a control message arrived on a data connection")]
+    ControlOnDataConnection,
+    #[error("entry id {id} is not increasing")]
+    EntryIdNotIncreasing { id: u64 },
+    #[error("{message} for entry {id}, which was never announced")]
+    NeverAnnounced { message: &'static str, id: u64 },
+    #[error("verdict for unknown entry {id}")]
+    UnknownVerdict { id: u64 },
+    #[error("entry {id} has an invalid owner {uid}:{gid}")]
+    InvalidOwner { id: u64, uid: u32, gid: u32 },
+    #[error("malformed digest for entry {id}")]
+    MalformedDigest { id: u64 },
+    #[error("hard link {id} names entry {first}, which does not come before it")]
+    LinkAhead { id: u64, first: u64 },
+    #[error("hard link {id} names the root of the transfer")]
+    LinkToRoot { id: u64 },
+    #[error("too many {what} at once (limit {limit})")]
+    OverLimit { what: &'static str, limit: usize },
+    #[error("chunks arrived for entries that were never announced")]
+    OrphanChunks,
+    #[error("the receiver listed {runs} runs of held chunks, more than {limit}")]
+    TooManyHeldRuns { runs: usize, limit: usize },
+    #[error(
+        "the receiver claims chunks it cannot hold: [{start}, {len}, {count}] of a {size}-byte file"
+    )]
+    ImpossibleHeld {
+        start: u64,
+        len: u32,
+        count: u64,
+        size: u64,
+    },
+    #[error("a challenge that is not hex")]
+    BadChallenge,
 }
 
 impl EngineError {

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::limits::MAX_REASON_LEN;
+use ferry_proto::message::Outcome;
 use ferry_proto::path::{WirePath, escape};
 use std::time::Duration;
 
@@ -48,6 +49,30 @@ pub enum Event {
         fingerprint: String,
         file: PathBuf,
     },
+}
+
+impl Event {
+    /// What an entry's outcome is as an event: `size` for a file that is
+    /// in place. (A directory that succeeded is no event: its caller
+    /// decides.)
+    pub(crate) fn of_outcome(path: String, outcome: &Outcome, size: u64) -> Event {
+        match outcome {
+            Outcome::Ok => Event::FileDone { path, size },
+            Outcome::Failed(why) => Event::FileFailed {
+                path,
+                reason: why.clone(),
+            },
+            Outcome::Skipped(why) => Event::Skipped {
+                path,
+                reason: why.clone(),
+            },
+            Outcome::Unchanged => Event::Unchanged { path, size },
+            Outcome::Incomplete(why) => Event::FileIncomplete {
+                path,
+                reason: why.clone(),
+            },
+        }
+    }
 }
 
 /// Receives events. Called from several threads.

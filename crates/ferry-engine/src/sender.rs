@@ -44,7 +44,7 @@ use crate::codec::ChunkEncoder;
 use crate::conn::{
     DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
 };
-use crate::error::{EngineError, reason};
+use crate::error::{EngineError, Role, Violation, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::fsx::{self, Kind, Root};
 
@@ -219,8 +219,8 @@ impl Drop for CloseOnDrop {
 impl InboxState {
     /// Take in one reply; an outcome also becomes an event.
     fn take_in(&mut self, msg: Message) -> Result<Option<Event>, EngineError> {
-        let never_sent = |what: &str, id: u64| {
-            EngineError::Protocol(format!("{what} for entry {id}, which was never announced"))
+        let never_sent = |message: &'static str, id: u64| {
+            EngineError::Protocol(Violation::NeverAnnounced { message, id })
         };
         match msg {
             Message::Have { id, chunks } => match self.unanswered.get(&id) {
@@ -248,9 +248,7 @@ impl InboxState {
                     path, size, is_dir, ..
                 }) = self.unanswered.remove(&id)
                 else {
-                    return Err(EngineError::Protocol(format!(
-                        "verdict for unknown entry {id}"
-                    )));
+                    return Err(Violation::UnknownVerdict { id }.into());
                 };
                 self.name_bytes -= path.len();
                 if is_dir {
@@ -277,9 +275,11 @@ impl InboxState {
                 }));
             }
             other => {
-                return Err(EngineError::Protocol(format!(
-                    "unexpected message from the receiver: {other:?}"
-                )));
+                return Err(Violation::UnexpectedMessage {
+                    from: Role::Receiver,
+                    message: other.name(),
+                }
+                .into());
             }
         }
         Ok(None)
@@ -402,7 +402,7 @@ async fn read_outcomes<R: AsyncRead + Unpin>(
                     }
                     Some(Frame::Control(next)) => next,
                     Some(Frame::Data(_)) => {
-                        return Err(EngineError::Protocol("unexpected data chunk".into()));
+                        return Err(Violation::UnexpectedData.into());
                     }
                     None => break,
                 };
@@ -1184,10 +1184,11 @@ impl Producer {
 /// and we trust nothing it says.
 fn check_held(runs: &[(u64, u32, u64)], size: u64) -> Result<Vec<(u64, u32, u64)>, EngineError> {
     if runs.len() > MAX_HAVE_RUNS {
-        return Err(EngineError::Protocol(format!(
-            "the receiver listed {} runs of held chunks, more than {MAX_HAVE_RUNS}",
-            runs.len()
-        )));
+        return Err(Violation::TooManyHeldRuns {
+            runs: runs.len(),
+            limit: MAX_HAVE_RUNS,
+        }
+        .into());
     }
     let mut end = 0u64;
     for &(start, len, count) in runs {
@@ -1203,9 +1204,13 @@ fn check_held(runs: &[(u64, u32, u64)], size: u64) -> Result<Vec<(u64, u32, u64)
                 end = stop;
             }
             _ => {
-                return Err(EngineError::Protocol(format!(
-                    "the receiver claims chunks it cannot hold: [{start}, {len}, {count}] of a {size}-byte file"
-                )));
+                return Err(Violation::ImpossibleHeld {
+                    start,
+                    len,
+                    count,
+                    size,
+                }
+                .into());
             }
         }
     }

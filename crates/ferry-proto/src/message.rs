@@ -269,6 +269,35 @@ impl Message {
             message: message.into(),
         }
     }
+
+    /// The message's `type` on the wire, to name it in errors without
+    /// echoing what a peer put in it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "hello",
+            Message::Challenge { .. } => "challenge",
+            Message::Auth { .. } => "auth",
+            Message::Welcome { .. } => "welcome",
+            Message::Join { .. } => "join",
+            Message::Joined => "joined",
+            Message::Upload { .. } => "upload",
+            Message::Download { .. } => "download",
+            Message::Ready => "ready",
+            Message::Totals { .. } => "totals",
+            Message::Entry { .. } => "entry",
+            Message::FileEnd { .. } => "file_end",
+            Message::Abort { .. } => "abort",
+            Message::DirEnd { .. } => "dir_end",
+            Message::End => "end",
+            Message::Outcome { .. } => "outcome",
+            Message::Have { .. } => "have",
+            Message::Planned { .. } => "planned",
+            Message::Fresh { .. } => "fresh",
+            Message::Keepalive => "keepalive",
+            Message::Done => "done",
+            Message::Error { .. } => "error",
+        }
+    }
 }
 
 #[cfg(test)]
@@ -277,6 +306,14 @@ mod tests {
 
     fn json(m: &Message) -> String {
         serde_json::to_string(m).unwrap()
+    }
+
+    #[test]
+    fn a_message_name_is_its_wire_type() {
+        for m in samples() {
+            let value: serde_json::Value = serde_json::from_str(&json(&m)).unwrap();
+            assert_eq!(value["type"], m.name(), "{m:?}");
+        }
     }
 
     /// The JSON shapes below are normative (PROTOCOL.md); changing one is a
@@ -567,7 +604,15 @@ mod tests {
 
     #[test]
     fn every_message_round_trips() {
-        let all = vec![
+        for m in samples() {
+            let back: Message = serde_json::from_str(&json(&m)).unwrap();
+            assert_eq!(back, m);
+        }
+    }
+
+    /// One of each message.
+    fn samples() -> Vec<Message> {
+        vec![
             Message::Hello {
                 software: "s".into(),
             },
@@ -639,11 +684,7 @@ mod tests {
             },
             Message::Done,
             Message::error(ErrorCode::VersionMismatch, "v"),
-        ];
-        for m in all {
-            let back: Message = serde_json::from_str(&json(&m)).unwrap();
-            assert_eq!(back, m);
-        }
+        ]
     }
 
     #[test]

@@ -1,0 +1,269 @@
+//! The receiving side of a transfer, the same for uploads and downloads.
+//!
+//! Three parts, each with one job:
+//! - this module, the async side: it reads frames from every connection of
+//!   the session, hands them to the worker, and writes the worker's
+//!   replies;
+//! - `worker`: one thread that owns all file-system work, taking frames
+//!   in order and answering them;
+//! - `rules`: what the worker decides (pure: no file system, no sockets),
+//!   and `place`: how it carries that out on the file system.
+//!
+//! Every path is validated and resolved below the destination without
+//! following symlinks; verified chunks go into a hidden `.NAME.ferry-part`
+//! sibling that is renamed into place only once the whole-file digest
+//! matches. No half file is ever visible. (A small file in a directory
+//! this transfer made is written to an unnamed file instead, linked into
+//! place once it verifies: see [`crate::fsx::open_unnamed_part`].)
+//!
+//! Before any data of a file is sent, the receiver plans it: a regular
+//! file of the same size and mtime is left alone (`unchanged`); a part
+//! file left by an interrupted transfer, with a journal of verified chunks
+//! (files of [`rules::JOURNAL_MIN_SIZE`] or more), is resumed: the sender
+//! learns which chunks are held (`have`) and sends only the rest.
+//! Everything else is sent whole (`planned`). When a transfer breaks off,
+//! journaled part files stay for the next attempt; other part files are
+//! removed.
+//!
+//! With several connections, frames of one file arrive in no fixed order:
+//! a chunk may overtake its `entry` (it is parked, within a bound), a
+//! `file_end` may overtake the last chunks (the file is committed when they
+//! arrive), and a `dir_end` may come while files below are still open (the
+//! directory's metadata waits until every child is settled).
+
+mod place;
+pub(crate) mod rules;
+mod worker;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ferry_proto::frame::Frame;
+use ferry_proto::message::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+pub(crate) use worker::Worker;
+
+use crate::codec::ReadChunk;
+use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
+use crate::error::{EngineError, Violation};
+use crate::events::Tally;
+
+/// Batches of frames the readers may queue ahead of the worker.
+const FRAME_QUEUE: usize = 16;
+/// Batches of replies the worker may queue ahead of the writer.
+const REPLY_QUEUE: usize = 64;
+
+/// Where a transfer lands: `prefix` (one or more components) below the
+/// directory `base`. Entry paths from the sender are appended to `prefix`.
+pub(crate) struct Destination {
+    pub(crate) base: OwnedFd,
+    pub(crate) prefix: Vec<Vec<u8>>,
+    /// How the root is named in events and messages.
+    pub(crate) label: String,
+    /// Receive every file, even one already here with the same size and
+    /// mtime.
+    pub(crate) ignore_times: bool,
+    /// Apply the owners that entries carry (this process is root).
+    pub(crate) owners: bool,
+    /// Make the device nodes that entries describe (this process is root
+    /// and the user allowed it).
+    pub(crate) devices: bool,
+}
+
+/// Lets the worker hold the data connections' readers back.
+#[derive(Default)]
+pub(crate) struct DataGate {
+    paused: AtomicBool,
+    reopened: tokio::sync::Notify,
+}
+
+impl DataGate {
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Release);
+    }
+
+    fn reopen(&self) {
+        if self.paused.swap(false, Ordering::AcqRel) {
+            self.reopened.notify_waiters();
+        }
+    }
+
+    async fn wait_open(&self) {
+        loop {
+            // Registered before the check, so a reopening in between is not missed.
+            let reopened = self.reopened.notified();
+            tokio::pin!(reopened);
+            reopened.as_mut().enable();
+            if !self.paused.load(Ordering::Acquire) {
+                return;
+            }
+            reopened.await;
+        }
+    }
+}
+
+/// A frame as the connections' readers pass it to the worker.
+pub(crate) enum Inbound {
+    Control(Message),
+    Data(ReadChunk),
+}
+
+impl From<Frame> for Inbound {
+    fn from(frame: Frame) -> Self {
+        match frame {
+            Frame::Control(msg) => Inbound::Control(msg),
+            Frame::Data(chunk) => Inbound::Data(ReadChunk::check(chunk)),
+        }
+    }
+}
+
+/// Run the receiving side over an established, accepted session. Data
+/// connections that arrive on `joins` are read alongside the control one.
+pub(crate) async fn run_receiver<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    dest: Destination,
+    tally: Arc<Tally>,
+    cancel: &CancellationToken,
+    mut joins: mpsc::Receiver<DataConn>,
+) -> Result<(), EngineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (frame_tx, frame_rx) = mpsc::channel::<Vec<Inbound>>(FRAME_QUEUE);
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<Message>>(REPLY_QUEUE);
+    let gate = Arc::new(DataGate::default());
+    let worker = Worker::new(gate.clone(), dest, tally, reply_tx)?;
+    let done_rx = spawn_worker(worker, frame_rx)?;
+    let read_data = for_each_data_conn(&mut joins, |conn| {
+        read_data_conn(conn, frame_tx.clone(), gate.clone())
+    });
+    let io_result = tokio::select! {
+        r = write_replies(writer, &mut reply_rx) => r,
+        r = read_control(reader, frame_tx.clone()) => r,
+        e = read_data => Err(e),
+        _ = cancel.cancelled() => Err(EngineError::Cancelled),
+    };
+    drop(frame_tx);
+    // A worker blocked on a full reply queue must see it close, or it
+    // would never finish.
+    drop(reply_rx);
+    // The worker's verdict explains a failure better than the socket's
+    // (it knows which path or chunk was bad); it also finishes its cleanup
+    // before answering, so no part file outlives the session.
+    let worker_result = done_rx.await.unwrap_or(Err(EngineError::Closed));
+    match (worker_result, io_result) {
+        // Everything is settled here; whatever the sockets did after, the
+        // sender learns the outcome from the replies it received.
+        (Ok(()), _) => Ok(()),
+        (Err(_), Err(EngineError::Cancelled)) => Err(EngineError::Cancelled),
+        (Err(e), _) => Err(e),
+    }
+}
+
+/// Start the worker on a thread of its own: it does blocking file I/O for
+/// the whole transfer. Its verdict comes on the returned channel.
+fn spawn_worker(
+    worker: Worker,
+    frames: mpsc::Receiver<Vec<Inbound>>,
+) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("ferry-receive".into())
+        .spawn(move || {
+            let _ = done_tx.send(worker.run(frames));
+        })
+        .map_err(EngineError::from)?;
+    Ok(done_rx)
+}
+
+/// Pass control frames to the worker in batches: all that one read
+/// brought. The control connection also carries data chunks, even after
+/// `end`, so it is read until the worker is done (or the sender goes away).
+/// `frames` is owned, so that the worker sees its input close once this
+/// future is dropped.
+async fn read_control<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    frames: mpsc::Sender<Vec<Inbound>>,
+) -> Result<(), EngineError> {
+    loop {
+        let first = reader.next().await?.ok_or(EngineError::Closed)?;
+        let mut batch = vec![Inbound::from(first)];
+        while let Some(frame) = reader.buffered()? {
+            batch.push(Inbound::from(frame));
+        }
+        if frames.send(batch).await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// Write the worker's replies until it is done: that ends the transfer.
+async fn write_replies<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    replies: &mut mpsc::Receiver<Vec<Message>>,
+) -> Result<(), EngineError> {
+    while let Some(batch) = replies.recv().await {
+        for msg in &batch {
+            writer.send(msg).await?;
+        }
+        if replies.is_empty() {
+            writer.flush().await?;
+        }
+    }
+    writer.flush().await
+}
+
+/// Read a data connection until the sender ends it, passing its chunks on.
+async fn read_data_conn(
+    mut conn: DataConn,
+    frames: mpsc::Sender<Vec<Inbound>>,
+    gate: Arc<DataGate>,
+) -> Result<(), EngineError> {
+    let data_only = |frame: Frame| match frame {
+        Frame::Data(chunk) => Ok(Inbound::Data(ReadChunk::check(chunk))),
+        Frame::Control(_) => Err(EngineError::Protocol(Violation::ControlOnDataConnection)),
+    };
+    loop {
+        gate.wait_open().await;
+        let Some(first) = conn.reader.next().await? else {
+            return Ok(());
+        };
+        let mut batch = vec![data_only(first)?];
+        while let Some(frame) = conn.reader.buffered()? {
+            batch.push(data_only(frame)?);
+        }
+        if frames.send(batch).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn the_data_gate_holds_readers_until_reopened() {
+        let gate = Arc::new(DataGate::default());
+        gate.wait_open().await; // open by default
+        gate.pause();
+        let waiter = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.wait_open().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "a paused gate holds the reader");
+        gate.reopen();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("reopening releases the reader")
+            .unwrap();
+    }
+}

@@ -1,0 +1,761 @@
+//! The receiver's worker: one thread that owns all file-system work of a
+//! transfer. It takes the frames the connections' readers pass it, asks
+//! the rules (`rules.rs`) what each means, carries that out through
+//! `place.rs`, and queues the replies for the writer.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_proto::digest::FileDigest;
+use ferry_proto::message::{EntryKind, Message, Mtime, Outcome, Owner};
+use ferry_proto::path::{WireBytes, WirePath};
+use tokio::sync::mpsc;
+
+use super::place::{self, Node, ParentCache, Part, Target};
+use super::rules::{
+    self, Arrival, Dirs, EntryOrder, Flow, Links, MAX_OPEN_FILES, MetadataFix, Next, OpenDir,
+    Parking, PartPlan, PlanWindow,
+};
+use super::{DataGate, Destination, Inbound};
+use crate::codec::{ChunkDecoder, ReadChunk};
+use crate::error::{EngineError, Role, Violation, reason};
+use crate::events::{Event, EventSink, Tally, display_name, peer_text};
+use crate::journal::ChunkRecord;
+
+/// During a long local job (checking a big journal against its part
+/// file) the worker tells the sender it is alive this often, so that the
+/// sender's stall timeout does not fire.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+/// Replies go to the writer in batches of at most this many.
+const REPLY_BATCH: usize = 256;
+
+/// A file being received.
+struct OpenFile {
+    display: String,
+    /// The directory of this transfer that holds it, if any.
+    parent_dir: Option<u64>,
+    arrival: Arrival,
+    part: Part,
+}
+
+/// What the worker keeps for an open directory: the directory itself,
+/// open from its creation (or check) until its metadata is applied, so the
+/// parent of everything below it needs no path resolved again for each.
+struct DirIo {
+    display: String,
+    fd: Arc<OwnedFd>,
+    mode: u32,
+    mtime: Mtime,
+    owner: Option<Owner>,
+    /// The owner of a file this process creates in it (known when owners
+    /// are applied).
+    new_files_owner: Option<Owner>,
+}
+
+/// A `hardlink` entry whose file is still arriving.
+struct WaitingLink {
+    id: u64,
+    display: String,
+    parent: Arc<OwnedFd>,
+    name: Vec<u8>,
+    parent_dir: Option<u64>,
+}
+
+/// Where an entry lands: its directory, open, and its name there.
+struct Landing {
+    id: u64,
+    display: String,
+    parent_dir: Option<u64>,
+    parent: Arc<OwnedFd>,
+    name: Vec<u8>,
+    /// The owner to give it, when owners are applied.
+    owner: Option<Owner>,
+}
+
+pub(crate) struct Worker {
+    gate: Arc<DataGate>,
+    dest: Destination,
+    tally: Arc<Tally>,
+    replies: mpsc::Sender<Vec<Message>>,
+    /// Replies not yet handed to the writer: they go in batches.
+    unsent: Vec<Message>,
+    decoder: ChunkDecoder,
+    order: EntryOrder,
+    files: HashMap<u64, OpenFile>,
+    dirs: Dirs<DirIo>,
+    parked: Parking<ReadChunk>,
+    links: Links<WaitingLink>,
+    end_seen: bool,
+    parents: ParentCache,
+    plans: PlanWindow,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        gate: Arc<DataGate>,
+        dest: Destination,
+        tally: Arc<Tally>,
+        replies: mpsc::Sender<Vec<Message>>,
+    ) -> Result<Self, EngineError> {
+        Ok(Worker {
+            gate,
+            dest,
+            tally,
+            replies,
+            unsent: Vec::new(),
+            decoder: ChunkDecoder::new()?,
+            order: EntryOrder::default(),
+            files: HashMap::new(),
+            dirs: Dirs::default(),
+            parked: Parking::default(),
+            links: Links::default(),
+            end_seen: false,
+            parents: ParentCache::default(),
+            plans: PlanWindow::default(),
+        })
+    }
+
+    /// The worker thread's body: receive until the transfer is over.
+    pub(super) fn run(
+        mut self,
+        mut frames: mpsc::Receiver<Vec<Inbound>>,
+    ) -> Result<(), EngineError> {
+        let result = self.receive(&mut frames);
+        if let Err(e) = &result {
+            self.fail(e);
+        }
+        result
+    }
+
+    /// The session failed: tell the sender why, unless it is the one who
+    /// ended it, and remove the part files not worth keeping.
+    pub(crate) fn fail(&mut self, e: &EngineError) {
+        if !matches!(
+            e,
+            EngineError::Remote { .. } | EngineError::Closed | EngineError::Cancelled
+        ) {
+            self.unsent.push(Message::error(e.code(), e.to_string()));
+            let _ = self.flush_replies();
+        }
+        self.files.clear();
+    }
+
+    fn receive(&mut self, frames: &mut mpsc::Receiver<Vec<Inbound>>) -> Result<(), EngineError> {
+        loop {
+            let batch = match frames.try_recv() {
+                Ok(batch) => batch,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.idle()?;
+                    frames.blocking_recv().ok_or(EngineError::Closed)?
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(EngineError::Closed),
+            };
+            if self.take(batch)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Nothing more to read for now: the moment to send what we owe. The
+    /// sender may be waiting for a plan, so every one goes.
+    pub(crate) fn idle(&mut self) -> Result<(), EngineError> {
+        self.send_plan(true)?;
+        self.flush_replies()
+    }
+
+    /// Handle a batch of frames; true once the transfer is over (and
+    /// `done` is on its way).
+    pub(crate) fn take(&mut self, batch: Vec<Inbound>) -> Result<bool, EngineError> {
+        for frame in batch {
+            self.frame(frame)?;
+        }
+        self.send_plan(false)?;
+        let nothing_open = self.files.is_empty() && self.dirs.is_empty() && self.links.is_empty();
+        if rules::transfer_over(self.end_seen, nothing_open, self.parked.is_empty())? {
+            self.reply(Message::Done)?;
+            self.flush_replies()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn frame(&mut self, frame: Inbound) -> Result<(), EngineError> {
+        let msg = match frame {
+            Inbound::Data(chunk) => return self.chunk(chunk),
+            Inbound::Control(msg) => msg,
+        };
+        match msg {
+            Message::Entry {
+                id,
+                path,
+                kind,
+                owner,
+            } => self.entry(id, path, kind, owner),
+            Message::FileEnd { id, digest } => self.file_end(id, &digest),
+            Message::Abort {
+                id,
+                reason,
+                transient,
+            } => self.abort(id, &reason, transient),
+            Message::Keepalive => Ok(()),
+            Message::DirEnd { id } => self.dir_end(id),
+            Message::Totals { files, bytes } => {
+                self.tally.event(Event::Totals { files, bytes });
+                Ok(())
+            }
+            Message::End => {
+                self.end_seen = true;
+                Ok(())
+            }
+            Message::Error { code, message } => Err(EngineError::Remote {
+                code,
+                message: peer_text(&message),
+            }),
+            other => Err(Violation::UnexpectedMessage {
+                from: Role::Sender,
+                message: other.name(),
+            }
+            .into()),
+        }
+    }
+
+    fn reply(&mut self, msg: Message) -> Result<(), EngineError> {
+        self.unsent.push(msg);
+        if self.unsent.len() >= REPLY_BATCH {
+            self.flush_replies()?;
+        }
+        Ok(())
+    }
+
+    /// Tell the sender which files it may send, when that is due.
+    fn send_plan(&mut self, idle: bool) -> Result<(), EngineError> {
+        match self.plans.due(idle) {
+            Some(through) => {
+                self.reply(Message::Planned { through })?;
+                self.flush_replies()
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn flush_replies(&mut self) -> Result<(), EngineError> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let replies = std::mem::take(&mut self.unsent);
+        self.replies
+            .blocking_send(replies)
+            .map_err(|_| EngineError::Closed)
+    }
+
+    /// Answer entry `id`; files and symlinks also count in the events.
+    fn verdict(
+        &mut self,
+        id: u64,
+        display: String,
+        outcome: Outcome,
+        size: u64,
+    ) -> Result<(), EngineError> {
+        self.tally.event(Event::of_outcome(display, &outcome, size));
+        self.reply(Message::Outcome { id, outcome })
+    }
+
+    /// Answer a directory entry: only failures are events.
+    fn dir_verdict(
+        &mut self,
+        id: u64,
+        display: String,
+        failure: Option<String>,
+    ) -> Result<(), EngineError> {
+        match failure {
+            None => self.reply(Message::Outcome {
+                id,
+                outcome: Outcome::Ok,
+            }),
+            Some(why) => self.verdict(id, display, Outcome::Failed(why), 0),
+        }
+    }
+
+    fn entry(
+        &mut self,
+        id: u64,
+        path: WireBytes,
+        kind: EntryKind,
+        owner: Option<Owner>,
+    ) -> Result<(), EngineError> {
+        self.order.admit(id, owner)?;
+        // Owners are applied only by a root receiver (the only one that can).
+        let owner = owner.filter(|_| self.dest.owners);
+        let path = WirePath::from_wire(path)?;
+        let display = display_name(&self.dest.label, &path);
+        let parent_dir = self.dirs.parent_of(&path);
+        let (parent, name) = match self.land(&path, parent_dir) {
+            Ok(landing) => landing,
+            Err(e) => {
+                let why = format!("cannot open its directory: {}", reason(&e));
+                self.discard_parked(id);
+                return match kind {
+                    EntryKind::Dir { .. } => self.dir_verdict(id, display, Some(why)),
+                    _ => self.verdict(id, display, Outcome::Failed(why), 0),
+                };
+            }
+        };
+        let at = Landing {
+            id,
+            display,
+            parent_dir,
+            parent,
+            name,
+            owner,
+        };
+        self.place_entry(at, &path, kind)
+    }
+
+    /// The directory an entry lands in, and its name there. A directory of
+    /// this transfer is open already; any other parent is opened beneath
+    /// the destination (or found in the cache).
+    fn land(
+        &mut self,
+        path: &WirePath,
+        parent_dir: Option<u64>,
+    ) -> io::Result<(Arc<OwnedFd>, Vec<u8>)> {
+        let name = match path.components().last() {
+            Some(last) => last.to_vec(),
+            None => self.dest.prefix.last().cloned().unwrap_or_default(),
+        };
+        if let Some(d) = parent_dir.and_then(|d| self.dirs.get(d)) {
+            return Ok((d.io.fd.clone(), name));
+        }
+        let mut components = self.dest.prefix.clone();
+        components.extend(path.components().map(<[u8]>::to_vec));
+        Ok((self.parents.open(&self.dest.base, &components)?, name))
+    }
+
+    fn place_entry(
+        &mut self,
+        at: Landing,
+        path: &WirePath,
+        kind: EntryKind,
+    ) -> Result<(), EngineError> {
+        match kind {
+            EntryKind::Dir { mode, mtime } => self.dir_entry(at, path, mode, mtime),
+            EntryKind::File { size, mode, mtime } => self.file_entry(at, size, mode, mtime),
+            EntryKind::Symlink { target, mtime } => {
+                let made =
+                    place::make_symlink(&at.parent, &at.name, target.as_bytes(), mtime, at.owner);
+                self.verdict(at.id, at.display, outcome_of(made), 0)
+            }
+            EntryKind::Special { what } => {
+                let why = format!("special file ({}), not transferred", peer_text(&what));
+                self.verdict(at.id, at.display, Outcome::Skipped(why), 0)
+            }
+            EntryKind::Fifo { mode, mtime } => self.node_entry(at, Node::Fifo, mode, mtime),
+            EntryKind::Device {
+                block,
+                major,
+                minor,
+                mode,
+                mtime,
+            } => match rules::device_refusal(self.dest.devices, block) {
+                Some(refusal) => self.verdict(at.id, at.display, refusal, 0),
+                None => {
+                    let node = Node::Device {
+                        block,
+                        major,
+                        minor,
+                    };
+                    self.node_entry(at, node, mode, mtime)
+                }
+            },
+            EntryKind::Hardlink { first, target } => self.link_entry(at, first, target),
+        }
+    }
+
+    fn dir_entry(
+        &mut self,
+        at: Landing,
+        path: &WirePath,
+        mode: u32,
+        mtime: Mtime,
+    ) -> Result<(), EngineError> {
+        self.dirs.check_room()?;
+        let parent_fresh = self.dirs.is_fresh(at.parent_dir);
+        let handle = match place::open_dir(&at.parent, &at.name, at.owner) {
+            Ok(handle) => handle,
+            Err(e) => return self.dir_verdict(at.id, at.display, Some(reason(&e))),
+        };
+        if handle.created && !parent_fresh {
+            // The top of a new subtree: the sender need not wait for the
+            // plans of the files below it.
+            self.reply(Message::Fresh { id: at.id })?;
+            self.flush_replies()?;
+        }
+        let io = DirIo {
+            display: at.display,
+            fd: handle.fd,
+            mode,
+            mtime,
+            owner: at.owner,
+            new_files_owner: handle.new_files_owner,
+        };
+        let fresh = handle.created || parent_fresh;
+        self.dirs.open(at.id, path, at.parent_dir, fresh, io);
+        Ok(())
+    }
+
+    fn file_entry(
+        &mut self,
+        at: Landing,
+        size: u64,
+        mode: u32,
+        mtime: Mtime,
+    ) -> Result<(), EngineError> {
+        self.plans.planned(at.id);
+        if self.files.len() >= MAX_OPEN_FILES {
+            return Err(Violation::OverLimit {
+                what: "files open",
+                limit: MAX_OPEN_FILES,
+            }
+            .into());
+        }
+        let mode = rules::file_mode(mode);
+        let fresh_dir = self.dirs.is_fresh(at.parent_dir);
+        if rules::worth_looking(self.dest.ignore_times, fresh_dir)
+            && let Some(found) = place::find_unchanged(&at.parent, &at.name, size, mtime)
+        {
+            let fix = MetadataFix::between(found.mode, found.owner, mode, at.owner);
+            if !fix.is_empty() {
+                place::fix_metadata(&at.parent, &at.name, &fix);
+            }
+            self.discard_parked(at.id);
+            return self.verdict(at.id, at.display, Outcome::Unchanged, size);
+        }
+        let target = Target {
+            parent: at.parent.clone(),
+            name: at.name.clone(),
+            size,
+            mode,
+            mtime,
+        };
+        match self.open_part(&at, target, PartPlan::for_file(size, fresh_dir)) {
+            Ok((part, held)) => self.receive_file(at, part, held),
+            Err(outcome) => {
+                self.discard_parked(at.id);
+                self.verdict(at.id, at.display, outcome, 0)
+            }
+        }
+    }
+
+    /// Open the part file and get it ready; why not, if that fails.
+    fn open_part(
+        &self,
+        at: &Landing,
+        target: Target,
+        plan: PartPlan,
+    ) -> Result<(Part, Vec<ChunkRecord>), Outcome> {
+        let (mut part, existing) = Part::open(target, plan).map_err(|e| {
+            // Another transfer holds it: trying later may work.
+            if e.kind() == io::ErrorKind::WouldBlock {
+                Outcome::Incomplete(reason(&e))
+            } else {
+                Outcome::Failed(reason(&e))
+            }
+        })?;
+        // A part file this process just made has a known owner.
+        let made_with = at
+            .parent_dir
+            .and_then(|d| self.dirs.get(d))
+            .and_then(|d| d.io.new_files_owner)
+            .filter(|_| !existing);
+        part.set_owner_on_commit(rules::chown_needed(at.owner, made_with));
+        let replies = self.replies.clone();
+        let mut last_sign = Instant::now();
+        let mut alive = |_verified: u64| {
+            if last_sign.elapsed() >= KEEPALIVE_EVERY {
+                last_sign = Instant::now();
+                let _ = replies.blocking_send(vec![Message::Keepalive]);
+            }
+        };
+        let held = part
+            .prepare(plan, plan.resumes(existing), &mut alive)
+            .map_err(|e| Outcome::Failed(reason(&e)))?;
+        Ok((part, held))
+    }
+
+    /// A file is being received: say what is held of it already, then
+    /// take the chunks that overtook its entry.
+    fn receive_file(
+        &mut self,
+        at: Landing,
+        part: Part,
+        mut held: Vec<ChunkRecord>,
+    ) -> Result<(), EngineError> {
+        let runs = rules::offer_held(&mut held);
+        let arrival = Arrival::new(part.size(), &held);
+        self.tally.event(Event::FileStarted {
+            path: at.display.clone(),
+            size: arrival.size(),
+        });
+        if !held.is_empty() {
+            let bytes: u64 = held.iter().map(|r| u64::from(r.len)).sum();
+            self.tally.event(Event::Resumed {
+                path: at.display.clone(),
+                bytes,
+            });
+            self.reply(Message::Have {
+                id: at.id,
+                chunks: runs,
+            })?;
+        }
+        self.dirs.adopt(at.parent_dir);
+        let file = OpenFile {
+            display: at.display,
+            parent_dir: at.parent_dir,
+            arrival,
+            part,
+        };
+        self.files.insert(at.id, file);
+        for chunk in self.parked.take(at.id) {
+            self.chunk(chunk)?;
+        }
+        self.reopen_if_drained();
+        Ok(())
+    }
+
+    fn node_entry(
+        &mut self,
+        at: Landing,
+        node: Node,
+        mode: u32,
+        mtime: Mtime,
+    ) -> Result<(), EngineError> {
+        let made = place::make_node(&at.parent, &at.name, node, mode, mtime, at.owner);
+        self.verdict(at.id, at.display, outcome_of(made), 0)
+    }
+
+    fn link_entry(
+        &mut self,
+        at: Landing,
+        first: u64,
+        target: WireBytes,
+    ) -> Result<(), EngineError> {
+        rules::check_link(at.id, first)?;
+        let target = WirePath::from_wire(target)?;
+        if self.files.contains_key(&first) {
+            // Its file is still arriving: the link waits for it.
+            let parent_dir = at.parent_dir;
+            let link = WaitingLink {
+                id: at.id,
+                display: at.display,
+                parent: at.parent,
+                name: at.name,
+                parent_dir,
+            };
+            self.links.wait(first, link)?;
+            self.dirs.adopt(parent_dir);
+            return Ok(());
+        }
+        // Settled already, or unchanged: link to its name, found beneath
+        // the destination like any path.
+        let Some(target_name) = target.components().last().map(<[u8]>::to_vec) else {
+            return Err(Violation::LinkToRoot { id: at.id }.into());
+        };
+        let mut components = self.dest.prefix.clone();
+        components.extend(target.components().map(<[u8]>::to_vec));
+        let linked = self
+            .parents
+            .open(&self.dest.base, &components)
+            .and_then(|dir| place::hard_link(&dir, &target_name, &at.parent, &at.name));
+        self.verdict(at.id, at.display, outcome_of(linked), 0)
+    }
+
+    fn chunk(&mut self, chunk: ReadChunk) -> Result<(), EngineError> {
+        let h = chunk.chunk.header;
+        let Some(f) = self.files.get_mut(&h.file_id) else {
+            if !self.order.announced(h.file_id) {
+                // Overtook its entry on another connection: wait for it.
+                if self.parked.park(h.file_id, chunk)? == Flow::Pause {
+                    self.gate.pause();
+                }
+            }
+            // Otherwise the file is settled (failed, or aborted): drop it.
+            return Ok(());
+        };
+        // A chunk that does not fit, or is corrupt, was damaged on the way
+        // or by the sender: nothing of it is written, what was verified
+        // before stays, and sending the file again can repair it.
+        if let Err(e) = f.arrival.fits(h.offset, h.raw_len) {
+            return self.fail_open_file(h.file_id, Outcome::Incomplete(e.to_string()), true);
+        }
+        let raw = match self.decoder.decode(&chunk) {
+            Ok(raw) => raw,
+            Err(fault) => {
+                f.arrival.damaged(h.raw_len, fault.to_string());
+                return self.advance(h.file_id);
+            }
+        };
+        if let Err(e) = f.part.write(raw, h.offset, h.raw_len) {
+            // Disk full and the like: not cured by sending again at once,
+            // but what is verified stays for the same command later.
+            return self.fail_open_file(h.file_id, Outcome::Failed(reason(&e)), true);
+        }
+        if let Err(e) = f.arrival.record(h.offset, h.raw_len, h.hash) {
+            return self.fail_open_file(h.file_id, Outcome::Incomplete(e.to_string()), true);
+        }
+        f.part.journal_chunk(ChunkRecord {
+            offset: h.offset,
+            len: h.raw_len,
+            hash: h.hash,
+        });
+        self.tally.event(Event::Bytes {
+            n: u64::from(h.raw_len),
+        });
+        self.advance(h.file_id)
+    }
+
+    /// Commit a file, or settle it as damaged, once it has all it will get.
+    fn advance(&mut self, id: u64) -> Result<(), EngineError> {
+        let Some(f) = self.files.get(&id) else {
+            return Ok(());
+        };
+        match f.arrival.next() {
+            Next::Wait => Ok(()),
+            Next::Commit => self.finish_file(id),
+            Next::Damaged(why) => self.fail_open_file(id, Outcome::Incomplete(why), true),
+        }
+    }
+
+    fn file_end(&mut self, id: u64, digest: &str) -> Result<(), EngineError> {
+        let digest = FileDigest::from_hex(digest).ok_or(Violation::MalformedDigest { id })?;
+        let Some(f) = self.files.get_mut(&id) else {
+            return Ok(self.order.settled_already("file_end", id)?);
+        };
+        f.arrival.expect(digest);
+        self.advance(id)
+    }
+
+    /// Verify and commit a file whose chunks and digest have all arrived.
+    fn finish_file(&mut self, id: u64) -> Result<(), EngineError> {
+        let Some(mut f) = self.files.remove(&id) else {
+            return Ok(());
+        };
+        let outcome = match f.arrival.verify() {
+            // The chunks verified one by one, yet the whole is not what was
+            // sent: nothing of this part file can be trusted.
+            Err(e) => {
+                f.part.keep = false;
+                Outcome::Incomplete(e.to_string())
+            }
+            Ok(()) => match f.part.commit() {
+                Ok(()) => Outcome::Ok,
+                Err(why) => Outcome::Failed(why),
+            },
+        };
+        let placed = match &outcome {
+            Outcome::Ok => Ok(f.part.placed()),
+            other => Err(other),
+        };
+        self.release_links(id, placed)?;
+        self.verdict(id, f.display.clone(), outcome, f.arrival.size())?;
+        self.settled(f.parent_dir)
+    }
+
+    /// Fail an open file: answer now, and ignore what the sender still
+    /// sends of it. Its part file stays for a resume if `keep` and it has
+    /// a journal; otherwise it is removed.
+    fn fail_open_file(&mut self, id: u64, outcome: Outcome, keep: bool) -> Result<(), EngineError> {
+        if let Some(mut f) = self.files.remove(&id) {
+            f.part.keep = keep;
+            self.release_links(id, Err(&outcome))?;
+            self.verdict(id, f.display.clone(), outcome, 0)?;
+            self.settled(f.parent_dir)?;
+        }
+        Ok(())
+    }
+
+    /// File `first` is settled: in place as `name` in `dir`, or not (why).
+    /// Give its waiting hard links their names, or the same fate.
+    fn release_links(
+        &mut self,
+        first: u64,
+        placed: Result<(&OwnedFd, &[u8]), &Outcome>,
+    ) -> Result<(), EngineError> {
+        for link in self.links.release(first) {
+            let outcome = match placed {
+                Ok((dir, name)) => {
+                    outcome_of(place::hard_link(dir, name, &link.parent, &link.name))
+                }
+                Err(file_outcome) => rules::link_outcome_without_file(file_outcome),
+            };
+            self.verdict(link.id, link.display, outcome, 0)?;
+            self.settled(link.parent_dir)?;
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self, id: u64, why: &str, transient: bool) -> Result<(), EngineError> {
+        let why = peer_text(why);
+        if self.files.contains_key(&id) {
+            let outcome = if transient {
+                Outcome::Incomplete(why)
+            } else {
+                Outcome::Failed(why)
+            };
+            return self.fail_open_file(id, outcome, false);
+        }
+        if let Some(d) = self.dirs.get_mut(id) {
+            d.failure = Some(why);
+            return Ok(());
+        }
+        Ok(self.order.settled_already("abort", id)?)
+    }
+
+    fn dir_end(&mut self, id: u64) -> Result<(), EngineError> {
+        match self.dirs.end(id) {
+            Some(finished) => self.finish_dirs(finished),
+            // Its creation failed and was answered then.
+            None => Ok(self.order.settled_already("dir_end", id)?),
+        }
+    }
+
+    /// A child of `parent_dir` is settled; finish every directory that was
+    /// only waiting for it, upwards.
+    fn settled(&mut self, parent_dir: Option<u64>) -> Result<(), EngineError> {
+        let finished = self.dirs.settle(parent_dir);
+        self.finish_dirs(finished)
+    }
+
+    /// Apply finished directories' metadata and answer them.
+    fn finish_dirs(&mut self, finished: Vec<(u64, OpenDir<DirIo>)>) -> Result<(), EngineError> {
+        for (id, d) in finished {
+            let io = d.io;
+            let failure = match place::set_dir_metadata(&io.fd, io.owner, io.mode, io.mtime) {
+                Err(e) => Some(format!("cannot set directory metadata: {}", reason(&e))),
+                Ok(()) => d.failure,
+            };
+            self.dir_verdict(id, io.display, failure)?;
+        }
+        Ok(())
+    }
+
+    fn discard_parked(&mut self, id: u64) {
+        self.parked.take(id);
+        self.reopen_if_drained();
+    }
+
+    fn reopen_if_drained(&self) {
+        if self.parked.flow() == Flow::Go {
+            self.gate.reopen();
+        }
+    }
+}
+
+fn outcome_of(done: io::Result<()>) -> Outcome {
+    match done {
+        Ok(()) => Outcome::Ok,
+        Err(e) => Outcome::Failed(reason(&e)),
+    }
+}
