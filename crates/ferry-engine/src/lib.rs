@@ -35,6 +35,8 @@ mod journal;
 mod receiver;
 mod sender;
 pub mod server;
+#[cfg(test)]
+mod sessions;
 mod sweep;
 mod throttle;
 pub mod tls;

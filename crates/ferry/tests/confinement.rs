@@ -310,7 +310,7 @@ fn download_of_a_symlink_sends_the_link_not_its_target() {
     symlink("../../outside/victim.txt", tree.join("relative-link")).unwrap();
     let server = Server::start(&root);
 
-    // A root entry that is a link is sent as a link (PROTOCOL.md §8.3).
+    // A root entry that is a link is sent as a link (PROTOCOL.md §8.2).
     for remote in ["leak", "leak-file", "passwd"] {
         let dst = scratch.join(format!("got-{remote}"));
         let out = server.run(&[&"down", &remote, &dst]);
