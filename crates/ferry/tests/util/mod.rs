@@ -1,0 +1,37 @@
+//! Helpers shared by the integration tests: running the real `ferry` binary
+//! under a deadline, a server fixture on an ephemeral loopback port, and a
+//! tree builder and comparer that check bytes, modes, mtimes and links.
+//!
+//! What is where (every test module takes all of it with `use crate::util::*`):
+//! - `process`: running the binary: [`run`], [`spawn`], [`RunOptions`],
+//!   [`Output`], [`unprivileged`], [`poll_until`], and each run's state home.
+//! - `server`: the [`Server`] fixture, the wire's [`MAGIC`] and
+//!   [`PROTOCOL_VERSION`], and [`unused_port`].
+//! - `files`: [`Scratch`] directories, pseudo-random content ([`Rng`],
+//!   [`write_random_file`]), modes, mtimes, [`lstat`] and [`mkfifo`].
+//! - `tree`: [`build_full_tree`] with every case a transfer must preserve,
+//!   and [`build_small_tree`].
+//! - `compare`: [`assert_trees_equal`], [`assert_files_equal`] and
+//!   [`part_files`].
+//!
+//! Each module's self-tests sit beside what they test. Every wait here is a
+//! poll with a deadline, so a hung binary fails a test with its output
+//! instead of hanging the suite.
+
+mod compare;
+mod files;
+mod process;
+mod server;
+mod tree;
+
+pub use compare::{assert_files_equal, assert_trees_equal, part_files};
+pub use files::{
+    MIB, Rng, Scratch, lstat, mkfifo, random_bytes, set_mode, set_mtime, write_file,
+    write_random_file,
+};
+pub use process::{
+    DEFAULT_TIMEOUT, ERROR_TIMEOUT, NOBODY, Output, RunOptions, Running, contains_ci, ferry_bin,
+    is_root, poll_until, run, run_timeout, run_with, spawn, unprivileged,
+};
+pub use server::{MAGIC, PROTOCOL_VERSION, Server, unused_port};
+pub use tree::{BIG_FILE, DEEP_FILE, FIFO, SPACED_FILE, build_full_tree, build_small_tree};
