@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::adapt::{LevelController, Window};
+use crate::adapt::{LevelController, WindowMeter};
 use crate::codec::ChunkEncoder;
 use crate::conn::{
     DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
@@ -325,8 +325,7 @@ where
                 .map_or(fixed_level, LevelController::level),
         )?,
         controller,
-        window: WindowMeter::new(),
-        warmed_up: false,
+        window: WindowMeter::new(Instant::now()),
         label: job.label,
         owners: job.owners,
         next_id: 0,
@@ -419,31 +418,6 @@ async fn read_outcomes<R: AsyncRead + Unpin>(
     }
 }
 
-/// A compression window closes after this many file bytes (and at least
-/// `WINDOW_MIN_SECS`), or after `WINDOW_MAX_SECS` whatever moved.
-const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
-const WINDOW_MIN_SECS: f64 = 0.1;
-const WINDOW_MAX_SECS: f64 = 1.0;
-/// File bytes sent before the first window starts.
-const WARMUP_BYTES: u64 = 8 * 1024 * 1024;
-
-/// What happened in the current compression window.
-struct WindowMeter {
-    started: Instant,
-    bytes: u64,
-    blocked: Duration,
-}
-
-impl WindowMeter {
-    fn new() -> Self {
-        WindowMeter {
-            started: Instant::now(),
-            bytes: 0,
-            blocked: Duration::ZERO,
-        }
-    }
-}
-
 /// Fill `buf` from `file` at `offset`. The error says why the file cannot
 /// be sent, and whether that may pass.
 fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), (String, bool)> {
@@ -513,7 +487,6 @@ struct Producer {
     /// Present in `auto` mode: picks the level as the transfer goes.
     controller: Option<LevelController>,
     window: WindowMeter,
-    warmed_up: bool,
     label: String,
     /// Whether entries carry their owner.
     owners: bool,
@@ -617,7 +590,7 @@ impl Producer {
                 // wants to know.
                 let waiting = Instant::now();
                 let sent = self.control.blocking_send(frames);
-                self.window.blocked += waiting.elapsed();
+                self.window.blocked(waiting.elapsed());
                 sent.map_err(|_| EngineError::Closed)
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(EngineError::Closed),
@@ -631,47 +604,31 @@ impl Producer {
             Err(async_channel::TrySendError::Full(frame)) => {
                 let waiting = Instant::now();
                 let sent = self.data.send_blocking(frame);
-                self.window.blocked += waiting.elapsed();
+                self.window.blocked(waiting.elapsed());
                 sent.map_err(|_| EngineError::Closed)
             }
             Err(async_channel::TrySendError::Closed(_)) => Err(EngineError::Closed),
         }
     }
 
-    /// Close the compression window if it is full and let the controller
-    /// pick the level for the next one.
+    /// Count `bytes` sent; at the end of a compression window, let the
+    /// controller pick the level for the next one.
     fn adapt(&mut self, bytes: u64) -> Result<(), EngineError> {
-        self.window.bytes += bytes;
         let Some(controller) = &mut self.controller else {
             return Ok(());
         };
-        if !self.warmed_up {
-            // The first bytes fill socket buffers: they move fast and never
-            // block whatever the link, so they say nothing about it.
-            if self.window.bytes >= WARMUP_BYTES {
-                self.warmed_up = true;
-                self.window = WindowMeter::new();
-            }
+        let Some(window) = self.window.sent(bytes, Instant::now()) else {
             return Ok(());
-        }
-        let secs = self.window.started.elapsed().as_secs_f64();
-        let full = self.window.bytes >= WINDOW_BYTES && secs >= WINDOW_MIN_SECS;
-        if full || secs >= WINDOW_MAX_SECS {
-            let level = controller.observe(Window {
-                bytes: self.window.bytes,
-                secs,
-                blocked_secs: self.window.blocked.as_secs_f64(),
-            });
-            tracing::debug!(
-                bytes = self.window.bytes,
-                secs,
-                blocked_secs = self.window.blocked.as_secs_f64(),
-                next_level = ?level,
-                "compression window"
-            );
-            self.encoder.set_level(level)?;
-            self.window = WindowMeter::new();
-        }
+        };
+        let level = controller.observe(window);
+        tracing::debug!(
+            bytes = window.bytes,
+            secs = window.secs,
+            blocked_secs = window.blocked_secs,
+            next_level = ?level,
+            "compression window"
+        );
+        self.encoder.set_level(level)?;
         Ok(())
     }
 
