@@ -17,7 +17,10 @@
 //!   so noise does not make it wander, and a bad probe costs one window.
 //!
 //! The controller holds no clock and does no I/O: the sender feeds it
-//! measurements, which keeps it deterministic to test.
+//! measurements (cut into windows by [`WindowMeter`], which is told the
+//! time rather than reading it), which keeps both deterministic to test.
+
+use std::time::{Duration, Instant};
 
 /// The levels `auto` moves between: off, then zstd upwards. Higher levels
 /// cost several times the CPU for a few percent of ratio on typical data;
@@ -50,12 +53,79 @@ const CPU_BOUND: f64 = 0.1;
 const CLEARLY_LINK_BOUND: f64 = 0.8;
 const CLEARLY_CPU_BOUND: f64 = 0.02;
 
+/// A compression window closes after this many file bytes (and at least
+/// `WINDOW_MIN_SECS`), or after `WINDOW_MAX_SECS` whatever moved.
+const WINDOW_BYTES: u64 = 32 * 1024 * 1024;
+const WINDOW_MIN_SECS: f64 = 0.1;
+const WINDOW_MAX_SECS: f64 = 1.0;
+/// File bytes sent before the first window starts.
+const WARMUP_BYTES: u64 = 8 * 1024 * 1024;
+
 /// One window's measurements.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Window {
     pub(crate) bytes: u64,
     pub(crate) secs: f64,
     pub(crate) blocked_secs: f64,
+}
+
+/// Cuts what the sender does into windows for the controller: the file
+/// bytes it sent, and how long it sat blocked on a full send queue.
+#[derive(Debug)]
+pub(crate) struct WindowMeter {
+    started: Instant,
+    bytes: u64,
+    blocked: Duration,
+    warmed_up: bool,
+}
+
+impl WindowMeter {
+    pub(crate) fn new(now: Instant) -> Self {
+        WindowMeter {
+            started: now,
+            bytes: 0,
+            blocked: Duration::ZERO,
+            warmed_up: false,
+        }
+    }
+
+    /// Account time spent waiting for room downstream.
+    pub(crate) fn blocked(&mut self, waited: Duration) {
+        self.blocked += waited;
+    }
+
+    /// Account `bytes` of file data sent by `now`; returns the window this
+    /// closes, if it does.
+    pub(crate) fn sent(&mut self, bytes: u64, now: Instant) -> Option<Window> {
+        self.bytes += bytes;
+        if !self.warmed_up {
+            // The first bytes fill socket buffers: they move fast and never
+            // block whatever the link, so they say nothing about it.
+            if self.bytes >= WARMUP_BYTES {
+                self.warmed_up = true;
+                self.restart(now);
+            }
+            return None;
+        }
+        let secs = now.saturating_duration_since(self.started).as_secs_f64();
+        let full = self.bytes >= WINDOW_BYTES && secs >= WINDOW_MIN_SECS;
+        if !full && secs < WINDOW_MAX_SECS {
+            return None;
+        }
+        let window = Window {
+            bytes: self.bytes,
+            secs,
+            blocked_secs: self.blocked.as_secs_f64(),
+        };
+        self.restart(now);
+        Some(window)
+    }
+
+    fn restart(&mut self, now: Instant) {
+        self.started = now;
+        self.bytes = 0;
+        self.blocked = Duration::ZERO;
+    }
 }
 
 #[derive(Debug)]
@@ -271,6 +341,45 @@ mod tests {
             _ => (1080.0, 0.3),
         };
         assert_eq!(settle(rates, 100), Some(1));
+    }
+
+    #[test]
+    fn the_warm_up_is_no_window() {
+        let t0 = Instant::now();
+        let mut m = WindowMeter::new(t0);
+        m.blocked(Duration::from_secs(5));
+        let late = t0 + Duration::from_secs(10);
+        assert!(m.sent(WARMUP_BYTES - 1, late).is_none());
+        // The warm-up ends: what it took, and its blocking, are not
+        // measured.
+        assert!(m.sent(1, late).is_none());
+        let w = m.sent(WINDOW_BYTES, late + Duration::from_secs_f64(0.5));
+        let w = w.expect("a full window");
+        assert_eq!(w.bytes, WINDOW_BYTES);
+        assert!((w.secs - 0.5).abs() < 1e-9);
+        assert_eq!(w.blocked_secs, 0.0);
+    }
+
+    #[test]
+    fn a_window_closes_when_full_and_not_too_short_or_when_long() {
+        let t0 = Instant::now();
+        let mut m = WindowMeter::new(t0);
+        assert!(m.sent(WARMUP_BYTES, t0).is_none());
+        let at = |secs: f64| t0 + Duration::from_secs_f64(secs);
+        // Full, but too soon to say anything.
+        assert!(m.sent(WINDOW_BYTES, at(WINDOW_MIN_SECS / 2.0)).is_none());
+        m.blocked(Duration::from_millis(40));
+        let w = m
+            .sent(1, at(WINDOW_MIN_SECS))
+            .expect("full and long enough");
+        assert_eq!(w.bytes, WINDOW_BYTES + 1);
+        assert!((w.blocked_secs - 0.04).abs() < 1e-9);
+        // The next window starts empty; a slow one closes on time alone.
+        let start = WINDOW_MIN_SECS;
+        assert!(m.sent(1, at(start + WINDOW_MAX_SECS / 2.0)).is_none());
+        let w = m.sent(1, at(start + WINDOW_MAX_SECS)).expect("long enough");
+        assert_eq!((w.bytes, w.blocked_secs), (2, 0.0));
+        assert!((w.secs - WINDOW_MAX_SECS).abs() < 1e-9);
     }
 
     #[test]

@@ -1,0 +1,166 @@
+//! Counting a tree ahead of sending it, so that progress can show totals
+//! from the start: the same walk as the sending one, with stats only, no
+//! reads, on a thread of its own so that it holds back no byte.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc;
+
+use rustix::fs::Stat;
+
+use super::rules::MAX_LINKED_FILES;
+use super::walk::{self, Lazy, Visitor};
+use crate::error::EngineError;
+use crate::fsx::{self, Root};
+
+/// Count the files (and symlinks and nodes) and bytes below a root; the
+/// totals come on the channel when they are ready.
+pub(super) fn count_in_background(root: &Root) -> Result<mpsc::Receiver<(u64, u64)>, EngineError> {
+    let (tx, rx) = mpsc::channel();
+    let known = match root {
+        Root::Dir(..) => None,
+        Root::File(_, stat) => Some((1, stat.st_size as u64)),
+        Root::Symlink(..) | Root::Node(_) => Some((1, 0)),
+        Root::Special(_) => Some((0, 0)),
+    };
+    if let Some(totals) = known {
+        let _ = tx.send(totals);
+        return Ok(rx);
+    }
+    let Root::Dir(fd, _) = root else {
+        return Ok(rx);
+    };
+    let dir = fsx::open_dir_beneath(fd.as_fd(), &[])?;
+    std::thread::Builder::new()
+        .name("ferry-count".into())
+        .stack_size(16 * 1024 * 1024)
+        .spawn(move || {
+            let _ = tx.send(count(&dir));
+        })?;
+    Ok(rx)
+}
+
+/// Count below a directory. The bytes of a file with several names count
+/// once, as they are sent once (up to as many such files as the sending
+/// walk remembers).
+fn count(root: &OwnedFd) -> (u64, u64) {
+    let mut counter = Counter::default();
+    // What cannot be listed or looked at is not sent either.
+    let Ok(_) = walk::children(&mut counter, root, &());
+    (counter.files, counter.bytes)
+}
+
+#[derive(Default)]
+struct Counter {
+    files: u64,
+    bytes: u64,
+    /// Files with several names met, by device and inode.
+    seen: HashSet<(u64, u64)>,
+}
+
+impl Visitor for Counter {
+    const OPENS_FILES: bool = false;
+    type Path = ();
+    type Error = Infallible;
+
+    fn child_path(&mut self, _: &(), _: &[u8]) -> Option<()> {
+        Some(())
+    }
+
+    fn dir(&mut self, _: &(), _: &Stat, opened: io::Result<OwnedFd>) -> Result<(), Infallible> {
+        if let Ok(fd) = opened {
+            let Ok(_) = walk::children(self, &fd, &());
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, _: &(), stat: &Stat, _: Lazy<'_, File>) -> Result<(), Infallible> {
+        self.files += 1;
+        let again = stat.st_nlink > 1
+            && self.seen.len() < MAX_LINKED_FILES
+            && !self.seen.insert((stat.st_dev, stat.st_ino));
+        if !again {
+            self.bytes += stat.st_size as u64;
+        }
+        Ok(())
+    }
+
+    fn symlink(&mut self, _: &(), _: &Stat, _: Lazy<'_, Vec<u8>>) -> Result<(), Infallible> {
+        self.files += 1;
+        Ok(())
+    }
+
+    fn node(&mut self, _: &(), _: &Stat) -> Result<(), Infallible> {
+        self.files += 1;
+        Ok(())
+    }
+
+    fn special(&mut self, _: &(), _: &'static str) -> Result<(), Infallible> {
+        Ok(())
+    }
+
+    fn unreadable(&mut self, _: &(), _: io::Error) -> Result<(), Infallible> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustix::fs::FileType;
+
+    use super::*;
+
+    #[test]
+    fn the_count_takes_a_file_with_several_names_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        std::fs::write(tmp.path().join("a"), [1; 1000]).unwrap();
+        std::fs::hard_link(tmp.path().join("a"), tmp.path().join("sub/b")).unwrap();
+        std::fs::write(tmp.path().join("c"), [2; 10]).unwrap();
+        let root = fsx::open_local_root(tmp.path()).unwrap();
+        let Root::Dir(fd, _) = root else {
+            panic!("not a directory")
+        };
+        // Three names, and the bytes the transfer sends: 1000 once, 10.
+        assert_eq!(count(&fd), (3, 1010));
+    }
+
+    #[test]
+    fn the_count_takes_fifos_which_are_made_and_not_sockets_which_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(tmp.path().join("socket")).unwrap();
+        let Root::Dir(fd, _) = fsx::open_local_root(tmp.path()).unwrap() else {
+            panic!("not a directory")
+        };
+        assert_eq!(count(&fd), (1, 0));
+        // The same holds for a fifo named as the root.
+        let root = fsx::open_local_root(&fifo).unwrap();
+        assert!(matches!(root, Root::Node(_)));
+        assert_eq!(count_in_background(&root).unwrap().recv().unwrap(), (1, 0));
+    }
+
+    #[test]
+    fn the_count_goes_into_directories_and_nowhere_else() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("a/b")).unwrap();
+        std::fs::write(tmp.path().join("a/b/f"), [0; 7]).unwrap();
+        std::os::unix::fs::symlink("a", tmp.path().join("l")).unwrap();
+        let Root::Dir(fd, _) = fsx::open_local_root(tmp.path()).unwrap() else {
+            panic!("not a directory")
+        };
+        // The symlink is one entry; what it points to is not counted again.
+        assert_eq!(count(&fd), (2, 7));
+    }
+}

@@ -1,0 +1,221 @@
+//! The sending side of a transfer, the same for uploads and downloads.
+//!
+//! A producer thread walks the tree, reads each file in chunks, hashes and
+//! compresses them and hands finished frames to the connections through
+//! bounded queues; the async side writes those frames and reads the
+//! receiver's replies. Memory is bounded by the queues, whatever the size
+//! of the files or the tree, and by the entries the receiver has not
+//! answered yet.
+//!
+//! - [`rules`]: what the sender decides, over messages and metadata alone:
+//!   what a reply means, when the walk waits, which file goes next.
+//! - [`walk`]: the one walk of a tree, over directory handles.
+//! - [`producer`]: the thread that walks, announces and sends, carrying
+//!   out the rules; [`count`]: the walk that counts totals ahead.
+//! - [`frames`]: chunks read into frames, and frames into the queues.
+//! - Here: the async driver, and the [`Inbox`] where the receiver's replies
+//!   meet the producer.
+
+mod count;
+mod frames;
+mod producer;
+mod rules;
+mod walk;
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use ferry_proto::frame::Frame;
+use ferry_proto::message::{Compression, Message};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::frames::{Chunks, Output};
+use self::producer::Producer;
+use self::rules::{InboxState, News};
+use crate::conn::{
+    DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
+};
+use crate::error::{EngineError, Violation};
+use crate::events::{EventSink, Tally};
+use crate::fsx::Root;
+
+/// Batches of control frames the producer may run ahead of the socket.
+const FRAME_QUEUE: usize = 8;
+/// Data frames (chunks of files larger than one chunk) waiting for any
+/// connection of the session to take them: with 1 MiB chunks, the bound on
+/// the sender's memory beyond the socket buffers.
+const DATA_QUEUE: usize = 16;
+
+/// What to send.
+pub(crate) struct SendJob {
+    pub(crate) root: Root,
+    pub(crate) compression: Compression,
+    /// Whether the receiver is on this host (a loopback connection): there
+    /// the link is memory, faster than any compressor, so `auto` starts
+    /// off instead of spending a warm-up and a probe to find that out.
+    pub(crate) local_peer: bool,
+    /// How the root is named in events and messages.
+    pub(crate) label: String,
+    /// Count the tree up front (on a thread of its own) so that progress
+    /// can show totals from the start. Without it, the totals are counted
+    /// during the walk and sent just before `end`.
+    pub(crate) early_totals: bool,
+    /// Send each entry's owner, for a receiver that applies them.
+    pub(crate) owners: bool,
+}
+
+/// What passes from the reader of the receiver's replies to the producer
+/// (see [`InboxState`]), and the signal that something did.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    /// Signalled when something comes in, and when the reader stops.
+    changed: Condvar,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until `ready` holds; `Closed` if the reader stops first.
+    fn wait_until(&self, ready: impl Fn(&InboxState) -> bool) -> Result<(), EngineError> {
+        let mut state = self.lock();
+        while !ready(&state) {
+            if state.closed {
+                return Err(EngineError::Closed);
+            }
+            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
+    }
+
+    /// Take what the receiver said; with `wait`, wait for some word first.
+    fn take_news(&self, wait: bool) -> Result<News, EngineError> {
+        if wait {
+            self.wait_until(InboxState::has_news)?;
+        }
+        Ok(self.lock().take_news())
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Closes the inbox however the sender ends, so that a producer waiting
+/// on it learns that nothing more will come.
+struct CloseOnDrop(Arc<Inbox>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// Run the sending side over an established, accepted session.
+///
+/// The control connection carries the ordered messages (and data when it
+/// is free); the data connections that arrive on `joins` share the chunks
+/// of large files.
+pub(crate) async fn run_sender<R, W>(
+    reader: &mut FrameReader<R>,
+    writer: &mut FrameWriter<W>,
+    job: SendJob,
+    tally: Arc<Tally>,
+    cancel: &CancellationToken,
+    mut joins: mpsc::Receiver<DataConn>,
+) -> Result<(), EngineError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (control_tx, mut control_rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
+    let (data_tx, data_rx) = async_channel::bounded::<Bytes>(DATA_QUEUE);
+    let inbox = Arc::new(Inbox::default());
+    let _close_inbox = CloseOnDrop(inbox.clone());
+    let (done_tx, done_rx) = oneshot::channel();
+    let producer = Producer::new(
+        Output::new(control_tx, data_tx),
+        Chunks::new(job.compression, job.local_peer, tally.clone())?,
+        inbox.clone(),
+        tally.clone(),
+        job.label,
+        job.owners,
+    );
+    // A thread of its own (not the blocking pool): it does blocking file
+    // I/O for the whole transfer, and recursion needs a roomy stack.
+    std::thread::Builder::new()
+        .name("ferry-send".into())
+        .stack_size(16 * 1024 * 1024)
+        .spawn(move || {
+            let _ = done_tx.send(producer.run(job.root, job.early_totals));
+        })
+        .map_err(EngineError::from)?;
+
+    // The transfer is over when the receiver says so; the writers only
+    // matter if they fail (then the session cannot complete).
+    let write = async {
+        pump_control(writer, &mut control_rx, &data_rx).await?;
+        std::future::pending::<Result<(), EngineError>>().await
+    };
+    let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
+    tokio::select! {
+        r = read_outcomes(reader, &inbox, &tally) => r?,
+        r = write => r?,
+        e = data_writers => return Err(e),
+        _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+    }
+    // The receiver is done: a producer still waiting for its word (only
+    // after a `done` that came too early) must not wait forever.
+    inbox.close();
+    drop(control_rx);
+    done_rx.await.unwrap_or(Err(EngineError::Closed))
+}
+
+/// Read the receiver's verdicts until it says the transfer is done.
+async fn read_outcomes<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    inbox: &Inbox,
+    tally: &Tally,
+) -> Result<(), EngineError> {
+    let mut events = Vec::new();
+    loop {
+        // Everything one read brought, under one lock and one wake-up: on
+        // small files that is hundreds of outcomes.
+        let mut msg = reader.message().await?;
+        let mut done = false;
+        {
+            let mut state = inbox.lock();
+            loop {
+                match msg {
+                    Message::Done => done = true,
+                    Message::Keepalive => {}
+                    msg => events.extend(state.take_in(msg)?),
+                }
+                msg = match reader.buffered()? {
+                    _ if done => break,
+                    Some(Frame::Control(Message::Error { code, message })) => {
+                        return Err(EngineError::Remote { code, message });
+                    }
+                    Some(Frame::Control(next)) => next,
+                    Some(Frame::Data(_)) => {
+                        return Err(Violation::UnexpectedData.into());
+                    }
+                    None => break,
+                };
+            }
+        }
+        inbox.changed.notify_all();
+        // Outside the lock: the sink may take its time.
+        for event in events.drain(..) {
+            tally.event(event);
+        }
+        if done {
+            return Ok(());
+        }
+    }
+}
