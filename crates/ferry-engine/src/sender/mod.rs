@@ -116,6 +116,96 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// A producer running on its own thread, and the ends of its queues:
+/// what [`run_sender`] drives over sockets, and what the in-memory
+/// sessions drive by hand.
+pub(crate) struct Started {
+    /// Ordered frames, for the control connection.
+    pub(crate) control: mpsc::Receiver<Bytes>,
+    /// Chunks of large files, for whichever connection is free.
+    pub(crate) data: async_channel::Receiver<Bytes>,
+    /// Where the receiver's replies go in.
+    pub(crate) replies: Replies,
+    /// The producer's verdict, once it has finished.
+    pub(crate) done: oneshot::Receiver<Result<(), EngineError>>,
+}
+
+/// Start the producer for `job`.
+pub(crate) fn start(job: SendJob, tally: Arc<Tally>) -> Result<Started, EngineError> {
+    let (control_tx, control) = mpsc::channel::<Bytes>(FRAME_QUEUE);
+    let (data_tx, data) = async_channel::bounded::<Bytes>(DATA_QUEUE);
+    let inbox = Arc::new(Inbox::default());
+    let (done_tx, done) = oneshot::channel();
+    let producer = Producer::new(
+        Output::new(control_tx, data_tx),
+        Chunks::new(job.compression, job.local_peer, tally.clone())?,
+        inbox.clone(),
+        tally,
+        job.label,
+        job.owners,
+    );
+    // A thread of its own (not the blocking pool): it does blocking file
+    // I/O for the whole transfer, and recursion needs a roomy stack.
+    std::thread::Builder::new()
+        .name("ferry-send".into())
+        .stack_size(16 * 1024 * 1024)
+        .spawn(move || {
+            let _ = done_tx.send(producer.run(job.root, job.early_totals));
+        })
+        .map_err(EngineError::from)?;
+    Ok(Started {
+        control,
+        data,
+        replies: Replies(inbox),
+        done,
+    })
+}
+
+/// The producer's side of the receiver's replies.
+pub(crate) struct Replies(Arc<Inbox>);
+
+impl Replies {
+    /// Take in what the receiver said, under one lock and one wake-up (on
+    /// small files that is hundreds of outcomes); true once it said `done`.
+    /// The events go to `tally` after the lock is released: the sink may
+    /// take its time.
+    pub(crate) fn take_replies(
+        &self,
+        replies: impl IntoIterator<Item = Message>,
+        tally: &Tally,
+    ) -> Result<bool, EngineError> {
+        let mut events = Vec::new();
+        let mut done = false;
+        {
+            let mut state = self.0.lock();
+            for msg in replies {
+                match msg {
+                    Message::Done => {
+                        done = true;
+                        break;
+                    }
+                    Message::Keepalive => {}
+                    Message::Error { code, message } => {
+                        return Err(EngineError::Remote { code, message });
+                    }
+                    msg => events.extend(state.take_in(msg)?),
+                }
+            }
+        }
+        self.0.changed.notify_all();
+        for event in events {
+            tally.event(event);
+        }
+        Ok(done)
+    }
+
+    /// Nothing more will come from the receiver: a producer waiting for
+    /// its word learns so.
+    pub(crate) fn close(&self) {
+        self.0.close();
+    }
+}
+
 /// Run the sending side over an established, accepted session.
 ///
 /// The control connection carries the ordered messages (and data when it
@@ -133,88 +223,49 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (control_tx, mut control_rx) = mpsc::channel::<Bytes>(FRAME_QUEUE);
-    let (data_tx, data_rx) = async_channel::bounded::<Bytes>(DATA_QUEUE);
-    let inbox = Arc::new(Inbox::default());
-    let _close_inbox = CloseOnDrop(inbox.clone());
-    let (done_tx, done_rx) = oneshot::channel();
-    let producer = Producer::new(
-        Output::new(control_tx, data_tx),
-        Chunks::new(job.compression, job.local_peer, tally.clone())?,
-        inbox.clone(),
-        tally.clone(),
-        job.label,
-        job.owners,
-    );
-    // A thread of its own (not the blocking pool): it does blocking file
-    // I/O for the whole transfer, and recursion needs a roomy stack.
-    std::thread::Builder::new()
-        .name("ferry-send".into())
-        .stack_size(16 * 1024 * 1024)
-        .spawn(move || {
-            let _ = done_tx.send(producer.run(job.root, job.early_totals));
-        })
-        .map_err(EngineError::from)?;
-
+    let Started {
+        mut control,
+        data: data_rx,
+        replies,
+        done,
+    } = start(job, tally.clone())?;
+    let _close_inbox = CloseOnDrop(replies.0.clone());
     // The transfer is over when the receiver says so; the writers only
     // matter if they fail (then the session cannot complete).
     let write = async {
-        pump_control(writer, &mut control_rx, &data_rx).await?;
+        pump_control(writer, &mut control, &data_rx).await?;
         std::future::pending::<Result<(), EngineError>>().await
     };
     let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
     tokio::select! {
-        r = read_outcomes(reader, &inbox, &tally) => r?,
+        r = read_outcomes(reader, &replies, &tally) => r?,
         r = write => r?,
         e = data_writers => return Err(e),
         _ = cancel.cancelled() => return Err(EngineError::Cancelled),
     }
     // The receiver is done: a producer still waiting for its word (only
     // after a `done` that came too early) must not wait forever.
-    inbox.close();
-    drop(control_rx);
-    done_rx.await.unwrap_or(Err(EngineError::Closed))
+    replies.close();
+    drop(control);
+    done.await.unwrap_or(Err(EngineError::Closed))
 }
 
 /// Read the receiver's verdicts until it says the transfer is done.
 async fn read_outcomes<R: AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    inbox: &Inbox,
+    inbox: &Replies,
     tally: &Tally,
 ) -> Result<(), EngineError> {
-    let mut events = Vec::new();
     loop {
-        // Everything one read brought, under one lock and one wake-up: on
-        // small files that is hundreds of outcomes.
-        let mut msg = reader.message().await?;
-        let mut done = false;
-        {
-            let mut state = inbox.lock();
-            loop {
-                match msg {
-                    Message::Done => done = true,
-                    Message::Keepalive => {}
-                    msg => events.extend(state.take_in(msg)?),
-                }
-                msg = match reader.buffered()? {
-                    _ if done => break,
-                    Some(Frame::Control(Message::Error { code, message })) => {
-                        return Err(EngineError::Remote { code, message });
-                    }
-                    Some(Frame::Control(next)) => next,
-                    Some(Frame::Data(_)) => {
-                        return Err(Violation::UnexpectedData.into());
-                    }
-                    None => break,
-                };
+        // Everything one read brought.
+        let mut replies = vec![reader.message().await?];
+        while let Some(frame) = reader.buffered()? {
+            match frame {
+                Frame::Control(msg) => replies.push(msg),
+                Frame::Data(_) => return Err(Violation::UnexpectedData.into()),
             }
         }
-        inbox.changed.notify_all();
-        // Outside the lock: the sink may take its time.
-        for event in events.drain(..) {
-            tally.event(event);
-        }
-        if done {
+        if inbox.take_replies(replies, tally)? {
             return Ok(());
         }
     }

@@ -8,5 +8,7 @@
 //! `pair.rs`), and may tamper with what passes between them. Each runs in
 //! milliseconds; each bug fix gets one.
 
+mod exchanges;
 mod harness;
+mod pair;
 mod receiving;
