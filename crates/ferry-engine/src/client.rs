@@ -235,6 +235,49 @@ async fn join(
     }
 }
 
+/// Say hello, and prove the token if the server asks for it: the server's
+/// last answer (`welcome`, if all went well).
+async fn greet(conn: &mut Connected, token: Option<&Token>) -> Result<Message, EngineError> {
+    conn.writer
+        .send_now(&Message::Hello {
+            software: crate::SOFTWARE.to_string(),
+        })
+        .await?;
+    let mut answer = reply(&mut conn.reader).await;
+    if let Ok(Message::Challenge { nonce }) = &answer {
+        let mac = proof(token, nonce, &conn.exporter)?;
+        conn.writer.send_now(&Message::Auth { mac }).await?;
+        // A server answers a wrong token only after a delay of up to
+        // MAX_DELAY: wait for it, or a mistyped token would look like a
+        // stalled server and be retried, failing again each time.
+        answer = reply_within(&mut conn.reader, HANDSHAKE_TIMEOUT + throttle::MAX_DELAY).await;
+    }
+    match answer {
+        // A wrong token stays wrong: not worth a retry.
+        Err(EngineError::Remote {
+            code: ErrorCode::PermissionDenied,
+            message,
+        }) => Err(EngineError::Refused {
+            code: ErrorCode::PermissionDenied,
+            message,
+        }),
+        other => other,
+    }
+}
+
+/// The answer to the challenge `nonce` (hex) on a connection whose channel
+/// binding is `exporter`.
+fn proof(token: Option<&Token>, nonce: &str, exporter: &[u8]) -> Result<String, EngineError> {
+    let Some(token) = token else {
+        return Err(EngineError::Refused {
+            code: ErrorCode::PermissionDenied,
+            message: "the server requires a token: set FERRY_TOKEN or pass --token-file".into(),
+        });
+    };
+    let nonce = auth::unhex(nonce).ok_or(Violation::BadChallenge)?;
+    Ok(token.mac(&nonce, exporter))
+}
+
 impl Connection {
     async fn open(
         addr: &str,
@@ -243,12 +286,7 @@ impl Connection {
         meter: Meter,
         events: &dyn EventSink,
     ) -> Result<Self, EngineError> {
-        let Connected {
-            mut reader,
-            mut writer,
-            exporter,
-            local_peer,
-        } = connect(addr, tls, &meter).await?;
+        let mut conn = connect(addr, tls, &meter).await?;
         if let Some(new) = tls.map(ClientTls::remember).transpose()?.flatten() {
             events.event(Event::NewServer {
                 addr: addr.to_string(),
@@ -256,44 +294,13 @@ impl Connection {
                 file: new.file,
             });
         }
-        writer
-            .send_now(&Message::Hello {
-                software: crate::SOFTWARE.to_string(),
-            })
-            .await?;
-        let mut answer = reply(&mut reader).await;
-        if let Ok(Message::Challenge { nonce }) = &answer {
-            let Some(token) = token else {
-                return Err(EngineError::Refused {
-                    code: ErrorCode::PermissionDenied,
-                    message: "the server requires a token: set FERRY_TOKEN or pass --token-file"
-                        .into(),
-                });
-            };
-            let nonce = auth::unhex(nonce).ok_or(Violation::BadChallenge)?;
-            writer
-                .send_now(&Message::Auth {
-                    mac: token.mac(&nonce, &exporter),
-                })
-                .await?;
-            // A server answers a wrong token only after a delay of up to
-            // MAX_DELAY: wait for it, or a mistyped token would look like a
-            // stalled server and be retried, failing again each time.
-            answer = reply_within(&mut reader, HANDSHAKE_TIMEOUT + throttle::MAX_DELAY).await;
-        }
-        let answer = match answer {
-            // A wrong token stays wrong: not worth a retry.
-            Err(EngineError::Remote {
-                code: ErrorCode::PermissionDenied,
-                message,
-            }) => {
-                return Err(EngineError::Refused {
-                    code: ErrorCode::PermissionDenied,
-                    message,
-                });
-            }
-            other => other?,
-        };
+        let answer = greet(&mut conn, token).await?;
+        let Connected {
+            reader,
+            writer,
+            local_peer,
+            ..
+        } = conn;
         match answer {
             Message::Welcome {
                 session_id,

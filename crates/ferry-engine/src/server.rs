@@ -20,7 +20,7 @@ use std::future::Future;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,21 +107,7 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let root = Arc::new(
-        rustix::fs::open(
-            &config.root,
-            rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("{}: {}", config.root.display(), reason(&e.into())),
-            )
-        })?,
-    );
+    let root = Arc::new(open_root(&config.root)?);
     let cancel = CancellationToken::new();
     if let Some(max_age) = config.part_max_age {
         tokio::spawn(sweep_every_hour(root.clone(), max_age, cancel.clone()));
@@ -168,6 +154,28 @@ pub async fn serve(
             }
         });
     }
+    wind_down(sessions, cancel).await;
+    Ok(())
+}
+
+/// The directory a server serves, held open for its lifetime: every path
+/// is resolved beneath this handle, not by name.
+fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
+    rustix::fs::open(
+        root,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{}: {}", root.display(), reason(&e.into())),
+        )
+    })
+}
+
+/// Cancel the sessions in flight and give them `SHUTDOWN_GRACE` to end.
+async fn wind_down(sessions: TaskTracker, cancel: CancellationToken) {
     info!(
         "shutting down: no new connections; ending {} session(s)",
         sessions.len()
@@ -183,7 +191,6 @@ pub async fn serve(
             SHUTDOWN_GRACE.as_secs()
         );
     }
-    Ok(())
 }
 
 /// What every connection of a server shares.
@@ -334,41 +341,12 @@ async fn connection(
 /// both ways, then `hello` or `join`.
 async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Opened, EngineError> {
     let tls = shared.tls.as_ref();
-    let _ = stream.set_nodelay(true);
-    // The first byte tells a TLS client (a handshake record, 0x16) from a
-    // plaintext ferry one (the preface's `F`), so that a client on the
-    // other setting hears why it cannot be served.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
-        Ok(Err(e)) => return Err(e.into()),
-        Ok(Ok(0)) => return Err(EngineError::Closed),
-        Ok(Ok(_)) => {}
-    }
-    let plaintext_client = first[0] == MAGIC[0];
-    // The TLS session's channel binding for authentication (empty
-    // without TLS).
-    let mut exporter = Vec::new();
-    let (r, w): (BoxRead, BoxWrite) = match tls {
-        Some(tls) if !plaintext_client => {
-            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
-                .await
-                .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
-                .map_err(|e| EngineError::Tls(reason(&e)))?;
-            exporter = accepted
-                .get_ref()
-                .1
-                .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
-                .map_err(|e| EngineError::Tls(e.to_string()))?;
-            let (r, w) = tokio::io::split(accepted);
-            (Box::new(r), Box::new(w))
-        }
-        None if first[0] == TLS_HANDSHAKE_RECORD => return tls_client_refused(stream).await,
-        _ => {
-            let (r, w) = stream.into_split();
-            (Box::new(r), Box::new(w))
-        }
-    };
+    let Transport {
+        r,
+        w,
+        exporter,
+        plaintext_client,
+    } = transport(stream, tls).await?;
     // One meter per connection: the control connection's is what the stall
     // watch reads (it also carries data, and the session cannot finish
     // without it moving).
@@ -420,6 +398,63 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
         }),
         _ => refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
     }
+}
+
+/// A connection's two halves, with TLS unless one end runs without it.
+struct Transport {
+    r: BoxRead,
+    w: BoxWrite,
+    /// The TLS session's channel binding for authentication (empty
+    /// without TLS).
+    exporter: Vec<u8>,
+    /// The client sent the plaintext preface rather than a TLS handshake.
+    plaintext_client: bool,
+}
+
+/// The connection's transport: TLS when the server has it and the client
+/// starts a TLS handshake, plain TCP otherwise (a plaintext client at a TLS
+/// server is refused by `open`, after its hello). A TLS client at a
+/// `--no-tls` server is told why it cannot be served.
+async fn transport(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Transport, EngineError> {
+    let _ = stream.set_nodelay(true);
+    // The first byte tells a TLS client (a handshake record, 0x16) from a
+    // plaintext ferry one (the preface's `F`), so that a client on the
+    // other setting hears why it cannot be served.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+        Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(0)) => return Err(EngineError::Closed),
+        Ok(Ok(_)) => {}
+    }
+    let plaintext_client = first[0] == MAGIC[0];
+    let mut exporter = Vec::new();
+    let (r, w): (BoxRead, BoxWrite) = match tls {
+        Some(tls) if !plaintext_client => {
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
+                .await
+                .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
+                .map_err(|e| EngineError::Tls(reason(&e)))?;
+            exporter = accepted
+                .get_ref()
+                .1
+                .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
+                .map_err(|e| EngineError::Tls(e.to_string()))?;
+            let (r, w) = tokio::io::split(accepted);
+            (Box::new(r), Box::new(w))
+        }
+        None if first[0] == TLS_HANDSHAKE_RECORD => return tls_client_refused(stream).await,
+        _ => {
+            let (r, w) = stream.into_split();
+            (Box::new(r), Box::new(w))
+        }
+    };
+    Ok(Transport {
+        r,
+        w,
+        exporter,
+        plaintext_client,
+    })
 }
 
 /// Have the client prove the token: `challenge`, `auth`.
@@ -516,7 +551,7 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// preface, which its TLS stack rejects as "not TLS" and reports as such;
 /// then its hello is read away, so that closing does not reset the
 /// connection before the client has read the answer.
-async fn tls_client_refused(mut stream: TcpStream) -> Result<Opened, EngineError> {
+async fn tls_client_refused<T>(mut stream: TcpStream) -> Result<T, EngineError> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let answer = async {
         stream.write_all(&Preface::ours().encode()).await?;
@@ -628,7 +663,6 @@ async fn session(
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<(), EngineError> {
-    let (registry, idle_timeout) = (&shared.registry, shared.idle_timeout);
     let (session_id, secret) = match random_hex().and_then(|id| Ok((id, random_hex()?))) {
         Ok(pair) => pair,
         Err(e) => {
@@ -637,17 +671,7 @@ async fn session(
         }
     };
     info!(session = %session_id, client = %escape(software.as_bytes()), "handshake");
-    let (joins_tx, joins) = mpsc::channel(MAX_STREAMS as usize);
-    let slot = SessionSlot {
-        secret: secret.clone(),
-        joins: joins_tx,
-        joined: 0,
-    };
-    lock(registry).insert(session_id.clone(), slot);
-    let _registered = Registered {
-        registry: registry.clone(),
-        id: session_id.clone(),
-    };
+    let (joins, _registered) = register(&shared.registry, &session_id, &secret);
     writer
         .send_now(&Message::Welcome {
             software: crate::SOFTWARE.to_string(),
@@ -667,46 +691,80 @@ async fn session(
     };
     writer.send_now(&Message::Ready).await?;
     let watched = cancel.child_token();
-    let stalled = watch_for_stall(meter, idle_timeout, watched.clone());
-    let (verb, result, tally) = match accepted {
+    let stalled = watch_for_stall(meter, shared.idle_timeout, watched.clone());
+    let (verb, result, tally) = transfer(
+        accepted,
+        &mut reader,
+        &mut writer,
+        local_peer,
+        &watched,
+        joins,
+    )
+    .await;
+    watched.cancel(); // ends the stall watch
+    let result = match result {
+        Err(EngineError::Cancelled) if stalled.load(std::sync::atomic::Ordering::Acquire) => {
+            Err(EngineError::Stalled(shared.idle_timeout.as_secs()))
+        }
+        other => other,
+    };
+    say_goodbye(&mut writer, &result).await;
+    log_summary(verb, &result, &tally, started);
+    result
+}
+
+/// Put a new session in the registry, where its data connections will
+/// find it: what they send it, and the guard that takes it out again.
+fn register(
+    registry: &Registry,
+    session_id: &str,
+    secret: &str,
+) -> (mpsc::Receiver<DataConn>, Registered) {
+    let (joins_tx, joins) = mpsc::channel(MAX_STREAMS as usize);
+    let slot = SessionSlot {
+        secret: secret.to_string(),
+        joins: joins_tx,
+        joined: 0,
+    };
+    lock(registry).insert(session_id.to_string(), slot);
+    let registered = Registered {
+        registry: registry.clone(),
+        id: session_id.to_string(),
+    };
+    (joins, registered)
+}
+
+/// Run an accepted request on the control connection (and the data
+/// connections that join): what it was, how it ended, what it moved.
+async fn transfer(
+    accepted: Accepted,
+    reader: &mut FrameReader<BoxRead>,
+    writer: &mut FrameWriter<BoxWrite>,
+    local_peer: bool,
+    watched: &CancellationToken,
+    joins: mpsc::Receiver<DataConn>,
+) -> (&'static str, Result<(), EngineError>, Arc<Tally>) {
+    match accepted {
         Accepted::Receive(dest) => {
             info!("upload to {}", dest.label);
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
-            let result = run_receiver(
-                &mut reader,
-                &mut writer,
-                dest,
-                tally.clone(),
-                &watched,
-                joins,
-            )
-            .await;
+            let result = run_receiver(reader, writer, dest, tally.clone(), watched, joins).await;
             ("upload", result, tally)
         }
         Accepted::Send(mut job) => {
             info!("download of {}", job.label);
             job.local_peer = local_peer;
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
-            let result = run_sender(
-                &mut reader,
-                &mut writer,
-                job,
-                tally.clone(),
-                &watched,
-                joins,
-            )
-            .await;
+            let result = run_sender(reader, writer, job, tally.clone(), watched, joins).await;
             ("download", result, tally)
         }
-    };
-    watched.cancel(); // ends the stall watch
-    let result = match result {
-        Err(EngineError::Cancelled) if stalled.load(std::sync::atomic::Ordering::Acquire) => {
-            Err(EngineError::Stalled(idle_timeout.as_secs()))
-        }
-        other => other,
-    };
-    let farewell = match &result {
+    }
+}
+
+/// Tell the client why the server ended its session, if the server did,
+/// and close the control connection.
+async fn say_goodbye(writer: &mut FrameWriter<BoxWrite>, result: &Result<(), EngineError>) {
+    let farewell = match result {
         Err(EngineError::Cancelled) => {
             Some((ErrorCode::ShuttingDown, "the server is shutting down"))
         }
@@ -722,6 +780,10 @@ async fn session(
     }
     // Bounded: after a stall, the connection may never drain.
     let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
+}
+
+/// The one log line that sums up a session.
+fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, started: Instant) {
     let report = tally.report();
     info!(
         "{verb} {}: {} ok ({} unchanged), {} failed, {} incomplete, {} skipped, {} bytes in {:.1} s",
@@ -738,7 +800,6 @@ async fn session(
         report.file_bytes,
         started.elapsed().as_secs_f64()
     );
-    result
 }
 
 /// What an accepted request runs.
@@ -767,46 +828,10 @@ fn accept_request(
 ) -> Result<Accepted, Refusal> {
     // Before anything touches the filesystem: a read-only server must not
     // even create an upload's parent directories.
-    match (&request, access) {
-        (Message::Upload { .. }, Access::ReadOnly) => {
-            let msg = "this server is read-only: it serves downloads, not uploads";
-            return Err(Refusal(ErrorCode::PermissionDenied, msg.into()));
-        }
-        (Message::Download { .. }, Access::WriteOnly) => {
-            let msg = "this server is write-only: it accepts uploads, not downloads";
-            return Err(Refusal(ErrorCode::PermissionDenied, msg.into()));
-        }
-        _ => {}
-    }
-    let parse = |bytes: &[u8]| {
-        WirePath::parse(bytes)
-            .map_err(|e| Refusal(ErrorCode::BadPath, format!("refused remote path: {e}")))
-    };
+    check_access(&request, access)?;
     match request {
         Message::Upload { dest, ignore_times } => {
-            let path = parse(dest.as_bytes())?;
-            if path.is_root() {
-                let msg = "the remote path must name a file or directory below the server's root";
-                return Err(Refusal(ErrorCode::BadPath, msg.into()));
-            }
-            let prefix: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
-            let parents: Vec<&[u8]> = prefix[..prefix.len() - 1]
-                .iter()
-                .map(Vec::as_slice)
-                .collect();
-            let base = fsx::open_dir_beneath(root.as_fd(), &[])
-                .map_err(|e| Refusal::io("server root", &e))?;
-            fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755)
-                .map_err(|e| Refusal::io(&escape(&parents.join(&b'/')), &e))?;
-            Ok(Accepted::Receive(Destination {
-                base,
-                prefix,
-                label: path.display(),
-                ignore_times,
-                // Entries carry owners unless the client said --no-owner.
-                owners: fsx::may_chown(),
-                devices: devices && fsx::may_chown(),
-            }))
+            accept_upload(root, devices, dest.as_bytes(), ignore_times)
         }
         // The client receives, and applies `ignore_times` itself.
         Message::Download {
@@ -814,31 +839,92 @@ fn accept_request(
             compression,
             ignore_times: _,
             owners,
-        } => {
-            if let Compression::Level(level) = compression
-                && !(1..=19).contains(&level)
-            {
-                let msg = format!("compression level {level} is outside 1..=19");
-                return Err(Refusal(ErrorCode::BadRequest, msg));
-            }
-            let path = parse(source.as_bytes())?;
-            let root_entry = fsx::open_confined_root(root.as_fd(), &path)
-                .map_err(|e| Refusal::io(&path.display(), &e))?;
-            Ok(Accepted::Send(SendJob {
-                root: root_entry,
-                compression,
-                local_peer: false,
-                label: path.display(),
-                // The client cannot tell us whether it shows progress: count.
-                early_totals: true,
-                owners,
-            }))
-        }
+        } => accept_download(root, source.as_bytes(), compression, owners),
         other => Err(Refusal(
             ErrorCode::BadRequest,
             format!("expected a request, got {other:?}"),
         )),
     }
+}
+
+/// Refuse the direction a read-only or write-only server does not serve.
+fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
+    match (request, access) {
+        (Message::Upload { .. }, Access::ReadOnly) => {
+            let msg = "this server is read-only: it serves downloads, not uploads";
+            Err(Refusal(ErrorCode::PermissionDenied, msg.into()))
+        }
+        (Message::Download { .. }, Access::WriteOnly) => {
+            let msg = "this server is write-only: it accepts uploads, not downloads";
+            Err(Refusal(ErrorCode::PermissionDenied, msg.into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn parse_remote(bytes: &[u8]) -> Result<WirePath, Refusal> {
+    WirePath::parse(bytes)
+        .map_err(|e| Refusal(ErrorCode::BadPath, format!("refused remote path: {e}")))
+}
+
+/// An upload to `dest`: its parent directories are made now, so that the
+/// receiver only ever works beneath them.
+fn accept_upload(
+    root: &OwnedFd,
+    devices: bool,
+    dest: &[u8],
+    ignore_times: bool,
+) -> Result<Accepted, Refusal> {
+    let path = parse_remote(dest)?;
+    if path.is_root() {
+        let msg = "the remote path must name a file or directory below the server's root";
+        return Err(Refusal(ErrorCode::BadPath, msg.into()));
+    }
+    let prefix: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
+    let parents: Vec<&[u8]> = prefix[..prefix.len() - 1]
+        .iter()
+        .map(Vec::as_slice)
+        .collect();
+    let base =
+        fsx::open_dir_beneath(root.as_fd(), &[]).map_err(|e| Refusal::io("server root", &e))?;
+    fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755)
+        .map_err(|e| Refusal::io(&escape(&parents.join(&b'/')), &e))?;
+    Ok(Accepted::Receive(Destination {
+        base,
+        prefix,
+        label: path.display(),
+        ignore_times,
+        // Entries carry owners unless the client said --no-owner.
+        owners: fsx::may_chown(),
+        devices: devices && fsx::may_chown(),
+    }))
+}
+
+/// A download of `source`, confined to the root.
+fn accept_download(
+    root: &OwnedFd,
+    source: &[u8],
+    compression: Compression,
+    owners: bool,
+) -> Result<Accepted, Refusal> {
+    if let Compression::Level(level) = compression
+        && !(1..=19).contains(&level)
+    {
+        let msg = format!("compression level {level} is outside 1..=19");
+        return Err(Refusal(ErrorCode::BadRequest, msg));
+    }
+    let path = parse_remote(source)?;
+    let root_entry = fsx::open_confined_root(root.as_fd(), &path)
+        .map_err(|e| Refusal::io(&path.display(), &e))?;
+    Ok(Accepted::Send(SendJob {
+        root: root_entry,
+        compression,
+        local_peer: false,
+        label: path.display(),
+        // The client cannot tell us whether it shows progress: count.
+        early_totals: true,
+        owners,
+    }))
 }
 
 /// Refuse a request with a reason the client will show its user.

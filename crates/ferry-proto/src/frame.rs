@@ -15,6 +15,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
 use crate::chunk::{CHUNK_HEADER_LEN, ChunkError, ChunkHeader, DataChunk};
+use crate::json;
 use crate::limits::{MAX_CHUNK_LEN, MAX_CONTROL_LEN};
 use crate::message::Message;
 
@@ -59,11 +60,7 @@ pub fn encode_control(msg: &Message, dst: &mut BytesMut) -> Result<(), FrameErro
     let start = dst.len();
     dst.put_u8(TYPE_CONTROL);
     dst.put_u32(0);
-    // The per-file messages skip serde when they can: see `hot`.
-    let written = match crate::hot::write(msg, dst) {
-        true => Ok(()),
-        false => serde_json::to_writer((&mut *dst).writer(), msg),
-    };
+    let written = json::write(msg, dst);
     let len = dst.len() - start - FRAME_HEADER_LEN;
     if let Err(e) = written {
         dst.truncate(start);

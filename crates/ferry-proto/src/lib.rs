@@ -29,6 +29,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hot;
+mod json;
 pub mod message;
 pub mod path;
 pub mod preface;

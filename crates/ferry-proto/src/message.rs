@@ -109,18 +109,6 @@ pub enum Outcome {
     Incomplete(String),
 }
 
-impl Message {
-    /// Read a control message's JSON body: the messages sent once per file
-    /// by a fast path that takes only their canonical form (see `hot`),
-    /// everything else, and whatever that path declines, by serde.
-    pub fn from_json(body: &[u8]) -> Result<Message, serde_json::Error> {
-        match crate::hot::parse(body) {
-            Some(msg) => Ok(msg),
-            None => serde_json::from_slice(body),
-        }
-    }
-}
-
 impl Outcome {
     /// Whether the entry is in place on the receiver.
     pub fn is_ok(&self) -> bool {

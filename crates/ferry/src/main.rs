@@ -11,6 +11,7 @@ mod ui;
 
 use std::ffi::OsStr;
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -210,14 +211,7 @@ fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
 }
 
 async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
-    let mode = if opts.quiet {
-        Mode::Quiet
-    } else if opts.json {
-        Mode::Json
-    } else {
-        Mode::Human
-    };
-    let ui = Arc::new(Ui::new(mode, opts.verbose));
+    let ui = Arc::new(Ui::new(ui_mode(opts), opts.verbose));
     let cancel = CancellationToken::new();
     tokio::spawn(interrupt_handler(cancel.clone()));
 
@@ -225,33 +219,77 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
     let (addr, in_process) = match &plan.server {
         Target::Remote(addr) => (addr.clone(), None),
         Target::InProcess { root } => {
-            let listener = TcpListener::bind("127.0.0.1:0")
-                .await
-                .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| Fatal::Failed(e.to_string()))?;
-            let stop = CancellationToken::new();
-            let config = ServerConfig {
-                root: root.clone(),
-                idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
-                // The user's own directory: leftovers are theirs to keep.
-                part_max_age: None,
-                access: server::Access::ReadWrite,
-                // The user's own copy: as asked.
-                devices: opts.devices,
-                // Both ends in this process: nothing to protect.
-                tls: None,
-                auth: None,
-            };
-            let stopped = stop.clone();
-            let task = tokio::spawn(async move {
-                server::serve(listener, config, stopped.cancelled_owned()).await
-            });
-            (addr.to_string(), Some((stop, task)))
+            let (addr, server) = LocalServer::start(root, opts.devices).await?;
+            (addr, Some(server))
         }
     };
-    let tls = match &plan.server {
+    let config = client_config(&plan.server, addr, opts, ui.shows_progress())?;
+    let (from, to, outcome) = transfer(&plan, &config, &ui, &cancel).await;
+    if let Some(server) = in_process {
+        server.stop().await;
+    }
+    Ok(finish(&ui, outcome, &from, &to))
+}
+
+fn ui_mode(opts: &TransferOpts) -> Mode {
+    if opts.quiet {
+        Mode::Quiet
+    } else if opts.json {
+        Mode::Json
+    } else {
+        Mode::Human
+    }
+}
+
+/// The server a local copy runs against, in this process.
+struct LocalServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl LocalServer {
+    /// Serve `root` on a loopback port: the server and its address.
+    async fn start(root: &Path, devices: bool) -> Result<(String, LocalServer), Fatal> {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Fatal::Failed(e.to_string()))?;
+        let stop = CancellationToken::new();
+        let config = ServerConfig {
+            root: root.to_path_buf(),
+            idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
+            // The user's own directory: leftovers are theirs to keep.
+            part_max_age: None,
+            access: server::Access::ReadWrite,
+            // The user's own copy: as asked.
+            devices,
+            // Both ends in this process: nothing to protect.
+            tls: None,
+            auth: None,
+        };
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            server::serve(listener, config, stopped.cancelled_owned()).await
+        });
+        Ok((addr.to_string(), LocalServer { stop, task }))
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// What the engine's client needs from the options, for the server at `addr`.
+fn client_config(
+    server: &Target,
+    addr: String,
+    opts: &TransferOpts,
+    shows_progress: bool,
+) -> Result<ClientConfig, Fatal> {
+    let tls = match server {
         Target::Remote(_) if !opts.no_tls => {
             let state_dir = state_dir(opts.state_dir.as_deref())?;
             let tls = ClientTls::new(&addr, &state_dir, opts.fingerprint.as_deref())
@@ -261,51 +299,56 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         _ => None,
     };
     let token = configured_token(opts.token_file.as_deref())?;
-    let config = ClientConfig {
+    Ok(ClientConfig {
         tls,
         token,
-        addr: addr.clone(),
+        addr,
         // Both ends local: there is no link whose bytes compression could
         // save, so `auto` means off.
-        compression: match (&plan.server, opts.compress) {
+        compression: match (server, opts.compress) {
             (Target::InProcess { .. }, ferry_engine::Compression::Auto) => {
                 ferry_engine::Compression::Off
             }
             (_, chosen) => chosen,
         },
         streams: opts.streams.unwrap_or_else(client::default_streams),
-        early_totals: ui.shows_progress(),
+        early_totals: shows_progress,
         ignore_times: opts.ignore_times,
         owners: !opts.no_owner,
         devices: opts.devices,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
-    };
+    })
+}
+
+/// Run the planned transfer: what it copied from and to, as the user is
+/// shown them, and how it ended.
+async fn transfer(
+    plan: &Plan,
+    config: &ClientConfig,
+    ui: &Arc<Ui>,
+    cancel: &CancellationToken,
+) -> (String, String, Result<TransferSummary, EngineError>) {
     let remote_label = |path: &[u8]| match &plan.server {
         Target::Remote(addr) => format!("{addr}:{}", escape(path)),
         Target::InProcess { root } => {
             escape(root.join(OsStr::from_bytes(path)).as_os_str().as_bytes())
         }
     };
-    let (from, to, outcome) = match &plan.direction {
+    match &plan.direction {
         Direction::Upload { local, remote } => {
             let (from, to) = (escape(local.as_os_str().as_bytes()), remote_label(remote));
             ui.start("upload", &from, &to);
-            let r = client::upload(&config, local, remote, ui.clone(), &cancel).await;
+            let r = client::upload(config, local, remote, ui.clone(), cancel).await;
             (from, to, r)
         }
         Direction::Download { remote, local } => {
             let (from, to) = (remote_label(remote), escape(local.as_os_str().as_bytes()));
             ui.start("download", &from, &to);
-            let r = client::download(&config, remote, local, ui.clone(), &cancel).await;
+            let r = client::download(config, remote, local, ui.clone(), cancel).await;
             (from, to, r)
         }
-    };
-    if let Some((stop, task)) = in_process {
-        stop.cancel();
-        let _ = task.await;
     }
-    Ok(finish(&ui, outcome, &from, &to))
 }
 
 fn finish(
@@ -345,25 +388,7 @@ async fn interrupt_handler(cancel: CancellationToken) {
 }
 
 async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
-    let root = match &args.root {
-        Some(r) => r.clone(),
-        None => {
-            std::env::current_dir().map_err(|e| Fatal::Failed(format!("current directory: {e}")))?
-        }
-    };
-    let root = root.canonicalize().map_err(|e| {
-        Fatal::Failed(format!(
-            "server root {}: {}",
-            root.display(),
-            ferry_engine::error::reason(&e)
-        ))
-    })?;
-    if !root.is_dir() {
-        return Err(Fatal::Failed(format!(
-            "server root {}: not a directory",
-            root.display()
-        )));
-    }
+    let root = server_root(args.root.as_deref())?;
     let logs = init_server_logging(args.log_file.as_deref())?;
     let addr = address(&args.host, args.port);
     let listener = TcpListener::bind(&addr).await.map_err(|e| {
@@ -375,69 +400,11 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let local = listener
         .local_addr()
         .map_err(|e| Fatal::Failed(e.to_string()))?;
-    let tls = if args.no_tls {
-        None
-    } else {
-        let dir = state_dir(args.state_dir.as_deref())?;
-        let (tls, created) =
-            ServerTls::load_or_create(&dir).map_err(|e| Fatal::Failed(e.to_string()))?;
-        if created {
-            tracing::info!("made a new TLS key and certificate in {}", dir.display());
-        }
-        Some(tls)
-    };
-    let auth = if args.no_auth {
-        None
-    } else {
-        match configured_token(args.token_file.as_deref())? {
-            Some(token) => Some((token, None)),
-            None if ferry_engine::auth::needs_token(local.ip()) => {
-                let dir = state_dir(args.state_dir.as_deref())?;
-                let (token, path, created) = ferry_engine::auth::load_or_create_token(&dir)
-                    .map_err(|e| Fatal::Failed(e.to_string()))?;
-                Some((token, Some((path, created))))
-            }
-            None => None,
-        }
-    };
+    let tls = server_tls(&args)?;
+    let auth = server_auth(&args, local.ip())?;
     let shutdown = shutdown_signal()?;
-    println!(
-        "ferry server listening on {local} (root: {})",
-        root.display()
-    );
-    match &tls {
-        Some(tls) => println!("ferry server fingerprint {}", tls.fingerprint()),
-        None => println!("ferry server: TLS is off (--no-tls): sessions travel in plaintext"),
-    }
-    match &auth {
-        Some((token, Some((path, true)))) => println!(
-            "ferry server token: {} (stored in {}; clients pass it with FERRY_TOKEN or --token-file)",
-            token.as_str(),
-            path.display()
-        ),
-        Some((_, Some((path, false)))) => println!(
-            "ferry server token stored in {}; clients pass it with FERRY_TOKEN or --token-file",
-            path.display()
-        ),
-        // Nothing the operator has to pass on.
-        Some((_, None)) | None => {}
-    }
-    let _ = std::io::stdout().flush();
-    tracing::info!("listening on {local}, root {}", root.display());
-    match &tls {
-        Some(tls) => tracing::info!("TLS 1.3, certificate fingerprint {}", tls.fingerprint()),
-        None => tracing::warn!("TLS is off (--no-tls): sessions travel in plaintext"),
-    }
-    match &auth {
-        Some((_, Some((path, true)))) => {
-            tracing::info!("made a new client token in {}", path.display())
-        }
-        Some(_) => tracing::info!("clients must prove the token"),
-        None if args.no_auth => {
-            tracing::warn!("authentication is off (--no-auth): any client is served")
-        }
-        None => tracing::info!("loopback only: no token required"),
-    }
+    announce(local, &root, tls.as_ref(), &auth);
+    log_setup(local, &root, tls.as_ref(), &auth, args.no_auth);
     let config = ServerConfig {
         root,
         idle_timeout: Duration::from_secs(args.timeout),
@@ -460,6 +427,119 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     logs.iter().for_each(logbuf::BufferedLog::flush);
     served.map_err(|e| Fatal::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The directory to serve (`--root`, else the current one), absolute.
+fn server_root(given: Option<&Path>) -> Result<PathBuf, Fatal> {
+    let root = match given {
+        Some(r) => r.to_path_buf(),
+        None => {
+            std::env::current_dir().map_err(|e| Fatal::Failed(format!("current directory: {e}")))?
+        }
+    };
+    let root = root.canonicalize().map_err(|e| {
+        Fatal::Failed(format!(
+            "server root {}: {}",
+            root.display(),
+            ferry_engine::error::reason(&e)
+        ))
+    })?;
+    if !root.is_dir() {
+        return Err(Fatal::Failed(format!(
+            "server root {}: not a directory",
+            root.display()
+        )));
+    }
+    Ok(root)
+}
+
+/// The server's TLS identity, made on first use; none with `--no-tls`.
+fn server_tls(args: &ServerArgs) -> Result<Option<ServerTls>, Fatal> {
+    if args.no_tls {
+        return Ok(None);
+    }
+    let dir = state_dir(args.state_dir.as_deref())?;
+    let (tls, created) =
+        ServerTls::load_or_create(&dir).map_err(|e| Fatal::Failed(e.to_string()))?;
+    if created {
+        tracing::info!("made a new TLS key and certificate in {}", dir.display());
+    }
+    Ok(Some(tls))
+}
+
+/// The token clients must prove, if any; when the server keeps it in its
+/// state directory, also where, and whether it was made just now.
+type ServerAuth = Option<(ferry_engine::auth::Token, Option<(PathBuf, bool)>)>;
+
+/// The token the user configured; else, on an address that is not
+/// loopback, the one kept in the state directory (made on first use);
+/// none with `--no-auth`.
+fn server_auth(args: &ServerArgs, ip: std::net::IpAddr) -> Result<ServerAuth, Fatal> {
+    if args.no_auth {
+        return Ok(None);
+    }
+    Ok(match configured_token(args.token_file.as_deref())? {
+        Some(token) => Some((token, None)),
+        None if ferry_engine::auth::needs_token(ip) => {
+            let dir = state_dir(args.state_dir.as_deref())?;
+            let (token, path, created) = ferry_engine::auth::load_or_create_token(&dir)
+                .map_err(|e| Fatal::Failed(e.to_string()))?;
+            Some((token, Some((path, created))))
+        }
+        None => None,
+    })
+}
+
+/// Tell the operator, on stdout, where the server listens and what clients
+/// need to reach it.
+fn announce(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &ServerAuth) {
+    println!(
+        "ferry server listening on {local} (root: {})",
+        root.display()
+    );
+    match tls {
+        Some(tls) => println!("ferry server fingerprint {}", tls.fingerprint()),
+        None => println!("ferry server: TLS is off (--no-tls): sessions travel in plaintext"),
+    }
+    match auth {
+        Some((token, Some((path, true)))) => println!(
+            "ferry server token: {} (stored in {}; clients pass it with FERRY_TOKEN or --token-file)",
+            token.as_str(),
+            path.display()
+        ),
+        Some((_, Some((path, false)))) => println!(
+            "ferry server token stored in {}; clients pass it with FERRY_TOKEN or --token-file",
+            path.display()
+        ),
+        // Nothing the operator has to pass on.
+        Some((_, None)) | None => {}
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The same, for the log.
+fn log_setup(
+    local: SocketAddr,
+    root: &Path,
+    tls: Option<&ServerTls>,
+    auth: &ServerAuth,
+    no_auth: bool,
+) {
+    tracing::info!("listening on {local}, root {}", root.display());
+    match tls {
+        Some(tls) => tracing::info!("TLS 1.3, certificate fingerprint {}", tls.fingerprint()),
+        None => tracing::warn!("TLS is off (--no-tls): sessions travel in plaintext"),
+    }
+    match auth {
+        Some((_, Some((path, true)))) => {
+            tracing::info!("made a new client token in {}", path.display())
+        }
+        Some(_) => tracing::info!("clients must prove the token"),
+        None if no_auth => {
+            tracing::warn!("authentication is off (--no-auth): any client is served")
+        }
+        None => tracing::info!("loopback only: no token required"),
+    }
 }
 
 /// The token from FERRY_TOKEN, else from `--token-file`.
@@ -513,7 +593,6 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, Fatal> {
     })
 }
 
-/// Server logs: stderr always, and appended to `--log-file` when given.
 /// Threads for the async runtime: one per core but one. Each transfer
 /// reads or writes its files on a thread of its own, which keeps a core
 /// busy; the runtime (sockets, TLS) gets the others. One worker per core
@@ -527,6 +606,7 @@ fn runtime_workers() -> usize {
         .max(1)
 }
 
+/// Server logs: stderr always, and appended to `--log-file` when given.
 /// `RUST_LOG` overrides the default level (info).
 fn init_server_logging(log_file: Option<&Path>) -> Result<Vec<logbuf::BufferedLog>, Fatal> {
     use tracing_subscriber::prelude::*;

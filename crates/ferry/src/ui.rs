@@ -191,151 +191,20 @@ impl Ui {
 impl EventSink for Ui {
     fn event(&self, event: Event) {
         match event {
-            Event::Totals { files, bytes } => {
-                let mut s = self.state();
-                s.files_total = files;
-                s.bytes_total = bytes;
-                if let Some(bar) = &self.bar {
-                    bar.set_length(bytes);
-                }
-            }
-            Event::FileStarted { path, .. } => {
-                if let Some(bar) = &self.bar {
-                    let s = self.state();
-                    bar.set_message(format!(
-                        "[{}/{}] {path}",
-                        s.files_settled + 1,
-                        s.files_total
-                    ));
-                }
-            }
-            Event::Bytes { n } => {
-                let mut s = self.state();
-                s.bytes_done += n;
-                if let Some(bar) = &self.bar {
-                    bar.inc(n);
-                }
-                if self.mode == Mode::Json
-                    && s.last_json_progress
-                        .is_none_or(|t| t.elapsed() >= JSON_PROGRESS_EVERY)
-                {
-                    s.last_json_progress = Some(Instant::now());
-                    let value = json!({
-                        "event": "progress",
-                        "bytes": s.bytes_done,
-                        "bytes_total": s.bytes_total,
-                        "files_done": s.files_settled,
-                        "files_total": s.files_total,
-                    });
-                    drop(s);
-                    self.json(value);
-                }
-            }
-            Event::FileDone { path, size } => {
-                let settled = {
-                    let mut s = self.state();
-                    s.files_settled += 1;
-                    (s.files_settled, s.files_total)
-                };
-                match self.mode {
-                    Mode::Json => {
-                        self.json(json!({"event": "file_done", "path": path, "bytes": size}))
-                    }
-                    Mode::Human if self.verbose => self.out(&format!(
-                        "[{}/{}] {path} ({})",
-                        settled.0,
-                        settled.1,
-                        human_bytes(size)
-                    )),
-                    _ => {}
-                }
-            }
-            Event::FileFailed { path, reason } => {
-                self.state().files_settled += 1;
-                if self.mode == Mode::Json {
-                    self.json(json!({"event": "file_failed", "path": path, "reason": reason}));
-                }
-                self.err(&format!("ferry: {path}: {reason}"));
-            }
-            Event::Skipped { path, reason } => match self.mode {
-                Mode::Json => {
-                    self.json(json!({"event": "skipped", "path": path, "reason": reason}))
-                }
-                Mode::Human => self.err(&format!("ferry: warning: skipped {path}: {reason}")),
-                Mode::Quiet => {}
-            },
-            Event::Unchanged { path, size } => {
-                let settled = {
-                    let mut s = self.state();
-                    s.files_settled += 1;
-                    (s.files_settled, s.files_total)
-                };
-                if let Some(bar) = &self.bar {
-                    bar.inc(size);
-                }
-                match self.mode {
-                    Mode::Json => {
-                        self.json(json!({"event": "file_unchanged", "path": path, "bytes": size}))
-                    }
-                    Mode::Human if self.verbose => {
-                        self.out(&format!("[{}/{}] {path} (unchanged)", settled.0, settled.1))
-                    }
-                    _ => {}
-                }
-            }
-            Event::Resumed { path, bytes } => {
-                if let Some(bar) = &self.bar {
-                    bar.inc(bytes);
-                }
-                match self.mode {
-                    Mode::Json => {
-                        self.json(json!({"event": "resumed", "path": path, "bytes_held": bytes}))
-                    }
-                    Mode::Human if self.verbose => self.out(&format!(
-                        "resuming {path}: {} already there",
-                        human_bytes(bytes)
-                    )),
-                    _ => {}
-                }
-            }
-            Event::FileIncomplete { path, reason } => {
-                self.state().files_settled += 1;
-                match self.mode {
-                    Mode::Json => self
-                        .json(json!({"event": "file_incomplete", "path": path, "reason": reason})),
-                    // The retry line says it too; the summary lists what
-                    // never arrived.
-                    Mode::Human if self.verbose => self.err(&format!(
-                        "ferry: warning: {path}: {reason}; it will be sent again"
-                    )),
-                    _ => {}
-                }
-            }
+            Event::Totals { files, bytes } => self.totals(files, bytes),
+            Event::FileStarted { path, .. } => self.file_started(&path),
+            Event::Bytes { n } => self.bytes(n),
+            Event::FileDone { path, size } => self.file_done(&path, size),
+            Event::FileFailed { path, reason } => self.file_failed(&path, &reason),
+            Event::Skipped { path, reason } => self.skipped(&path, &reason),
+            Event::Unchanged { path, size } => self.unchanged(&path, size),
+            Event::Resumed { path, bytes } => self.resumed(&path, bytes),
+            Event::FileIncomplete { path, reason } => self.file_incomplete(&path, &reason),
             Event::Retry {
                 attempt,
                 delay,
                 reason,
-            } => {
-                {
-                    // The next attempt counts from the start again.
-                    let mut s = self.state();
-                    s.bytes_done = 0;
-                    s.files_settled = 0;
-                }
-                if let Some(bar) = &self.bar {
-                    bar.set_position(0);
-                }
-                let secs = delay.as_secs_f64();
-                match self.mode {
-                    Mode::Json => self.json(json!({
-                        "event": "retry", "attempt": attempt, "delay_secs": secs, "reason": reason
-                    })),
-                    Mode::Human => self.err(&format!(
-                        "ferry: attempt {attempt} failed: {reason}; retrying in {secs:.1} s"
-                    )),
-                    Mode::Quiet => {}
-                }
-            }
+            } => self.retry(attempt, delay, &reason),
             Event::NewServer {
                 addr,
                 fingerprint,
@@ -348,6 +217,157 @@ impl EventSink for Ui {
                     file.display()
                 ))
             }
+        }
+    }
+}
+
+/// One method per event: what it does to the counts, the bar and the
+/// output of each mode.
+impl Ui {
+    fn totals(&self, files: u64, bytes: u64) {
+        let mut s = self.state();
+        s.files_total = files;
+        s.bytes_total = bytes;
+        if let Some(bar) = &self.bar {
+            bar.set_length(bytes);
+        }
+    }
+
+    fn file_started(&self, path: &str) {
+        if let Some(bar) = &self.bar {
+            let s = self.state();
+            bar.set_message(format!(
+                "[{}/{}] {path}",
+                s.files_settled + 1,
+                s.files_total
+            ));
+        }
+    }
+
+    fn bytes(&self, n: u64) {
+        let mut s = self.state();
+        s.bytes_done += n;
+        if let Some(bar) = &self.bar {
+            bar.inc(n);
+        }
+        if self.mode == Mode::Json
+            && s.last_json_progress
+                .is_none_or(|t| t.elapsed() >= JSON_PROGRESS_EVERY)
+        {
+            s.last_json_progress = Some(Instant::now());
+            let value = json!({
+                "event": "progress",
+                "bytes": s.bytes_done,
+                "bytes_total": s.bytes_total,
+                "files_done": s.files_settled,
+                "files_total": s.files_total,
+            });
+            drop(s);
+            self.json(value);
+        }
+    }
+
+    /// Count one more file settled: how many are now, of how many.
+    fn settle(&self) -> (u64, u64) {
+        let mut s = self.state();
+        s.files_settled += 1;
+        (s.files_settled, s.files_total)
+    }
+
+    fn file_done(&self, path: &str, size: u64) {
+        let settled = self.settle();
+        match self.mode {
+            Mode::Json => self.json(json!({"event": "file_done", "path": path, "bytes": size})),
+            Mode::Human if self.verbose => self.out(&format!(
+                "[{}/{}] {path} ({})",
+                settled.0,
+                settled.1,
+                human_bytes(size)
+            )),
+            _ => {}
+        }
+    }
+
+    fn file_failed(&self, path: &str, reason: &str) {
+        self.settle();
+        if self.mode == Mode::Json {
+            self.json(json!({"event": "file_failed", "path": path, "reason": reason}));
+        }
+        self.err(&format!("ferry: {path}: {reason}"));
+    }
+
+    fn skipped(&self, path: &str, reason: &str) {
+        match self.mode {
+            Mode::Json => self.json(json!({"event": "skipped", "path": path, "reason": reason})),
+            Mode::Human => self.err(&format!("ferry: warning: skipped {path}: {reason}")),
+            Mode::Quiet => {}
+        }
+    }
+
+    fn unchanged(&self, path: &str, size: u64) {
+        let settled = self.settle();
+        if let Some(bar) = &self.bar {
+            bar.inc(size);
+        }
+        match self.mode {
+            Mode::Json => {
+                self.json(json!({"event": "file_unchanged", "path": path, "bytes": size}))
+            }
+            Mode::Human if self.verbose => {
+                self.out(&format!("[{}/{}] {path} (unchanged)", settled.0, settled.1))
+            }
+            _ => {}
+        }
+    }
+
+    fn resumed(&self, path: &str, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
+        match self.mode {
+            Mode::Json => self.json(json!({"event": "resumed", "path": path, "bytes_held": bytes})),
+            Mode::Human if self.verbose => self.out(&format!(
+                "resuming {path}: {} already there",
+                human_bytes(bytes)
+            )),
+            _ => {}
+        }
+    }
+
+    fn file_incomplete(&self, path: &str, reason: &str) {
+        self.settle();
+        match self.mode {
+            Mode::Json => {
+                self.json(json!({"event": "file_incomplete", "path": path, "reason": reason}))
+            }
+            // The retry line says it too; the summary lists what never
+            // arrived.
+            Mode::Human if self.verbose => self.err(&format!(
+                "ferry: warning: {path}: {reason}; it will be sent again"
+            )),
+            _ => {}
+        }
+    }
+
+    fn retry(&self, attempt: u32, delay: Duration, reason: &str) {
+        {
+            // The next attempt counts from the start again.
+            let mut s = self.state();
+            s.bytes_done = 0;
+            s.files_settled = 0;
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(0);
+        }
+        let secs = delay.as_secs_f64();
+        match self.mode {
+            Mode::Json => self.json(json!({
+                "event": "retry", "attempt": attempt, "delay_secs": secs, "reason": reason
+            })),
+            Mode::Human => self.err(&format!(
+                "ferry: attempt {attempt} failed: {reason}; retrying in {secs:.1} s"
+            )),
+            Mode::Quiet => {}
         }
     }
 }
