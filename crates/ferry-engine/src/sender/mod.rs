@@ -227,27 +227,46 @@ where
         mut control,
         data: data_rx,
         replies,
-        done,
+        mut done,
     } = start(job, tally.clone())?;
     let _close_inbox = CloseOnDrop(replies.0.clone());
-    // The transfer is over when the receiver says so; the writers only
-    // matter if they fail (then the session cannot complete).
-    let write = async {
-        pump_control(writer, &mut control, &data_rx).await?;
-        std::future::pending::<Result<(), EngineError>>().await
-    };
-    let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
-    tokio::select! {
-        r = read_outcomes(reader, &replies, &tally) => r?,
-        r = write => r?,
-        e = data_writers => return Err(e),
-        _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+    let mut produced = None;
+    {
+        // The transfer is over when the receiver says so; the writers only
+        // matter if they fail (then the session cannot complete).
+        let write = async {
+            pump_control(writer, &mut control, &data_rx).await?;
+            std::future::pending::<Result<(), EngineError>>().await
+        };
+        let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
+        // A producer that finished has sent everything; one that failed
+        // (a file system error, a receiver breaking the rules) ends the
+        // session at once, not after the stall timeout.
+        let producer = async {
+            match (&mut done).await.unwrap_or(Err(EngineError::Closed)) {
+                Err(e) => e,
+                Ok(()) => {
+                    produced = Some(Ok(()));
+                    std::future::pending().await
+                }
+            }
+        };
+        tokio::select! {
+            r = read_outcomes(reader, &replies, &tally) => r?,
+            r = write => r?,
+            e = data_writers => return Err(e),
+            e = producer => return Err(e),
+            _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+        }
     }
     // The receiver is done: a producer still waiting for its word (only
     // after a `done` that came too early) must not wait forever.
     replies.close();
     drop(control);
-    done.await.unwrap_or(Err(EngineError::Closed))
+    match produced {
+        Some(result) => result,
+        None => done.await.unwrap_or(Err(EngineError::Closed)),
+    }
 }
 
 /// Read the receiver's verdicts until it says the transfer is done.

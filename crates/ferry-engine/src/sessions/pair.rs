@@ -73,7 +73,9 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         owners: false,
     };
     let mut started = sender::start(job, tally.clone()).unwrap();
-    let (sender_err, receiver) = step_until_over(&mut started, &mut rx, &mut link, &tally);
+    let mut produced = None;
+    let (sender_err, receiver) =
+        step_until_over(&mut started, &mut rx, &mut link, &tally, &mut produced);
     // Whatever the producer waits for now will not come.
     started.replies.close();
     let Started {
@@ -83,7 +85,8 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         ..
     } = started;
     drop((control, data));
-    let produced = done.blocking_recv().unwrap_or(Err(EngineError::Closed));
+    let produced =
+        produced.unwrap_or_else(|| done.blocking_recv().unwrap_or(Err(EngineError::Closed)));
     let sender = match sender_err {
         Some(e) => Err(e),
         None => produced,
@@ -100,20 +103,29 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
 
 /// Pass frames and replies until the receiver is done, either side fails
 /// or the link is cut. Returns the sender's failure, if it saw one, and
-/// the receiver's result.
+/// the receiver's result; `produced` gets the producer's, if it finished.
 fn step_until_over(
     started: &mut Started,
     rx: &mut Receiving,
     link: &mut Link<'_>,
     tally: &Tally,
+    produced: &mut Option<Result<(), EngineError>>,
 ) -> (Option<EngineError>, Result<(), EngineError>) {
     let deadline = Instant::now() + HANG;
     let mut answered = 0;
     loop {
         assert!(Instant::now() < deadline, "the exchange hangs");
-        let Some(frames) = next_frames(started, link) else {
-            return (None, Err(EngineError::Closed));
-        };
+        // A producer that failed ends the session, as in `run_sender`.
+        if produced.is_none()
+            && let Ok(result) = started.done.try_recv()
+        {
+            let failed = result.is_err();
+            *produced = Some(result);
+            if failed {
+                return (None, Ok(()));
+            }
+        }
+        let (frames, cut) = next_frames(started, link);
         let stepped = if frames.is_empty() {
             rx.idle();
             Ok(())
@@ -128,6 +140,9 @@ fn step_until_over(
             .collect();
         answered = rx.answers.len();
         let heard = started.replies.take_replies(replies, tally);
+        if cut {
+            return (None, Err(EngineError::Closed));
+        }
         match (heard, stepped) {
             (Err(e), stepped) => return (Some(e), stepped),
             (Ok(_), Err(e)) => return (None, Err(e)),
@@ -142,8 +157,8 @@ fn step_until_over(
 }
 
 /// Everything the producer handed over so far, control frames first, as
-/// the link delivers it; `None` once the link is cut.
-fn next_frames(started: &mut Started, link: &mut Link<'_>) -> Option<Vec<Inbound>> {
+/// the link delivers it; true if the link was cut after them.
+fn next_frames(started: &mut Started, link: &mut Link<'_>) -> (Vec<Inbound>, bool) {
     let mut raw = Vec::new();
     while let Ok(bytes) = started.control.try_recv() {
         raw.push(bytes);
@@ -155,11 +170,14 @@ fn next_frames(started: &mut Started, link: &mut Link<'_>) -> Option<Vec<Inbound
     for bytes in raw {
         let mut buf = BytesMut::from(&bytes[..]);
         while let Some(frame) = frame::decode(&mut buf).unwrap() {
-            frames.extend((link.frames)(Inbound::from(frame))?);
+            match (link.frames)(Inbound::from(frame)) {
+                Some(delivered) => frames.extend(delivered),
+                None => return (frames, true),
+            }
         }
         assert!(buf.is_empty(), "a batch holds whole frames");
     }
-    Some(frames)
+    (frames, false)
 }
 
 fn frames_pending(started: &Started) -> usize {
