@@ -588,17 +588,22 @@ class Ferry(Tool):
 
     def __init__(self, compress: str | None = None, name: str | None = None,
                  datasets: tuple[str, ...] | None = None, links: bool = True,
-                 tls: bool = True):
+                 tls: bool = True, binary: Path | None = None):
         self.compress = compress
         self.tls = tls
+        # Another build (--baseline), run interleaved with this one.
+        self.binary = binary
         self.name = name or self.name
         self.datasets = datasets
         self.links = links
         self.streams_supported = False
         self.state_dir_supported = False
 
+    def exe(self, ctx: Ctx) -> str:
+        return str(self.binary or ctx.ferry)
+
     def prepare(self, ctx: Ctx) -> None:
-        help_text = subprocess.run([str(ctx.ferry), "up", "--help"], capture_output=True,
+        help_text = subprocess.run([self.exe(ctx), "up", "--help"], capture_output=True,
                                    text=True, timeout=30).stdout
         self.streams_supported = "--streams" in help_text
         # A ferry with TLS keeps its key and known_hosts in a state
@@ -619,11 +624,11 @@ class Ferry(Tool):
         if not self.tls:
             state += ["--no-tls"]
         server = start_server(
-            net.server([str(ctx.ferry), "server", "--host", net.server_host,
+            net.server([self.exe(ctx), "server", "--host", net.server_host,
                         "--port", str(port), "--root", str(ctx.dst_root)] + state),
             port, self.log_path(ctx, ds, "server"))
         try:
-            argv = [str(ctx.ferry), "up", str(ds.path), ds.name,
+            argv = [self.exe(ctx), "up", str(ds.path), ds.name,
                     "--host", net.server_host, "--port", str(port), "-q"] + state
             if self.compress:
                 argv += ["--compress", self.compress]
@@ -835,7 +840,19 @@ def make_tools(args) -> list[Tool]:
         Rsync(compress=False),
         Rsync(compress=True),
         Scp(args.scp_tree_runs),
-    ]
+    ] + baseline_tools(args.baseline)
+
+
+def baseline_tools(baseline: Path | None) -> list[Tool]:
+    """Another ferry build beside this one, interleaved run by run: what a
+    change did to the speed, measured under the same machine conditions."""
+    if baseline is None:
+        return []
+    exe = baseline.resolve()
+    if not os.access(exe, os.X_OK):
+        raise BenchError(f"--baseline {baseline} is not an executable")
+    return [Ferry(name="ferry-base", binary=exe),
+            Ferry(name="ferry-base-no-tls", tls=False, binary=exe)]
 
 
 TOOL_ALIASES = {"tar": "tar|socat", "rsync-z": "rsync -z", "socat-raw": "socat"}
@@ -1133,7 +1150,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Data sets: big-random, text, small-20k, pytree (and the link case, "
-                                       "text-1gbit). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, scp.")
+                                       "text-1gbit). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, scp; ferry-base, ferry-base-no-tls with --baseline.")
     p.add_argument("--runs", type=int, help="interleaved runs per tool and data set (default 3, 1 with --quick)")
     p.add_argument("--datasets", help="comma list of data sets (default: all)")
     p.add_argument("--tools", help="comma list of tools (default: all)")
@@ -1143,6 +1160,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the generated data sets for the next run")
     p.add_argument("--no-link", dest="link", action="store_false", help="skip the 1 Gbit/s case")
     p.add_argument("--ferry", type=Path, help="use this ferry binary instead of building one")
+    p.add_argument("--baseline", type=Path,
+                   help="also run this other ferry binary (tools ferry-base, ferry-base-no-tls), "
+                        "interleaved with the one under test")
     p.add_argument("--big-size", type=int, help="size of big-random in MiB")
     p.add_argument("--scp-tree-runs", type=int, default=1, help="runs of scp on the tree data sets (default 1)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds allowed per command")

@@ -11,11 +11,18 @@
 //!   [`client::download`].
 //! - [`server`]: [`server::serve`] takes a bound listener and a shutdown
 //!   future.
-//! - `sender` / `receiver`: the two halves of a transfer.
+//! - `sender` / `receiver`: the two halves of a transfer, each split into
+//!   `rules` (pure decisions over messages and metadata) and the I/O that
+//!   carries them out (`walk`, `producer`, `frames`; `worker`, `place`).
 //! - `fsx`: filesystem access through directory handles that never
 //!   follows a symlink below the root of a transfer.
 //! - `codec`: chunk hashing and compression; `conn`: frames over a socket.
-//! - [`events`]: what a transfer reports while it runs and at the end.
+//! - [`events`]: what a transfer reports while it runs and at the end;
+//!   [`error`]: what ends a session, and [`error::Violation`], what a peer
+//!   did against the protocol.
+//! - `sessions` (tests only): whole exchanges in memory.
+//!
+//! ARCHITECTURE.md at the repository's root maps it all.
 //!
 //! # Invariants
 //! - Nothing is written outside the destination, whatever the peer sends
