@@ -566,6 +566,9 @@ where
     // first of a new row, so a transfer that keeps moving keeps going.
     let mut failures = 0u32;
     let mut reached_server = false;
+    // An entry that vanished is not met again by the next attempt's walk:
+    // it is remembered from the attempt that met it.
+    let mut vanished = Vec::new();
     loop {
         let tally = Arc::new(Tally::new(events.clone()));
         let meter = Meter::default();
@@ -578,6 +581,7 @@ where
         wire_bytes += moved;
         reached_server |= moved > 0;
         let mut report = tally.report();
+        vanished.append(&mut report.vanished);
         file_bytes += report.file_bytes;
         let progress = report.file_bytes > 0 || report.files_ok > 0;
         failures = if progress { 1 } else { failures + 1 };
@@ -617,6 +621,7 @@ where
                 result?;
                 // What could not be completed counts as failed in the end.
                 report.failed.append(&mut report.incomplete);
+                report.vanished = vanished;
                 report.file_bytes = file_bytes;
                 report.wire_bytes = wire_bytes;
                 report.retries = retries;

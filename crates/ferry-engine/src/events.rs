@@ -28,6 +28,9 @@ pub enum Event {
     FileFailed { path: String, reason: String },
     /// An entry was deliberately not transferred (fifo, socket, device).
     Skipped { path: String, reason: String },
+    /// The sender's walk listed this entry, but it was gone when looked at
+    /// (deleted meanwhile): not transferred.
+    Vanished { path: String },
     /// The receiver already had this file, same size and mtime: not sent.
     Unchanged { path: String, size: u64 },
     /// This many bytes of a file were already at the receiver, verified,
@@ -111,6 +114,8 @@ pub struct TransferReport {
     pub skipped: Vec<(String, String)>,
     /// (path, reason) of each file that may arrive if sent again.
     pub incomplete: Vec<(String, String)>,
+    /// Each entry that vanished from the source while the tree was walked.
+    pub vanished: Vec<String>,
     /// Files the receiver already had (counted in `files_ok` too).
     pub files_unchanged: u64,
     /// Bytes of files that were already at the receiver, not sent again.
@@ -169,6 +174,7 @@ impl EventSink for Tally {
                     r.bytes_held += size;
                 }
                 Event::Resumed { bytes, .. } => r.bytes_held += bytes,
+                Event::Vanished { path } => r.vanished.push(path.clone()),
                 Event::FileIncomplete { path, reason } => {
                     r.incomplete.push((path.clone(), reason.clone()))
                 }

@@ -188,6 +188,9 @@ pub enum Message {
     Ready,
     /// Sender → receiver: what the whole transfer holds, when known.
     Totals { files: u64, bytes: u64 },
+    /// Sender → receiver: an entry the walk listed was gone when it was
+    /// looked at (deleted meanwhile). Not transferred; reported.
+    Vanished { path: WireBytes },
     /// Sender → receiver: one entry of the tree. The first entry has the
     /// empty path: the root of the transfer (the destination itself).
     Entry {
@@ -272,6 +275,7 @@ impl Message {
             Message::Download { .. } => "download",
             Message::Ready => "ready",
             Message::Totals { .. } => "totals",
+            Message::Vanished { .. } => "vanished",
             Message::Entry { .. } => "entry",
             Message::FileEnd { .. } => "file_end",
             Message::Abort { .. } => "abort",
@@ -631,6 +635,9 @@ mod tests {
             },
             Message::Ready,
             Message::Totals { files: 1, bytes: 2 },
+            Message::Vanished {
+                path: "gone/f".into(),
+            },
             Message::Entry {
                 id: 1,
                 path: "".into(),

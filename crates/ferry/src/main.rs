@@ -30,10 +30,12 @@ use crate::cli::{Cli, Command, ServerArgs, TransferOpts};
 use crate::paths::Spec;
 use crate::ui::{Mode, Ui};
 
-/// Exit statuses (see README): 0 ok, 1 failure, 2 usage, 130 interrupted.
+/// Exit statuses (see README): 0 ok, 1 failure, 2 usage, 24 some source
+/// entries vanished (as rsync's), 130 interrupted.
 mod exit {
     pub const FAILURE: u8 = 1;
     pub const USAGE: u8 = 2;
+    pub const VANISHED: u8 = 24;
     pub const INTERRUPTED: u8 = 130;
 }
 
@@ -360,10 +362,12 @@ fn finish(
     match outcome {
         Ok(summary) => {
             ui.summary(&summary, from, to);
-            if summary.report.failed.is_empty() {
-                ExitCode::SUCCESS
-            } else {
+            if !summary.report.failed.is_empty() {
                 ExitCode::from(exit::FAILURE)
+            } else if !summary.report.vanished.is_empty() {
+                ExitCode::from(exit::VANISHED)
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Err(EngineError::Cancelled) => {

@@ -139,6 +139,7 @@ impl Ui {
                 "files_ok": r.files_ok,
                 "files_failed": r.failed.len(),
                 "files_skipped": r.skipped.len(),
+                "vanished": r.vanished,
                 "files_unchanged": r.files_unchanged,
                 "bytes_held": r.bytes_held,
                 "retries": r.retries,
@@ -173,6 +174,9 @@ impl Ui {
                     format!("  - average:  {}/s", human_bytes(rate as u64)),
                     format!("  - elapsed:  {secs:.2} s{}", retried(r.retries)),
                 ];
+                if !r.vanished.is_empty() {
+                    lines.push(format!("Vanished from the source while it was read: {}", r.vanished.len()));
+                }
                 if !r.failed.is_empty() {
                     lines.push("Failed:".to_string());
                     for (path, why) in r.failed.iter().take(FAILURES_LISTED) {
@@ -197,6 +201,7 @@ impl EventSink for Ui {
             Event::FileDone { path, size } => self.file_done(&path, size),
             Event::FileFailed { path, reason } => self.file_failed(&path, &reason),
             Event::Skipped { path, reason } => self.skipped(&path, &reason),
+            Event::Vanished { path } => self.vanished(&path),
             Event::Unchanged { path, size } => self.unchanged(&path, size),
             Event::Resumed { path, bytes } => self.resumed(&path, bytes),
             Event::FileIncomplete { path, reason } => self.file_incomplete(&path, &reason),
@@ -301,6 +306,17 @@ impl Ui {
             Mode::Json => self.json(json!({"event": "skipped", "path": path, "reason": reason})),
             Mode::Human => self.err(&format!("ferry: warning: skipped {path}: {reason}")),
             Mode::Quiet => {}
+        }
+    }
+
+    /// Not an error of ferry's, but the copy lacks it: said even with
+    /// --quiet, as the exit status says it too.
+    fn vanished(&self, path: &str) {
+        match self.mode {
+            Mode::Json => self.json(json!({"event": "vanished", "path": path})),
+            Mode::Human | Mode::Quiet => self.err(&format!(
+                "ferry: warning: {path} vanished from the source before it could be sent"
+            )),
         }
     }
 

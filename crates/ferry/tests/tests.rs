@@ -15,6 +15,8 @@ mod streams;
 mod proxy;
 // Retry and resume under fault injection: cuts, stalls, kills, bit flips.
 mod resume;
+// A source that changes while it is sent: rewritten files, vanished entries.
+mod changing;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Read-only and write-only servers, and idle connections that must not lock clients out.

@@ -206,6 +206,12 @@ impl Worker {
                 self.tally.event(Event::Totals { files, bytes });
                 Ok(())
             }
+            Message::Vanished { path } => {
+                let path = WirePath::from_wire(path)?;
+                let path = display_name(&self.dest.label, &path);
+                self.tally.event(Event::Vanished { path });
+                Ok(())
+            }
             Message::End => {
                 self.end_seen = true;
                 Ok(())

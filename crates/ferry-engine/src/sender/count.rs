@@ -105,6 +105,10 @@ impl Visitor for Counter {
     fn unreadable(&mut self, _: &(), _: io::Error) -> Result<(), Infallible> {
         Ok(())
     }
+
+    fn vanished(&mut self, _: &()) -> Result<(), Infallible> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -9,14 +9,14 @@ use std::sync::{Arc, mpsc};
 
 use ferry_proto::digest::DigestBuilder;
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
-use ferry_proto::message::{EntryKind, Message, Mtime};
+use ferry_proto::message::{EntryKind, Message};
 use ferry_proto::path::{WireBytes, WirePath, escape};
 use rustix::fs::{FileType, Stat};
 
 use super::Inbox;
 use super::count::count_in_background;
 use super::frames::{Chunks, Output, Source};
-use super::rules::{Links, Next, PlanQueue, Planned, Unanswered, counted};
+use super::rules::{Links, Next, PlanQueue, Planned, Stamp, Unanswered, counted};
 use super::walk::{self, Lazy, Visitor};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name};
@@ -41,7 +41,8 @@ pub(super) struct Producer {
 struct QueuedFile {
     display: String,
     file: File,
-    mtime: Mtime,
+    /// What it looked like when it was announced.
+    stamp: Stamp,
     /// It has fewer blocks than bytes: its holes are worth looking for.
     sparse: bool,
 }
@@ -272,7 +273,7 @@ impl Producer {
         // and new bytes: refuse to let it be committed. Sending it again
         // later may catch it at rest.
         match rustix::fs::fstat(&q.file) {
-            Ok(after) if after.st_size as u64 == size && fsx::mtime_of(&after) == q.mtime => {}
+            Ok(after) if q.stamp.unchanged_until(&stamp_of(&after)) => {}
             Ok(_) => {
                 let why = "the file changed while it was being sent".to_string();
                 return self.abort(id, why, true);
@@ -313,6 +314,11 @@ impl Visitor for Producer {
         stat: &Stat,
         opened: io::Result<OwnedFd>,
     ) -> Result<(), EngineError> {
+        if let Err(e) = &opened
+            && e.kind() == io::ErrorKind::NotFound
+        {
+            return self.vanished(path);
+        }
         let kind = EntryKind::Dir {
             mode: fsx::mode_of(stat),
             mtime: fsx::mtime_of(stat),
@@ -345,20 +351,25 @@ impl Visitor for Producer {
         stat: &Stat,
         file: Lazy<'_, File>,
     ) -> Result<(), EngineError> {
+        // Opened first, so that it is announced as the file that is read
+        // (the name may lead to another file since the listing).
+        let (opened, stat) = match file.open() {
+            Ok((file, fresh)) => (Ok(file), fresh.unwrap_or(*stat)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return self.vanished(path),
+            Err(e) => (Err(e), *stat),
+        };
         // Another name of a file sent already goes as a link to it.
         let inode = (stat.st_nlink > 1).then_some((stat.st_dev, stat.st_ino));
         if let Some(link) = inode.and_then(|inode| self.walk.links.link_to(inode)) {
             return self.entry(path, link, None).map(drop);
         }
-        let opened = file.get();
         let size = stat.st_size as u64;
-        let mtime = fsx::mtime_of(stat);
         let kind = EntryKind::File {
             size,
-            mode: fsx::mode_of(stat),
-            mtime,
+            mode: fsx::mode_of(&stat),
+            mtime: fsx::mtime_of(&stat),
         };
-        let id = self.entry(path, kind, Some(stat))?;
+        let id = self.entry(path, kind, Some(&stat))?;
         match opened {
             Ok(file) => {
                 if let Some(inode) = inode {
@@ -367,8 +378,8 @@ impl Visitor for Producer {
                 let queued = QueuedFile {
                     display: display_name(&self.label, path),
                     file,
-                    mtime,
-                    sparse: fsx::may_have_holes(stat),
+                    stamp: stamp_of(&stat),
+                    sparse: fsx::may_have_holes(&stat),
                 };
                 self.plans.push(id, size, self.walk.ancestors(), queued);
                 Ok(())
@@ -424,10 +435,34 @@ impl Visitor for Producer {
     }
 
     fn unreadable(&mut self, path: &WirePath, e: io::Error) -> Result<(), EngineError> {
+        if e.kind() == io::ErrorKind::NotFound {
+            return self.vanished(path);
+        }
         self.tally.event(Event::FileFailed {
             path: display_name(&self.label, path),
             reason: reason(&e),
         });
         Ok(())
+    }
+
+    /// Reported here and to the receiver: nothing is lost silently.
+    fn vanished(&mut self, path: &WirePath) -> Result<(), EngineError> {
+        self.tally.event(Event::Vanished {
+            path: display_name(&self.label, path),
+        });
+        self.out.send(&Message::Vanished {
+            path: path.to_wire(),
+        })
+    }
+}
+
+fn stamp_of(stat: &Stat) -> Stamp {
+    Stamp {
+        dev: stat.st_dev,
+        ino: stat.st_ino,
+        size: stat.st_size as u64,
+        mtime: fsx::mtime_of(stat),
+        ctime: (stat.st_ctime, stat.st_ctime_nsec as u32),
+        nlink: stat.st_nlink,
     }
 }

@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use ferry_proto::limits::{MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS};
-use ferry_proto::message::{EntryKind, Message, Outcome};
+use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::WireBytes;
 
 use crate::error::{EngineError, Role, Violation};
@@ -74,6 +74,31 @@ impl Unanswered {
 
     pub(super) fn is_dir(&self) -> bool {
         self.is_dir
+    }
+}
+
+/// What a file looked like when it was announced. If any of it differs
+/// once the file has been read, it changed meanwhile, and what was read
+/// may be a mix of old and new bytes. The ctime catches a rewrite in place
+/// whose mtime was put back: no one can set a ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp {
+    pub(super) dev: u64,
+    pub(super) ino: u64,
+    pub(super) size: u64,
+    pub(super) mtime: Mtime,
+    pub(super) ctime: (i64, u32),
+    pub(super) nlink: u64,
+}
+
+impl Stamp {
+    /// Whether a file stamped `self` before it was read held the same
+    /// content until it was stamped `after`.
+    pub(super) fn unchanged_until(&self, after: &Stamp) -> bool {
+        let same = |s: &Stamp| (s.dev, s.ino, s.size, s.mtime);
+        // A name added or removed (the file deleted while it was read)
+        // moves the ctime too, and leaves the content as it was.
+        same(self) == same(after) && (self.ctime == after.ctime || self.nlink != after.nlink)
     }
 }
 
@@ -437,6 +462,46 @@ impl Links {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_changed_while_read_is_told_by_its_stamp() {
+        let before = Stamp {
+            dev: 1,
+            ino: 2,
+            size: 100,
+            mtime: Mtime { sec: 10, nsec: 0 },
+            ctime: (10, 0),
+            nlink: 1,
+        };
+        assert!(before.unchanged_until(&before));
+        // Rewritten in place with its mtime put back: only the ctime tells.
+        let rewritten = Stamp {
+            ctime: (11, 0),
+            ..before
+        };
+        assert!(!before.unchanged_until(&rewritten));
+        // Grown, touched, or another file under the name.
+        for after in [
+            Stamp {
+                size: 101,
+                ..before
+            },
+            Stamp {
+                mtime: Mtime { sec: 11, nsec: 0 },
+                ..before
+            },
+            Stamp { ino: 3, ..before },
+        ] {
+            assert!(!before.unchanged_until(&after), "{after:?}");
+        }
+        // Deleted while read: the content is what it was.
+        let deleted = Stamp {
+            ctime: (11, 0),
+            nlink: 0,
+            ..before
+        };
+        assert!(before.unchanged_until(&deleted));
+    }
 
     fn inbox_with(entries: &[(u64, bool)]) -> InboxState {
         let mut state = InboxState::default();

@@ -52,9 +52,10 @@ pub(super) trait Visitor {
     fn node(&mut self, path: &Self::Path, stat: &Stat) -> Result<(), Self::Error>;
     /// A socket or a type ferry does not know.
     fn special(&mut self, path: &Self::Path, what: &'static str) -> Result<(), Self::Error>;
-    /// An entry that could not be looked at. One that vanished since the
-    /// listing is not: like rsync, the walk takes it as never there.
+    /// An entry that could not be looked at.
     fn unreadable(&mut self, path: &Self::Path, e: io::Error) -> Result<(), Self::Error>;
+    /// An entry listed that was gone when looked at: deleted since.
+    fn vanished(&mut self, path: &Self::Path) -> Result<(), Self::Error>;
 }
 
 /// An open file or a symlink's target, met by the walk: at hand already,
@@ -65,10 +66,14 @@ pub(super) enum Lazy<'a, T> {
 }
 
 impl Lazy<'_, File> {
-    pub(super) fn get(self) -> io::Result<File> {
+    /// The file, and its stat if it was opened only now: the name may lead
+    /// to another file than the one the walk looked at.
+    pub(super) fn open(self) -> io::Result<(File, Option<Stat>)> {
         match self {
-            Lazy::Ready(file) => Ok(file),
-            Lazy::At(dir, name) => fsx::open_regular(dir, name).map(|(file, _)| file),
+            Lazy::Ready(file) => Ok((file, None)),
+            Lazy::At(dir, name) => {
+                fsx::open_regular(dir, name).map(|(file, stat)| (file, Some(stat)))
+            }
         }
     }
 }
@@ -118,7 +123,7 @@ fn visit<V: Visitor>(
     }
     let stat = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(stat) => stat,
-        Err(rustix::io::Errno::NOENT) => return Ok(()),
+        Err(rustix::io::Errno::NOENT) => return v.vanished(path),
         Err(e) => return v.unreadable(path, e.into()),
     };
     match fsx::kind_of(&stat) {
@@ -162,7 +167,7 @@ mod tests {
 
         fn file(&mut self, path: &String, stat: &Stat, file: Lazy<'_, File>) -> io::Result<()> {
             let fast = matches!(file, Lazy::Ready(_));
-            let ino = file.get()?.metadata()?.ino();
+            let ino = file.open()?.0.metadata()?.ino();
             assert_eq!(ino, stat.st_ino);
             self.seen.push(format!("file {path} {}", stat.st_size));
             assert!(fast, "a listed file is opened at once");
@@ -192,6 +197,11 @@ mod tests {
 
         fn unreadable(&mut self, path: &String, e: io::Error) -> io::Result<()> {
             self.seen.push(format!("unreadable {path}: {e}"));
+            Ok(())
+        }
+
+        fn vanished(&mut self, path: &String) -> io::Result<()> {
+            self.seen.push(format!("vanished {path}"));
             Ok(())
         }
     }
@@ -227,6 +237,7 @@ mod tests {
             log.seen,
             [
                 "file /a 0",
+                "vanished /b",
                 "dir /d",
                 "dir /d/e",
                 "file /d/f 3",

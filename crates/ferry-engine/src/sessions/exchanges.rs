@@ -271,6 +271,37 @@ fn a_source_rewritten_while_it_is_read_is_reported_and_not_placed() {
 }
 
 #[test]
+fn a_source_rewritten_in_place_with_its_mtime_put_back_is_not_placed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let big = src.join("big");
+    std::fs::write(&big, content(40 * MIB, 10)).unwrap();
+    let mtime = std::fs::metadata(&big).unwrap().modified().unwrap();
+    // Its first chunk is on the way: rewrite it, and put the mtime back.
+    let rewrite = Link {
+        frames: Box::new(|f| {
+            if chunk_of(&f) == Some((2, 0)) {
+                use std::os::unix::fs::FileExt;
+                let file = std::fs::File::options().write(true).open(&big).unwrap();
+                file.write_all_at(&content(MIB, 11), 0).unwrap();
+                file.set_modified(mtime).unwrap();
+            }
+            Some(vec![f])
+        }),
+        ..Link::default()
+    };
+    let ended = exchange(&src, Receiving::in_dir(tmp, |_| {}), rewrite);
+    ended.assert_ok();
+    let incomplete = &ended.sent.incomplete;
+    assert!(
+        incomplete.len() == 1 && incomplete[0].1.contains("changed"),
+        "{incomplete:?}"
+    );
+    assert!(!ended.rx.dst().join("big").exists());
+}
+
+#[test]
 fn a_sender_that_breaks_the_protocol_is_told_why() {
     let (src, rx) = setup();
     // Every entry arrives twice: the second has an id already used.

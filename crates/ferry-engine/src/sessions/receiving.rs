@@ -723,3 +723,25 @@ fn an_entry_whose_directory_is_missing_fails_alone() {
     assert_eq!(r.outcome(3), Some(&Outcome::Ok));
     assert!(r.done);
 }
+
+#[test]
+fn a_vanished_entry_is_reported_and_creates_nothing() {
+    let mut r = Receiving::new();
+    let gone = ctl(Message::Vanished {
+        path: WireBytes(b"sub/gone".to_vec()),
+    });
+    r.take(in_root(vec![gone])).unwrap();
+    assert!(r.done);
+    assert_eq!(r.report().vanished, ["dst/sub/gone"]);
+    assert!(!r.dst().join("sub").exists());
+}
+
+#[test]
+fn a_vanished_entry_with_a_path_that_climbs_ends_the_session() {
+    let mut r = Receiving::new();
+    let climbing = ctl(Message::Vanished {
+        path: WireBytes(b"../etc/passwd".to_vec()),
+    });
+    let e = r.take(vec![dir(1, ""), climbing]).unwrap_err();
+    assert!(matches!(e, EngineError::BadPath(_)), "{e:?}");
+}

@@ -13,6 +13,8 @@
 //!   and [`build_small_tree`].
 //! - `compare`: [`assert_trees_equal`], [`assert_files_equal`] and
 //!   [`part_files`].
+//! - `gate`: a forwarder that pauses a transfer at a byte count ([`Gate`]),
+//!   so that a test can change the source in the middle of it.
 //!
 //! Each module's self-tests sit beside what they test. Every wait here is a
 //! poll with a deadline, so a hung binary fails a test with its output
@@ -20,6 +22,7 @@
 
 mod compare;
 mod files;
+mod gate;
 mod process;
 mod server;
 mod tree;
@@ -29,6 +32,7 @@ pub use files::{
     MIB, Rng, Scratch, lstat, mkfifo, random_bytes, set_mode, set_mtime, write_file,
     write_random_file,
 };
+pub use gate::Gate;
 pub use process::{
     DEFAULT_TIMEOUT, ERROR_TIMEOUT, NOBODY, Output, RunOptions, Running, contains_ci, ferry_bin,
     is_root, poll_until, run, run_timeout, run_with, spawn, unprivileged,
