@@ -159,6 +159,11 @@ pub enum Violation {
         count: u64,
         size: u64,
     },
+    #[error(
+        "the receiver claims held chunks off the chunk boundaries: [{start}, {len}]; \
+         only whole chunks where the sender cuts them may be held"
+    )]
+    UnalignedHeld { start: u64, len: u32 },
     #[error("a challenge that is not hex")]
     BadChallenge,
 }
@@ -174,6 +179,21 @@ impl EngineError {
             EngineError::Protocol(_) | EngineError::NotFerry(_) => ErrorCode::Protocol,
             _ => ErrorCode::Io,
         }
+    }
+
+    /// Whether the peer should be told this error before the session ends:
+    /// not when the peer is the one who ended it, nor when the connection
+    /// itself is gone.
+    pub fn is_for_the_peer(&self) -> bool {
+        !matches!(
+            self,
+            EngineError::Remote { .. }
+                | EngineError::Closed
+                | EngineError::Cancelled
+                | EngineError::Io(_)
+                | EngineError::Timeout(_)
+                | EngineError::Stalled(_)
+        )
     }
 
     /// Whether trying the session again may succeed: the connection broke

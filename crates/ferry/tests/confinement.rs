@@ -1095,3 +1095,66 @@ fn refusal_through_a_symlink_is_not_retried() {
         );
     }
 }
+
+/// A hand-written client's download session of `source`, accepted: what
+/// the server sent first (`ready`, then the transfer's first messages).
+fn hostile_download_session(server: &Server, source: &str, deadline: Instant) -> TcpStream {
+    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
+    let mut hello = preface().to_vec();
+    hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
+    stream.write_all(&hello).unwrap();
+    let mut theirs = [0u8; 8];
+    stream.read_exact(&mut theirs).unwrap();
+    assert_eq!(theirs, preface());
+    let welcome = read_messages_one(&mut stream, deadline);
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    stream
+        .write_all(&control_frame(&format!(
+            r#"{{"type":"download","source":"{source}","compression":{{"mode":"off"}}}}"#
+        )))
+        .unwrap();
+    let ready = read_messages_one(&mut stream, deadline);
+    assert_eq!(ready["type"], "ready", "{ready}\n{}", server.stderr());
+    stream
+}
+
+/// A receiver that claims to hold a 64 MiB file as 67 million chunks of
+/// one byte would have the server read and hash each one (12.5 s of CPU
+/// in a release build): held chunks must be whole chunks, and the session
+/// ends at once with a protocol error.
+#[test]
+fn hostile_download_claiming_one_byte_chunks_is_refused_at_once() {
+    let (_scratch, root, _outside) = setup();
+    write_random_file(&root.join("big"), 64 * MIB, 5);
+    let server = Server::start_with(&root, &[&"--no-tls"]);
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    let mut stream = hostile_download_session(&server, "big", deadline);
+    let entry = loop {
+        let msg = read_messages_one(&mut stream, deadline);
+        if msg["type"] != "totals" {
+            break msg;
+        }
+    };
+    assert_eq!(entry["type"], "entry", "{entry}");
+    let claim = format!(r#"{{"type":"have","id":1,"chunks":[[0,1,{}]]}}"#, 64 * MIB);
+    let mut answer = control_frame(&claim);
+    answer.extend(control_frame(r#"{"type":"planned","through":1}"#));
+    stream.write_all(&answer).unwrap();
+    let started = Instant::now();
+    let said = read_messages(&mut stream, deadline);
+    let last = said.last().expect("the server answers");
+    assert_eq!(last["type"], "error", "{said:?}");
+    assert_eq!(last["code"], "protocol", "{last}");
+    assert!(
+        last["message"]
+            .as_str()
+            .unwrap()
+            .contains("chunk boundaries"),
+        "{last}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

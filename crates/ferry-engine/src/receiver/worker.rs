@@ -133,10 +133,7 @@ impl Worker {
     /// The session failed: tell the sender why, unless it is the one who
     /// ended it, and remove the part files not worth keeping.
     pub(crate) fn fail(&mut self, e: &EngineError) {
-        if !matches!(
-            e,
-            EngineError::Remote { .. } | EngineError::Closed | EngineError::Cancelled
-        ) {
+        if e.is_for_the_peer() {
             self.unsent.push(Message::error(e.code(), e.to_string()));
             let _ = self.flush_replies();
         }

@@ -43,6 +43,9 @@ use crate::fsx::Root;
 
 /// Batches of control frames the producer may run ahead of the socket.
 const FRAME_QUEUE: usize = 8;
+/// How long a failing session waits to tell the peer why: the connection
+/// may be what failed.
+const TELL_PEER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 /// Data frames (chunks of files larger than one chunk) waiting for any
 /// connection of the session to take them: with 1 MiB chunks, the bound on
 /// the sender's memory beyond the socket buffers.
@@ -251,12 +254,15 @@ where
                 }
             }
         };
-        tokio::select! {
-            r = read_outcomes(reader, &replies, &tally) => r?,
-            r = write => r?,
-            e = data_writers => return Err(e),
-            e = producer => return Err(e),
-            _ = cancel.cancelled() => return Err(EngineError::Cancelled),
+        let ended = tokio::select! {
+            r = read_outcomes(reader, &replies, &tally) => r,
+            r = write => r,
+            e = data_writers => Err(e),
+            e = producer => Err(e),
+            _ = cancel.cancelled() => Err(EngineError::Cancelled),
+        };
+        if let Err(e) = ended {
+            return Err(tell_peer(writer, e).await);
         }
     }
     // The receiver is done: a producer still waiting for its word (only
@@ -267,6 +273,20 @@ where
         Some(result) => result,
         None => done.await.unwrap_or(Err(EngineError::Closed)),
     }
+}
+
+/// A session this side ends (a receiver breaking the rules, a local
+/// failure): the receiver is told why, as the receiver tells the sender.
+async fn tell_peer<W: AsyncWrite + Unpin>(
+    writer: &mut FrameWriter<W>,
+    e: EngineError,
+) -> EngineError {
+    if e.is_for_the_peer() {
+        let why = Message::error(e.code(), e.to_string());
+        let told = tokio::time::timeout(TELL_PEER_WITHIN, writer.send_now(&why));
+        let _ = told.await;
+    }
+    e
 }
 
 /// Read the receiver's verdicts until it says the transfer is done.

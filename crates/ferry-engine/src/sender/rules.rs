@@ -21,7 +21,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
-use ferry_proto::limits::{MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS};
+use ferry_proto::limits::{
+    DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS,
+};
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::WireBytes;
 
@@ -411,6 +413,14 @@ fn check_held(runs: Vec<Run>, size: u64) -> Result<Vec<Run>, EngineError> {
     for &(start, len, count) in &runs {
         let span = u64::from(len).checked_mul(count);
         let stop = span.and_then(|span| start.checked_add(span));
+        // Only whole chunks, where the sender cuts them: held chunks are
+        // read and hashed here, and tiny ones would cost a hash call per
+        // byte (a CPU amplification a hostile receiver could use).
+        let chunk = u64::from(DEFAULT_CHUNK_LEN);
+        let whole = len == DEFAULT_CHUNK_LEN || (count == 1 && stop == Some(size));
+        if start % chunk != 0 || !whole {
+            return Err(Violation::UnalignedHeld { start, len }.into());
+        }
         match stop {
             Some(stop)
                 if start >= end
@@ -709,23 +719,23 @@ mod tests {
     #[test]
     fn held_chunks_come_with_their_file_and_only_before_its_plan() {
         let mut q = PlanQueue::default();
-        q.push(2, 4096, ancestors(&[1]), ());
-        q.push(3, 4096, ancestors(&[1]), ());
+        q.push(2, 4 * C, ancestors(&[1]), ());
+        q.push(3, 4 * C, ancestors(&[1]), ());
         // Its `have` and the `planned` covering it in one news.
         q.absorb(News {
             through: 2,
-            have: HashMap::from([(2, vec![(0, 1024, 2)])]),
+            have: HashMap::from([(2, vec![(0, CHUNK, 2)])]),
             ..News::default()
         });
         // Once planned, a `have` comes too late to count.
         q.absorb(News {
-            have: HashMap::from([(2, vec![(0, 1024, 4)]), (9, vec![])]),
+            have: HashMap::from([(2, vec![(0, CHUNK, 4)]), (9, vec![])]),
             ..News::default()
         });
         let Next::Send(p) = q.next(false).unwrap() else {
             panic!("file 2 is planned")
         };
-        assert_eq!((p.id, p.size, p.held), (2, 4096, vec![(0, 1024, 2)]));
+        assert_eq!((p.id, p.size, p.held), (2, 4 * C, vec![(0, CHUNK, 2)]));
         q.absorb(news(3));
         let Next::Send(p) = q.next(false).unwrap() else {
             panic!("file 3 is planned")
@@ -736,34 +746,63 @@ mod tests {
     #[test]
     fn a_bad_claim_of_held_chunks_is_a_protocol_error() {
         let mut q = PlanQueue::default();
-        q.push(2, 4096, ancestors(&[1]), ());
+        q.push(2, 4 * C, ancestors(&[1]), ());
         q.absorb(News {
             through: 2,
-            have: HashMap::from([(2, vec![(0, 1024, 5)])]),
+            have: HashMap::from([(2, vec![(0, CHUNK, 5)])]),
             ..News::default()
         });
         assert!(matches!(q.next(false), Err(EngineError::Protocol(_))));
     }
 
+    /// The chunk length, as the runs of a `have` carry it and as a size.
+    const CHUNK: u32 = DEFAULT_CHUNK_LEN;
+    const C: u64 = DEFAULT_CHUNK_LEN as u64;
+
     #[test]
     fn held_chunks_are_checked_against_the_file() {
         let ok = |runs: Vec<Run>, size| check_held(runs, size).is_ok();
         assert!(ok(vec![], 0));
-        assert!(ok(vec![(0, 1024, 2), (2048, 512, 1)], 2560));
-        assert!(ok(vec![(1024, 1024, 1)], 4096), "gaps are fine");
-        assert!(!ok(vec![(0, 1024, 2), (1024, 1024, 1)], 4096), "overlap");
-        assert!(!ok(vec![(2048, 1024, 1), (0, 1024, 1)], 4096), "order");
-        assert!(!ok(vec![(0, 1024, 5)], 4096), "past the end");
-        assert!(!ok(vec![(u64::MAX, 1024, 1)], 4096), "overflow");
-        assert!(!ok(vec![(0, 1024, u64::MAX)], 4096), "overflow");
-        assert!(!ok(vec![(0, 0, 1)], 4096), "empty chunks");
+        assert!(ok(
+            vec![(0, CHUNK, 2), (2 * C, CHUNK / 2, 1)],
+            2 * C + C / 2
+        ));
+        assert!(ok(vec![(0, 100, 1)], 100), "a file shorter than a chunk");
+        assert!(ok(vec![(C, CHUNK, 1)], 4 * C), "gaps are fine");
+        assert!(!ok(vec![(0, CHUNK, 2), (C, CHUNK, 1)], 4 * C), "overlap");
+        assert!(!ok(vec![(2 * C, CHUNK, 1), (0, CHUNK, 1)], 4 * C), "order");
+        assert!(!ok(vec![(0, CHUNK, 5)], 4 * C), "past the end");
+        assert!(
+            !ok(vec![(u64::MAX / C * C, CHUNK, 1)], u64::MAX),
+            "overflow"
+        );
+        assert!(!ok(vec![(0, CHUNK, u64::MAX)], 4 * C), "overflow");
+        assert!(!ok(vec![(0, 0, 1)], 4 * C), "empty chunks");
         assert!(
             !ok(vec![(0, MAX_CHUNK_LEN + 1, 1)], u64::MAX),
             "huge chunks"
         );
-        assert!(!ok(vec![(0, 1024, 0)], 4096), "no chunks");
-        let many: Vec<Run> = (0..=MAX_HAVE_RUNS as u64).map(|i| (i * 2, 1, 1)).collect();
+        assert!(!ok(vec![(0, CHUNK, 0)], 4 * C), "no chunks");
+        let many: Vec<Run> = (0..=MAX_HAVE_RUNS as u64)
+            .map(|i| (i * 2 * C, CHUNK, 1))
+            .collect();
         assert!(!ok(many, u64::MAX), "too many runs");
+    }
+
+    #[test]
+    fn held_chunks_must_be_whole_chunks_where_the_sender_cuts_them() {
+        let ok = |runs: Vec<Run>, size| check_held(runs, size).is_ok();
+        // A byte at a time over 64 MiB would be 67 million hash calls.
+        assert!(!ok(vec![(0, 1, 64 * C)], 64 * C), "tiny chunks");
+        assert!(!ok(vec![(1, CHUNK, 1)], 4 * C), "off the boundary");
+        assert!(
+            !ok(vec![(0, CHUNK / 2, 1)], 4 * C),
+            "a short chunk not at the end"
+        );
+        assert!(
+            ok(vec![(3 * C, CHUNK / 2, 1)], 3 * C + C / 2),
+            "the short last one"
+        );
     }
 
     #[test]
