@@ -45,7 +45,10 @@ pub enum FrameError {
         len: u32,
         max: u32,
     },
-    #[error("malformed control message: {0}")]
+    /// serde's words may quote what the peer sent (an unknown `type`,
+    /// say): escaped, so that a peer cannot put control characters into a
+    /// log line or onto a terminal.
+    #[error("malformed control message: {}", crate::path::escape(.0.to_string().as_bytes()))]
     BadMessage(#[from] serde_json::Error),
     #[error(transparent)]
     BadChunk(#[from] ChunkError),
@@ -139,6 +142,19 @@ mod tests {
     use super::*;
     use crate::chunk::Codec;
     use crate::message::{ErrorCode, Message};
+
+    #[test]
+    fn a_malformed_message_cannot_put_control_characters_into_a_log_line() {
+        let forged = r#"{"type":"x\nWARN forged line\u001b[2J"}"#;
+        let mut buf = BytesMut::new();
+        buf.put_u8(1);
+        buf.put_u32(forged.len() as u32);
+        buf.put_slice(forged.as_bytes());
+        let e = decode(&mut buf).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("malformed control message"), "{text}");
+        assert!(!text.chars().any(|c| c.is_control()), "{text:?}");
+    }
     use proptest::prelude::*;
 
     fn control_bytes(msg: &Message) -> BytesMut {

@@ -410,3 +410,39 @@ fn interrupted_client_exits_130() {
     let _ = client_gone.send(());
     fake.join().expect("the fake server thread");
 }
+
+/// A client that is not authenticated yet sends a message whose `type`
+/// holds a newline and an escape sequence: the server's log quotes it
+/// escaped, so no line can be forged in it and no terminal reading it is
+/// driven.
+#[test]
+fn a_malformed_message_cannot_forge_a_log_line() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let mut server = Server::start_with(&root, &[&"--no-tls"]);
+    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
+    stream.write_all(&preface(PROTOCOL_VERSION)).unwrap();
+    let forged = r#"{"type":"x\r\nWARN forged: root logged in\u001b[2J"}"#;
+    stream.write_all(&control_frame(forged)).unwrap();
+    read_until_closed(&mut stream, Duration::from_secs(5))
+        .unwrap_or_else(|why| panic!("server did not drop the client: {why}\n{}", server.stderr()));
+    let logged = poll_until(Duration::from_secs(5), || {
+        let log = server.stderr();
+        log.contains("malformed control message").then_some(log)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the server did not log the malformed message\n{}",
+            server.stderr()
+        )
+    });
+    assert!(
+        !logged.lines().any(|l| l.starts_with("WARN forged")),
+        "a forged line:\n{logged}"
+    );
+    assert!(
+        !logged.contains('\u{1b}'),
+        "an escape sequence:\n{logged:?}"
+    );
+    assert_server_healthy(&mut server);
+}
