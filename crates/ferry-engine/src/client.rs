@@ -23,7 +23,7 @@ use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
-use crate::error::{EngineError, Violation, reason};
+use crate::error::{ConnectError, EngineError, LocalCause, Op, TlsError, Violation};
 use crate::events::{Event, EventSink, Tally, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
@@ -117,16 +117,16 @@ async fn connect(
     tls: Option<&ClientTls>,
     meter: &Meter,
 ) -> Result<Connected, EngineError> {
-    let connect_error = |reason: String| EngineError::Connect {
+    let connect_error = |cause| EngineError::Connect {
         addr: addr.to_string(),
-        reason,
+        cause,
     };
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Err(_) => {
             let waited = CONNECT_TIMEOUT.as_secs();
-            return Err(connect_error(format!("no answer within {waited} s")));
+            return Err(connect_error(ConnectError::TimedOut(waited)));
         }
-        Ok(Err(e)) => return Err(connect_error(reason(&e))),
+        Ok(Err(e)) => return Err(connect_error(ConnectError::Io(e))),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
@@ -142,7 +142,7 @@ async fn connect(
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
                 Ok(Err(e)) => {
-                    return Err(tls.refusal().unwrap_or_else(|| handshake_error(addr, &e)));
+                    return Err(tls.refusal().unwrap_or_else(|| handshake_error(addr, e)));
                 }
                 Ok(Ok(s)) => s,
             };
@@ -150,7 +150,7 @@ async fn connect(
                 .get_ref()
                 .1
                 .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
-                .map_err(|e| EngineError::Tls(e.to_string()))?;
+                .map_err(|e| EngineError::Tls(e.into()))?;
             let (r, w) = tokio::io::split(stream);
             (Box::new(r), Box::new(w))
         }
@@ -172,7 +172,7 @@ async fn connect(
 /// server running with `--no-tls` (it answers with its plaintext preface,
 /// `F` where a record type should be): trying again would not help. Other
 /// malformed records may be damage on the way, and are worth a retry.
-fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
+fn handshake_error(addr: &str, e: std::io::Error) -> EngineError {
     use rustls::InvalidMessage::{InvalidContentType, UnknownProtocolVersion};
     match e
         .get_ref()
@@ -183,13 +183,11 @@ fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
                 addr: addr.to_string(),
             }
         }
-        Some(tls) => EngineError::Tls(tls.to_string()),
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof => EngineError::Tls(
-            "the server closed the connection during the handshake \
-             (if this persists: is it running with --no-tls?)"
-                .into(),
-        ),
-        None => EngineError::Tls(reason(e)),
+        Some(tls) => EngineError::Tls(TlsError::Rustls(tls.clone())),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            EngineError::Tls(TlsError::ClosedInHandshake)
+        }
+        None => EngineError::Tls(TlsError::Io(e)),
     }
 }
 
@@ -447,10 +445,8 @@ async fn upload_once(
     tally: Arc<Tally>,
     session: Session,
 ) -> Result<(), EngineError> {
-    let root = fsx::open_local_root(local).map_err(|e| EngineError::Local {
-        path: escape(local.as_os_str().as_bytes()),
-        reason: reason(&e),
-    })?;
+    let root = fsx::open_local_root(local)
+        .map_err(|e| EngineError::local(escape(local.as_os_str().as_bytes()), Op::Open, e))?;
     let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
@@ -647,24 +643,22 @@ fn backoff(failures: u32) -> Duration {
 /// The local destination `path`: its parent directory (created if
 /// missing, the user's own path, so followed as given) and its name.
 fn local_destination(path: &Path, label: String) -> Result<Destination, EngineError> {
-    let local_error = |reason: String| EngineError::Local {
-        path: escape(path.as_os_str().as_bytes()),
-        reason,
-    };
+    let local_error =
+        |op, cause: LocalCause| EngineError::local(escape(path.as_os_str().as_bytes()), op, cause);
     let name = path
         .file_name()
-        .ok_or_else(|| local_error("the destination must name a file or directory".into()))?;
+        .ok_or_else(|| local_error(Op::Create, LocalCause::NoName))?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(parent).map_err(|e| local_error(reason(&e)))?;
+    std::fs::create_dir_all(parent).map_err(|e| local_error(Op::Create, e.into()))?;
     let base: OwnedFd = rustix::fs::open(
         parent,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .map_err(|e| local_error(reason(&e.into())))?;
+    .map_err(|e| local_error(Op::Open, std::io::Error::from(e).into()))?;
     Ok(Destination {
         base,
         prefix: vec![name.as_bytes().to_vec()],

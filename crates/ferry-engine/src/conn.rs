@@ -237,7 +237,7 @@ where
             Some(done) = running.join_next() => match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return e,
-                Err(e) => return EngineError::Io(e.to_string()),
+                Err(e) => return EngineError::Task(e),
             },
             // No more joins and none running: wait for the session to end.
             else => std::future::pending::<()>().await,

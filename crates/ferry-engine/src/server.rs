@@ -39,7 +39,7 @@ use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
-use crate::error::{EngineError, code_for, reason};
+use crate::error::{EngineError, TlsError, code_for, reason};
 use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
@@ -434,12 +434,12 @@ async fn transport(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Transpo
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
                 .await
                 .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
-                .map_err(|e| EngineError::Tls(reason(&e)))?;
+                .map_err(|e| EngineError::Tls(TlsError::Io(e)))?;
             exporter = accepted
                 .get_ref()
                 .1
                 .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
-                .map_err(|e| EngineError::Tls(e.to_string()))?;
+                .map_err(|e| EngineError::Tls(e.into()))?;
             let (r, w) = tokio::io::split(accepted);
             (Box::new(r), Box::new(w))
         }
