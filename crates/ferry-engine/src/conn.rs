@@ -102,7 +102,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame, which must be a control message.
     pub(crate) async fn message(&mut self) -> Result<Message, EngineError> {
         match self.next().await? {
-            Some(Frame::Control(Message::Error { code, message })) => {
+            Some(Frame::Control(Message::Error { code, message, .. })) => {
                 Err(EngineError::Remote { code, message })
             }
             Some(Frame::Control(m)) => Ok(m),

@@ -210,7 +210,7 @@ impl Worker {
                 self.end_seen = true;
                 Ok(())
             }
-            Message::Error { code, message } => Err(EngineError::Remote {
+            Message::Error { code, message, .. } => Err(EngineError::Remote {
                 code,
                 message: peer_text(&message),
             }),

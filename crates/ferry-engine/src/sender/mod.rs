@@ -185,7 +185,7 @@ impl Replies {
                         break;
                     }
                     Message::Keepalive => {}
-                    Message::Error { code, message } => {
+                    Message::Error { code, message, .. } => {
                         return Err(EngineError::Remote { code, message });
                     }
                     msg => events.extend(state.take_in(msg)?),
