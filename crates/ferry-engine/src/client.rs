@@ -23,7 +23,7 @@ use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
-use crate::error::{ConnectError, EngineError, LocalCause, Op, TlsError, Violation};
+use crate::error::{ConnectError, EngineError, LocalCause, Op, Side, TlsError, Violation};
 use crate::events::{Event, EventSink, Tally, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
@@ -155,7 +155,7 @@ async fn connect(
             (Box::new(r), Box::new(w))
         }
     };
-    let mut reader = FrameReader::new(r, meter.clone());
+    let mut reader = FrameReader::new(r, meter.clone(), Side::Server);
     let mut writer = FrameWriter::new(w, meter.clone());
     writer.preface().await?;
     check_version(reader.preface().await?)?;
@@ -252,13 +252,9 @@ async fn greet(conn: &mut Connected, token: Option<&Token>) -> Result<Message, E
     }
     match answer {
         // A wrong token stays wrong: not worth a retry.
-        Err(EngineError::Remote {
-            code: ErrorCode::PermissionDenied,
-            message,
-        }) => Err(EngineError::Refused {
-            code: ErrorCode::PermissionDenied,
-            message,
-        }),
+        Err(EngineError::Remote(failure)) if failure.code == ErrorCode::PermissionDenied => {
+            Err(EngineError::Refused(failure))
+        }
         other => other,
     }
 }
@@ -267,10 +263,7 @@ async fn greet(conn: &mut Connected, token: Option<&Token>) -> Result<Message, E
 /// binding is `exporter`.
 fn proof(token: Option<&Token>, nonce: &str, exporter: &[u8]) -> Result<String, EngineError> {
     let Some(token) = token else {
-        return Err(EngineError::Refused {
-            code: ErrorCode::PermissionDenied,
-            message: "the server requires a token: set FERRY_TOKEN or pass --token-file".into(),
-        });
+        return Err(EngineError::TokenRequired);
     };
     let nonce = auth::unhex(nonce).ok_or(Violation::BadChallenge)?;
     Ok(token.mac(&nonce, exporter))
@@ -381,8 +374,8 @@ impl Connection {
         self.writer.send_now(msg).await?;
         let reply = match self.reply().await {
             // A refusal is final, unless the server is only going away.
-            Err(EngineError::Remote { code, message }) if code != ErrorCode::ShuttingDown => {
-                return Err(EngineError::Refused { code, message });
+            Err(EngineError::Remote(failure)) if failure.code != ErrorCode::ShuttingDown => {
+                return Err(EngineError::Refused(failure));
             }
             other => other?,
         };

@@ -9,10 +9,13 @@
 use std::io;
 
 use ferry_proto::frame::FrameError;
-use ferry_proto::message::ErrorCode;
-use ferry_proto::path::PathError;
+use ferry_proto::limits::MAX_PATH_LEN;
+use ferry_proto::message::{ErrorCode, Message};
+use ferry_proto::path::{PathError, WireBytes, escape};
 use ferry_proto::preface::PrefaceError;
 use thiserror::Error;
+
+use crate::events::peer_text;
 
 /// Why a session (not a single file) failed.
 #[derive(Debug, Error)]
@@ -55,12 +58,19 @@ pub enum EngineError {
     Timeout(u64),
     #[error("no data moved for {0} seconds: the connection stalled")]
     Stalled(u64),
-    #[error("{message}")]
-    Remote { code: ErrorCode, message: String },
+    /// The peer ended the session with `error`.
+    #[error("{0}")]
+    Remote(PeerFailure),
     /// The server turned the request down (a path it will not serve, a
     /// permission): asking again would get the same answer.
-    #[error("{message}")]
-    Refused { code: ErrorCode, message: String },
+    #[error("{0}")]
+    Refused(PeerFailure),
+    /// This side turned the peer down, and told it why.
+    #[error("{0}")]
+    RefusedPeer(Refusal),
+    /// The server asked for a token, and this client has none.
+    #[error("the server requires a token: set FERRY_TOKEN or pass --token-file")]
+    TokenRequired,
     #[error("the connection was closed before the transfer finished")]
     Closed,
     #[error("interrupted")]
@@ -120,6 +130,201 @@ impl EngineError {
             op,
             cause: cause.into(),
         }
+    }
+}
+
+/// One end of a session, as the user sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        })
+    }
+}
+
+/// A failure the peer reported with `error`: which side it is, its code,
+/// the path the failure is about if the peer named one, and its message.
+/// The peer chose the path and the message, so both are kept escaped and
+/// bounded, ready for a terminal. Shown as `server: <path>: <message>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerFailure {
+    pub(crate) side: Side,
+    pub(crate) code: ErrorCode,
+    pub(crate) path: Option<String>,
+    pub(crate) message: String,
+}
+
+impl PeerFailure {
+    /// The failure in an `error` from the peer, which is `side`.
+    pub(crate) fn received(
+        side: Side,
+        code: ErrorCode,
+        message: &str,
+        path: Option<&WireBytes>,
+    ) -> Self {
+        let path = path.map(|p| escape(&p.as_bytes()[..p.as_bytes().len().min(MAX_PATH_LEN)]));
+        PeerFailure {
+            side,
+            code,
+            path,
+            message: peer_text(message),
+        }
+    }
+
+    /// The side that failed: the peer.
+    pub fn side(&self) -> Side {
+        self.side
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// The path the failure is about, escaped: a request's path (relative
+    /// to the server's root) or an entry's (relative to the transfer's).
+    pub fn path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+
+    /// The peer's words, escaped.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Display for PeerFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            Some(path) => write!(f, "{}: {path}: {}", self.side, self.message),
+            None => write!(f, "{}: {}", self.side, self.message),
+        }
+    }
+}
+
+impl std::error::Error for PeerFailure {}
+
+/// Why this server turned a client down: the request's path it is about,
+/// if any, and the reason. The client hears both in an `error`; the log
+/// shows them as `<path>: <reason>`.
+#[derive(Debug)]
+pub struct Refusal {
+    pub(crate) path: Option<WireBytes>,
+    pub(crate) reason: RefusalReason,
+}
+
+/// What a server refuses, in the words its client will show.
+#[derive(Debug, Error)]
+pub enum RefusalReason {
+    #[error("this server is read-only: it serves downloads, not uploads")]
+    ReadOnly,
+    #[error("this server is write-only: it accepts uploads, not downloads")]
+    WriteOnly,
+    #[error("compression level {0} is outside 1..=19")]
+    CompressionLevel(i32),
+    /// The request's path failed validation (it is named beside this).
+    #[error("the remote path {}", .0.problem())]
+    BadPath(PathError),
+    #[error("the remote path must name a file or directory below the server's root")]
+    RootPath,
+    /// The request's path could not be opened or its parents made.
+    #[error("{}", reason(.error))]
+    Io {
+        op: Op,
+        #[source]
+        error: io::Error,
+    },
+    #[error("server root: {}", reason(.0))]
+    RootUnavailable(#[source] io::Error),
+    #[error("expected a request, got {0}")]
+    NotARequest(&'static str),
+    #[error("expected hello, got {0}")]
+    NotHello(&'static str),
+    #[error("this server requires TLS; drop --no-tls on the client")]
+    NeedsTls,
+    #[error("cannot join: unknown session, wrong secret, or too many connections")]
+    CannotJoin,
+    /// No random bytes for `what` (a session secret, a challenge).
+    #[error("no random source for {what}: {}", reason(.error))]
+    NoRandom {
+        what: &'static str,
+        #[source]
+        error: io::Error,
+    },
+    /// Logged; the client is told only "authentication failed".
+    #[error("the client did not prove the token")]
+    Unauthenticated,
+    /// Logged; the client is told by the plaintext preface it gets back.
+    #[error(
+        "a TLS client connected to this --no-tls server (drop --no-tls here, \
+         or run the client with --no-tls)"
+    )]
+    TlsClient,
+}
+
+impl Refusal {
+    /// A refusal about no path in particular.
+    pub(crate) fn new(reason: RefusalReason) -> Self {
+        Refusal { path: None, reason }
+    }
+
+    /// A refusal of the request's path `path`. The root (empty) and a path
+    /// too long for the wire are not named: the reason says enough.
+    pub(crate) fn of_path(path: &[u8], reason: RefusalReason) -> Self {
+        let named = !path.is_empty() && path.len() <= MAX_PATH_LEN;
+        Refusal {
+            path: named.then(|| WireBytes(path.to_vec())),
+            reason,
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match &self.reason {
+            RefusalReason::ReadOnly | RefusalReason::WriteOnly | RefusalReason::Unauthenticated => {
+                ErrorCode::PermissionDenied
+            }
+            RefusalReason::BadPath(_) | RefusalReason::RootPath => ErrorCode::BadPath,
+            RefusalReason::Io { error, .. } | RefusalReason::RootUnavailable(error) => {
+                code_for(error)
+            }
+            RefusalReason::NotHello(_) => ErrorCode::Protocol,
+            RefusalReason::NoRandom { .. } => ErrorCode::Io,
+            RefusalReason::CompressionLevel(_)
+            | RefusalReason::NotARequest(_)
+            | RefusalReason::NeedsTls
+            | RefusalReason::CannotJoin
+            | RefusalReason::TlsClient => ErrorCode::BadRequest,
+        }
+    }
+
+    /// The `error` that tells the client.
+    pub(crate) fn message(&self) -> Message {
+        Message::Error {
+            code: self.code(),
+            message: self.reason.to_string(),
+            path: self.path.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.path {
+            Some(path) => write!(f, "{}: {}", escape(path.as_bytes()), self.reason),
+            None => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.reason)
     }
 }
 
@@ -305,7 +510,9 @@ impl EngineError {
         match self {
             EngineError::VersionMismatch { .. } => ErrorCode::VersionMismatch,
             EngineError::BadPath(_) => ErrorCode::BadPath,
-            EngineError::Remote { code, .. } | EngineError::Refused { code, .. } => *code,
+            EngineError::Remote(failure) | EngineError::Refused(failure) => failure.code,
+            EngineError::RefusedPeer(refusal) => refusal.code(),
+            EngineError::TokenRequired => ErrorCode::PermissionDenied,
             EngineError::Cancelled => ErrorCode::ShuttingDown,
             EngineError::Protocol(_) | EngineError::NotFerry(_) => ErrorCode::Protocol,
             EngineError::Connect { .. }
@@ -336,12 +543,14 @@ impl EngineError {
             | EngineError::Stalled(_)
             | EngineError::Tls(_)
             | EngineError::Protocol(_) => true,
-            EngineError::Remote { code, .. } => matches!(
-                code,
+            EngineError::Remote(failure) => matches!(
+                failure.code,
                 ErrorCode::ShuttingDown | ErrorCode::Io | ErrorCode::Protocol
             ),
             EngineError::Local { .. }
-            | EngineError::Refused { .. }
+            | EngineError::Refused(_)
+            | EngineError::RefusedPeer(_)
+            | EngineError::TokenRequired
             | EngineError::VersionMismatch { .. }
             | EngineError::NotFerry(_)
             | EngineError::BadPath(_)
@@ -465,6 +674,98 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "out: the destination must name a file or directory"
+        );
+    }
+
+    #[test]
+    fn a_peer_failure_names_its_side_and_path_escaped() {
+        let path = WireBytes(b"photos/\x1b[2J".to_vec());
+        let failure = PeerFailure::received(
+            Side::Server,
+            ErrorCode::NotFound,
+            "no such file\x07",
+            Some(&path),
+        );
+        assert_eq!(failure.side(), Side::Server);
+        assert_eq!(failure.code(), ErrorCode::NotFound);
+        assert_eq!(failure.path(), Some("photos/\\x1b[2J"));
+        assert_eq!(failure.message(), "no such file\\x07");
+        let e = EngineError::Refused(failure.clone());
+        assert_eq!(e.to_string(), "server: photos/\\x1b[2J: no such file\\x07");
+        assert_eq!(e.code(), ErrorCode::NotFound);
+        assert!(!e.is_transient());
+
+        let failure = PeerFailure::received(Side::Client, ErrorCode::Io, "disk on fire", None);
+        let e = EngineError::Remote(failure);
+        assert_eq!(e.to_string(), "client: disk on fire");
+        assert_eq!(e.code(), ErrorCode::Io);
+        assert!(e.is_transient());
+        let e = EngineError::Remote(PeerFailure::received(
+            Side::Server,
+            ErrorCode::NoSpace,
+            "full",
+            None,
+        ));
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn a_refusal_tells_the_client_its_path_code_and_reason() {
+        let refusal = Refusal::of_path(b"a/b", RefusalReason::ReadOnly);
+        assert_eq!(refusal.code(), ErrorCode::PermissionDenied);
+        assert_eq!(
+            refusal.message(),
+            Message::Error {
+                code: ErrorCode::PermissionDenied,
+                message: "this server is read-only: it serves downloads, not uploads".into(),
+                path: Some("a/b".into()),
+            }
+        );
+        let e = EngineError::RefusedPeer(refusal);
+        assert_eq!(
+            e.to_string(),
+            "a/b: this server is read-only: it serves downloads, not uploads"
+        );
+        assert_eq!(e.code(), ErrorCode::PermissionDenied);
+        assert!(!e.is_transient());
+
+        let bad = ferry_proto::path::WirePath::parse(b"../x").unwrap_err();
+        let refusal = Refusal::of_path(b"../x", RefusalReason::BadPath(bad));
+        assert_eq!(refusal.code(), ErrorCode::BadPath);
+        assert_eq!(
+            refusal.to_string(),
+            "../x: the remote path climbs out of the root with '..'"
+        );
+        let error = io::Error::from_raw_os_error(2);
+        let op = Op::Open;
+        let refusal = Refusal::of_path(b"gone", RefusalReason::Io { op, error });
+        assert_eq!(refusal.code(), ErrorCode::NotFound);
+        assert_eq!(refusal.to_string(), "gone: no such file or directory");
+        // The root and an overlong path are left to the reason.
+        assert!(
+            Refusal::of_path(b"", RefusalReason::RootPath)
+                .path
+                .is_none()
+        );
+        let long = vec![b'a'; MAX_PATH_LEN + 1];
+        assert!(
+            Refusal::of_path(&long, RefusalReason::ReadOnly)
+                .path
+                .is_none()
+        );
+        let e = EngineError::RefusedPeer(Refusal::new(RefusalReason::NotHello("upload")));
+        assert_eq!(e.code(), ErrorCode::Protocol);
+        assert_eq!(e.to_string(), "expected hello, got upload");
+    }
+
+    #[test]
+    fn a_client_without_a_token_is_refused_for_good() {
+        let e = EngineError::TokenRequired;
+        assert_eq!(e.code(), ErrorCode::PermissionDenied);
+        assert!(!e.is_transient());
+        assert!(
+            e.to_string().starts_with("the server requires a token"),
+            "{e}"
         );
     }
 
