@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{EngineError, reason};
+use crate::error::{EngineError, LocalCause, Op, TokenError, reason};
 
 /// The TLS exporter label both ends derive the channel binding with.
 pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-auth";
@@ -41,10 +41,10 @@ impl fmt::Debug for Token {
 impl Token {
     /// A token from its text (surrounding whitespace and the trailing
     /// newline of a file are not part of it); empty is refused.
-    pub fn new(text: &str) -> Result<Token, String> {
+    pub fn new(text: &str) -> Result<Token, TokenError> {
         let t = text.trim();
         if t.is_empty() {
-            return Err("the token is empty".into());
+            return Err(TokenError::Empty);
         }
         Ok(Token(t.as_bytes().to_vec()))
     }
@@ -127,40 +127,29 @@ pub fn needs_token(ip: IpAddr) -> bool {
 /// answer says where, and whether it was made now.
 pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), EngineError> {
     let path = state_dir.join(TOKEN_FILE);
-    let local = |e: &io::Error| EngineError::Local {
-        path: path.display().to_string(),
-        reason: reason(e),
-    };
+    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let mode = std::fs::metadata(&path)
-                .map_err(|e| local(&e))?
+                .map_err(|e| local(Op::Read, e.into()))?
                 .permissions()
                 .mode();
             if mode & 0o077 != 0 {
-                return Err(EngineError::Local {
-                    path: path.display().to_string(),
-                    reason: format!(
-                        "readable by others (mode {:o}); chmod 600 it, or remove it to make a new token",
-                        mode & 0o777
-                    ),
-                });
+                let cause = LocalCause::TokenReadableByOthers { mode: mode & 0o777 };
+                return Err(local(Op::Read, cause));
             }
-            let token = Token::new(&text).map_err(|e| EngineError::Local {
-                path: path.display().to_string(),
-                reason: e,
-            })?;
+            let token = Token::new(&text).map_err(|e| local(Op::Parse, e.into()))?;
             return Ok((token, path, false));
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(local(&e)),
+        Err(e) => return Err(local(Op::Read, e.into())),
     }
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(state_dir)
-        .map_err(|e| local(&e))?;
-    let text = hex(&random_bytes(32).map_err(|e| local(&e))?);
+        .map_err(|e| local(Op::Create, e.into()))?;
+    let text = hex(&random_bytes(32).map_err(|e| local(Op::Create, e.into()))?);
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let write = || -> io::Result<()> {
@@ -173,7 +162,7 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), 
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     };
-    write().map_err(|e| local(&e))?;
+    write().map_err(|e| local(Op::Write, e.into()))?;
     Ok((Token(text.into_bytes()), path, true))
 }
 

@@ -23,8 +23,8 @@ use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
-use crate::error::{EngineError, Violation, reason};
-use crate::events::{Event, EventSink, Tally, TransferSummary};
+use crate::error::{ConnectError, EngineError, LocalCause, Op, Side, TlsError, Violation};
+use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
@@ -117,16 +117,16 @@ async fn connect(
     tls: Option<&ClientTls>,
     meter: &Meter,
 ) -> Result<Connected, EngineError> {
-    let connect_error = |reason: String| EngineError::Connect {
+    let connect_error = |cause| EngineError::Connect {
         addr: addr.to_string(),
-        reason,
+        cause,
     };
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Err(_) => {
             let waited = CONNECT_TIMEOUT.as_secs();
-            return Err(connect_error(format!("no answer within {waited} s")));
+            return Err(connect_error(ConnectError::TimedOut(waited)));
         }
-        Ok(Err(e)) => return Err(connect_error(reason(&e))),
+        Ok(Err(e)) => return Err(connect_error(ConnectError::Io(e))),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
@@ -142,7 +142,7 @@ async fn connect(
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
                 Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
                 Ok(Err(e)) => {
-                    return Err(tls.refusal().unwrap_or_else(|| handshake_error(addr, &e)));
+                    return Err(tls.refusal().unwrap_or_else(|| handshake_error(addr, e)));
                 }
                 Ok(Ok(s)) => s,
             };
@@ -150,12 +150,12 @@ async fn connect(
                 .get_ref()
                 .1
                 .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
-                .map_err(|e| EngineError::Tls(e.to_string()))?;
+                .map_err(|e| EngineError::Tls(e.into()))?;
             let (r, w) = tokio::io::split(stream);
             (Box::new(r), Box::new(w))
         }
     };
-    let mut reader = FrameReader::new(r, meter.clone());
+    let mut reader = FrameReader::new(r, meter.clone(), Side::Server);
     let mut writer = FrameWriter::new(w, meter.clone());
     writer.preface().await?;
     check_version(reader.preface().await?)?;
@@ -172,7 +172,7 @@ async fn connect(
 /// server running with `--no-tls` (it answers with its plaintext preface,
 /// `F` where a record type should be): trying again would not help. Other
 /// malformed records may be damage on the way, and are worth a retry.
-fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
+fn handshake_error(addr: &str, e: std::io::Error) -> EngineError {
     use rustls::InvalidMessage::{InvalidContentType, UnknownProtocolVersion};
     match e
         .get_ref()
@@ -183,13 +183,11 @@ fn handshake_error(addr: &str, e: &std::io::Error) -> EngineError {
                 addr: addr.to_string(),
             }
         }
-        Some(tls) => EngineError::Tls(tls.to_string()),
-        None if e.kind() == std::io::ErrorKind::UnexpectedEof => EngineError::Tls(
-            "the server closed the connection during the handshake \
-             (if this persists: is it running with --no-tls?)"
-                .into(),
-        ),
-        None => EngineError::Tls(reason(e)),
+        Some(tls) => EngineError::Tls(TlsError::Rustls(tls.clone())),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            EngineError::Tls(TlsError::ClosedInHandshake)
+        }
+        None => EngineError::Tls(TlsError::Io(e)),
     }
 }
 
@@ -254,13 +252,9 @@ async fn greet(conn: &mut Connected, token: Option<&Token>) -> Result<Message, E
     }
     match answer {
         // A wrong token stays wrong: not worth a retry.
-        Err(EngineError::Remote {
-            code: ErrorCode::PermissionDenied,
-            message,
-        }) => Err(EngineError::Refused {
-            code: ErrorCode::PermissionDenied,
-            message,
-        }),
+        Err(EngineError::Remote(failure)) if failure.code == ErrorCode::PermissionDenied => {
+            Err(EngineError::Refused(failure))
+        }
         other => other,
     }
 }
@@ -269,10 +263,7 @@ async fn greet(conn: &mut Connected, token: Option<&Token>) -> Result<Message, E
 /// binding is `exporter`.
 fn proof(token: Option<&Token>, nonce: &str, exporter: &[u8]) -> Result<String, EngineError> {
     let Some(token) = token else {
-        return Err(EngineError::Refused {
-            code: ErrorCode::PermissionDenied,
-            message: "the server requires a token: set FERRY_TOKEN or pass --token-file".into(),
-        });
+        return Err(EngineError::TokenRequired);
     };
     let nonce = auth::unhex(nonce).ok_or(Violation::BadChallenge)?;
     Ok(token.mac(&nonce, exporter))
@@ -383,8 +374,8 @@ impl Connection {
         self.writer.send_now(msg).await?;
         let reply = match self.reply().await {
             // A refusal is final, unless the server is only going away.
-            Err(EngineError::Remote { code, message }) if code != ErrorCode::ShuttingDown => {
-                return Err(EngineError::Refused { code, message });
+            Err(EngineError::Remote(failure)) if failure.code != ErrorCode::ShuttingDown => {
+                return Err(EngineError::Refused(failure));
             }
             other => other?,
         };
@@ -447,10 +438,8 @@ async fn upload_once(
     tally: Arc<Tally>,
     session: Session,
 ) -> Result<(), EngineError> {
-    let root = fsx::open_local_root(local).map_err(|e| EngineError::Local {
-        path: escape(local.as_os_str().as_bytes()),
-        reason: reason(&e),
-    })?;
+    let root = fsx::open_local_root(local)
+        .map_err(|e| EngineError::local(escape(local.as_os_str().as_bytes()), Op::Open, e))?;
     let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
@@ -585,22 +574,7 @@ where
         file_bytes += report.file_bytes;
         let progress = report.file_bytes > 0 || report.files_ok > 0;
         failures = if progress { 1 } else { failures + 1 };
-        let why = match &result {
-            Ok(()) if report.incomplete.is_empty() => None,
-            Ok(()) => {
-                let (path, reason) = &report.incomplete[0];
-                let more = report.incomplete.len() - 1;
-                let others = if more > 0 {
-                    format!(" (and {more} more)")
-                } else {
-                    String::new()
-                };
-                Some(format!("{path}: {reason}{others}"))
-            }
-            Err(EngineError::Connect { .. }) if !reached_server => None,
-            Err(e) if e.is_transient() => Some(e.to_string()),
-            Err(_) => None,
-        };
+        let why = retry_reason(&result, &report, reached_server);
         let give_up = failures > config.retries || cancel.is_cancelled();
         match why {
             Some(why) if !give_up => {
@@ -634,6 +608,33 @@ where
     }
 }
 
+/// Why another attempt may do better than this one, if it may: files
+/// that may arrive if sent again, or a failure that may pass. A first
+/// attempt that reached no server at all is not retried (a wrong host or
+/// port should fail at once).
+fn retry_reason(
+    result: &Result<(), EngineError>,
+    report: &TransferReport,
+    reached_server: bool,
+) -> Option<String> {
+    match result {
+        Ok(()) if report.incomplete.is_empty() => None,
+        Ok(()) => {
+            let (path, reason) = &report.incomplete[0];
+            let more = report.incomplete.len() - 1;
+            let others = if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            };
+            Some(format!("{path}: {reason}{others}"))
+        }
+        Err(EngineError::Connect { .. }) if !reached_server => None,
+        Err(e) if e.is_transient() => Some(e.to_string()),
+        Err(_) => None,
+    }
+}
+
 /// The pause after `failures` failed attempts in a row: exponential,
 /// capped, with ±25% jitter so that many clients cut off at once do not
 /// all come back at once.
@@ -652,24 +653,22 @@ fn backoff(failures: u32) -> Duration {
 /// The local destination `path`: its parent directory (created if
 /// missing, the user's own path, so followed as given) and its name.
 fn local_destination(path: &Path, label: String) -> Result<Destination, EngineError> {
-    let local_error = |reason: String| EngineError::Local {
-        path: escape(path.as_os_str().as_bytes()),
-        reason,
-    };
+    let local_error =
+        |op, cause: LocalCause| EngineError::local(escape(path.as_os_str().as_bytes()), op, cause);
     let name = path
         .file_name()
-        .ok_or_else(|| local_error("the destination must name a file or directory".into()))?;
+        .ok_or_else(|| local_error(Op::Create, LocalCause::NoName))?;
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(parent).map_err(|e| local_error(reason(&e)))?;
+    std::fs::create_dir_all(parent).map_err(|e| local_error(Op::Create, e.into()))?;
     let base: OwnedFd = rustix::fs::open(
         parent,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .map_err(|e| local_error(reason(&e.into())))?;
+    .map_err(|e| local_error(Op::Open, std::io::Error::from(e).into()))?;
     Ok(Destination {
         base,
         prefix: vec![name.as_bytes().to_vec()],

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::{EngineError, Violation};
+use crate::error::{EngineError, PeerFailure, Side, Violation};
 
 /// How long a peer may take to send its preface or first message.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -62,15 +62,23 @@ pub(crate) struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     meter: Meter,
+    /// Who is at the other end: the side an `error` it sends speaks for.
+    peer: Side,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(inner: R, meter: Meter) -> Self {
+    pub(crate) fn new(inner: R, meter: Meter, peer: Side) -> Self {
         FrameReader {
             inner,
             buf: BytesMut::with_capacity(256 * 1024),
             meter,
+            peer,
         }
+    }
+
+    /// The side at the other end of the connection.
+    pub(crate) fn peer(&self) -> Side {
+        self.peer
     }
 
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
@@ -102,8 +110,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame, which must be a control message.
     pub(crate) async fn message(&mut self) -> Result<Message, EngineError> {
         match self.next().await? {
-            Some(Frame::Control(Message::Error { code, message })) => {
-                Err(EngineError::Remote { code, message })
+            Some(Frame::Control(Message::Error {
+                code,
+                message,
+                path,
+            })) => {
+                let failure = PeerFailure::received(self.peer, code, &message, path.as_ref());
+                Err(EngineError::Remote(failure))
             }
             Some(Frame::Control(m)) => Ok(m),
             Some(Frame::Data(_)) => Err(Violation::UnexpectedData.into()),
@@ -237,7 +250,7 @@ where
             Some(done) = running.join_next() => match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return e,
-                Err(e) => return EngineError::Io(e.to_string()),
+                Err(e) => return EngineError::Task(e),
             },
             // No more joins and none running: wait for the session to end.
             else => std::future::pending::<()>().await,

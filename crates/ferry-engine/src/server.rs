@@ -39,7 +39,7 @@ use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
-use crate::error::{EngineError, code_for, reason};
+use crate::error::{EngineError, Op, Refusal, RefusalReason, Side, TlsError, reason};
 use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
@@ -351,7 +351,7 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
     // watch reads (it also carries data, and the session cannot finish
     // without it moving).
     let meter = Meter::default();
-    let mut reader = FrameReader::new(r, meter.clone());
+    let mut reader = FrameReader::new(r, meter.clone(), Side::Client);
     let mut writer = FrameWriter::new(w, meter.clone());
 
     let theirs = reader.preface().await?;
@@ -371,12 +371,7 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
         // Answered in plaintext, after its hello, so that the client reads
         // the refusal rather than a reset connection.
         warn!("a plaintext (--no-tls) client connected to this TLS server");
-        return refuse(
-            &mut writer,
-            ErrorCode::BadRequest,
-            "this server requires TLS; drop --no-tls on the client".into(),
-        )
-        .await;
+        return refuse(&mut writer, Refusal::new(RefusalReason::NeedsTls)).await;
     }
     match hello {
         Message::Hello { software } => {
@@ -396,7 +391,10 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
             session_id,
             secret,
         }),
-        _ => refuse(&mut writer, ErrorCode::Protocol, "expected hello".into()).await,
+        other => {
+            let refusal = Refusal::new(RefusalReason::NotHello(other.name()));
+            refuse(&mut writer, refusal).await
+        }
     }
 }
 
@@ -434,12 +432,12 @@ async fn transport(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Transpo
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
                 .await
                 .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
-                .map_err(|e| EngineError::Tls(reason(&e)))?;
+                .map_err(|e| EngineError::Tls(TlsError::Io(e)))?;
             exporter = accepted
                 .get_ref()
                 .1
                 .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
-                .map_err(|e| EngineError::Tls(e.to_string()))?;
+                .map_err(|e| EngineError::Tls(e.into()))?;
             let (r, w) = tokio::io::split(accepted);
             (Box::new(r), Box::new(w))
         }
@@ -477,9 +475,12 @@ async fn authenticate(
 ) -> Result<(), EngineError> {
     let nonce = match auth::random_bytes(32) {
         Ok(n) => n,
-        Err(e) => {
-            let msg = format!("no random source for the challenge: {}", reason(&e));
-            return refuse(writer, ErrorCode::Io, msg).await;
+        Err(error) => {
+            let reason = RefusalReason::NoRandom {
+                what: "the challenge",
+                error,
+            };
+            return refuse(writer, Refusal::new(reason)).await;
         }
     };
     writer
@@ -534,10 +535,9 @@ async fn authenticate(
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), answered).await;
     }
-    Err(EngineError::Refused {
-        code: ErrorCode::PermissionDenied,
-        message: "the client did not prove the token".into(),
-    })
+    Err(EngineError::RefusedPeer(Refusal::new(
+        RefusalReason::Unauthenticated,
+    )))
 }
 
 fn lock_throttle(shared: &Shared) -> std::sync::MutexGuard<'_, AuthThrottle> {
@@ -561,12 +561,9 @@ async fn tls_client_refused<T>(mut stream: TcpStream) -> Result<T, EngineError> 
         Ok::<_, std::io::Error>(())
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), answer).await;
-    Err(EngineError::Refused {
-        code: ErrorCode::BadRequest,
-        message: "a TLS client connected to this --no-tls server (drop --no-tls here, \
-                  or run the client with --no-tls)"
-            .into(),
-    })
+    Err(EngineError::RefusedPeer(Refusal::new(
+        RefusalReason::TlsClient,
+    )))
 }
 
 /// Remove abandoned part files now and then every hour, off the async
@@ -665,9 +662,12 @@ async fn session(
 ) -> Result<(), EngineError> {
     let (session_id, secret) = match random_hex().and_then(|id| Ok((id, random_hex()?))) {
         Ok(pair) => pair,
-        Err(e) => {
-            let msg = format!("no random source for the session secret: {}", reason(&e));
-            return refuse(&mut writer, ErrorCode::Io, msg).await;
+        Err(error) => {
+            let reason = RefusalReason::NoRandom {
+                what: "the session secret",
+                error,
+            };
+            return refuse(&mut writer, Refusal::new(reason)).await;
         }
     };
     info!(session = %session_id, client = %escape(software.as_bytes()), "handshake");
@@ -687,7 +687,7 @@ async fn session(
     let started = Instant::now();
     let accepted = match accept_request(&shared.root, shared.access, shared.devices, request) {
         Ok(a) => a,
-        Err(Refusal(code, message)) => return refuse(&mut writer, code, message).await,
+        Err(refusal) => return refuse(&mut writer, refusal).await,
     };
     writer.send_now(&Message::Ready).await?;
     let watched = cancel.child_token();
@@ -808,15 +808,6 @@ enum Accepted {
     Send(SendJob),
 }
 
-/// Why a request is refused, in the words the client will show.
-struct Refusal(ErrorCode, String);
-
-impl Refusal {
-    fn io(context: &str, e: &std::io::Error) -> Self {
-        Refusal(code_for(e), format!("{context}: {}", reason(e)))
-    }
-}
-
 /// Check a request against the server's access and root, and prepare what
 /// it will run. Every path is validated here, whatever the client already
 /// checked.
@@ -840,31 +831,26 @@ fn accept_request(
             ignore_times: _,
             owners,
         } => accept_download(root, source.as_bytes(), compression, owners),
-        other => Err(Refusal(
-            ErrorCode::BadRequest,
-            format!("expected a request, got {other:?}"),
-        )),
+        other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
     }
 }
 
 /// Refuse the direction a read-only or write-only server does not serve.
 fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
     match (request, access) {
-        (Message::Upload { .. }, Access::ReadOnly) => {
-            let msg = "this server is read-only: it serves downloads, not uploads";
-            Err(Refusal(ErrorCode::PermissionDenied, msg.into()))
+        (Message::Upload { dest, .. }, Access::ReadOnly) => {
+            Err(Refusal::of_path(dest.as_bytes(), RefusalReason::ReadOnly))
         }
-        (Message::Download { .. }, Access::WriteOnly) => {
-            let msg = "this server is write-only: it accepts uploads, not downloads";
-            Err(Refusal(ErrorCode::PermissionDenied, msg.into()))
-        }
+        (Message::Download { source, .. }, Access::WriteOnly) => Err(Refusal::of_path(
+            source.as_bytes(),
+            RefusalReason::WriteOnly,
+        )),
         _ => Ok(()),
     }
 }
 
 fn parse_remote(bytes: &[u8]) -> Result<WirePath, Refusal> {
-    WirePath::parse(bytes)
-        .map_err(|e| Refusal(ErrorCode::BadPath, format!("refused remote path: {e}")))
+    WirePath::parse(bytes).map_err(|e| Refusal::of_path(bytes, RefusalReason::BadPath(e)))
 }
 
 /// An upload to `dest`: its parent directories are made now, so that the
@@ -877,18 +863,19 @@ fn accept_upload(
 ) -> Result<Accepted, Refusal> {
     let path = parse_remote(dest)?;
     if path.is_root() {
-        let msg = "the remote path must name a file or directory below the server's root";
-        return Err(Refusal(ErrorCode::BadPath, msg.into()));
+        return Err(Refusal::new(RefusalReason::RootPath));
     }
     let prefix: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
     let parents: Vec<&[u8]> = prefix[..prefix.len() - 1]
         .iter()
         .map(Vec::as_slice)
         .collect();
-    let base =
-        fsx::open_dir_beneath(root.as_fd(), &[]).map_err(|e| Refusal::io("server root", &e))?;
-    fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755)
-        .map_err(|e| Refusal::io(&escape(&parents.join(&b'/')), &e))?;
+    let base = fsx::open_dir_beneath(root.as_fd(), &[])
+        .map_err(|e| Refusal::new(RefusalReason::RootUnavailable(e)))?;
+    fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755).map_err(|error| {
+        let op = Op::Create;
+        Refusal::of_path(&parents.join(&b'/'), RefusalReason::Io { op, error })
+    })?;
     Ok(Accepted::Receive(Destination {
         base,
         prefix,
@@ -910,12 +897,14 @@ fn accept_download(
     if let Compression::Level(level) = compression
         && !(1..=19).contains(&level)
     {
-        let msg = format!("compression level {level} is outside 1..=19");
-        return Err(Refusal(ErrorCode::BadRequest, msg));
+        // About the request, not its path.
+        return Err(Refusal::new(RefusalReason::CompressionLevel(level)));
     }
     let path = parse_remote(source)?;
-    let root_entry = fsx::open_confined_root(root.as_fd(), &path)
-        .map_err(|e| Refusal::io(&path.display(), &e))?;
+    let root_entry = fsx::open_confined_root(root.as_fd(), &path).map_err(|error| {
+        let op = Op::Open;
+        Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
+    })?;
     Ok(Accepted::Send(SendJob {
         root: root_entry,
         compression,
@@ -930,15 +919,12 @@ fn accept_download(
 /// Refuse a request with a reason the client will show its user.
 async fn refuse<T, W: tokio::io::AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
-    code: ErrorCode,
-    message: String,
+    refusal: Refusal,
 ) -> Result<T, EngineError> {
-    warn!("refused: {message}");
-    writer
-        .send_now(&Message::error(code, message.clone()))
-        .await?;
+    warn!("refused: {refusal}");
+    writer.send_now(&refusal.message()).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), writer.shutdown()).await;
-    Err(EngineError::Remote { code, message })
+    Err(EngineError::RefusedPeer(refusal))
 }
 
 /// Attach a data connection to its session, which then owns it.
@@ -960,8 +946,7 @@ async fn join(
         }
     };
     let Some(joins) = joins else {
-        let msg = "cannot join: unknown session, wrong secret, or too many connections";
-        return refuse(&mut writer, ErrorCode::BadRequest, msg.into()).await;
+        return refuse(&mut writer, Refusal::new(RefusalReason::CannotJoin)).await;
     };
     writer.send_now(&Message::Joined).await?;
     info!(session = %escape(session_id.as_bytes()), "data connection joined");

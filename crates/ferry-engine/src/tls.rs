@@ -27,7 +27,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use crate::error::{EngineError, reason};
+use crate::error::{EngineError, FingerprintError, LocalCause, Op};
 
 /// The server's certificate and key, in its state directory.
 const CERT_FILE: &str = "server-cert.pem";
@@ -76,19 +76,17 @@ pub fn fingerprint(cert_der: &[u8]) -> String {
 
 /// Read a fingerprint as the server prints it (`SHA256:` and unpadded
 /// base64; padding is forgiven).
-pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], String> {
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], FingerprintError> {
     let b64 = text
         .trim()
         .strip_prefix("SHA256:")
-        .ok_or_else(|| format!("{text:?} is not a fingerprint: expected SHA256:<base64>"))?;
+        .ok_or_else(|| FingerprintError::NoPrefix(text.to_string()))?;
     let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
         .decode(b64.trim_end_matches('='))
-        .map_err(|_| {
-            format!("{text:?} is not a fingerprint: the part after SHA256: is not base64")
-        })?;
+        .map_err(|_| FingerprintError::NotBase64(text.to_string()))?;
     bytes
         .try_into()
-        .map_err(|_| format!("{text:?} is not a fingerprint: it does not hold 32 bytes"))
+        .map_err(|_| FingerprintError::WrongLength(text.to_string()))
 }
 
 /// Compare in time that does not depend on where the inputs differ.
@@ -109,11 +107,8 @@ pub fn default_state_dir() -> Option<PathBuf> {
         .map(|base| base.join("ferry"))
 }
 
-fn local_error(path: &Path, e: &io::Error) -> EngineError {
-    EngineError::Local {
-        path: path.display().to_string(),
-        reason: reason(e),
-    }
+fn local_error(path: &Path, op: Op, cause: impl Into<LocalCause>) -> EngineError {
+    EngineError::local(path.display().to_string(), op, cause)
 }
 
 /// Create the state directory (0700) if it is missing.
@@ -122,7 +117,7 @@ fn make_state_dir(dir: &Path) -> Result<(), EngineError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| local_error(dir, &e))
+        .map_err(|e| local_error(dir, Op::Create, e))
 }
 
 /// Write a new file that only its owner may read, whole or not at all.
@@ -139,7 +134,7 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), EngineError> {
         f.sync_all()?;
         fs::rename(&tmp, path)
     };
-    write().map_err(|e| local_error(path, &e))
+    write().map_err(|e| local_error(path, Op::Write, e))
 }
 
 /// The server's side: its identity, ready to accept TLS connections.
@@ -168,10 +163,7 @@ impl ServerTls {
             (false, false) => {
                 make_state_dir(state_dir)?;
                 let made = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()])
-                    .map_err(|e| EngineError::Local {
-                        path: cert_path.display().to_string(),
-                        reason: format!("cannot make a certificate: {e}"),
-                    })?;
+                    .map_err(|e| local_error(&cert_path, Op::Create, LocalCause::Certificate(e)))?;
                 // The key first: a certificate on disk always has its key.
                 write_private(&key_path, made.signing_key.serialize_pem().as_bytes())?;
                 write_private(&cert_path, made.cert.pem().as_bytes())?;
@@ -183,27 +175,23 @@ impl ServerTls {
                 } else {
                     (&key_path, &cert_path)
                 };
-                return Err(EngineError::Local {
-                    path: missing.display().to_string(),
-                    reason: format!(
-                        "missing, but {} is there; restore it, or remove both to make a new \
-                         identity (clients will then refuse the new one until told)",
-                        there.display()
-                    ),
-                });
+                let present = there.clone();
+                return Err(local_error(
+                    missing,
+                    Op::Open,
+                    LocalCause::HalfIdentity { present },
+                ));
             }
         };
-        let bad = |path: &Path, e: &dyn fmt::Display| EngineError::Local {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        };
-        let cert = CertificateDer::from_pem_file(&cert_path).map_err(|e| bad(&cert_path, &e))?;
-        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| bad(&key_path, &e))?;
+        let cert = CertificateDer::from_pem_file(&cert_path)
+            .map_err(|e| local_error(&cert_path, Op::Read, e))?;
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .map_err(|e| local_error(&key_path, Op::Read, e))?;
         let fingerprint = fingerprint(&cert);
         let config = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .and_then(|b| b.with_no_client_auth().with_single_cert(vec![cert], key))
-            .map_err(|e| bad(&key_path, &e))?;
+            .map_err(|e| local_error(&key_path, Op::Read, e))?;
         let tls = ServerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             fingerprint,
@@ -365,10 +353,8 @@ impl ClientTls {
         let known_hosts = state_dir.join(KNOWN_HOSTS_FILE);
         let expected = match fingerprint {
             Some(text) => {
-                let fp = parse_fingerprint(text).map_err(|reason| EngineError::Local {
-                    path: "--fingerprint".into(),
-                    reason,
-                })?;
+                let fp = parse_fingerprint(text)
+                    .map_err(|e| EngineError::local("--fingerprint", Op::Parse, e))?;
                 Some(Expected::Given(fp))
             }
             None => {
@@ -385,10 +371,7 @@ impl ClientTls {
         });
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| EngineError::Local {
-                path: "TLS".into(),
-                reason: e.to_string(),
-            })?
+            .map_err(|e| EngineError::Tls(e.into()))?
             .dangerous()
             .with_custom_certificate_verifier(pin.clone())
             .with_no_client_auth();
@@ -458,7 +441,7 @@ fn remembered(file: &Path, addr: &str) -> Result<Option<([u8; 32], usize)>, Engi
     let text = match fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(local_error(file, &e)),
+        Err(e) => return Err(local_error(file, Op::Read, e)),
     };
     for (i, line) in text.lines().enumerate() {
         let mut words = line.split_whitespace();
@@ -468,9 +451,8 @@ fn remembered(file: &Path, addr: &str) -> Result<Option<([u8; 32], usize)>, Engi
         if host.starts_with('#') || host != addr {
             continue;
         }
-        let fp = parse_fingerprint(fp).map_err(|reason| EngineError::Local {
-            path: format!("{}, line {}", file.display(), i + 1),
-            reason,
+        let fp = parse_fingerprint(fp).map_err(|e| {
+            EngineError::local(format!("{}, line {}", file.display(), i + 1), Op::Parse, e)
         })?;
         return Ok(Some((fp, i + 1)));
     }
@@ -496,7 +478,7 @@ fn append_known_host(file: &Path, addr: &str, fingerprint: &str) -> Result<usize
         f.write_all(entry.as_bytes())?;
         Ok(text.lines().count() + 1)
     };
-    add().map_err(|e| local_error(file, &e))
+    add().map_err(|e| local_error(file, Op::Write, e))
 }
 
 #[cfg(test)]

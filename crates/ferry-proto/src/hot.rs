@@ -406,6 +406,7 @@ mod tests {
             // Other messages, other forms of these ones.
             &br#"{"type":"end"}"#[..],
             br#"{"type":"outcome","id":9,"status":"failed","reason":"disk full"}"#,
+            br#"{"type":"error","code":"not_found","message":"not found","path":"a/b"}"#,
             br#"{"type":"entry","id":3,"path":{"b64":"ZC//"},"kind":"file","size":5,"mode":420,"mtime":{"sec":1,"nsec":2}}"#,
             br#"{"type":"entry","id":4,"path":"l","kind":"symlink","target":"../t","mtime":{"sec":0,"nsec":0}}"#,
             br#"{"type":"file_end","digest":"00","id":1}"#,

@@ -98,4 +98,7 @@ pub mod limits {
 /// (a download may ask for them); a full chunk of zeros travels as a
 /// header (codec `zeros`); a `hardlink` entry names a file sent earlier;
 /// `fifo` and `device` entries carry what it takes to make them.
-pub const PROTOCOL_VERSION: u16 = 5;
+///
+/// 6: an `error` may name the path it is about (`path`), so that a
+/// failure reads "server: photos/2024: permission denied".
+pub const PROTOCOL_VERSION: u16 = 6;

@@ -245,8 +245,15 @@ pub enum Message {
     Keepalive,
     /// Receiver → sender: everything up to `end` is settled.
     Done,
-    /// Either way: the session cannot go on.
-    Error { code: ErrorCode, message: String },
+    /// Either way: the session cannot go on. `path` names what failed
+    /// when the failure is about one path: a request's (relative to the
+    /// server's root) or an entry's (relative to the root of the transfer).
+    Error {
+        code: ErrorCode,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<WireBytes>,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -254,10 +261,12 @@ fn is_false(b: &bool) -> bool {
 }
 
 impl Message {
+    /// An `error` about no path in particular.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
         Message::Error {
             code,
             message: message.into(),
+            path: None,
         }
     }
 
@@ -439,6 +448,14 @@ mod tests {
         assert_eq!(
             json(&Message::error(ErrorCode::NotFound, "x: not found")),
             r#"{"type":"error","code":"not_found","message":"x: not found"}"#
+        );
+        assert_eq!(
+            json(&Message::Error {
+                code: ErrorCode::NotFound,
+                message: "no such file or directory".into(),
+                path: Some("photos/2024".into()),
+            }),
+            r#"{"type":"error","code":"not_found","message":"no such file or directory","path":"photos/2024"}"#
         );
         assert_eq!(json(&Message::End), r#"{"type":"end"}"#);
     }
@@ -679,6 +696,11 @@ mod tests {
             },
             Message::Done,
             Message::error(ErrorCode::VersionMismatch, "v"),
+            Message::Error {
+                code: ErrorCode::BadPath,
+                message: "m".into(),
+                path: Some(WireBytes(vec![b'a', 0xff])),
+            },
         ]
     }
 

@@ -16,7 +16,6 @@ use std::fmt;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use thiserror::Error;
 
 use crate::limits::{MAX_COMPONENT_LEN, MAX_PATH_LEN};
 
@@ -81,24 +80,53 @@ impl<'de> Deserialize<'de> for WireBytes {
     }
 }
 
-/// Why a path from the wire was refused.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
+/// Why a path from the wire was refused. Each holds the path, escaped
+/// (cut short when it is too long), as `path <shown> <problem>` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathError {
-    #[error("path {0} is absolute; only paths relative to the root are accepted")]
     Absolute(String),
-    #[error("path {0} climbs out of the root with '..'")]
     ParentComponent(String),
-    #[error("path {0} contains a NUL byte")]
     Nul(String),
-    #[error("path {0} has an empty or '.' component")]
     NotCanonical(String),
-    #[error("path {shown} is {len} bytes long; the limit is {max}")]
     TooLong {
         shown: String,
         len: usize,
         max: usize,
     },
 }
+
+impl PathError {
+    /// What is wrong with the path, without naming it: for a message
+    /// that names the path beside it.
+    pub fn problem(&self) -> String {
+        match self {
+            PathError::Absolute(_) => {
+                "is absolute; only paths relative to the root are accepted".into()
+            }
+            PathError::ParentComponent(_) => "climbs out of the root with '..'".into(),
+            PathError::Nul(_) => "contains a NUL byte".into(),
+            PathError::NotCanonical(_) => "has an empty or '.' component".into(),
+            PathError::TooLong { len, max, .. } => {
+                format!("is {len} bytes long; the limit is {max}")
+            }
+        }
+    }
+}
+
+impl fmt::Display for PathError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = match self {
+            PathError::Absolute(shown)
+            | PathError::ParentComponent(shown)
+            | PathError::Nul(shown)
+            | PathError::NotCanonical(shown)
+            | PathError::TooLong { shown, .. } => shown,
+        };
+        write!(f, "path {shown} {}", self.problem())
+    }
+}
+
+impl std::error::Error for PathError {}
 
 /// A validated relative path: zero or more plain components joined by `/`.
 ///
@@ -275,6 +303,21 @@ fn escape_each(bytes: &[u8], out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_error_names_the_path_and_can_leave_it_out() {
+        let e = WirePath::parse(b"a/../x").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "path a/../x climbs out of the root with '..'"
+        );
+        assert_eq!(e.problem(), "climbs out of the root with '..'");
+        let e = WirePath::parse(b"/etc").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "path /etc is absolute; only paths relative to the root are accepted"
+        );
+    }
     use proptest::prelude::*;
 
     #[test]

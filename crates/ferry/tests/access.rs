@@ -62,6 +62,8 @@ fn read_only_server_refuses_uploads_and_serves_downloads() {
     // A tree into missing parents: not even the parents may appear.
     let out = server.run_with(&[&"up", &src, &"a/b/copy"], &opts);
     assert_refused(&out, "read-only");
+    // Which side refused, and which path.
+    out.assert_stderr_contains("ferry: server: a/b/copy: this server is read-only");
     let file = scratch.join("src/one.txt");
     let out = server.run_with(&[&"up", &file, &"one.txt"], &opts);
     assert_refused(&out, "read-only");

@@ -64,6 +64,8 @@ fn missing_remote_path_is_reported() {
         "stderr should say the remote path does not exist\n{out}"
     );
     assert!(!out_path.exists(), "nothing may be created locally\n{out}");
+    // The server said so, about the path it could not open.
+    out.assert_stderr_contains("ferry: server: missing/thing: no such file or directory");
 }
 
 /// Asserts nothing named `escape` appeared next to the server root, nor at

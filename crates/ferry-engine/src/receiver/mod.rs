@@ -138,7 +138,7 @@ where
     let (frame_tx, frame_rx) = mpsc::channel::<Vec<Inbound>>(FRAME_QUEUE);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<Message>>(REPLY_QUEUE);
     let gate = Arc::new(DataGate::default());
-    let worker = Worker::new(gate.clone(), dest, tally, reply_tx)?;
+    let worker = Worker::new(gate.clone(), dest, tally, reply_tx, reader.peer())?;
     let done_rx = spawn_worker(worker, frame_rx)?;
     let read_data = for_each_data_conn(&mut joins, |conn| {
         read_data_conn(conn, frame_tx.clone(), gate.clone())

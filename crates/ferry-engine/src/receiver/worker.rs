@@ -21,7 +21,7 @@ use super::rules::{
 };
 use super::{DataGate, Destination, Inbound};
 use crate::codec::{ChunkDecoder, ReadChunk};
-use crate::error::{EngineError, Role, Violation, reason};
+use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
 use crate::journal::ChunkRecord;
 
@@ -91,6 +91,11 @@ pub(crate) struct Worker {
     end_seen: bool,
     parents: ParentCache,
     plans: PlanWindow,
+    /// The sender's side: who speaks in an `error` it sends.
+    peer: Side,
+    /// The path of the entry whose handling ended the session, for the
+    /// `error` that tells the sender.
+    failed_at: Option<WireBytes>,
 }
 
 impl Worker {
@@ -99,6 +104,7 @@ impl Worker {
         dest: Destination,
         tally: Arc<Tally>,
         replies: mpsc::Sender<Vec<Message>>,
+        peer: Side,
     ) -> Result<Self, EngineError> {
         Ok(Worker {
             gate,
@@ -115,6 +121,8 @@ impl Worker {
             end_seen: false,
             parents: ParentCache::default(),
             plans: PlanWindow::default(),
+            peer,
+            failed_at: None,
         })
     }
 
@@ -134,7 +142,11 @@ impl Worker {
     /// ended it, and remove the part files not worth keeping.
     pub(crate) fn fail(&mut self, e: &EngineError) {
         if e.is_for_the_peer() {
-            self.unsent.push(Message::error(e.code(), e.to_string()));
+            self.unsent.push(Message::Error {
+                code: e.code(),
+                message: e.to_string(),
+                path: self.failed_at.take(),
+            });
             let _ = self.flush_replies();
         }
         self.files.clear();
@@ -213,10 +225,16 @@ impl Worker {
                 self.end_seen = true;
                 Ok(())
             }
-            Message::Error { code, message } => Err(EngineError::Remote {
+            Message::Error {
                 code,
-                message: peer_text(&message),
-            }),
+                message,
+                path,
+            } => Err(EngineError::Remote(PeerFailure::received(
+                self.peer,
+                code,
+                &message,
+                path.as_ref(),
+            ))),
             other => Err(Violation::UnexpectedMessage {
                 from: Role::Sender,
                 message: other.name(),
@@ -289,7 +307,10 @@ impl Worker {
         kind: EntryKind,
         owner: Option<Owner>,
     ) -> Result<(), EngineError> {
-        self.order.admit(id, owner)?;
+        if let Err(e) = self.order.admit(id, owner) {
+            self.failed_at = Some(path);
+            return Err(e.into());
+        }
         // Owners are applied only by a root receiver (the only one that can).
         let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
@@ -315,6 +336,7 @@ impl Worker {
             owner,
         };
         self.place_entry(at, &path, kind)
+            .inspect_err(|_| self.failed_at = Some(WireBytes(path.as_bytes().to_vec())))
     }
 
     /// The directory an entry lands in, and its name there. A directory of

@@ -37,7 +37,7 @@ use self::rules::{InboxState, News};
 use crate::conn::{
     DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
 };
-use crate::error::{EngineError, Violation};
+use crate::error::{EngineError, PeerFailure, Side, Violation};
 use crate::events::{EventSink, Tally};
 use crate::fsx::Root;
 
@@ -133,8 +133,8 @@ pub(crate) struct Started {
     pub(crate) done: oneshot::Receiver<Result<(), EngineError>>,
 }
 
-/// Start the producer for `job`.
-pub(crate) fn start(job: SendJob, tally: Arc<Tally>) -> Result<Started, EngineError> {
+/// Start the producer for `job`, sending to the side `peer`.
+pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Started, EngineError> {
     let (control_tx, control) = mpsc::channel::<Bytes>(FRAME_QUEUE);
     let (data_tx, data) = async_channel::bounded::<Bytes>(DATA_QUEUE);
     let inbox = Arc::new(Inbox::default());
@@ -159,13 +159,17 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>) -> Result<Started, EngineEr
     Ok(Started {
         control,
         data,
-        replies: Replies(inbox),
+        replies: Replies { inbox, peer },
         done,
     })
 }
 
 /// The producer's side of the receiver's replies.
-pub(crate) struct Replies(Arc<Inbox>);
+pub(crate) struct Replies {
+    inbox: Arc<Inbox>,
+    /// The receiver's side: who speaks in an `error` among the replies.
+    peer: Side,
+}
 
 impl Replies {
     /// Take in what the receiver said, under one lock and one wake-up (on
@@ -180,7 +184,7 @@ impl Replies {
         let mut events = Vec::new();
         let mut done = false;
         {
-            let mut state = self.0.lock();
+            let mut state = self.inbox.lock();
             for msg in replies {
                 match msg {
                     Message::Done => {
@@ -188,14 +192,20 @@ impl Replies {
                         break;
                     }
                     Message::Keepalive => {}
-                    Message::Error { code, message } => {
-                        return Err(EngineError::Remote { code, message });
+                    Message::Error {
+                        code,
+                        message,
+                        path,
+                    } => {
+                        let failure =
+                            PeerFailure::received(self.peer, code, &message, path.as_ref());
+                        return Err(EngineError::Remote(failure));
                     }
                     msg => events.extend(state.take_in(msg)?),
                 }
             }
         }
-        self.0.changed.notify_all();
+        self.inbox.changed.notify_all();
         for event in events {
             tally.event(event);
         }
@@ -205,7 +215,7 @@ impl Replies {
     /// Nothing more will come from the receiver: a producer waiting for
     /// its word learns so.
     pub(crate) fn close(&self) {
-        self.0.close();
+        self.inbox.close();
     }
 }
 
@@ -231,8 +241,8 @@ where
         data: data_rx,
         replies,
         mut done,
-    } = start(job, tally.clone())?;
-    let _close_inbox = CloseOnDrop(replies.0.clone());
+    } = start(job, tally.clone(), reader.peer())?;
+    let _close_inbox = CloseOnDrop(replies.inbox.clone());
     let mut produced = None;
     {
         // The transfer is over when the receiver says so; the writers only

@@ -9,7 +9,7 @@ use ferry_proto::message::{ErrorCode, Message, Outcome};
 
 use super::harness::{Receiving, content};
 use super::pair::{Link, assert_same_tree, chunk_of, exchange, flipped, message_of};
-use crate::error::{EngineError, Violation};
+use crate::error::{EngineError, Side, Violation};
 use crate::events::Event;
 use crate::receiver::Inbound;
 
@@ -328,12 +328,15 @@ fn a_sender_that_breaks_the_protocol_is_told_why() {
         }))
     ));
     match &ended.sender {
-        Err(EngineError::Remote { code, message }) => {
-            assert_eq!(*code, ErrorCode::Protocol);
+        Err(EngineError::Remote(failure)) => {
+            assert_eq!(failure.code, ErrorCode::Protocol);
             assert!(
-                message.contains("entry id 3 is not increasing"),
-                "{message}"
+                failure.message.contains("entry id 3 is not increasing"),
+                "{failure}"
             );
+            // The receiver named the entry it failed on, and its side.
+            assert_eq!(failure.side, Side::Server);
+            assert!(failure.path.is_some(), "{failure}");
         }
         other => panic!("{other:?}"),
     }
@@ -454,9 +457,9 @@ fn a_receiver_failing_mid_file_ends_the_sender_with_its_reason() {
         }),
     );
     match &ended.sender {
-        Err(EngineError::Remote { code, message }) => {
-            assert_eq!(*code, ErrorCode::NoSpace);
-            assert!(message.contains("no space left"), "{message}");
+        Err(EngineError::Remote(failure)) => {
+            assert_eq!(failure.code, ErrorCode::NoSpace);
+            assert!(failure.message.contains("no space left"), "{failure}");
         }
         other => panic!("{other:?}"),
     }

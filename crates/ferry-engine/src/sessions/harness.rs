@@ -14,7 +14,7 @@ use ferry_proto::path::WireBytes;
 use tokio::sync::mpsc;
 
 use crate::codec::ReadChunk;
-use crate::error::EngineError;
+use crate::error::{EngineError, Side};
 use crate::events::{Event, EventSink, Tally, TransferReport};
 use crate::receiver::{DataGate, Destination, Inbound, Worker};
 
@@ -76,7 +76,8 @@ impl Receiving {
         let events = Arc::new(Events::default());
         let tally = Arc::new(Tally::new(events.clone()));
         let gate = Arc::new(DataGate::default());
-        let worker = Worker::new(gate, dest, tally.clone(), reply_tx).unwrap();
+        // As in an upload: the server receives from the client.
+        let worker = Worker::new(gate, dest, tally.clone(), reply_tx, Side::Client).unwrap();
         Receiving {
             tmp,
             worker,

@@ -12,7 +12,7 @@ use ferry_proto::frame::{self, Frame};
 use ferry_proto::message::{Compression, Message};
 
 use super::harness::{Events, Receiving};
-use crate::error::EngineError;
+use crate::error::{EngineError, Side};
 use crate::events::{Tally, TransferReport};
 use crate::fsx;
 use crate::receiver::Inbound;
@@ -72,7 +72,8 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         early_totals: false,
         owners: false,
     };
-    let mut started = sender::start(job, tally.clone()).unwrap();
+    // As in an upload: the client sends to the server.
+    let mut started = sender::start(job, tally.clone(), Side::Server).unwrap();
     let mut produced = None;
     let (sender_err, receiver) =
         step_until_over(&mut started, &mut rx, &mut link, &tally, &mut produced);

@@ -473,6 +473,28 @@ fn a_hard_link_naming_a_later_entry_ends_the_session() {
 }
 
 #[test]
+fn the_entry_that_ends_the_session_is_named_to_the_sender() {
+    let mut r = Receiving::new();
+    r.take(vec![
+        dir(1, ""),
+        dir(2, "sub"),
+        hardlink(3, "sub/b", 5, "a"),
+    ])
+    .unwrap_err();
+    match r.answers.last() {
+        Some(Message::Error {
+            code: ErrorCode::Protocol,
+            message,
+            path: Some(path),
+        }) => {
+            assert_eq!(path.as_bytes(), b"sub/b");
+            assert!(message.contains("hard link 3 names entry 5"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_hard_link_to_the_root_ends_the_session() {
     let mut r = Receiving::new();
     let e = r
@@ -682,7 +704,7 @@ fn a_sender_error_ends_the_session_and_removes_what_was_open() {
     frames.push(ctl(Message::error(ErrorCode::Io, "disk on fire")));
     let e = r.take(frames).unwrap_err();
     assert!(
-        matches!(&e, EngineError::Remote { message, .. } if message == "disk on fire"),
+        matches!(&e, EngineError::Remote(failure) if failure.message == "disk on fire"),
         "{e:?}"
     );
     // The sender ended it: it is not told again.
