@@ -446,3 +446,58 @@ fn a_malformed_message_cannot_forge_a_log_line() {
     );
     assert_server_healthy(&mut server);
 }
+
+/// A fake server that answers the client's hello with `error`, whose
+/// message and path hold escape sequences and a newline. Returns its port.
+fn spawn_server_saying(error_json: &'static str) -> (u16, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    let port = listener.local_addr().unwrap().port();
+    let handle = thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut hello = [0u8; 8];
+        let _ = conn.read_exact(&mut hello);
+        let _ = conn.write_all(&preface(PROTOCOL_VERSION));
+        let _ = conn.write_all(&control_frame(error_json));
+        let _ = read_until_closed(&mut conn, Duration::from_secs(2));
+    });
+    (port, handle)
+}
+
+#[test]
+fn a_servers_error_message_cannot_drive_the_clients_terminal() {
+    let scratch = Scratch::new();
+    let file = small_file(&scratch, "somefile", 4);
+    let (port, fake) = spawn_server_saying(
+        r#"{"type":"error","code":"not_found","message":"\u001b]0;owned\u0007\u001b[2Jgone\nferry: all files arrived","path":"x\u001b[31m"}"#,
+    );
+    let out = run_timeout(
+        &[
+            &"up",
+            &file,
+            &"x",
+            &"--host",
+            &"127.0.0.1",
+            &"--port",
+            &port.to_string(),
+            &"--no-tls",
+        ],
+        ERROR_TIMEOUT,
+    );
+    fake.join().unwrap();
+    out.assert_code(1);
+    assert!(
+        !out.stderr.contains('\u{1b}') && !out.stderr.contains('\u{7}'),
+        "escape sequences reached the terminal: {:?}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr
+            .lines()
+            .any(|l| l.starts_with("ferry: all files arrived")),
+        "a line forged by the server: {:?}",
+        out.stderr
+    );
+    out.assert_stderr_contains("server: ");
+}
