@@ -460,6 +460,9 @@ fn remembered(file: &Path, addr: &str) -> Result<Option<([u8; 32], usize)>, Engi
 }
 
 /// Add `addr fingerprint` to `known_hosts`; the answer is its line number.
+/// Under an exclusive lock, and only if no line for `addr` is there yet:
+/// clients meeting the same new server at once (or a retry racing its
+/// first attempt) remember it once.
 fn append_known_host(file: &Path, addr: &str, fingerprint: &str) -> Result<usize, EngineError> {
     let add = || -> io::Result<usize> {
         let mut f = fs::OpenOptions::new()
@@ -468,8 +471,13 @@ fn append_known_host(file: &Path, addr: &str, fingerprint: &str) -> Result<usize
             .create(true)
             .mode(0o600)
             .open(file)?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)?;
         let mut text = String::new();
         io::Read::read_to_string(&mut f, &mut text)?;
+        let line_of = |l: &str| l.split_whitespace().next() == Some(addr);
+        if let Some(i) = text.lines().position(line_of) {
+            return Ok(i + 1);
+        }
         let mut entry = String::new();
         if !text.is_empty() && !text.ends_with('\n') {
             entry.push('\n');
@@ -512,6 +520,18 @@ mod tests {
         assert_eq!(mode(&state.join(KEY_FILE)), 0o600);
         fs::remove_file(state.join(CERT_FILE)).unwrap();
         assert!(ServerTls::load_or_create(&state).is_err());
+    }
+
+    #[test]
+    fn a_server_is_remembered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("known_hosts");
+        let fp = fingerprint(b"cert");
+        assert_eq!(append_known_host(&file, "a:1", &fp).unwrap(), 1);
+        assert_eq!(append_known_host(&file, "b:2", &fp).unwrap(), 2);
+        assert_eq!(append_known_host(&file, "a:1", &fp).unwrap(), 1);
+        let text = fs::read_to_string(&file).unwrap();
+        assert_eq!(text.lines().count(), 2, "{text}");
     }
 
     #[test]

@@ -69,6 +69,37 @@ fn first_use_remembers_the_server_and_later_runs_trust_it() {
     assert_eq!(fs::read(root.join("b.txt")).unwrap(), b"over TLS\n");
 }
 
+/// Clients meeting a new server at the same moment, with one state
+/// directory (a script uploading in parallel): it is remembered once.
+#[test]
+fn clients_meeting_a_new_server_at_once_remember_it_once() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let state = scratch.mkdir("client");
+    let file = small_file(&scratch, "a.txt");
+    let server = Server::start(&root);
+    let opts = client_state(&state);
+    let mut args: Vec<Vec<std::ffi::OsString>> = Vec::new();
+    for i in 0..8 {
+        let mut a: Vec<std::ffi::OsString> =
+            vec!["up".into(), file.clone().into(), format!("f{i}").into()];
+        a.extend(server.client_args());
+        args.push(a);
+    }
+    let clients: Vec<Running> = args
+        .iter()
+        .map(|a| {
+            let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = a.iter().map(|x| x as _).collect();
+            spawn(&refs, &opts)
+        })
+        .collect();
+    for client in clients {
+        client.wait(ERROR_TIMEOUT).assert_success();
+    }
+    let known_hosts = fs::read_to_string(state.join("ferry").join("known_hosts")).unwrap();
+    assert_eq!(known_hosts.lines().count(), 1, "{known_hosts}");
+}
+
 #[test]
 fn a_changed_server_key_is_refused_loudly_and_not_retried() {
     let scratch = Scratch::new();
