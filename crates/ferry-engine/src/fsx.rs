@@ -19,6 +19,8 @@ use ferry_proto::message::{Mtime, Owner};
 use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
 
+use crate::names;
+
 const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
     .union(OFlags::NOFOLLOW)
@@ -160,7 +162,7 @@ pub(crate) fn hard_link(
     }
     // Linked under the part name, then renamed: the name never shows
     // anything but the old entry or the link.
-    let part = part_name(to_name);
+    let part = names::part_name(to_name);
     remove_if_present(to_dir, &part)?;
     rustix::fs::linkat(
         from_dir,
@@ -197,7 +199,7 @@ pub(crate) fn make_node(
     mtime: Mtime,
     owner: Option<Owner>,
 ) -> io::Result<()> {
-    let part = part_name(name);
+    let part = names::part_name(name);
     remove_if_present(dir, &part)?;
     let mode = Mode::from_raw_mode(mode & 0o777);
     rustix::fs::mknodat(dir, part.as_slice(), file_type, mode, device)?;
@@ -388,33 +390,6 @@ pub(crate) fn ensure_dir_noting(
         Err(rustix::io::Errno::NOTDIR) => Err(io::Error::other("exists and is not a directory")),
         Err(e) => Err(e.into()),
     }
-}
-
-/// The hidden sibling a file is written to before it is complete:
-/// `.NAME.ferry-part`, shortened (with a hash to stay unique) when that
-/// would exceed the 255-byte name limit.
-pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
-    hidden_sibling(name, b".ferry-part")
-}
-
-/// `.NAME` + `suffix`. Names too long to leave room for the longest
-/// suffix (`.ferry-journal`) are cut to 200 bytes plus `~` and a hash, the
-/// same way for every suffix, so that a part file and its journal always
-/// share their stem (the sweep pairs them by it).
-pub(crate) fn hidden_sibling(name: &[u8], suffix: &[u8]) -> Vec<u8> {
-    const LONGEST_SUFFIX: usize = b".ferry-journal".len();
-    let mut out = Vec::with_capacity(name.len() + 1 + suffix.len());
-    out.push(b'.');
-    if name.len() + 1 + LONGEST_SUFFIX <= 255 {
-        out.extend_from_slice(name);
-    } else {
-        out.extend_from_slice(&name[..200]);
-        out.extend_from_slice(
-            format!("~{:016x}", ferry_proto::digest::chunk_hash(name)).as_bytes(),
-        );
-    }
-    out.extend_from_slice(suffix);
-    out
 }
 
 /// A part file opened for writing, locked against other transfers.
@@ -920,15 +895,6 @@ mod tests {
         };
         assert_eq!(names(), [b"a", b"b", b"c"]);
         assert_eq!(names(), [b"a", b"b", b"c"]);
-    }
-
-    #[test]
-    fn part_names_stay_within_name_max() {
-        assert_eq!(part_name(b"a.txt"), b".a.txt.ferry-part");
-        let long = vec![b'x'; 255];
-        let p = part_name(&long);
-        assert!(p.len() <= 255, "{}", p.len());
-        assert_ne!(part_name(&long), part_name(&[b'y'; 255]));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The resume journal: which chunks of a part file are known to be written.
 //!
 //! The receiver writes a file into its hidden part file chunk by chunk
-//! (see `fsx::part_name`). Beside it, in `.NAME.ferry-journal`, it keeps a
+//! (see `names::part_name`). Beside it, in `.NAME.ferry-journal`, it keeps a
 //! journal of the chunks it has verified and written, so that a transfer
 //! cut short (connection lost, process killed) can resume and ask the
 //! sender only for the chunks that are missing.
@@ -84,12 +84,6 @@ impl ChunkRecord {
     fn end(&self) -> Option<u64> {
         self.offset.checked_add(u64::from(self.len))
     }
-}
-
-/// `.NAME.ferry-journal`: the part file's name with its own suffix (see
-/// `fsx::hidden_sibling` for how long names are shortened).
-pub(crate) fn journal_name(name: &[u8]) -> Vec<u8> {
-    fsx::hidden_sibling(name, b".ferry-journal")
 }
 
 /// The check stored after a header or a record.
@@ -729,29 +723,6 @@ mod tests {
             runs(&records),
             [(0, 4, 3), (12, 2, 1), (20, 4, 2), (28, 8, 1)]
         );
-    }
-
-    #[test]
-    fn journal_names_stay_within_name_max() {
-        assert_eq!(journal_name(b"a.txt"), b".a.txt.ferry-journal");
-        // 240 bytes fit exactly (1 + 240 + 14 = 255); 241 do not.
-        let fits = vec![b'x'; 240];
-        assert_eq!(journal_name(&fits).len(), 255);
-        assert!(journal_name(&fits).starts_with(b".xxx"));
-        for len in [241, 255] {
-            let long = vec![b'x'; len];
-            let j = journal_name(&long);
-            assert!(j.len() <= 255, "{}", j.len());
-            let expected = format!(
-                ".{}~{:016x}.ferry-journal",
-                "x".repeat(200),
-                chunk_hash(&long)
-            );
-            assert_eq!(j, expected.as_bytes());
-        }
-        assert_ne!(journal_name(&[b'x'; 255]), journal_name(&[b'y'; 255]));
-        // The journal never takes the part file's name.
-        assert_ne!(journal_name(b"a"), fsx::part_name(b"a"));
     }
 
     #[test]

@@ -22,9 +22,7 @@ use ferry_proto::path::escape;
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
 
 use crate::fsx::{self, Kind};
-
-const PART_SUFFIX: &[u8] = b".ferry-part";
-const JOURNAL_SUFFIX: &[u8] = b".ferry-journal";
+use crate::names::{JOURNAL_SUFFIX, PART_SUFFIX, sibling, stem};
 
 /// Directories deeper than this below the root are not visited. It bounds
 /// the open handles (one per level) and the time a hostile tree can cost.
@@ -119,16 +117,6 @@ fn sweep_dir(
         }
     }
     Ok(subdirs)
-}
-
-/// `NAME` if `name` is `.NAME` followed by `suffix`, with `NAME` not empty.
-fn stem<'a>(name: &'a [u8], suffix: &[u8]) -> Option<&'a [u8]> {
-    let stem = name.strip_prefix(b".")?.strip_suffix(suffix)?;
-    (!stem.is_empty()).then_some(stem)
-}
-
-fn sibling(stem: &[u8], suffix: &[u8]) -> Vec<u8> {
-    [b".", stem, suffix].concat()
 }
 
 /// Remove the part file `name` if it is a regular file, old enough and not
@@ -446,15 +434,5 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let fd = File::open(&file).unwrap();
         assert!(sweep_stale_parts(fd.as_fd(), DAY, SystemTime::now()).is_err());
-    }
-
-    #[test]
-    fn names_must_have_a_stem() {
-        assert_eq!(stem(b".a.ferry-part", PART_SUFFIX), Some(&b"a"[..]));
-        assert_eq!(stem(b"..ferry-part", PART_SUFFIX), None);
-        assert_eq!(stem(b".ferry-part", PART_SUFFIX), None);
-        assert_eq!(stem(b"a.ferry-part", PART_SUFFIX), None);
-        assert_eq!(stem(b".a.ferry-journal", PART_SUFFIX), None);
-        assert_eq!(sibling(b"a", JOURNAL_SUFFIX), b".a.ferry-journal");
     }
 }

@@ -20,6 +20,7 @@ use crate::codec::Decoded;
 use crate::error::reason;
 use crate::fsx;
 use crate::journal::{self, ChunkRecord, Journal, SourceStamp};
+use crate::names;
 
 /// The most recently used parent directory, by path: consecutive entries
 /// mostly share one, and it is then not resolved again.
@@ -190,14 +191,14 @@ impl Part {
         let part = if is_unnamed {
             Vec::new()
         } else {
-            fsx::part_name(&target.name)
+            names::part_name(&target.name)
         };
         let opened = match unnamed {
             Some(part_file) => part_file,
             None => fsx::open_part(target.parent.as_fd(), &part, target.mode)?,
         };
         let journal_name = if plan.journaled {
-            journal::journal_name(&target.name)
+            names::journal_name(&target.name)
         } else {
             Vec::new()
         };
@@ -358,7 +359,7 @@ impl Part {
                 // Something took the name since the directory was made (a
                 // transfer racing ours): replace it, as a named part would.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    self.part = fsx::part_name(name);
+                    self.part = names::part_name(name);
                     fsx::name_unnamed_part(self.file.as_fd(), dir, &self.part)
                         .map_err(|e| reason(&e))?;
                     self.unnamed = false;
@@ -408,7 +409,7 @@ pub(super) fn make_symlink(
     if target.is_empty() || target.contains(&0) {
         return Err(io::Error::other("invalid symlink target"));
     }
-    let part = fsx::part_name(name);
+    let part = names::part_name(name);
     fsx::remove_if_present(parent.as_fd(), &part)?;
     rustix::fs::symlinkat(target, parent, part.as_slice())?;
     let placed = (|| -> io::Result<()> {

@@ -723,3 +723,62 @@ fn an_entry_whose_directory_is_missing_fails_alone() {
     assert_eq!(r.outcome(3), Some(&Outcome::Ok));
     assert!(r.done);
 }
+
+// ---------------------------------------------------------------------------
+// Working names: parts, journals and what links and nodes are made under
+// ---------------------------------------------------------------------------
+
+#[test]
+fn entries_under_the_receivers_working_names_are_refused() {
+    let data = content(10, 30);
+    let mut r = Receiving::new();
+    let mut frames = whole_file(2, "fine", &data);
+    frames.extend(whole_file(3, ".a.ferry-part", &data));
+    frames.extend(whole_file(4, ".a.ferry-journal", &data));
+    frames.push(entry(
+        5,
+        ".x.ferry-journal",
+        EntryKind::Symlink {
+            target: WireBytes(b"fine".to_vec()),
+            mtime: MTIME,
+        },
+    ));
+    frames.push(entry(
+        6,
+        ".b.ferry-part",
+        EntryKind::Fifo {
+            mode: 0o600,
+            mtime: MTIME,
+        },
+    ));
+    frames.push(hardlink(7, "link", 2, ".a.ferry-part"));
+    frames.push(dir(8, ".c.ferry-part"));
+    frames.push(dir_end(8));
+    r.take(in_root(frames)).unwrap();
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    for id in 3..=8 {
+        let Some(Outcome::Failed(why)) = r.outcome(id) else {
+            panic!("entry {id}: {:?}", r.answers)
+        };
+        assert!(why.contains("ferry"), "{why}");
+    }
+    let names: Vec<_> = std::fs::read_dir(r.dst()).unwrap().flatten().collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(r.done);
+}
+
+#[test]
+fn a_destination_under_a_working_name_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = Receiving::in_dir(tmp, |d| d.prefix = vec![b".x.ferry-part".to_vec()]);
+    let data = content(10, 31);
+    let mut frames = whole_file(1, "", &data);
+    frames.push(end());
+    r.take(frames).unwrap();
+    assert!(
+        matches!(r.outcome(1), Some(Outcome::Failed(_))),
+        "{:?}",
+        r.answers
+    );
+    assert!(!r.tmp.path().join(".x.ferry-part").exists());
+}

@@ -1,0 +1,408 @@
+//! The receiver's working files: part files, journals and the names under
+//! which it makes links and nodes before they take their own. A hostile
+//! client (written against the wire format) and a local user (files
+//! planted in the server's root) must not make the server adopt, open,
+//! read or remove anything it did not make itself for the transfer at
+//! hand, nor learn from it anything about content it did not send.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_proto::digest::{DigestBuilder, chunk_hash};
+
+use crate::util::*;
+
+/// How long a hostile peer waits for the server's answers.
+const PEER_TIMEOUT: Duration = Duration::from_secs(20);
+/// The chunk size of an honest sender.
+const CHUNK: usize = 1 << 20;
+/// The mtime every planted and sent file has.
+const MTIME: i64 = 1_700_000_000;
+/// A file that keeps a journal (4 MiB or more), of five chunks.
+const BIG: usize = 4 * CHUNK + 100;
+
+// ---------------------------------------------------------------------------
+// A hostile client, frame by frame
+// ---------------------------------------------------------------------------
+
+fn control(json: &str) -> Vec<u8> {
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(json.as_bytes());
+    frame
+}
+
+/// A raw data chunk of file `id` (PROTOCOL.md §6) with its true hash.
+fn chunk_frame(id: u64, offset: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(&offset.to_be_bytes());
+    body.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    body.push(0);
+    body.extend_from_slice(&chunk_hash(bytes).to_be_bytes());
+    body.extend_from_slice(bytes);
+    let mut frame = vec![2u8];
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// The whole-file digest an honest sender sends for `content`.
+fn digest_of(content: &[u8]) -> String {
+    let mut digest = DigestBuilder::new(content.len() as u64);
+    for piece in content.chunks(CHUNK) {
+        digest.push(chunk_hash(piece));
+    }
+    digest.finish().to_hex()
+}
+
+/// An `entry` of `kind` (the JSON fields after `"kind":`).
+fn entry(id: u64, path: &str, kind: &str) -> Vec<u8> {
+    control(&format!(
+        r#"{{"type":"entry","id":{id},"path":"{path}","kind":{kind}}}"#
+    ))
+}
+
+fn dir_entry(id: u64, path: &str) -> Vec<u8> {
+    let kind = format!(r#""dir","mode":493,"mtime":{{"sec":{MTIME},"nsec":0}}"#);
+    entry(id, path, &kind)
+}
+
+fn file_entry(id: u64, path: &str, size: usize) -> Vec<u8> {
+    let kind = format!(r#""file","size":{size},"mode":420,"mtime":{{"sec":{MTIME},"nsec":0}}"#);
+    entry(id, path, &kind)
+}
+
+/// The chunks of file `id` and its `file_end`.
+fn file_data(id: u64, content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, piece) in content.chunks(CHUNK).enumerate() {
+        out.extend(chunk_frame(id, (i * CHUNK) as u64, piece));
+    }
+    let digest = digest_of(content);
+    out.extend(control(&format!(
+        r#"{{"type":"file_end","id":{id},"digest":"{digest}"}}"#
+    )));
+    out
+}
+
+fn whole_file(id: u64, path: &str, content: &[u8]) -> Vec<u8> {
+    let mut out = file_entry(id, path, content.len());
+    out.extend(file_data(id, content));
+    out
+}
+
+fn symlink_entry(id: u64, path: &str, target: &str) -> Vec<u8> {
+    let kind = format!(r#""symlink","target":"{target}","mtime":{{"sec":{MTIME},"nsec":0}}"#);
+    entry(id, path, &kind)
+}
+
+fn hardlink_entry(id: u64, path: &str, first: u64, target: &str) -> Vec<u8> {
+    entry(
+        id,
+        path,
+        &format!(r#""hardlink","first":{first},"target":"{target}""#),
+    )
+}
+
+fn fifo_entry(id: u64, path: &str) -> Vec<u8> {
+    entry(
+        id,
+        path,
+        &format!(r#""fifo","mode":420,"mtime":{{"sec":{MTIME},"nsec":0}}"#),
+    )
+}
+
+/// `/dev/null`'s numbers: a node that is harmless to make.
+fn device_entry(id: u64, path: &str) -> Vec<u8> {
+    let kind = format!(
+        r#""device","block":false,"major":1,"minor":3,"mode":384,"mtime":{{"sec":{MTIME},"nsec":0}}"#
+    );
+    entry(id, path, &kind)
+}
+
+fn dir_end(id: u64) -> Vec<u8> {
+    control(&format!(r#"{{"type":"dir_end","id":{id}}}"#))
+}
+
+fn end() -> Vec<u8> {
+    control(r#"{"type":"end"}"#)
+}
+
+/// A hand-written client's upload session (plaintext: the server runs
+/// with `--no-tls`), and every control message the server sent it.
+struct Peer {
+    stream: TcpStream,
+    deadline: Instant,
+    got: Vec<serde_json::Value>,
+}
+
+impl Peer {
+    /// An upload to `dest`, accepted (`ready`).
+    fn upload(server: &Server, dest: &str) -> Peer {
+        let stream = TcpStream::connect(server.addr()).expect("connect to the server");
+        let mut peer = Peer {
+            stream,
+            deadline: Instant::now() + PEER_TIMEOUT,
+            got: Vec::new(),
+        };
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+        hello.extend(control(r#"{"type":"hello","software":"hostile"}"#));
+        peer.send(&hello);
+        let mut theirs = [0u8; 8];
+        peer.stream.read_exact(&mut theirs).unwrap();
+        assert_eq!(&theirs[..6], MAGIC);
+        assert!(peer.wait_for(|m| m["type"] == "welcome"), "{:?}", peer.got);
+        peer.send(&control(&format!(r#"{{"type":"upload","dest":"{dest}"}}"#)));
+        let ready = peer.wait_for(|m| m["type"] == "ready");
+        assert!(ready, "{:?}\n{}", peer.got, server.stderr());
+        peer
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        // The server may close early (a protocol error): what it said
+        // still counts, and the test looks at that.
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// Reads control messages until one satisfies `what` (true), or the
+    /// session ends, or the deadline passes (false).
+    fn wait_for(&mut self, what: impl Fn(&serde_json::Value) -> bool) -> bool {
+        // Bounded by the deadline and by the count.
+        while self.got.len() < 10_000 {
+            let Some(msg) = self.next_message() else {
+                return false;
+            };
+            let found = what(&msg);
+            let over = msg["type"] == "done" || msg["type"] == "error";
+            self.got.push(msg);
+            if found {
+                return true;
+            }
+            if over {
+                return false;
+            }
+        }
+        false
+    }
+
+    /// Waits until the server has planned every file up to `id`: its
+    /// entry has been taken in, its part file opened.
+    fn wait_planned(&mut self, id: u64) {
+        let planned = self.wait_for(|m| {
+            (m["type"] == "planned" && m["through"].as_u64() >= Some(id))
+                || (m["type"] == "outcome" && m["id"] == id)
+        });
+        assert!(planned, "entry {id} was never planned: {:?}", self.got);
+    }
+
+    /// Sends `end` and reads the rest of the session.
+    fn finish(&mut self) {
+        self.send(&end());
+        let done = self.wait_for(|m| m["type"] == "done");
+        assert!(done, "the session did not end with done: {:?}", self.got);
+    }
+
+    fn next_message(&mut self) -> Option<serde_json::Value> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut header = [0u8; 5];
+            self.stream.read_exact(&mut header).ok()?;
+            let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+            // Bounded: no control message is larger (PROTOCOL.md §3).
+            if len > 256 * 1024 {
+                return None;
+            }
+            let mut body = vec![0u8; len];
+            self.stream.read_exact(&mut body).ok()?;
+            if header[0] == 1 {
+                return Some(serde_json::from_slice(&body).unwrap());
+            }
+        }
+    }
+
+    /// The outcome of entry `id`, as `status: reason`.
+    fn outcome(&self, id: u64) -> Option<String> {
+        self.got
+            .iter()
+            .find(|m| m["type"] == "outcome" && m["id"] == id)
+            .map(|m| format!("{}: {}", m["status"], m["reason"]))
+    }
+
+    /// The `have` the server sent for entry `id`, if any.
+    fn have(&self, id: u64) -> Option<&serde_json::Value> {
+        self.got
+            .iter()
+            .find(|m| m["type"] == "have" && m["id"] == id)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What a local user or a hostile client plants
+// ---------------------------------------------------------------------------
+
+/// A journal as the receiver writes it (journal.rs): a header for a source
+/// of `size` bytes with mtime `MTIME`, then one record per `(offset, len,
+/// hash)`, each with its check.
+fn journal_bytes(size: usize, records: &[(u64, u32, u64)]) -> Vec<u8> {
+    let check = |bytes: &[u8]| (chunk_hash(bytes) as u32).to_le_bytes();
+    let mut out = b"FERRYJ1\n".to_vec();
+    out.extend_from_slice(&(size as u64).to_le_bytes());
+    out.extend_from_slice(&MTIME.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let header_check = check(&out);
+    out.extend_from_slice(&header_check);
+    for &(offset, len, hash) in records {
+        let mut record = offset.to_le_bytes().to_vec();
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(&hash.to_le_bytes());
+        let record_check = check(&record);
+        record.extend_from_slice(&record_check);
+        out.extend(record);
+    }
+    out
+}
+
+/// The true record of each chunk of `content`.
+fn true_records(content: &[u8]) -> Vec<(u64, u32, u64)> {
+    content
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, piece)| ((i * CHUNK) as u64, piece.len() as u32, chunk_hash(piece)))
+        .collect()
+}
+
+/// A source file: `content` with the mtime `MTIME`.
+fn plant(path: &Path, content: &[u8], mode: u32) {
+    write_file(path, content);
+    set_mode(path, mode);
+    set_mtime(path, MTIME, 0);
+}
+
+#[track_caller]
+fn assert_server_healthy(server: &mut Server) {
+    let log = server.stderr();
+    assert!(!log.contains("panicked"), "the server panicked:\n{log}");
+    assert!(server.is_running(), "the server exited:\n{log}");
+}
+
+// ---------------------------------------------------------------------------
+// Finding 1: a write-only client reads nothing through a planted part
+// ---------------------------------------------------------------------------
+
+/// A client of a `--write-only` server links a secret it may not read as
+/// a part file, uploads a journal of guessed chunk hashes beside it, and
+/// announces the secret's size and mtime: had the server resumed that
+/// part, its `have` would tell which guesses match the secret.
+#[test]
+fn a_write_only_client_cannot_plant_a_part_and_journal_to_probe_a_file() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let dest = scratch.mkdir("root/d");
+    let secret = random_bytes(BIG, 1001);
+    plant(&dest.join("secret.bin"), &secret, 0o600);
+    // Chunks 0 and 2 guessed right, the others wrong.
+    let guesses: Vec<_> = true_records(&secret)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (o, l, h))| (o, l, if i % 2 == 0 { h } else { h ^ 1 }))
+        .collect();
+    let journal = journal_bytes(BIG, &guesses[..4]);
+    let mut server = Server::start_with(&root, &[&"--no-tls", &"--write-only"]);
+
+    let mut peer = Peer::upload(&server, "d");
+    let mut frames = dir_entry(1, "");
+    frames.extend(whole_file(2, "a", b"hello"));
+    frames.extend(hardlink_entry(3, ".x.ferry-part", 2, "secret.bin"));
+    frames.extend(whole_file(4, ".x.ferry-journal", &journal));
+    frames.extend(file_entry(5, "x", BIG));
+    peer.send(&frames);
+    peer.wait_planned(5);
+    let abort = r#"{"type":"abort","id":5,"reason":"enough"}"#;
+    peer.send(&[control(abort), dir_end(1)].concat());
+    peer.finish();
+
+    let context = format!("the server answered {:?}", peer.got);
+    assert!(
+        peer.have(5).is_none(),
+        "the server told which guessed chunks match a file the client never sent\n{context}"
+    );
+    for id in [3, 4] {
+        let outcome = peer.outcome(id).unwrap_or_default();
+        assert!(
+            outcome.starts_with("\"failed\"") && contains_ci(&outcome, "ferry"),
+            "entry {id} under a working name was not refused\n{context}"
+        );
+    }
+    assert_eq!(fs::read(dest.join("secret.bin")).unwrap(), secret);
+    assert_eq!(lstat(&dest.join("secret.bin")).nlink(), 1, "{context}");
+    assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
+    assert_server_healthy(&mut server);
+}
+
+/// Entries whose names are the receiver's own working names are refused,
+/// whatever their kind, and nothing is made under those names; the rest
+/// of the tree arrives.
+#[test]
+fn entries_under_the_receivers_working_names_are_refused() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    scratch.mkdir("root/d");
+    let devices = is_root();
+    let mut extra: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--no-tls"];
+    if devices {
+        extra.push(&"--devices");
+    }
+    let mut server = Server::start_with(&root, &extra);
+
+    let mut peer = Peer::upload(&server, "d");
+    let mut frames = dir_entry(1, "");
+    frames.extend(whole_file(2, "fine", b"hello"));
+    frames.extend(whole_file(3, ".a.ferry-part", b"hello"));
+    frames.extend(whole_file(4, ".a.ferry-journal", b"hello"));
+    frames.extend(symlink_entry(5, ".b.ferry-part", "fine"));
+    frames.extend(fifo_entry(6, ".c.ferry-part"));
+    frames.extend(hardlink_entry(7, ".d.ferry-part", 2, "fine"));
+    frames.extend(dir_entry(8, ".e.ferry-journal"));
+    frames.extend(dir_end(8));
+    frames.extend(whole_file(9, ".ferry-probe.1.2", b"hello"));
+    frames.extend(hardlink_entry(10, "link", 2, ".a.ferry-part"));
+    let last = if devices {
+        frames.extend(device_entry(11, ".f.ferry-part"));
+        11
+    } else {
+        10
+    };
+    frames.extend(dir_end(1));
+    peer.send(&frames);
+    peer.finish();
+
+    let context = format!("the server answered {:?}", peer.got);
+    assert_eq!(
+        peer.outcome(2).as_deref(),
+        Some("\"ok\": null"),
+        "{context}"
+    );
+    for id in 3..=last {
+        let outcome = peer.outcome(id).unwrap_or_default();
+        assert!(
+            outcome.starts_with("\"failed\"") && contains_ci(&outcome, "ferry"),
+            "entry {id} was not refused: {outcome}\n{context}"
+        );
+    }
+    let names: Vec<_> = fs::read_dir(root.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["fine"], "{context}");
+    assert_server_healthy(&mut server);
+}
