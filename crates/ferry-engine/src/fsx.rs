@@ -420,76 +420,113 @@ pub(crate) fn part_busy() -> io::Error {
 /// part held by a live transfer gives [`part_busy`]. After locking a
 /// leftover, its name is checked to still lead to the same inode: the
 /// previous owner may have renamed it into place in between, and then it
-/// is the real file, not ours to touch. A symlink planted under the part
-/// name is removed, never followed.
+/// is the real file, not ours to touch.
+///
+/// What is found under the name is looked at before anything opens it
+/// (see [`look`]): only a regular file is opened, through the handle it
+/// was looked at by. Anything else (a symlink, a fifo, a device node) is
+/// never opened, never followed: it is removed and the part made anew.
 ///
 /// A new part file gets `mode` (the final mode, setuid/setgid/sticky
 /// already masked off) right away when the umask leaves it whole, which
 /// spares a chmod per file. Otherwise it is created private (0600) and the
 /// caller sets the mode before committing.
 pub(crate) fn open_part(dir: BorrowedFd<'_>, part: &[u8], mode: u32) -> io::Result<PartFile> {
-    use rustix::fs::{FlockOperation, flock};
     let exact = mode & process_umask() == 0;
     let create_mode = if exact { mode } else { 0o600 };
-    let base = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     // A few rounds at most: each retry means the name changed under us.
     for _ in 0..4 {
-        match rustix::fs::openat(
-            dir,
-            part,
-            base | OFlags::CREATE | OFlags::EXCL,
-            Mode::from_raw_mode(create_mode),
-        ) {
+        match rustix::fs::openat(dir, part, flags, Mode::from_raw_mode(create_mode)) {
             // The common case costs one syscall and an uncontended lock.
             Ok(fd) => {
-                return match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-                    Ok(()) => Ok(PartFile {
-                        fd,
-                        mode_set: exact,
-                        existing: false,
-                    }),
-                    // Another transfer took our fresh file for a leftover.
-                    Err(rustix::io::Errno::WOULDBLOCK) => Err(part_busy()),
-                    Err(e) => Err(e.into()),
-                };
+                lock_part(&fd)?;
+                return Ok(PartFile {
+                    fd,
+                    mode_set: exact,
+                    existing: false,
+                });
             }
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        let fd = match rustix::fs::openat(dir, part, base, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => continue,
-            // A symlink, or something else that is not ours: clear it.
-            Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::ISDIR) => {
-                remove_if_present(dir, part)?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+        let Some(found) = look(dir, part)? else {
+            continue;
         };
-        let stat = rustix::fs::fstat(&fd)?;
-        if kind_of(&stat) != Kind::File {
-            drop(fd);
+        let Some(fd) = found.open_regular(OFlags::RDWR) else {
+            // Not a regular file, or not one that can be opened safely:
+            // never opened, replaced.
             remove_if_present(dir, part)?;
             continue;
-        }
-        match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Err(part_busy()),
-            Err(e) => return Err(e.into()),
-        }
-        match rustix::fs::statat(dir, part, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(now) if now.st_dev == stat.st_dev && now.st_ino == stat.st_ino => {
-                return Ok(PartFile {
-                    fd,
-                    mode_set: false,
-                    existing: true,
-                });
-            }
-            Ok(_) | Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => return Err(e.into()),
+        };
+        lock_part(&fd)?;
+        if found.still_named(dir, part) {
+            return Ok(PartFile {
+                fd,
+                mode_set: false,
+                existing: true,
+            });
         }
     }
     Err(part_busy())
+}
+
+/// Take a part file's lock, or say that another transfer holds it.
+fn lock_part(fd: &OwnedFd) -> io::Result<()> {
+    use rustix::fs::{FlockOperation, flock};
+    match flock(fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(part_busy()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What is under a name, looked at without opening it for I/O.
+pub(crate) struct Looked {
+    /// An `O_PATH` handle: it reads and writes nothing, and opening it
+    /// reaches no driver (a device node's, a fifo's).
+    handle: OwnedFd,
+    pub(crate) stat: Stat,
+}
+
+/// Look at `name` in `dir` without opening it for I/O and without
+/// following it (a symlink is looked at itself); `None` if nothing is
+/// there.
+pub(crate) fn look(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Looked>> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let handle = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(handle) => handle,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let stat = rustix::fs::fstat(&handle)?;
+    Ok(Some(Looked { handle, stat }))
+}
+
+impl Looked {
+    /// Open what was looked at for I/O with `flags` if it is a regular
+    /// file: through its handle in `/proc`, so it is that inode whatever
+    /// its name leads to by now. `None` if it is not a regular file, or
+    /// cannot be reopened so (no `/proc`): the caller then leaves it
+    /// unopened.
+    pub(crate) fn open_regular(&self, flags: OFlags) -> Option<OwnedFd> {
+        if kind_of(&self.stat) != Kind::File {
+            return None;
+        }
+        let by_handle = format!("/proc/self/fd/{}", self.handle.as_raw_fd());
+        let fd = rustix::fs::open(by_handle.as_str(), flags | OFlags::CLOEXEC, Mode::empty());
+        let fd = fd
+            .inspect_err(|e| tracing::debug!("cannot reopen a file by its handle: {e}"))
+            .ok()?;
+        let now = rustix::fs::fstat(&fd).ok()?;
+        (now.st_dev == self.stat.st_dev && now.st_ino == self.stat.st_ino).then_some(fd)
+    }
+
+    /// Whether `name` in `dir` still leads to what was looked at.
+    pub(crate) fn still_named(&self, dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|now| now.st_dev == self.stat.st_dev && now.st_ino == self.stat.st_ino)
+    }
 }
 
 /// Whether unnamed part files work here: not tried yet, yes, or no.
@@ -802,6 +839,27 @@ mod tests {
             assert!(meta.is_file());
         }
         assert!(!outside.exists(), "the planted symlink was not followed");
+    }
+
+    #[test]
+    fn a_node_under_a_part_name_is_replaced_never_opened() {
+        use rustix::fs::inotify;
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let fifo = tmp.path().join(".f.ferry-part");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, FileType::Fifo, 0o600.into(), 0).unwrap();
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK).unwrap();
+        inotify::add_watch(&watch, &fifo, inotify::WatchFlags::OPEN).unwrap();
+        let looked = look(b.as_fd(), b".f.ferry-part").unwrap().unwrap();
+        assert!(looked.open_regular(OFlags::RDONLY).is_none());
+        let opened = open_part(b.as_fd(), b".f.ferry-part", 0o600).unwrap();
+        assert!(!opened.existing);
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().is_file());
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut events = inotify::Reader::new(&watch, &mut buf);
+        while let Ok(event) = events.next() {
+            assert!(!event.events().contains(inotify::ReadFlags::OPEN), "opened");
+        }
     }
 
     #[test]

@@ -262,18 +262,14 @@ fn load(
     name: &[u8],
     stamp: SourceStamp,
 ) -> io::Result<Option<Vec<ChunkRecord>>> {
-    // O_NONBLOCK keeps a fifo planted under the name from blocking the
-    // open; the fstat below turns it away.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        // No journal, or a symlink in its place (which `create` replaces).
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    if fsx::kind_of(&rustix::fs::fstat(&fd)?) != fsx::Kind::File {
+    // Looked at before it is opened: a symlink, a fifo or a device node
+    // in its place is never opened (`create` replaces it).
+    let Some(found) = fsx::look(dir, name)? else {
         return Ok(None);
-    }
+    };
+    let Some(fd) = found.open_regular(OFlags::RDONLY) else {
+        return Ok(None);
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, File::from(fd));
 
     let mut header = [0u8; HEADER_LEN];

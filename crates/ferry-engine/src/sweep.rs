@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use ferry_proto::message::Mtime;
 use ferry_proto::path::escape;
-use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, FileType, FlockOperation, OFlags, Stat};
 
 use crate::fsx::{self, Kind};
 use crate::names::{JOURNAL_SUFFIX, PART_SUFFIX, sibling, stem};
@@ -128,14 +128,17 @@ fn sweep_part(
     cutoff: SystemTime,
     report: &mut SweepReport,
 ) -> io::Result<()> {
-    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    if fsx::kind_of(&stat) != Kind::File || !older_than(&stat, cutoff) {
+    // Looked at before it is opened: only a regular file is ever opened
+    // (a fifo or a device node under the name never is).
+    let Some(found) = fsx::look(dir, name)? else {
+        return Ok(());
+    };
+    if !older_than(&found.stat, cutoff) {
         return Ok(());
     }
-    // O_NONBLOCK: should a fifo be swapped in after the stat, the open must
-    // not hang the sweep waiting for a writer.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let held = rustix::fs::openat(dir, name, flags, Mode::empty())?;
+    let Some(held) = found.open_regular(OFlags::RDONLY) else {
+        return Ok(());
+    };
     match rustix::fs::flock(&held, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
         // A live transfer is writing it.

@@ -9,10 +9,11 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_proto::digest::{DigestBuilder, chunk_hash};
+use rustix::fs::inotify;
 
 use crate::util::*;
 
@@ -283,9 +284,48 @@ fn true_records(content: &[u8]) -> Vec<(u64, u32, u64)> {
 
 /// A source file: `content` with the mtime `MTIME`.
 fn plant(path: &Path, content: &[u8], mode: u32) {
+    plant_working(path, content, mode);
+    set_mtime(path, MTIME, 0);
+}
+
+/// A part file or journal: `content` written just now (an old one would
+/// be swept as abandoned when the server starts).
+fn plant_working(path: &Path, content: &[u8], mode: u32) {
     write_file(path, content);
     set_mode(path, mode);
-    set_mtime(path, MTIME, 0);
+}
+
+/// Watches `path` for anyone opening it (`O_PATH` is not opening it).
+struct OpenWatch {
+    fd: std::os::fd::OwnedFd,
+    path: PathBuf,
+}
+
+impl OpenWatch {
+    fn new(path: &Path) -> OpenWatch {
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
+            .expect("inotify_init");
+        inotify::add_watch(&fd, path, inotify::WatchFlags::OPEN)
+            .unwrap_or_else(|e| panic!("watch {}: {e}", path.display()));
+        OpenWatch {
+            fd,
+            path: path.to_path_buf(),
+        }
+    }
+
+    #[track_caller]
+    fn assert_never_opened(&self, context: &dyn std::fmt::Display) {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut events = inotify::Reader::new(&self.fd, &mut buf);
+        // Bounded: the buffer holds a few hundred events at most.
+        while let Ok(event) = events.next() {
+            assert!(
+                !event.events().contains(inotify::ReadFlags::OPEN),
+                "{} was opened\n{context}",
+                self.path.display()
+            );
+        }
+    }
 }
 
 #[track_caller]
@@ -404,5 +444,49 @@ fn entries_under_the_receivers_working_names_are_refused() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(names, ["fine"], "{context}");
+    assert_server_healthy(&mut server);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 9: a node under a working name is never opened
+// ---------------------------------------------------------------------------
+
+/// A local user makes a fifo (or, as root, a device node) under the part
+/// file's name, or under the journal's name beside a part the server left:
+/// the server looks at them without opening them, replaces them, and the
+/// uploads arrive whole.
+#[test]
+fn a_node_under_a_part_or_journal_name_is_never_opened() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let content = random_bytes(BIG, 1002);
+    let src = scratch.join("src.bin");
+    plant(&src, &content, 0o644);
+    // The part of `j` is one the server left (its user, private), with
+    // a fifo where its journal should be.
+    plant_working(&root.join(".j.ferry-part"), &content[..CHUNK], 0o600);
+    let mut nodes = vec![(".p.ferry-part", "p"), (".j.ferry-journal", "j")];
+    mkfifo(&root.join(".p.ferry-part"));
+    mkfifo(&root.join(".j.ferry-journal"));
+    if is_root() {
+        let null = rustix::fs::makedev(1, 3);
+        let dev = root.join(".n.ferry-part");
+        let kind = rustix::fs::FileType::CharacterDevice;
+        rustix::fs::mknodat(rustix::fs::CWD, &dev, kind, 0o600.into(), null).unwrap();
+        nodes.push((".n.ferry-part", "n"));
+    }
+    let watches: Vec<_> = nodes
+        .iter()
+        .map(|(node, _)| OpenWatch::new(&root.join(node)))
+        .collect();
+    let mut server = Server::start(&root);
+
+    for ((_, name), watch) in nodes.iter().zip(&watches) {
+        let out = server.run(&[&"up", &src, name]);
+        watch.assert_never_opened(&out);
+        out.assert_success();
+        assert_eq!(fs::read(root.join(name)).unwrap(), content);
+    }
+    assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
     assert_server_healthy(&mut server);
 }

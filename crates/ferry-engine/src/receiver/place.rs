@@ -127,11 +127,12 @@ pub(super) fn find_unchanged(
     })
 }
 
-/// Give an unchanged file the sender's mode and owner: opened without
-/// following a symlink swapped in since the check. Best effort: the
-/// content is right.
+/// Give an unchanged file the sender's mode and owner: looked at before
+/// it is opened, so neither a symlink nor a node swapped in since the
+/// check is followed or opened. Best effort: the content is right.
 pub(super) fn fix_metadata(parent: &OwnedFd, name: &[u8], fix: &MetadataFix) {
-    if let Ok((file, _)) = fsx::open_regular(parent.as_fd(), name) {
+    let found = fsx::look(parent.as_fd(), name).ok().flatten();
+    if let Some(file) = found.and_then(|f| f.open_regular(rustix::fs::OFlags::RDONLY)) {
         if let Some(owner) = fix.owner {
             let _ = fsx::set_owner(file.as_fd(), owner);
         }

@@ -728,6 +728,37 @@ fn an_entry_whose_directory_is_missing_fails_alone() {
 // Working names: parts, journals and what links and nodes are made under
 // ---------------------------------------------------------------------------
 
+/// A receiver into `dst`, which exists already (so its files are looked
+/// for, and large ones resumed), after `plant` has put things in it.
+fn into_existing(plant: impl FnOnce(&std::path::Path)) -> Receiving {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    plant(&dst);
+    Receiving::in_dir(tmp, |_| {})
+}
+
+/// Watches a path for anyone opening it (`O_PATH` is not opening it).
+fn watch_opens(path: &std::path::Path) -> std::os::fd::OwnedFd {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(&fd, path, inotify::WatchFlags::OPEN).unwrap();
+    fd
+}
+
+fn was_opened(watch: &std::os::fd::OwnedFd) -> bool {
+    use rustix::fs::inotify;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let mut events = inotify::Reader::new(watch, &mut buf);
+    // Bounded: the buffer holds a few hundred events at most.
+    while let Ok(event) = events.next() {
+        if event.events().contains(inotify::ReadFlags::OPEN) {
+            return true;
+        }
+    }
+    false
+}
+
 #[test]
 fn entries_under_the_receivers_working_names_are_refused() {
     let data = content(10, 30);
@@ -781,4 +812,38 @@ fn a_destination_under_a_working_name_is_refused() {
         r.answers
     );
     assert!(!r.tmp.path().join(".x.ferry-part").exists());
+}
+
+#[test]
+fn a_node_under_a_part_or_journal_name_is_never_opened() {
+    let data = content(5 * MIB, 35);
+    let fifo = |path: &std::path::Path| {
+        let kind = rustix::fs::FileType::Fifo;
+        rustix::fs::mknodat(rustix::fs::CWD, path, kind, 0o600.into(), 0).unwrap();
+    };
+    let mut r = into_existing(|dst| {
+        fifo(&dst.join(".a.ferry-part"));
+        // A part the receiver left (private, its own), with a fifo for
+        // its journal.
+        let part = dst.join(".b.ferry-part");
+        std::fs::write(&part, &data[..MIB]).unwrap();
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).unwrap();
+        fifo(&dst.join(".b.ferry-journal"));
+    });
+    let watches = [
+        watch_opens(&r.dst().join(".a.ferry-part")),
+        watch_opens(&r.dst().join(".b.ferry-journal")),
+    ];
+    let mut frames = vec![dir(1, ""), file(2, "a", data.len() as u64)];
+    frames.extend(chunks_from(2, &data, 0));
+    frames.push(file_end(2, &data));
+    frames.push(file(3, "b", data.len() as u64));
+    frames.extend(chunks_from(3, &data, 0));
+    frames.extend([file_end(3, &data), dir_end(1), end()]);
+    r.take(frames).unwrap();
+    assert!(watches.iter().all(|w| !was_opened(w)), "a fifo was opened");
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    assert_eq!(r.outcome(3), Some(&Outcome::Ok));
+    assert_eq!(std::fs::read(r.dst().join("a")).unwrap(), data);
+    assert!(leftovers(&r.dst()).is_empty(), "{:?}", leftovers(&r.dst()));
 }
