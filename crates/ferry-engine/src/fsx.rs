@@ -13,7 +13,7 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use ferry_proto::message::{Mtime, Owner};
 use ferry_proto::path::WirePath;
@@ -160,17 +160,11 @@ pub(crate) fn hard_link(
     if rustix::fs::statat(to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| same(&st)) {
         return Ok(());
     }
-    // Linked under the part name, then renamed: the name never shows
-    // anything but the old entry or the link.
-    let part = names::part_name(to_name);
-    remove_if_present(to_dir, &part)?;
-    rustix::fs::linkat(
-        from_dir,
-        from_name,
-        to_dir,
-        part.as_slice(),
-        AtFlags::empty(),
-    )?;
+    // Linked under a fresh name of its own, then renamed: the name never
+    // shows anything but the old entry or the link, and nothing another
+    // transfer holds is touched.
+    let (_, part) =
+        make_new(|temp| rustix::fs::linkat(from_dir, from_name, to_dir, temp, AtFlags::empty()))?;
     let linked = rustix::fs::statat(to_dir, part.as_slice(), AtFlags::SYMLINK_NOFOLLOW);
     let placed = match linked {
         Ok(st) if same(&st) => rename_into_place(to_dir, &part, to_name),
@@ -187,9 +181,10 @@ pub(crate) fn hard_link(
 }
 
 /// Make the fifo or device node `name` in `dir`, with the mode, owner and
-/// mtime given, in place atomically: it is made under the part name, its
-/// metadata is set through a handle on it (so a symlink swapped in under
-/// that name meanwhile is never followed), and it is renamed into place.
+/// mtime given, in place atomically: it is made under a fresh name of its
+/// own (see [`make_new`]), its metadata is set through a handle on it (so
+/// a symlink swapped in under that name meanwhile is never followed), and
+/// it is renamed into place.
 pub(crate) fn make_node(
     dir: BorrowedFd<'_>,
     name: &[u8],
@@ -199,10 +194,8 @@ pub(crate) fn make_node(
     mtime: Mtime,
     owner: Option<Owner>,
 ) -> io::Result<()> {
-    let part = names::part_name(name);
-    remove_if_present(dir, &part)?;
     let mode = Mode::from_raw_mode(mode & 0o777);
-    rustix::fs::mknodat(dir, part.as_slice(), file_type, mode, device)?;
+    let (_, part) = make_new(|temp| rustix::fs::mknodat(dir, temp, file_type, mode, device))?;
     let placed = (|| -> io::Result<()> {
         let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let node = rustix::fs::openat(dir, part.as_slice(), flags, Mode::empty())?;
@@ -229,6 +222,45 @@ pub(crate) fn make_node(
         let _ = remove_if_present(dir, &part);
     }
     placed
+}
+
+/// Make something under a fresh working name (`names::new_name`) that no
+/// other transfer uses, looks for or removes: `make` creates it
+/// exclusively under the name it is given (failing with `EEXIST` if that
+/// is taken, as `mknodat`, `symlinkat`, `linkat` and `O_EXCL` do), and is
+/// asked again with another name if so. Returns what it made, and the
+/// name. Nothing is ever removed to make room.
+pub(crate) fn make_new<T>(
+    mut make: impl FnMut(&[u8]) -> rustix::io::Result<T>,
+) -> io::Result<(T, Vec<u8>)> {
+    // Each name is one in 2^64: a few tries are only ever needed against
+    // names planted on purpose.
+    for _ in 0..8 {
+        let name = names::new_name(fresh_seed());
+        match make(&name) {
+            Ok(made) => return Ok((made, name)),
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(map_loop(e)),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free working name",
+    ))
+}
+
+/// A seed no other call here, and no other process, is likely to use,
+/// nor anyone to guess: the process id, a count, and the time, hashed.
+fn fresh_seed() -> u64 {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut bytes = [0u8; 28];
+    bytes[..4].copy_from_slice(&std::process::id().to_le_bytes());
+    bytes[4..12].copy_from_slice(&COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    bytes[12..].copy_from_slice(&nanos.to_le_bytes());
+    ferry_proto::digest::chunk_hash(&bytes)
 }
 
 /// Whether this process may give files away to any owner: only root can,
@@ -597,6 +629,15 @@ fn probe_naming(dir: BorrowedFd<'_>, probe: BorrowedFd<'_>) -> bool {
         let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
     }
     linked
+}
+
+/// Give an unnamed part file a fresh working name in `dir` (see
+/// [`make_new`]), for a rename over a name that is taken; returns it.
+pub(crate) fn name_unnamed_part_anew(
+    file: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+) -> io::Result<Vec<u8>> {
+    make_new(|temp| rustix::fs::linkat(file, c"", dir, temp, AtFlags::EMPTY_PATH)).map(|(_, n)| n)
 }
 
 /// Give an unnamed part file its `name` in `dir`, which must be free: an

@@ -4,6 +4,10 @@
 //! - `.NAME.ferry-part`: a file of 4 MiB or more while it arrives, found
 //!   again by that name when an interrupted transfer resumes;
 //! - `.NAME.ferry-journal`: that part file's journal of verified chunks;
+//! - `.ferry-new.` and 16 hex digits: what the receiver makes under a name
+//!   of its own before it takes its real one (a symlink, a fifo, a device
+//!   node, a hard link): created exclusively under a name no other
+//!   transfer uses, looks for or removes;
 //! - `.ferry-probe.…`: a moment's name, to learn whether unnamed files can
 //!   be named here.
 //!
@@ -20,6 +24,17 @@ pub(crate) const PART_SUFFIX: &[u8] = b".ferry-part";
 pub(crate) const JOURNAL_SUFFIX: &[u8] = b".ferry-journal";
 /// What a probe's name starts with.
 pub(crate) const PROBE_PREFIX: &[u8] = b".ferry-probe.";
+/// What a fresh working name starts with.
+pub(crate) const NEW_PREFIX: &[u8] = b".ferry-new.";
+
+/// The fresh working name made from `seed`: `.ferry-new.` and 16 hex
+/// digits. Whoever uses it creates it exclusively, and takes another if
+/// it is taken.
+pub(crate) fn new_name(seed: u64) -> Vec<u8> {
+    let mut name = NEW_PREFIX.to_vec();
+    name.extend_from_slice(format!("{seed:016x}").as_bytes());
+    name
+}
 
 /// The hidden sibling a large file is written to before it is complete:
 /// `.NAME.ferry-part`, shortened (with a hash to stay unique) when that
@@ -69,6 +84,7 @@ pub(crate) fn is_working_name(name: &[u8]) -> bool {
     stem(name, PART_SUFFIX).is_some()
         || stem(name, JOURNAL_SUFFIX).is_some()
         || name.starts_with(PROBE_PREFIX)
+        || name.starts_with(NEW_PREFIX)
 }
 
 #[cfg(test)]
@@ -127,6 +143,8 @@ mod tests {
             b"...ferry-part",
             b".a b.ferry-part",
             b".ferry-probe.12.34",
+            b".ferry-new.0123456789abcdef",
+            b".ferry-new.x",
         ] {
             assert!(is_working_name(name), "{}", String::from_utf8_lossy(name));
             assert!(is_working_name(&part_name(name)));
@@ -143,7 +161,9 @@ mod tests {
         ] {
             assert!(!is_working_name(name), "{}", String::from_utf8_lossy(name));
         }
-        // Every name the receiver makes for a file is a working name.
+        assert_eq!(new_name(0xabc), b".ferry-new.0000000000000abc");
+        // Every name the receiver works under is a working name.
+        assert!(is_working_name(&new_name(u64::MAX)));
         assert!(is_working_name(&part_name(&[b'x'; 255])));
         assert!(is_working_name(&journal_name(&[b'x'; 255])));
     }

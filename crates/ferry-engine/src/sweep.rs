@@ -22,7 +22,7 @@ use ferry_proto::path::escape;
 use rustix::fs::{AtFlags, FileType, FlockOperation, OFlags, Stat};
 
 use crate::fsx::{self, Kind};
-use crate::names::{JOURNAL_SUFFIX, PART_SUFFIX, sibling, stem};
+use crate::names::{JOURNAL_SUFFIX, NEW_PREFIX, PART_SUFFIX, sibling, stem};
 
 /// Directories deeper than this below the root are not visited. It bounds
 /// the open handles (one per level) and the time a hostile tree can cost.
@@ -99,6 +99,8 @@ fn sweep_dir(
             sweep_part(dir, &name, stem, cutoff, report)
         } else if let Some(stem) = stem(&name, JOURNAL_SUFFIX) {
             sweep_orphan_journal(dir, &name, stem, cutoff, report)
+        } else if name.starts_with(NEW_PREFIX) {
+            sweep_new(dir, &name, cutoff, report)
         } else {
             Ok(())
         };
@@ -189,6 +191,33 @@ fn sweep_orphan_journal(
         return Ok(());
     }
     remove_journal(dir, name, report)
+}
+
+/// Remove `name`, something made under a fresh working name (a symlink,
+/// a node, a link, a file) that never took its real one, once its status
+/// last changed before `cutoff`. No transfer ever comes back for one, and
+/// none holds one for long; the mtime would not tell (a symlink gets the
+/// sender's before it is renamed), the ctime does. A directory is left
+/// alone.
+fn sweep_new(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    cutoff: SystemTime,
+    report: &mut SweepReport,
+) -> io::Result<()> {
+    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let ctime = Mtime {
+        sec: stat.st_ctime,
+        nsec: stat.st_ctime_nsec as u32,
+    };
+    let old = system_time(ctime).is_some_and(|ctime| ctime < cutoff);
+    if fsx::kind_of(&stat) == Kind::Dir || !old {
+        return Ok(());
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+    report.parts_removed += 1;
+    report.bytes_freed += size_of(&stat);
+    Ok(())
 }
 
 /// Remove the journal `name` if it is a regular file; a missing one is
@@ -300,6 +329,27 @@ mod tests {
         );
         assert!(!exists(&part) && !exists(&journal));
         assert!(exists(&tmp.path().join("f")), "only part files are swept");
+    }
+
+    #[test]
+    fn leftovers_under_fresh_names_go_by_their_ctime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join(".ferry-new.00000000000000aa");
+        let file = tmp.path().join(".ferry-new.00000000000000bb");
+        let dir = tmp.path().join(".ferry-new.00000000000000cc");
+        symlink("target", &link).unwrap();
+        // An old mtime, as a symlink gets the sender's before its rename.
+        age(&link, 3650);
+        std::fs::write(&file, b"1234").unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(sweep(tmp.path()), SweepReport::default());
+        assert!(exists(&link) && exists(&file));
+        // Two days on, both are abandoned; a directory never is.
+        let root = File::open(tmp.path()).unwrap();
+        let later = SystemTime::now() + 2 * DAY;
+        let report = sweep_stale_parts(root.as_fd(), DAY, later).unwrap();
+        assert_eq!(report.parts_removed, 2, "{report:?}");
+        assert!(!exists(&link) && !exists(&file) && exists(&dir));
     }
 
     #[test]

@@ -335,6 +335,10 @@ fn assert_server_healthy(server: &mut Server) {
     assert!(server.is_running(), "the server exited:\n{log}");
 }
 
+fn ino(path: &Path) -> u64 {
+    lstat(path).ino()
+}
+
 // ---------------------------------------------------------------------------
 // Finding 1: a write-only client reads nothing through a planted part
 // ---------------------------------------------------------------------------
@@ -416,11 +420,12 @@ fn entries_under_the_receivers_working_names_are_refused() {
     frames.extend(dir_end(8));
     frames.extend(whole_file(9, ".ferry-probe.1.2", b"hello"));
     frames.extend(hardlink_entry(10, "link", 2, ".a.ferry-part"));
+    frames.extend(symlink_entry(11, ".ferry-new.0123456789abcdef", "fine"));
     let last = if devices {
-        frames.extend(device_entry(11, ".f.ferry-part"));
-        11
+        frames.extend(device_entry(12, ".f.ferry-part"));
+        12
     } else {
-        10
+        11
     };
     frames.extend(dir_end(1));
     peer.send(&frames);
@@ -487,6 +492,69 @@ fn a_node_under_a_part_or_journal_name_is_never_opened() {
         out.assert_success();
         assert_eq!(fs::read(root.join(name)).unwrap(), content);
     }
+    assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
+    assert_server_healthy(&mut server);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 7: an entry replaces only what its own transfer made
+// ---------------------------------------------------------------------------
+
+/// While one upload writes a large file's part, other uploads send a
+/// symlink, a hard link, a fifo (and, as root, a device node) of the same
+/// name: each takes the name, none touches the part, and the file then
+/// takes the name with its own content, whole.
+#[test]
+fn a_link_or_node_entry_leaves_another_transfers_part_alone() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    write_file(&scratch.mkdir("root/d").join("other"), b"other\n");
+    let devices = is_root();
+    let mut extra: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--no-tls"];
+    if devices {
+        extra.push(&"--devices");
+    }
+    let mut server = Server::start_with(&root, &extra);
+    let content = random_bytes(BIG, 1008);
+    let mut writer = Peer::upload(&server, "d");
+    writer.send(&[dir_entry(1, ""), file_entry(2, "x", BIG)].concat());
+    writer.wait_planned(2);
+    let part = root.join("d/.x.ferry-part");
+    let part_ino = ino(&part);
+
+    let mut kinds = vec![
+        symlink_entry(2, "x", "elsewhere"),
+        [
+            whole_file(2, "b", b"hello"),
+            hardlink_entry(3, "x", 2, "other"),
+        ]
+        .concat(),
+        fifo_entry(2, "x"),
+    ];
+    if devices {
+        kinds.push(device_entry(2, "x"));
+    }
+    for (i, frames) in kinds.into_iter().enumerate() {
+        let mut other = Peer::upload(&server, "d");
+        other.send(&[dir_entry(1, ""), frames, dir_end(1)].concat());
+        other.finish();
+        let context = format!("entry kind {i}: {:?}", other.got);
+        assert!(
+            fs::symlink_metadata(&part).is_ok_and(|m| m.ino() == part_ino),
+            "the part file of the upload in flight was removed or replaced\n{context}"
+        );
+    }
+
+    writer.send(&[file_data(2, &content), dir_end(1)].concat());
+    writer.finish();
+    let context = format!("the writer was answered {:?}", writer.got);
+    assert_eq!(
+        writer.outcome(2).as_deref(),
+        Some("\"ok\": null"),
+        "{context}"
+    );
+    assert!(lstat(&root.join("d/x")).is_file(), "{context}");
+    assert_eq!(fs::read(root.join("d/x")).unwrap(), content, "{context}");
     assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
     assert_server_healthy(&mut server);
 }

@@ -358,10 +358,10 @@ impl Part {
             match fsx::name_unnamed_part(self.file.as_fd(), dir, name) {
                 Ok(()) => return Ok(()),
                 // Something took the name since the directory was made (a
-                // transfer racing ours): replace it, as a named part would.
+                // transfer racing ours): replace it, as a named part would,
+                // from a fresh name of its own.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    self.part = names::part_name(name);
-                    fsx::name_unnamed_part(self.file.as_fd(), dir, &self.part)
+                    self.part = fsx::name_unnamed_part_anew(self.file.as_fd(), dir)
                         .map_err(|e| reason(&e))?;
                     self.unnamed = false;
                 }
@@ -399,7 +399,8 @@ impl Drop for Part {
     }
 }
 
-/// Create a symlink atomically: under the part name, then renamed.
+/// Create a symlink atomically: under a fresh name of its own (see
+/// `fsx::make_new`), then renamed.
 pub(super) fn make_symlink(
     parent: &OwnedFd,
     name: &[u8],
@@ -410,9 +411,7 @@ pub(super) fn make_symlink(
     if target.is_empty() || target.contains(&0) {
         return Err(io::Error::other("invalid symlink target"));
     }
-    let part = names::part_name(name);
-    fsx::remove_if_present(parent.as_fd(), &part)?;
-    rustix::fs::symlinkat(target, parent, part.as_slice())?;
+    let (_, part) = fsx::make_new(|temp| rustix::fs::symlinkat(target, parent, temp))?;
     let placed = (|| -> io::Result<()> {
         if let Some(owner) = owner {
             let (uid, gid) = fsx::ids(owner);

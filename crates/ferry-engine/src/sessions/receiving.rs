@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use ferry_proto::message::{EntryKind, ErrorCode, Message, Outcome, Owner};
 use ferry_proto::path::WireBytes;
 
-use super::harness::*;
+use super::harness::{self, *};
 use crate::error::{EngineError, Role, Violation};
 use crate::events::Event;
 use crate::receiver::Inbound;
@@ -759,6 +759,14 @@ fn was_opened(watch: &std::os::fd::OwnedFd) -> bool {
     false
 }
 
+/// The rest of file 2 (`data`, of which the receiver holds nothing), and
+/// the transfer's end.
+fn the_rest(data: &[u8]) -> Vec<Inbound> {
+    let mut frames = chunks_from(2, data, 0);
+    frames.extend([file_end(2, data), dir_end(1), end()]);
+    frames
+}
+
 #[test]
 fn entries_under_the_receivers_working_names_are_refused() {
     let data = content(10, 30);
@@ -785,9 +793,10 @@ fn entries_under_the_receivers_working_names_are_refused() {
     frames.push(hardlink(7, "link", 2, ".a.ferry-part"));
     frames.push(dir(8, ".c.ferry-part"));
     frames.push(dir_end(8));
+    frames.extend(whole_file(9, ".ferry-new.0123456789abcdef", &data));
     r.take(in_root(frames)).unwrap();
     assert_eq!(r.outcome(2), Some(&Outcome::Ok));
-    for id in 3..=8 {
+    for id in 3..=9 {
         let Some(Outcome::Failed(why)) = r.outcome(id) else {
             panic!("entry {id}: {:?}", r.answers)
         };
@@ -846,4 +855,46 @@ fn a_node_under_a_part_or_journal_name_is_never_opened() {
     assert_eq!(r.outcome(3), Some(&Outcome::Ok));
     assert_eq!(std::fs::read(r.dst().join("a")).unwrap(), data);
     assert!(leftovers(&r.dst()).is_empty(), "{:?}", leftovers(&r.dst()));
+}
+
+#[test]
+fn a_link_or_node_entry_leaves_another_transfers_part_alone() {
+    let data = content(5 * MIB, 36);
+    let mut writer = into_existing(|dst| std::fs::write(dst.join("other"), b"o").unwrap());
+    writer
+        .take(vec![dir(1, ""), file(2, "big", data.len() as u64)])
+        .unwrap();
+    let part = writer.dst().join(".big.ferry-part");
+    let part_ino = std::fs::metadata(&part).unwrap().ino();
+    let kinds = [
+        EntryKind::Symlink {
+            target: WireBytes(b"elsewhere".to_vec()),
+            mtime: MTIME,
+        },
+        EntryKind::Hardlink {
+            first: 1,
+            target: WireBytes(b"other".to_vec()),
+        },
+        EntryKind::Fifo {
+            mode: 0o600,
+            mtime: MTIME,
+        },
+    ];
+    for kind in kinds {
+        // Another transfer into the same directory.
+        let base = harness::open_dir(writer.tmp.path());
+        let mut other = Receiving::in_dir(tempfile::tempdir().unwrap(), |d| d.base = base);
+        other.take(in_root(vec![entry(2, "big", kind)])).unwrap();
+        assert_eq!(other.outcome(2), Some(&Outcome::Ok), "{:?}", other.answers);
+        let now = std::fs::symlink_metadata(&part).map(|m| m.ino());
+        assert_eq!(now.ok(), Some(part_ino), "the part in flight was removed");
+    }
+    writer.take(the_rest(&data)).unwrap();
+    assert_eq!(
+        writer.outcome(2),
+        Some(&Outcome::Ok),
+        "{:?}",
+        writer.answers
+    );
+    assert_eq!(std::fs::read(writer.dst().join("big")).unwrap(), data);
 }
