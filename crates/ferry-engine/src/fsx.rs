@@ -424,7 +424,7 @@ pub(crate) fn ensure_dir_noting(
     }
 }
 
-/// A part file opened for writing, locked against other transfers.
+/// A part file opened for writing (and reading back).
 pub(crate) struct PartFile {
     pub(crate) fd: OwnedFd,
     /// Whether it was created with its final mode already.
@@ -443,29 +443,50 @@ pub(crate) fn part_busy() -> io::Error {
     )
 }
 
-/// Open the part file `part` in `dir` for writing (and reading back), new
-/// or left over from an interrupted transfer, and take its lock.
+/// Whether a part file or a journal found under its name may be taken up
+/// as the receiver's own: a regular file of this process's user, of one
+/// name, that nobody else may open. That is what the receiver makes (see
+/// [`open_part`]) and what stays of it; anything else may have been
+/// planted, linked to another file, or opened by someone who then keeps
+/// the descriptor to rewrite the file once committed.
+pub(crate) fn is_own_private(stat: &Stat) -> bool {
+    kind_of(stat) == Kind::File
+        && stat.st_uid == rustix::process::geteuid().as_raw()
+        && stat.st_nlink == 1
+        && stat.st_mode & 0o077 == 0
+}
+
+/// The mode to create a part file with, and whether that is its final
+/// mode (then no chmod is needed before it takes its name): `mode` when
+/// the umask leaves it whole and `private` does not forbid it, otherwise
+/// 0600.
+fn creation_mode(mode: u32, private: bool) -> (u32, bool) {
+    let exact = mode & process_umask() == 0 && !(private && mode & 0o077 != 0);
+    (if exact { mode } else { 0o600 }, exact)
+}
+
+/// Open the part file `part` in `dir` for a file that may be resumed: new,
+/// or left by an interrupted transfer, and take its lock.
 ///
 /// The lock (an exclusive `flock`, released when the descriptor closes,
 /// so also when the process dies) is what keeps two transfers of the same
 /// path from mixing their bytes: whoever holds it owns the part file. A
 /// part held by a live transfer gives [`part_busy`]. After locking a
 /// leftover, its name is checked to still lead to the same inode: the
-/// previous owner may have renamed it into place in between, and then it
-/// is the real file, not ours to touch.
+/// previous owner may have moved it into place in between.
 ///
-/// What is found under the name is looked at before anything opens it
-/// (see [`look`]): only a regular file is opened, through the handle it
-/// was looked at by. Anything else (a symlink, a fifo, a device node) is
-/// never opened, never followed: it is removed and the part made anew.
-///
-/// A new part file gets `mode` (the final mode, setuid/setgid/sticky
-/// already masked off) right away when the umask leaves it whole, which
-/// spares a chmod per file. Otherwise it is created private (0600) and the
-/// caller sets the mode before committing.
+/// A new part file is created exclusively (`O_EXCL`) and private (0600,
+/// or its final mode if that is private too), and stays so as long as it
+/// has this name: the receiver moves it off the name before it gives it
+/// its final mode or owner. What is found under the name is looked at
+/// before anything opens it (see [`look`]); only what passes
+/// [`is_own_private`] is opened, through the handle it was looked at by.
+/// Anything else (another user's file, a hard link, a file others could
+/// have opened, a symlink, a fifo, a device node) is never opened for
+/// reading or writing, never followed or truncated: it is removed and the
+/// part made anew.
 pub(crate) fn open_part(dir: BorrowedFd<'_>, part: &[u8], mode: u32) -> io::Result<PartFile> {
-    let exact = mode & process_umask() == 0;
-    let create_mode = if exact { mode } else { 0o600 };
+    let (create_mode, exact) = creation_mode(mode, true);
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     // A few rounds at most: each retry means the name changed under us.
     for _ in 0..4 {
@@ -485,9 +506,10 @@ pub(crate) fn open_part(dir: BorrowedFd<'_>, part: &[u8], mode: u32) -> io::Resu
         let Some(found) = look(dir, part)? else {
             continue;
         };
-        let Some(fd) = found.open_regular(OFlags::RDWR) else {
-            // Not a regular file, or not one that can be opened safely:
-            // never opened, replaced.
+        let own = is_own_private(&found.stat);
+        let Some(fd) = own.then(|| found.open_regular(OFlags::RDWR)).flatten() else {
+            // Not ours, or not one that can be opened safely: never
+            // opened, replaced.
             remove_if_present(dir, part)?;
             continue;
         };
@@ -501,6 +523,77 @@ pub(crate) fn open_part(dir: BorrowedFd<'_>, part: &[u8], mode: u32) -> io::Resu
         }
     }
     Err(part_busy())
+}
+
+/// A part file for a file that is never resumed (one with no journal):
+/// created exclusively under a fresh name of its own (see [`make_new`]),
+/// which no other transfer looks for, with its final mode when the umask
+/// leaves it whole (it becomes the final file: whoever may open it then
+/// may open the file). Returns it and its name.
+pub(crate) fn open_fresh_part(dir: BorrowedFd<'_>, mode: u32) -> io::Result<(PartFile, Vec<u8>)> {
+    let (create_mode, exact) = creation_mode(mode, false);
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let create =
+        |name: &[u8]| rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(create_mode));
+    let (fd, name) = make_new(create)?;
+    let part = PartFile {
+        fd,
+        mode_set: exact,
+        existing: false,
+    };
+    Ok((part, name))
+}
+
+/// Give the open file `file` a fresh working name in `dir` (see
+/// [`make_new`]) by its descriptor, whatever names it has: through its
+/// name in `/proc`. Returns the name, or an error where that cannot work
+/// (no `/proc`).
+pub(crate) fn link_anew(file: BorrowedFd<'_>, dir: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let by_handle = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let follow = AtFlags::SYMLINK_FOLLOW;
+    make_new(|temp| rustix::fs::linkat(rustix::fs::CWD, by_handle.as_str(), dir, temp, follow))
+        .map(|(_, name)| name)
+}
+
+/// Move `name` in `dir` to a fresh working name (see [`make_new`]) if it
+/// still is `file`; returns the new name.
+pub(crate) fn rename_anew(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    file: BorrowedFd<'_>,
+) -> io::Result<Vec<u8>> {
+    if !is_named(dir, name, file) {
+        return Err(io::Error::other("its part file was replaced meanwhile"));
+    }
+    let noreplace = rustix::fs::RenameFlags::NOREPLACE;
+    make_new(|temp| {
+        match rustix::fs::renameat_with(dir, name, dir, temp, noreplace) {
+            // A filesystem without RENAME_NOREPLACE: the name is fresh
+            // (one in 2^64), a plain rename will do.
+            Err(rustix::io::Errno::INVAL) => rustix::fs::renameat(dir, name, dir, temp),
+            other => other,
+        }
+    })
+    .map(|(_, n)| n)
+}
+
+/// Remove `name` in `dir` if it still is `file` (best effort: a name is
+/// never removed for another file).
+pub(crate) fn remove_if_named(dir: BorrowedFd<'_>, name: &[u8], file: BorrowedFd<'_>) {
+    if is_named(dir, name, file) {
+        let _ = remove_if_present(dir, name);
+    }
+}
+
+/// Whether `name` in `dir` leads to `file`.
+fn is_named(dir: BorrowedFd<'_>, name: &[u8], file: BorrowedFd<'_>) -> bool {
+    let (Ok(named), Ok(open)) = (
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        rustix::fs::fstat(file),
+    ) else {
+        return false;
+    };
+    named.st_dev == open.st_dev && named.st_ino == open.st_ino
 }
 
 /// Take a part file's lock, or say that another transfer holds it.
@@ -583,8 +676,7 @@ pub(crate) fn open_unnamed_part(dir: BorrowedFd<'_>, mode: u32) -> Option<PartFi
     if UNNAMED_PARTS.load(Ordering::Relaxed) == UNNAMED_UNUSABLE {
         return None;
     }
-    let exact = mode & process_umask() == 0;
-    let create_mode = if exact { mode } else { 0o600 };
+    let (create_mode, exact) = creation_mode(mode, false);
     let open = |mode: u32| {
         rustix::fs::openat(
             dir,
@@ -791,7 +883,7 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, FileType
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{MetadataExt, symlink};
 
     fn base(dir: &std::path::Path) -> OwnedFd {
         rustix::fs::open(dir, DIR_FLAGS, Mode::empty()).unwrap()
@@ -862,24 +954,40 @@ mod tests {
 
     #[test]
     fn part_files_replace_leftovers_and_planted_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let b = base(tmp.path());
         let outside = tmp.path().join("outside");
-        std::fs::write(tmp.path().join(".a.ferry-part"), b"stale").unwrap();
+        let path = |name: &[u8]| tmp.path().join(std::str::from_utf8(name).unwrap());
+        let write = |name: &[u8], mode: u32| {
+            std::fs::write(path(name), b"stale").unwrap();
+            std::fs::set_permissions(path(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // What this process left: its own, private, of one name.
+        write(b".a.ferry-part", 0o600);
         symlink(&outside, tmp.path().join(".b.ferry-part")).unwrap();
+        // Others could open it (and keep it open).
+        write(b".d.ferry-part", 0o644);
+        write(b".e.ferry-part", 0o620);
+        // A second name of another file.
+        std::fs::write(tmp.path().join("other"), b"other").unwrap();
+        std::fs::hard_link(tmp.path().join("other"), path(b".f.ferry-part")).unwrap();
         for (part, leftover) in [
             (&b".a.ferry-part"[..], true),
             (b".b.ferry-part", false),
             (b".c.ferry-part", false),
+            (b".d.ferry-part", false),
+            (b".e.ferry-part", false),
+            (b".f.ferry-part", false),
         ] {
-            let opened = open_part(b.as_fd(), part, 0o600).unwrap();
-            assert_eq!(opened.existing, leftover);
-            let meta =
-                std::fs::symlink_metadata(tmp.path().join(std::str::from_utf8(part).unwrap()))
-                    .unwrap();
-            assert!(meta.is_file());
+            let opened = open_part(b.as_fd(), part, 0o644).unwrap();
+            assert_eq!(opened.existing, leftover, "{}", path(part).display());
+            let meta = std::fs::symlink_metadata(path(part)).unwrap();
+            assert!(meta.is_file() && meta.nlink() == 1);
+            assert_eq!(meta.permissions().mode() & 0o077, 0, "private");
         }
         assert!(!outside.exists(), "the planted symlink was not followed");
+        assert_eq!(std::fs::read(tmp.path().join("other")).unwrap(), b"other");
     }
 
     #[test]
@@ -909,19 +1017,45 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let b = base(tmp.path());
         let umask = process_umask();
-        for mode in [0o644, 0o755, 0o444, 0o600, 0o777] {
-            let name = format!(".m{mode:o}");
-            let exact = open_part(b.as_fd(), name.as_bytes(), mode)
-                .unwrap()
-                .mode_set;
-            let got = std::fs::metadata(tmp.path().join(&name))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
-            assert_eq!(exact, mode & umask == 0, "{mode:o}");
-            assert_eq!(got, if exact { mode } else { 0o600 & !umask }, "{mode:o}");
+        let mode_of = |name: &str| {
+            let meta = std::fs::metadata(tmp.path().join(name)).unwrap();
+            meta.permissions().mode() & 0o777
+        };
+        for mode in [0o644, 0o755, 0o444, 0o600, 0o400, 0o777] {
+            // A fresh part becomes the file: its final mode at once.
+            let (fresh, name) = open_fresh_part(b.as_fd(), mode).unwrap();
+            let name = String::from_utf8(name).unwrap();
+            assert!(name.starts_with(".ferry-new."), "{name}");
+            assert_eq!(fresh.mode_set, mode & umask == 0, "{mode:o}");
+            let private = 0o600 & !umask;
+            let want = if fresh.mode_set { mode } else { private };
+            assert_eq!(mode_of(&name), want, "{mode:o}");
+            // A resumable one stays private under its part name.
+            let name = format!(".m{mode:o}.ferry-part");
+            let resumable = open_part(b.as_fd(), name.as_bytes(), mode).unwrap();
+            let exact = mode & umask == 0 && mode & 0o077 == 0;
+            assert_eq!(resumable.mode_set, exact, "{mode:o}");
+            assert_eq!(mode_of(&name), if exact { mode } else { private });
         }
+    }
+
+    #[test]
+    fn a_file_is_linked_and_moved_anew_by_its_descriptor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let part = open_part(b.as_fd(), b".p.ferry-part", 0o600).unwrap();
+        let linked = link_anew(part.fd.as_fd(), b.as_fd()).unwrap();
+        assert!(is_named(b.as_fd(), &linked, part.fd.as_fd()));
+        remove_if_named(b.as_fd(), b".p.ferry-part", part.fd.as_fd());
+        assert!(!tmp.path().join(".p.ferry-part").exists());
+        // A name that is not the file's is never removed nor moved.
+        std::fs::write(tmp.path().join(".p.ferry-part"), b"another").unwrap();
+        remove_if_named(b.as_fd(), b".p.ferry-part", part.fd.as_fd());
+        assert!(tmp.path().join(".p.ferry-part").exists());
+        assert!(rename_anew(b.as_fd(), b".p.ferry-part", part.fd.as_fd()).is_err());
+        let moved = rename_anew(b.as_fd(), &linked, part.fd.as_fd()).unwrap();
+        assert_ne!(moved, linked);
+        assert!(is_named(b.as_fd(), &moved, part.fd.as_fd()));
     }
 
     #[test]

@@ -207,8 +207,9 @@ impl Journal {
 
     /// Load the journal `name` in `dir` for a resume.
     ///
-    /// Returns `Ok(None)` when there is no journal (or a symlink or other
-    /// non-regular file stands under its name), its header is damaged, or
+    /// Returns `Ok(None)` when there is no journal (or what stands under
+    /// its name is not one the receiver made: see `fsx::is_own_private`),
+    /// its header is damaged, or
     /// it was written for another version of the source than `stamp`: the
     /// caller then starts over with [`Journal::create`].
     ///
@@ -262,11 +263,16 @@ fn load(
     name: &[u8],
     stamp: SourceStamp,
 ) -> io::Result<Option<Vec<ChunkRecord>>> {
-    // Looked at before it is opened: a symlink, a fifo or a device node
-    // in its place is never opened (`create` replaces it).
+    // Looked at before it is opened: only a journal as the receiver makes
+    // them (its own, private, of one name) is read. Another user's file, a
+    // hard link, a symlink, a fifo or a device node in its place is never
+    // opened (`create` replaces it).
     let Some(found) = fsx::look(dir, name)? else {
         return Ok(None);
     };
+    if !fsx::is_own_private(&found.stat) {
+        return Ok(None);
+    }
     let Some(fd) = found.open_regular(OFlags::RDONLY) else {
         return Ok(None);
     };

@@ -5,8 +5,9 @@
 //!   again by that name when an interrupted transfer resumes;
 //! - `.NAME.ferry-journal`: that part file's journal of verified chunks;
 //! - `.ferry-new.` and 16 hex digits: what the receiver makes under a name
-//!   of its own before it takes its real one (a symlink, a fifo, a device
-//!   node, a hard link): created exclusively under a name no other
+//!   of its own before it takes its real one (a small file's part, a
+//!   symlink, a fifo, a device node, a hard link, and a large file while
+//!   it gets its metadata): created exclusively under a name no other
 //!   transfer uses, looks for or removes;
 //! - `.ferry-probe.…`: a moment's name, to learn whether unnamed files can
 //!   be named here.

@@ -11,7 +11,12 @@
 //! as it writes it, so the sweep takes the same lock, without waiting, before
 //! it unlinks: a part that is being written is skipped, never raced. The
 //! walk goes through directory handles and never follows a symlink, so a
-//! link planted in the tree cannot steer a removal outside it.
+//! link planted in the tree cannot steer a removal outside it; what it
+//! opens to lock it looks at first, and opens only a regular file.
+//!
+//! What a crash leaves under a fresh working name (`.ferry-new.…`: a small
+//! file's part, a symlink or node being made) goes too, once its ctime is
+//! older than the age: nothing comes back for those.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -130,12 +135,23 @@ fn sweep_part(
     cutoff: SystemTime,
     report: &mut SweepReport,
 ) -> io::Result<()> {
-    // Looked at before it is opened: only a regular file is ever opened
-    // (a fifo or a device node under the name never is).
+    // Looked at before it is opened: a fifo or a device node under the
+    // name never is, nor a file that is not the receiver's own.
     let Some(found) = fsx::look(dir, name)? else {
         return Ok(());
     };
-    if !older_than(&found.stat, cutoff) {
+    if fsx::kind_of(&found.stat) != Kind::File || !older_than(&found.stat, cutoff) {
+        return Ok(());
+    }
+    if !fsx::is_own_private(&found.stat) {
+        // No live transfer holds such a file under a part name (theirs are
+        // always their own, private): removed unopened.
+        if found.still_named(dir, name) {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            report.parts_removed += 1;
+            report.bytes_freed += size_of(&found.stat);
+            remove_journal(dir, &sibling(stem, JOURNAL_SUFFIX), report)?;
+        }
         return Ok(());
     }
     let Some(held) = found.open_regular(OFlags::RDONLY) else {
@@ -272,7 +288,7 @@ fn size_of(stat: &Stat) -> u64 {
 mod tests {
     use super::*;
     use std::fs::File;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{PermissionsExt, symlink};
     use std::path::Path;
 
     const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -365,12 +381,33 @@ mod tests {
     }
 
     #[test]
+    fn a_part_that_is_not_the_receivers_own_goes_unopened() {
+        use rustix::fs::inotify;
+        let tmp = tempfile::tempdir().unwrap();
+        let part = tmp.path().join(".f.ferry-part");
+        // Readable by others: no transfer of the receiver's made it so.
+        write_aged(&part, b"12345", 2);
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK).unwrap();
+        inotify::add_watch(&watch, &part, inotify::WatchFlags::OPEN).unwrap();
+        assert_eq!(sweep(tmp.path()).parts_removed, 1);
+        assert!(!exists(&part));
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut events = inotify::Reader::new(&watch, &mut buf);
+        while let Ok(event) = events.next() {
+            assert!(!event.events().contains(inotify::ReadFlags::OPEN), "opened");
+        }
+    }
+
+    #[test]
     fn a_locked_part_is_left_to_its_transfer() {
         let tmp = tempfile::tempdir().unwrap();
         let part = tmp.path().join(".f.ferry-part");
         let journal = tmp.path().join(".f.ferry-journal");
         write_aged(&part, b"12345", 2);
         write_aged(&journal, b"abc", 2);
+        // Private, as the receiver makes them.
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).unwrap();
         let live = File::options().write(true).open(&part).unwrap();
         rustix::fs::flock(&live, FlockOperation::NonBlockingLockExclusive).unwrap();
         assert_eq!(sweep(tmp.path()), SweepReport::default());

@@ -295,7 +295,8 @@ fn plant_working(path: &Path, content: &[u8], mode: u32) {
     set_mode(path, mode);
 }
 
-/// Watches `path` for anyone opening it (`O_PATH` is not opening it).
+/// Watches `path` for anyone opening it. An `O_PATH` handle is not an
+/// open: Linux gives such descriptors no fsnotify events.
 struct OpenWatch {
     fd: std::os::fd::OwnedFd,
     path: PathBuf,
@@ -557,4 +558,133 @@ fn a_link_or_node_entry_leaves_another_transfers_part_alone() {
     assert_eq!(fs::read(root.join("d/x")).unwrap(), content, "{context}");
     assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
     assert_server_healthy(&mut server);
+}
+
+// ---------------------------------------------------------------------------
+// Finding 6: a part file the server did not make is never adopted
+// ---------------------------------------------------------------------------
+
+/// A local user plants a part file, keeps it open, and waits for the
+/// server to fill and commit it, to rewrite the committed file later. The
+/// server never adopts a part that is not its own, private, and of one
+/// name: a large file's it replaces; a small file's it never even looks
+/// for (those are written under fresh names). Either way the user's
+/// descriptor leads nowhere near the file.
+#[test]
+fn a_part_planted_by_a_local_user_is_replaced_not_adopted() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let small = random_bytes(3000, 1003);
+    let big = random_bytes(BIG, 1004);
+    let (small_src, big_src) = (scratch.join("small"), scratch.join("big"));
+    plant(&small_src, &small, 0o644);
+    plant(&big_src, &big, 0o644);
+    // The server's user's own, but readable and writable by others.
+    let mut planted = vec![
+        ("shared", small_src.clone(), 0o666, false),
+        ("shared-big", big_src.clone(), 0o644, false),
+    ];
+    // Another user's, private: needs root to make.
+    if is_root() {
+        planted.push(("foreign", small_src.clone(), 0o600, true));
+        planted.push(("foreign-big", big_src.clone(), 0o600, true));
+    }
+    let mut server = Server::start(&root);
+
+    for (name, src, mode, foreign) in planted {
+        let content = fs::read(&src).unwrap();
+        let part = root.join(format!(".{name}.ferry-part"));
+        let journal = root.join(format!(".{name}.ferry-journal"));
+        // Its first chunk, and a journal that vouches for it.
+        plant_working(&part, &content[..content.len().min(CHUNK)], mode);
+        plant_working(
+            &journal,
+            &journal_bytes(content.len(), &true_records(&content)[..1]),
+            mode,
+        );
+        if foreign {
+            for path in [&part, &journal] {
+                std::os::unix::fs::chown(path, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+            }
+        }
+        let mut kept = fs::OpenOptions::new().write(true).open(&part).unwrap();
+        let watch = OpenWatch::new(&journal);
+
+        let out = server.run(&[&"up", &src, &name]);
+        out.assert_success();
+        let placed = root.join(name);
+        let context = format!("{name}: {out}");
+        assert_ne!(ino(&placed), kept.metadata().unwrap().ino(), "{context}");
+        watch.assert_never_opened(&context);
+        kept.write_all(b"rewritten by whoever kept it open")
+            .unwrap();
+        assert_eq!(fs::read(&placed).unwrap(), content, "{context}");
+        // A small file's part name is not the server's: left alone.
+        let left = content.len() < CHUNK;
+        assert_eq!(part.exists(), left, "{context}");
+    }
+    let mut left = part_files(&root);
+    left.sort();
+    let small: Vec<_> = [".foreign.ferry-journal", ".foreign.ferry-part"]
+        .into_iter()
+        .filter(|_| is_root())
+        .chain([".shared.ferry-journal", ".shared.ferry-part"])
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(left, small);
+    assert_server_healthy(&mut server);
+}
+
+/// A hard link to a file the client may not touch, planted under a part
+/// file's name with a journal that vouches for some of that file's
+/// chunks: the server neither resumes from it (which would write the rest
+/// into the other file) nor reads it.
+#[test]
+fn a_hard_link_planted_under_a_part_name_is_never_resumed() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let secret = random_bytes(BIG, 1005);
+    plant_working(&root.join("secret.bin"), &secret, 0o600);
+    fs::hard_link(root.join("secret.bin"), root.join(".x.ferry-part")).unwrap();
+    // A journal as the server would have written it: its user's, private.
+    let journal = root.join(".x.ferry-journal");
+    plant_working(
+        &journal,
+        &journal_bytes(BIG, &true_records(&secret)[..2]),
+        0o600,
+    );
+    let watch = OpenWatch::new(&journal);
+    let src = scratch.join("x");
+    plant(&src, &random_bytes(BIG, 1006), 0o644);
+    let mut server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"x", &"--json"]);
+    out.assert_success();
+    watch.assert_never_opened(&out);
+    assert_eq!(out.json_event("summary")["bytes_held"], 0, "{out}");
+    assert_eq!(fs::read(root.join("secret.bin")).unwrap(), secret);
+    assert_eq!(lstat(&root.join("secret.bin")).nlink(), 1);
+    assert_files_equal(&src, &root.join("x"));
+    assert_server_healthy(&mut server);
+}
+
+/// What the server left of its own interrupted upload is still resumed:
+/// a private part of one name, owned by its user, with its journal.
+#[test]
+fn a_part_the_server_left_itself_is_still_resumed() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let content = random_bytes(BIG, 1007);
+    let src = scratch.join("r");
+    plant(&src, &content, 0o644);
+    plant_working(&root.join(".r.ferry-part"), &content[..2 * CHUNK], 0o600);
+    let journal = journal_bytes(BIG, &true_records(&content)[..2]);
+    plant_working(&root.join(".r.ferry-journal"), &journal, 0o600);
+    let server = Server::start(&root);
+
+    let out = server.run(&[&"up", &src, &"r", &"--json"]);
+    out.assert_success();
+    assert_eq!(out.json_event("summary")["bytes_held"], 2 * CHUNK, "{out}");
+    assert_files_equal(&src, &root.join("r"));
+    assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
 }

@@ -137,9 +137,11 @@ impl MetadataFix {
 pub(super) struct PartPlan {
     /// Into an unnamed file, linked into place when complete: in a
     /// directory this transfer made, a small file (one with no journal to
-    /// resume from) needs no part name.
+    /// resume from) needs no part name. Elsewhere it gets a fresh name of
+    /// its own, which nothing ever looks for.
     pub(super) unnamed: bool,
-    /// With a journal of verified chunks, so that it can be resumed.
+    /// With a journal of verified chunks, so that it can be resumed: under
+    /// the part name `.NAME.ferry-part`, by which a resume finds it.
     pub(super) journaled: bool,
     /// Fresh directory: a part file found there belongs to a transfer
     /// racing ours, and is not resumed (the sender sends it all).

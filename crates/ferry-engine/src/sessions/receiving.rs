@@ -738,7 +738,31 @@ fn into_existing(plant: impl FnOnce(&std::path::Path)) -> Receiving {
     Receiving::in_dir(tmp, |_| {})
 }
 
-/// Watches a path for anyone opening it (`O_PATH` is not opening it).
+/// A journal for `data` (as the entry `file(…, data.len())` announces it)
+/// that vouches for its first `chunks` chunks, private, as the receiver
+/// writes one.
+fn vouching_journal(dir: &std::path::Path, name: &str, data: &[u8], chunks: usize) {
+    use crate::journal::{ChunkRecord, Journal, SourceStamp};
+    use std::os::fd::AsFd;
+    let stamp = SourceStamp {
+        size: data.len() as u64,
+        mtime_sec: MTIME.sec,
+        mtime_nsec: MTIME.nsec,
+    };
+    let dir = std::fs::File::open(dir).unwrap();
+    let mut journal = Journal::create(dir.as_fd(), name.as_bytes(), stamp).unwrap();
+    for (i, piece) in data.chunks(MIB).take(chunks).enumerate() {
+        let record = ChunkRecord {
+            offset: (i * MIB) as u64,
+            len: piece.len() as u32,
+            hash: ferry_proto::digest::chunk_hash(piece),
+        };
+        journal.record(record).unwrap();
+    }
+}
+
+/// Watches a path for anyone opening it. An `O_PATH` handle is not an
+/// open: Linux gives such descriptors no fsnotify events.
 fn watch_opens(path: &std::path::Path) -> std::os::fd::OwnedFd {
     use rustix::fs::inotify;
     let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
@@ -757,6 +781,10 @@ fn was_opened(watch: &std::os::fd::OwnedFd) -> bool {
         }
     }
     false
+}
+
+fn has_have(r: &Receiving) -> bool {
+    r.answers.iter().any(|m| matches!(m, Message::Have { .. }))
 }
 
 /// The rest of file 2 (`data`, of which the receiver holds nothing), and
@@ -897,4 +925,54 @@ fn a_link_or_node_entry_leaves_another_transfers_part_alone() {
         writer.answers
     );
     assert_eq!(std::fs::read(writer.dst().join("big")).unwrap(), data);
+}
+
+#[test]
+fn a_hard_link_under_a_part_name_is_never_resumed_nor_written() {
+    let data = content(5 * MIB, 32);
+    let secret = content(5 * MIB, 33);
+    let mut r = into_existing(|dst| {
+        std::fs::write(dst.join("secret"), &secret).unwrap();
+        std::fs::hard_link(dst.join("secret"), dst.join(".big.ferry-part")).unwrap();
+        vouching_journal(dst, ".big.ferry-journal", &secret, 3);
+    });
+    let journal = watch_opens(&r.dst().join(".big.ferry-journal"));
+    r.take(vec![dir(1, ""), file(2, "big", data.len() as u64)])
+        .unwrap();
+    assert!(!has_have(&r), "{:?}", r.answers);
+    assert!(!was_opened(&journal), "the planted journal was read");
+    r.take(the_rest(&data)).unwrap();
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    assert_eq!(std::fs::read(r.dst().join("big")).unwrap(), data);
+    assert_eq!(std::fs::read(r.dst().join("secret")).unwrap(), secret);
+    assert_eq!(
+        std::fs::metadata(r.dst().join("secret")).unwrap().nlink(),
+        1
+    );
+    assert!(leftovers(&r.dst()).is_empty(), "{:?}", leftovers(&r.dst()));
+}
+
+#[test]
+fn a_part_others_could_open_is_replaced_not_adopted() {
+    let data = content(5 * MIB, 34);
+    let mut r = into_existing(|dst| {
+        let part = dst.join(".big.ferry-part");
+        std::fs::write(&part, &data[..2 * MIB]).unwrap();
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o644)).unwrap();
+        vouching_journal(dst, ".big.ferry-journal", &data, 2);
+    });
+    // Kept open, as whoever could open it may have: its inode stays its
+    // own (and its number is not reused).
+    let kept = std::fs::File::open(r.dst().join(".big.ferry-part")).unwrap();
+    let planted = kept.metadata().unwrap().ino();
+    r.take(vec![dir(1, ""), file(2, "big", data.len() as u64)])
+        .unwrap();
+    assert!(!has_have(&r), "{:?}", r.answers);
+    r.take(the_rest(&data)).unwrap();
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    assert_ne!(
+        std::fs::metadata(r.dst().join("big")).unwrap().ino(),
+        planted
+    );
+    assert_eq!(std::fs::read(r.dst().join("big")).unwrap(), data);
 }
