@@ -13,11 +13,13 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use ferry_proto::message::{Mtime, Owner};
 use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
+
+use crate::names;
 
 const DIR_FLAGS: OFlags = OFlags::RDONLY
     .union(OFlags::DIRECTORY)
@@ -158,17 +160,11 @@ pub(crate) fn hard_link(
     if rustix::fs::statat(to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| same(&st)) {
         return Ok(());
     }
-    // Linked under the part name, then renamed: the name never shows
-    // anything but the old entry or the link.
-    let part = part_name(to_name);
-    remove_if_present(to_dir, &part)?;
-    rustix::fs::linkat(
-        from_dir,
-        from_name,
-        to_dir,
-        part.as_slice(),
-        AtFlags::empty(),
-    )?;
+    // Linked under a fresh name of its own, then renamed: the name never
+    // shows anything but the old entry or the link, and nothing another
+    // transfer holds is touched.
+    let (_, part) =
+        make_new(|temp| rustix::fs::linkat(from_dir, from_name, to_dir, temp, AtFlags::empty()))?;
     let linked = rustix::fs::statat(to_dir, part.as_slice(), AtFlags::SYMLINK_NOFOLLOW);
     let placed = match linked {
         Ok(st) if same(&st) => rename_into_place(to_dir, &part, to_name),
@@ -185,9 +181,10 @@ pub(crate) fn hard_link(
 }
 
 /// Make the fifo or device node `name` in `dir`, with the mode, owner and
-/// mtime given, in place atomically: it is made under the part name, its
-/// metadata is set through a handle on it (so a symlink swapped in under
-/// that name meanwhile is never followed), and it is renamed into place.
+/// mtime given, in place atomically: it is made under a fresh name of its
+/// own (see [`make_new`]), its metadata is set through a handle on it (so
+/// a symlink swapped in under that name meanwhile is never followed), and
+/// it is renamed into place.
 pub(crate) fn make_node(
     dir: BorrowedFd<'_>,
     name: &[u8],
@@ -197,10 +194,8 @@ pub(crate) fn make_node(
     mtime: Mtime,
     owner: Option<Owner>,
 ) -> io::Result<()> {
-    let part = part_name(name);
-    remove_if_present(dir, &part)?;
     let mode = Mode::from_raw_mode(mode & 0o777);
-    rustix::fs::mknodat(dir, part.as_slice(), file_type, mode, device)?;
+    let (_, part) = make_new(|temp| rustix::fs::mknodat(dir, temp, file_type, mode, device))?;
     let placed = (|| -> io::Result<()> {
         let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let node = rustix::fs::openat(dir, part.as_slice(), flags, Mode::empty())?;
@@ -227,6 +222,45 @@ pub(crate) fn make_node(
         let _ = remove_if_present(dir, &part);
     }
     placed
+}
+
+/// Make something under a fresh working name (`names::new_name`) that no
+/// other transfer uses, looks for or removes: `make` creates it
+/// exclusively under the name it is given (failing with `EEXIST` if that
+/// is taken, as `mknodat`, `symlinkat`, `linkat` and `O_EXCL` do), and is
+/// asked again with another name if so. Returns what it made, and the
+/// name. Nothing is ever removed to make room.
+pub(crate) fn make_new<T>(
+    mut make: impl FnMut(&[u8]) -> rustix::io::Result<T>,
+) -> io::Result<(T, Vec<u8>)> {
+    // Each name is one in 2^64: a few tries are only ever needed against
+    // names planted on purpose.
+    for _ in 0..8 {
+        let name = names::new_name(fresh_seed());
+        match make(&name) {
+            Ok(made) => return Ok((made, name)),
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(map_loop(e)),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no free working name",
+    ))
+}
+
+/// A seed no other call here, and no other process, is likely to use,
+/// nor anyone to guess: the process id, a count, and the time, hashed.
+fn fresh_seed() -> u64 {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut bytes = [0u8; 28];
+    bytes[..4].copy_from_slice(&std::process::id().to_le_bytes());
+    bytes[4..12].copy_from_slice(&COUNT.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    bytes[12..].copy_from_slice(&nanos.to_le_bytes());
+    ferry_proto::digest::chunk_hash(&bytes)
 }
 
 /// Whether this process may give files away to any owner: only root can,
@@ -390,34 +424,7 @@ pub(crate) fn ensure_dir_noting(
     }
 }
 
-/// The hidden sibling a file is written to before it is complete:
-/// `.NAME.ferry-part`, shortened (with a hash to stay unique) when that
-/// would exceed the 255-byte name limit.
-pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
-    hidden_sibling(name, b".ferry-part")
-}
-
-/// `.NAME` + `suffix`. Names too long to leave room for the longest
-/// suffix (`.ferry-journal`) are cut to 200 bytes plus `~` and a hash, the
-/// same way for every suffix, so that a part file and its journal always
-/// share their stem (the sweep pairs them by it).
-pub(crate) fn hidden_sibling(name: &[u8], suffix: &[u8]) -> Vec<u8> {
-    const LONGEST_SUFFIX: usize = b".ferry-journal".len();
-    let mut out = Vec::with_capacity(name.len() + 1 + suffix.len());
-    out.push(b'.');
-    if name.len() + 1 + LONGEST_SUFFIX <= 255 {
-        out.extend_from_slice(name);
-    } else {
-        out.extend_from_slice(&name[..200]);
-        out.extend_from_slice(
-            format!("~{:016x}", ferry_proto::digest::chunk_hash(name)).as_bytes(),
-        );
-    }
-    out.extend_from_slice(suffix);
-    out
-}
-
-/// A part file opened for writing, locked against other transfers.
+/// A part file opened for writing (and reading back).
 pub(crate) struct PartFile {
     pub(crate) fd: OwnedFd,
     /// Whether it was created with its final mode already.
@@ -436,85 +443,215 @@ pub(crate) fn part_busy() -> io::Error {
     )
 }
 
-/// Open the part file `part` in `dir` for writing (and reading back), new
-/// or left over from an interrupted transfer, and take its lock.
+/// Whether a part file or a journal found under its name may be taken up
+/// as the receiver's own: a regular file of this process's user, of one
+/// name, that nobody else may open. That is what the receiver makes (see
+/// [`open_part`]) and what stays of it; anything else may have been
+/// planted, linked to another file, or opened by someone who then keeps
+/// the descriptor to rewrite the file once committed.
+pub(crate) fn is_own_private(stat: &Stat) -> bool {
+    kind_of(stat) == Kind::File
+        && stat.st_uid == rustix::process::geteuid().as_raw()
+        && stat.st_nlink == 1
+        && stat.st_mode & 0o077 == 0
+}
+
+/// The mode to create a part file with, and whether that is its final
+/// mode (then no chmod is needed before it takes its name): `mode` when
+/// the umask leaves it whole and `private` does not forbid it, otherwise
+/// 0600.
+fn creation_mode(mode: u32, private: bool) -> (u32, bool) {
+    let exact = mode & process_umask() == 0 && !(private && mode & 0o077 != 0);
+    (if exact { mode } else { 0o600 }, exact)
+}
+
+/// Open the part file `part` in `dir` for a file that may be resumed: new,
+/// or left by an interrupted transfer, and take its lock.
 ///
 /// The lock (an exclusive `flock`, released when the descriptor closes,
 /// so also when the process dies) is what keeps two transfers of the same
 /// path from mixing their bytes: whoever holds it owns the part file. A
 /// part held by a live transfer gives [`part_busy`]. After locking a
 /// leftover, its name is checked to still lead to the same inode: the
-/// previous owner may have renamed it into place in between, and then it
-/// is the real file, not ours to touch. A symlink planted under the part
-/// name is removed, never followed.
+/// previous owner may have moved it into place in between.
 ///
-/// A new part file gets `mode` (the final mode, setuid/setgid/sticky
-/// already masked off) right away when the umask leaves it whole, which
-/// spares a chmod per file. Otherwise it is created private (0600) and the
-/// caller sets the mode before committing.
+/// A new part file is created exclusively (`O_EXCL`) and private (0600,
+/// or its final mode if that is private too), and stays so as long as it
+/// has this name: the receiver moves it off the name before it gives it
+/// its final mode or owner. What is found under the name is looked at
+/// before anything opens it (see [`look`]); only what passes
+/// [`is_own_private`] is opened, through the handle it was looked at by.
+/// Anything else (another user's file, a hard link, a file others could
+/// have opened, a symlink, a fifo, a device node) is never opened for
+/// reading or writing, never followed or truncated: it is removed and the
+/// part made anew.
 pub(crate) fn open_part(dir: BorrowedFd<'_>, part: &[u8], mode: u32) -> io::Result<PartFile> {
-    use rustix::fs::{FlockOperation, flock};
-    let exact = mode & process_umask() == 0;
-    let create_mode = if exact { mode } else { 0o600 };
-    let base = OFlags::RDWR | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let (create_mode, exact) = creation_mode(mode, true);
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     // A few rounds at most: each retry means the name changed under us.
     for _ in 0..4 {
-        match rustix::fs::openat(
-            dir,
-            part,
-            base | OFlags::CREATE | OFlags::EXCL,
-            Mode::from_raw_mode(create_mode),
-        ) {
+        match rustix::fs::openat(dir, part, flags, Mode::from_raw_mode(create_mode)) {
             // The common case costs one syscall and an uncontended lock.
             Ok(fd) => {
-                return match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-                    Ok(()) => Ok(PartFile {
-                        fd,
-                        mode_set: exact,
-                        existing: false,
-                    }),
-                    // Another transfer took our fresh file for a leftover.
-                    Err(rustix::io::Errno::WOULDBLOCK) => Err(part_busy()),
-                    Err(e) => Err(e.into()),
-                };
+                lock_part(&fd)?;
+                return Ok(PartFile {
+                    fd,
+                    mode_set: exact,
+                    existing: false,
+                });
             }
             Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        let fd = match rustix::fs::openat(dir, part, base, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::NOENT) => continue,
-            // A symlink, or something else that is not ours: clear it.
-            Err(rustix::io::Errno::LOOP) | Err(rustix::io::Errno::ISDIR) => {
-                remove_if_present(dir, part)?;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
+        let Some(found) = look(dir, part)? else {
+            continue;
         };
-        let stat = rustix::fs::fstat(&fd)?;
-        if kind_of(&stat) != Kind::File {
-            drop(fd);
+        let own = is_own_private(&found.stat);
+        let Some(fd) = own.then(|| found.open_regular(OFlags::RDWR)).flatten() else {
+            // Not ours, or not one that can be opened safely: never
+            // opened, replaced.
             remove_if_present(dir, part)?;
             continue;
-        }
-        match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => return Err(part_busy()),
-            Err(e) => return Err(e.into()),
-        }
-        match rustix::fs::statat(dir, part, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(now) if now.st_dev == stat.st_dev && now.st_ino == stat.st_ino => {
-                return Ok(PartFile {
-                    fd,
-                    mode_set: false,
-                    existing: true,
-                });
-            }
-            Ok(_) | Err(rustix::io::Errno::NOENT) => continue,
-            Err(e) => return Err(e.into()),
+        };
+        lock_part(&fd)?;
+        if found.still_named(dir, part) {
+            return Ok(PartFile {
+                fd,
+                mode_set: false,
+                existing: true,
+            });
         }
     }
     Err(part_busy())
+}
+
+/// A part file for a file that is never resumed (one with no journal):
+/// created exclusively under a fresh name of its own (see [`make_new`]),
+/// which no other transfer looks for, with its final mode when the umask
+/// leaves it whole (it becomes the final file: whoever may open it then
+/// may open the file). Returns it and its name.
+pub(crate) fn open_fresh_part(dir: BorrowedFd<'_>, mode: u32) -> io::Result<(PartFile, Vec<u8>)> {
+    let (create_mode, exact) = creation_mode(mode, false);
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let create =
+        |name: &[u8]| rustix::fs::openat(dir, name, flags, Mode::from_raw_mode(create_mode));
+    let (fd, name) = make_new(create)?;
+    let part = PartFile {
+        fd,
+        mode_set: exact,
+        existing: false,
+    };
+    Ok((part, name))
+}
+
+/// Give the open file `file` a fresh working name in `dir` (see
+/// [`make_new`]) by its descriptor, whatever names it has: through its
+/// name in `/proc`. Returns the name, or an error where that cannot work
+/// (no `/proc`).
+pub(crate) fn link_anew(file: BorrowedFd<'_>, dir: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    let by_handle = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let follow = AtFlags::SYMLINK_FOLLOW;
+    make_new(|temp| rustix::fs::linkat(rustix::fs::CWD, by_handle.as_str(), dir, temp, follow))
+        .map(|(_, name)| name)
+}
+
+/// Move `name` in `dir` to a fresh working name (see [`make_new`]) if it
+/// still is `file`; returns the new name.
+pub(crate) fn rename_anew(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    file: BorrowedFd<'_>,
+) -> io::Result<Vec<u8>> {
+    if !is_named(dir, name, file) {
+        return Err(io::Error::other("its part file was replaced meanwhile"));
+    }
+    let noreplace = rustix::fs::RenameFlags::NOREPLACE;
+    make_new(|temp| {
+        match rustix::fs::renameat_with(dir, name, dir, temp, noreplace) {
+            // A filesystem without RENAME_NOREPLACE: the name is fresh
+            // (one in 2^64), a plain rename will do.
+            Err(rustix::io::Errno::INVAL) => rustix::fs::renameat(dir, name, dir, temp),
+            other => other,
+        }
+    })
+    .map(|(_, n)| n)
+}
+
+/// Remove `name` in `dir` if it still is `file` (best effort: a name is
+/// never removed for another file).
+pub(crate) fn remove_if_named(dir: BorrowedFd<'_>, name: &[u8], file: BorrowedFd<'_>) {
+    if is_named(dir, name, file) {
+        let _ = remove_if_present(dir, name);
+    }
+}
+
+/// Whether `name` in `dir` leads to `file`.
+fn is_named(dir: BorrowedFd<'_>, name: &[u8], file: BorrowedFd<'_>) -> bool {
+    let (Ok(named), Ok(open)) = (
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        rustix::fs::fstat(file),
+    ) else {
+        return false;
+    };
+    named.st_dev == open.st_dev && named.st_ino == open.st_ino
+}
+
+/// Take a part file's lock, or say that another transfer holds it.
+fn lock_part(fd: &OwnedFd) -> io::Result<()> {
+    use rustix::fs::{FlockOperation, flock};
+    match flock(fd, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(part_busy()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What is under a name, looked at without opening it for I/O.
+pub(crate) struct Looked {
+    /// An `O_PATH` handle: it reads and writes nothing, and opening it
+    /// reaches no driver (a device node's, a fifo's).
+    handle: OwnedFd,
+    pub(crate) stat: Stat,
+}
+
+/// Look at `name` in `dir` without opening it for I/O and without
+/// following it (a symlink is looked at itself); `None` if nothing is
+/// there.
+pub(crate) fn look(dir: BorrowedFd<'_>, name: &[u8]) -> io::Result<Option<Looked>> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let handle = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
+        Ok(handle) => handle,
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let stat = rustix::fs::fstat(&handle)?;
+    Ok(Some(Looked { handle, stat }))
+}
+
+impl Looked {
+    /// Open what was looked at for I/O with `flags` if it is a regular
+    /// file: through its handle in `/proc`, so it is that inode whatever
+    /// its name leads to by now. `None` if it is not a regular file, or
+    /// cannot be reopened so (no `/proc`): the caller then leaves it
+    /// unopened.
+    pub(crate) fn open_regular(&self, flags: OFlags) -> Option<OwnedFd> {
+        if kind_of(&self.stat) != Kind::File {
+            return None;
+        }
+        let by_handle = format!("/proc/self/fd/{}", self.handle.as_raw_fd());
+        let fd = rustix::fs::open(by_handle.as_str(), flags | OFlags::CLOEXEC, Mode::empty());
+        let fd = fd
+            .inspect_err(|e| tracing::debug!("cannot reopen a file by its handle: {e}"))
+            .ok()?;
+        let now = rustix::fs::fstat(&fd).ok()?;
+        (now.st_dev == self.stat.st_dev && now.st_ino == self.stat.st_ino).then_some(fd)
+    }
+
+    /// Whether `name` in `dir` still leads to what was looked at.
+    pub(crate) fn still_named(&self, dir: BorrowedFd<'_>, name: &[u8]) -> bool {
+        rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|now| now.st_dev == self.stat.st_dev && now.st_ino == self.stat.st_ino)
+    }
 }
 
 /// Whether unnamed part files work here: not tried yet, yes, or no.
@@ -539,8 +676,7 @@ pub(crate) fn open_unnamed_part(dir: BorrowedFd<'_>, mode: u32) -> Option<PartFi
     if UNNAMED_PARTS.load(Ordering::Relaxed) == UNNAMED_UNUSABLE {
         return None;
     }
-    let exact = mode & process_umask() == 0;
-    let create_mode = if exact { mode } else { 0o600 };
+    let (create_mode, exact) = creation_mode(mode, false);
     let open = |mode: u32| {
         rustix::fs::openat(
             dir,
@@ -585,6 +721,15 @@ fn probe_naming(dir: BorrowedFd<'_>, probe: BorrowedFd<'_>) -> bool {
         let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
     }
     linked
+}
+
+/// Give an unnamed part file a fresh working name in `dir` (see
+/// [`make_new`]), for a rename over a name that is taken; returns it.
+pub(crate) fn name_unnamed_part_anew(
+    file: BorrowedFd<'_>,
+    dir: BorrowedFd<'_>,
+) -> io::Result<Vec<u8>> {
+    make_new(|temp| rustix::fs::linkat(file, c"", dir, temp, AtFlags::EMPTY_PATH)).map(|(_, n)| n)
 }
 
 /// Give an unnamed part file its `name` in `dir`, which must be free: an
@@ -738,7 +883,7 @@ pub(crate) fn list_dir(dir: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, FileType
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{MetadataExt, symlink};
 
     fn base(dir: &std::path::Path) -> OwnedFd {
         rustix::fs::open(dir, DIR_FLAGS, Mode::empty()).unwrap()
@@ -809,24 +954,61 @@ mod tests {
 
     #[test]
     fn part_files_replace_leftovers_and_planted_symlinks() {
+        use std::os::unix::fs::PermissionsExt;
         let tmp = tempfile::tempdir().unwrap();
         let b = base(tmp.path());
         let outside = tmp.path().join("outside");
-        std::fs::write(tmp.path().join(".a.ferry-part"), b"stale").unwrap();
+        let path = |name: &[u8]| tmp.path().join(std::str::from_utf8(name).unwrap());
+        let write = |name: &[u8], mode: u32| {
+            std::fs::write(path(name), b"stale").unwrap();
+            std::fs::set_permissions(path(name), std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // What this process left: its own, private, of one name.
+        write(b".a.ferry-part", 0o600);
         symlink(&outside, tmp.path().join(".b.ferry-part")).unwrap();
+        // Others could open it (and keep it open).
+        write(b".d.ferry-part", 0o644);
+        write(b".e.ferry-part", 0o620);
+        // A second name of another file.
+        std::fs::write(tmp.path().join("other"), b"other").unwrap();
+        std::fs::hard_link(tmp.path().join("other"), path(b".f.ferry-part")).unwrap();
         for (part, leftover) in [
             (&b".a.ferry-part"[..], true),
             (b".b.ferry-part", false),
             (b".c.ferry-part", false),
+            (b".d.ferry-part", false),
+            (b".e.ferry-part", false),
+            (b".f.ferry-part", false),
         ] {
-            let opened = open_part(b.as_fd(), part, 0o600).unwrap();
-            assert_eq!(opened.existing, leftover);
-            let meta =
-                std::fs::symlink_metadata(tmp.path().join(std::str::from_utf8(part).unwrap()))
-                    .unwrap();
-            assert!(meta.is_file());
+            let opened = open_part(b.as_fd(), part, 0o644).unwrap();
+            assert_eq!(opened.existing, leftover, "{}", path(part).display());
+            let meta = std::fs::symlink_metadata(path(part)).unwrap();
+            assert!(meta.is_file() && meta.nlink() == 1);
+            assert_eq!(meta.permissions().mode() & 0o077, 0, "private");
         }
         assert!(!outside.exists(), "the planted symlink was not followed");
+        assert_eq!(std::fs::read(tmp.path().join("other")).unwrap(), b"other");
+    }
+
+    #[test]
+    fn a_node_under_a_part_name_is_replaced_never_opened() {
+        use rustix::fs::inotify;
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let fifo = tmp.path().join(".f.ferry-part");
+        rustix::fs::mknodat(rustix::fs::CWD, &fifo, FileType::Fifo, 0o600.into(), 0).unwrap();
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK).unwrap();
+        inotify::add_watch(&watch, &fifo, inotify::WatchFlags::OPEN).unwrap();
+        let looked = look(b.as_fd(), b".f.ferry-part").unwrap().unwrap();
+        assert!(looked.open_regular(OFlags::RDONLY).is_none());
+        let opened = open_part(b.as_fd(), b".f.ferry-part", 0o600).unwrap();
+        assert!(!opened.existing);
+        assert!(std::fs::symlink_metadata(&fifo).unwrap().is_file());
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut events = inotify::Reader::new(&watch, &mut buf);
+        while let Ok(event) = events.next() {
+            assert!(!event.events().contains(inotify::ReadFlags::OPEN), "opened");
+        }
     }
 
     #[test]
@@ -835,19 +1017,45 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let b = base(tmp.path());
         let umask = process_umask();
-        for mode in [0o644, 0o755, 0o444, 0o600, 0o777] {
-            let name = format!(".m{mode:o}");
-            let exact = open_part(b.as_fd(), name.as_bytes(), mode)
-                .unwrap()
-                .mode_set;
-            let got = std::fs::metadata(tmp.path().join(&name))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o777;
-            assert_eq!(exact, mode & umask == 0, "{mode:o}");
-            assert_eq!(got, if exact { mode } else { 0o600 & !umask }, "{mode:o}");
+        let mode_of = |name: &str| {
+            let meta = std::fs::metadata(tmp.path().join(name)).unwrap();
+            meta.permissions().mode() & 0o777
+        };
+        for mode in [0o644, 0o755, 0o444, 0o600, 0o400, 0o777] {
+            // A fresh part becomes the file: its final mode at once.
+            let (fresh, name) = open_fresh_part(b.as_fd(), mode).unwrap();
+            let name = String::from_utf8(name).unwrap();
+            assert!(name.starts_with(".ferry-new."), "{name}");
+            assert_eq!(fresh.mode_set, mode & umask == 0, "{mode:o}");
+            let private = 0o600 & !umask;
+            let want = if fresh.mode_set { mode } else { private };
+            assert_eq!(mode_of(&name), want, "{mode:o}");
+            // A resumable one stays private under its part name.
+            let name = format!(".m{mode:o}.ferry-part");
+            let resumable = open_part(b.as_fd(), name.as_bytes(), mode).unwrap();
+            let exact = mode & umask == 0 && mode & 0o077 == 0;
+            assert_eq!(resumable.mode_set, exact, "{mode:o}");
+            assert_eq!(mode_of(&name), if exact { mode } else { private });
         }
+    }
+
+    #[test]
+    fn a_file_is_linked_and_moved_anew_by_its_descriptor() {
+        let tmp = tempfile::tempdir().unwrap();
+        let b = base(tmp.path());
+        let part = open_part(b.as_fd(), b".p.ferry-part", 0o600).unwrap();
+        let linked = link_anew(part.fd.as_fd(), b.as_fd()).unwrap();
+        assert!(is_named(b.as_fd(), &linked, part.fd.as_fd()));
+        remove_if_named(b.as_fd(), b".p.ferry-part", part.fd.as_fd());
+        assert!(!tmp.path().join(".p.ferry-part").exists());
+        // A name that is not the file's is never removed nor moved.
+        std::fs::write(tmp.path().join(".p.ferry-part"), b"another").unwrap();
+        remove_if_named(b.as_fd(), b".p.ferry-part", part.fd.as_fd());
+        assert!(tmp.path().join(".p.ferry-part").exists());
+        assert!(rename_anew(b.as_fd(), b".p.ferry-part", part.fd.as_fd()).is_err());
+        let moved = rename_anew(b.as_fd(), &linked, part.fd.as_fd()).unwrap();
+        assert_ne!(moved, linked);
+        assert!(is_named(b.as_fd(), &moved, part.fd.as_fd()));
     }
 
     #[test]
@@ -920,15 +1128,6 @@ mod tests {
         };
         assert_eq!(names(), [b"a", b"b", b"c"]);
         assert_eq!(names(), [b"a", b"b", b"c"]);
-    }
-
-    #[test]
-    fn part_names_stay_within_name_max() {
-        assert_eq!(part_name(b"a.txt"), b".a.txt.ferry-part");
-        let long = vec![b'x'; 255];
-        let p = part_name(&long);
-        assert!(p.len() <= 255, "{}", p.len());
-        assert_ne!(part_name(&long), part_name(&[b'y'; 255]));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The resume journal: which chunks of a part file are known to be written.
 //!
 //! The receiver writes a file into its hidden part file chunk by chunk
-//! (see `fsx::part_name`). Beside it, in `.NAME.ferry-journal`, it keeps a
+//! (see `names::part_name`). Beside it, in `.NAME.ferry-journal`, it keeps a
 //! journal of the chunks it has verified and written, so that a transfer
 //! cut short (connection lost, process killed) can resume and ask the
 //! sender only for the chunks that are missing.
@@ -84,12 +84,6 @@ impl ChunkRecord {
     fn end(&self) -> Option<u64> {
         self.offset.checked_add(u64::from(self.len))
     }
-}
-
-/// `.NAME.ferry-journal`: the part file's name with its own suffix (see
-/// `fsx::hidden_sibling` for how long names are shortened).
-pub(crate) fn journal_name(name: &[u8]) -> Vec<u8> {
-    fsx::hidden_sibling(name, b".ferry-journal")
 }
 
 /// The check stored after a header or a record.
@@ -213,8 +207,9 @@ impl Journal {
 
     /// Load the journal `name` in `dir` for a resume.
     ///
-    /// Returns `Ok(None)` when there is no journal (or a symlink or other
-    /// non-regular file stands under its name), its header is damaged, or
+    /// Returns `Ok(None)` when there is no journal (or what stands under
+    /// its name is not one the receiver made: see `fsx::is_own_private`),
+    /// its header is damaged, or
     /// it was written for another version of the source than `stamp`: the
     /// caller then starts over with [`Journal::create`].
     ///
@@ -268,18 +263,19 @@ fn load(
     name: &[u8],
     stamp: SourceStamp,
 ) -> io::Result<Option<Vec<ChunkRecord>>> {
-    // O_NONBLOCK keeps a fifo planted under the name from blocking the
-    // open; the fstat below turns it away.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(dir, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        // No journal, or a symlink in its place (which `create` replaces).
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    // Looked at before it is opened: only a journal as the receiver makes
+    // them (its own, private, of one name) is read. Another user's file, a
+    // hard link, a symlink, a fifo or a device node in its place is never
+    // opened (`create` replaces it).
+    let Some(found) = fsx::look(dir, name)? else {
+        return Ok(None);
     };
-    if fsx::kind_of(&rustix::fs::fstat(&fd)?) != fsx::Kind::File {
+    if !fsx::is_own_private(&found.stat) {
         return Ok(None);
     }
+    let Some(fd) = found.open_regular(OFlags::RDONLY) else {
+        return Ok(None);
+    };
     let mut reader = BufReader::with_capacity(64 * 1024, File::from(fd));
 
     let mut header = [0u8; HEADER_LEN];
@@ -729,29 +725,6 @@ mod tests {
             runs(&records),
             [(0, 4, 3), (12, 2, 1), (20, 4, 2), (28, 8, 1)]
         );
-    }
-
-    #[test]
-    fn journal_names_stay_within_name_max() {
-        assert_eq!(journal_name(b"a.txt"), b".a.txt.ferry-journal");
-        // 240 bytes fit exactly (1 + 240 + 14 = 255); 241 do not.
-        let fits = vec![b'x'; 240];
-        assert_eq!(journal_name(&fits).len(), 255);
-        assert!(journal_name(&fits).starts_with(b".xxx"));
-        for len in [241, 255] {
-            let long = vec![b'x'; len];
-            let j = journal_name(&long);
-            assert!(j.len() <= 255, "{}", j.len());
-            let expected = format!(
-                ".{}~{:016x}.ferry-journal",
-                "x".repeat(200),
-                chunk_hash(&long)
-            );
-            assert_eq!(j, expected.as_bytes());
-        }
-        assert_ne!(journal_name(&[b'x'; 255]), journal_name(&[b'y'; 255]));
-        // The journal never takes the part file's name.
-        assert_ne!(journal_name(b"a"), fsx::part_name(b"a"));
     }
 
     #[test]

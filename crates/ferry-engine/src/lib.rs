@@ -39,6 +39,7 @@ pub mod error;
 pub mod events;
 mod fsx;
 mod journal;
+mod names;
 mod receiver;
 mod sender;
 pub mod server;

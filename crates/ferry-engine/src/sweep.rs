@@ -11,7 +11,12 @@
 //! as it writes it, so the sweep takes the same lock, without waiting, before
 //! it unlinks: a part that is being written is skipped, never raced. The
 //! walk goes through directory handles and never follows a symlink, so a
-//! link planted in the tree cannot steer a removal outside it.
+//! link planted in the tree cannot steer a removal outside it; what it
+//! opens to lock it looks at first, and opens only a regular file.
+//!
+//! What a crash leaves under a fresh working name (`.ferry-new.…`: a small
+//! file's part, a symlink or node being made) goes too, once its ctime is
+//! older than the age: nothing comes back for those.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -19,12 +24,10 @@ use std::time::{Duration, SystemTime};
 
 use ferry_proto::message::Mtime;
 use ferry_proto::path::escape;
-use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags, Stat};
+use rustix::fs::{AtFlags, FileType, FlockOperation, OFlags, Stat};
 
 use crate::fsx::{self, Kind};
-
-const PART_SUFFIX: &[u8] = b".ferry-part";
-const JOURNAL_SUFFIX: &[u8] = b".ferry-journal";
+use crate::names::{JOURNAL_SUFFIX, NEW_PREFIX, PART_SUFFIX, sibling, stem};
 
 /// Directories deeper than this below the root are not visited. It bounds
 /// the open handles (one per level) and the time a hostile tree can cost.
@@ -101,6 +104,8 @@ fn sweep_dir(
             sweep_part(dir, &name, stem, cutoff, report)
         } else if let Some(stem) = stem(&name, JOURNAL_SUFFIX) {
             sweep_orphan_journal(dir, &name, stem, cutoff, report)
+        } else if name.starts_with(NEW_PREFIX) {
+            sweep_new(dir, &name, cutoff, report)
         } else {
             Ok(())
         };
@@ -121,16 +126,6 @@ fn sweep_dir(
     Ok(subdirs)
 }
 
-/// `NAME` if `name` is `.NAME` followed by `suffix`, with `NAME` not empty.
-fn stem<'a>(name: &'a [u8], suffix: &[u8]) -> Option<&'a [u8]> {
-    let stem = name.strip_prefix(b".")?.strip_suffix(suffix)?;
-    (!stem.is_empty()).then_some(stem)
-}
-
-fn sibling(stem: &[u8], suffix: &[u8]) -> Vec<u8> {
-    [b".", stem, suffix].concat()
-}
-
 /// Remove the part file `name` if it is a regular file, old enough and not
 /// locked by a live transfer; its journal goes with it.
 fn sweep_part(
@@ -140,14 +135,28 @@ fn sweep_part(
     cutoff: SystemTime,
     report: &mut SweepReport,
 ) -> io::Result<()> {
-    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
-    if fsx::kind_of(&stat) != Kind::File || !older_than(&stat, cutoff) {
+    // Looked at before it is opened: a fifo or a device node under the
+    // name never is, nor a file that is not the receiver's own.
+    let Some(found) = fsx::look(dir, name)? else {
+        return Ok(());
+    };
+    if fsx::kind_of(&found.stat) != Kind::File || !older_than(&found.stat, cutoff) {
         return Ok(());
     }
-    // O_NONBLOCK: should a fifo be swapped in after the stat, the open must
-    // not hang the sweep waiting for a writer.
-    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
-    let held = rustix::fs::openat(dir, name, flags, Mode::empty())?;
+    if !fsx::is_own_private(&found.stat) {
+        // No live transfer holds such a file under a part name (theirs are
+        // always their own, private): removed unopened.
+        if found.still_named(dir, name) {
+            rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+            report.parts_removed += 1;
+            report.bytes_freed += size_of(&found.stat);
+            remove_journal(dir, &sibling(stem, JOURNAL_SUFFIX), report)?;
+        }
+        return Ok(());
+    }
+    let Some(held) = found.open_regular(OFlags::RDONLY) else {
+        return Ok(());
+    };
     match rustix::fs::flock(&held, FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
         // A live transfer is writing it.
@@ -198,6 +207,33 @@ fn sweep_orphan_journal(
         return Ok(());
     }
     remove_journal(dir, name, report)
+}
+
+/// Remove `name`, something made under a fresh working name (a symlink,
+/// a node, a link, a file) that never took its real one, once its status
+/// last changed before `cutoff`. No transfer ever comes back for one, and
+/// none holds one for long; the mtime would not tell (a symlink gets the
+/// sender's before it is renamed), the ctime does. A directory is left
+/// alone.
+fn sweep_new(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    cutoff: SystemTime,
+    report: &mut SweepReport,
+) -> io::Result<()> {
+    let stat = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
+    let ctime = Mtime {
+        sec: stat.st_ctime,
+        nsec: stat.st_ctime_nsec as u32,
+    };
+    let old = system_time(ctime).is_some_and(|ctime| ctime < cutoff);
+    if fsx::kind_of(&stat) == Kind::Dir || !old {
+        return Ok(());
+    }
+    rustix::fs::unlinkat(dir, name, AtFlags::empty())?;
+    report.parts_removed += 1;
+    report.bytes_freed += size_of(&stat);
+    Ok(())
 }
 
 /// Remove the journal `name` if it is a regular file; a missing one is
@@ -252,7 +288,7 @@ fn size_of(stat: &Stat) -> u64 {
 mod tests {
     use super::*;
     use std::fs::File;
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{PermissionsExt, symlink};
     use std::path::Path;
 
     const DAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -312,6 +348,27 @@ mod tests {
     }
 
     #[test]
+    fn leftovers_under_fresh_names_go_by_their_ctime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let link = tmp.path().join(".ferry-new.00000000000000aa");
+        let file = tmp.path().join(".ferry-new.00000000000000bb");
+        let dir = tmp.path().join(".ferry-new.00000000000000cc");
+        symlink("target", &link).unwrap();
+        // An old mtime, as a symlink gets the sender's before its rename.
+        age(&link, 3650);
+        std::fs::write(&file, b"1234").unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        assert_eq!(sweep(tmp.path()), SweepReport::default());
+        assert!(exists(&link) && exists(&file));
+        // Two days on, both are abandoned; a directory never is.
+        let root = File::open(tmp.path()).unwrap();
+        let later = SystemTime::now() + 2 * DAY;
+        let report = sweep_stale_parts(root.as_fd(), DAY, later).unwrap();
+        assert_eq!(report.parts_removed, 2, "{report:?}");
+        assert!(!exists(&link) && !exists(&file) && exists(&dir));
+    }
+
+    #[test]
     fn young_parts_stay() {
         let tmp = tempfile::tempdir().unwrap();
         let part = tmp.path().join(".f.ferry-part");
@@ -324,12 +381,33 @@ mod tests {
     }
 
     #[test]
+    fn a_part_that_is_not_the_receivers_own_goes_unopened() {
+        use rustix::fs::inotify;
+        let tmp = tempfile::tempdir().unwrap();
+        let part = tmp.path().join(".f.ferry-part");
+        // Readable by others: no transfer of the receiver's made it so.
+        write_aged(&part, b"12345", 2);
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK).unwrap();
+        inotify::add_watch(&watch, &part, inotify::WatchFlags::OPEN).unwrap();
+        assert_eq!(sweep(tmp.path()).parts_removed, 1);
+        assert!(!exists(&part));
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1024];
+        let mut events = inotify::Reader::new(&watch, &mut buf);
+        while let Ok(event) = events.next() {
+            assert!(!event.events().contains(inotify::ReadFlags::OPEN), "opened");
+        }
+    }
+
+    #[test]
     fn a_locked_part_is_left_to_its_transfer() {
         let tmp = tempfile::tempdir().unwrap();
         let part = tmp.path().join(".f.ferry-part");
         let journal = tmp.path().join(".f.ferry-journal");
         write_aged(&part, b"12345", 2);
         write_aged(&journal, b"abc", 2);
+        // Private, as the receiver makes them.
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).unwrap();
         let live = File::options().write(true).open(&part).unwrap();
         rustix::fs::flock(&live, FlockOperation::NonBlockingLockExclusive).unwrap();
         assert_eq!(sweep(tmp.path()), SweepReport::default());
@@ -446,15 +524,5 @@ mod tests {
         std::fs::write(&file, b"x").unwrap();
         let fd = File::open(&file).unwrap();
         assert!(sweep_stale_parts(fd.as_fd(), DAY, SystemTime::now()).is_err());
-    }
-
-    #[test]
-    fn names_must_have_a_stem() {
-        assert_eq!(stem(b".a.ferry-part", PART_SUFFIX), Some(&b"a"[..]));
-        assert_eq!(stem(b"..ferry-part", PART_SUFFIX), None);
-        assert_eq!(stem(b".ferry-part", PART_SUFFIX), None);
-        assert_eq!(stem(b"a.ferry-part", PART_SUFFIX), None);
-        assert_eq!(stem(b".a.ferry-journal", PART_SUFFIX), None);
-        assert_eq!(sibling(b"a", JOURNAL_SUFFIX), b".a.ferry-journal");
     }
 }

@@ -208,7 +208,12 @@ fn upload_onto_planted_symlinks_replaces_them_and_never_writes_through() {
     let before = snapshot(&outside);
     let mut server = Server::start(&root);
 
-    for (name, size) in [("f.txt", 3000), ("g.txt", 3000), ("big.bin", 5 * MIB + 7)] {
+    // `g.txt` is large enough to be resumable: only those have a part name.
+    for (name, size) in [
+        ("f.txt", 3000),
+        ("g.txt", 4 * MIB + 3),
+        ("big.bin", 5 * MIB + 7),
+    ] {
         let file = scratch.join(name);
         write_random_file(&file, size, size);
         let out = server.run(&[&"up", &file, &name]);

@@ -19,6 +19,8 @@ mod resume;
 mod changing;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
+// Part files, journals and working names: never adopted, opened or removed unless the server's own.
+mod hostile_parts;
 // Read-only and write-only servers, and idle connections that must not lock clients out.
 mod access;
 mod tls;

@@ -2,10 +2,15 @@
 //!
 //! Everything here works below directory handles, never following a
 //! symlink (see `fsx`): directories are made or checked, files arrive in a
-//! hidden `.NAME.ferry-part` sibling (or an unnamed file, see
-//! [`fsx::open_unnamed_part`]) locked for as long as it is open, and take
-//! their name by an atomic rename (or link) only once verified, with their
-//! metadata already set. No half file is ever visible.
+//! part file and take their name by an atomic rename (or link) only once
+//! verified, with their metadata already set. No half file is ever
+//! visible. A part file is one this transfer made: unnamed (see
+//! [`fsx::open_unnamed_part`]), or under a fresh name of its own created
+//! exclusively, or (for a file that may be resumed) the hidden
+//! `.NAME.ferry-part`, locked for as long as it is open, and taken up
+//! again only if it is the receiver's own (see [`fsx::open_part`]).
+//! Symlinks, nodes and links are made under fresh names too: nothing here
+//! removes a name another transfer may hold.
 
 use std::fs::File;
 use std::io;
@@ -20,6 +25,7 @@ use crate::codec::Decoded;
 use crate::error::reason;
 use crate::fsx;
 use crate::journal::{self, ChunkRecord, Journal, SourceStamp};
+use crate::names;
 
 /// The most recently used parent directory, by path: consecutive entries
 /// mostly share one, and it is then not resolved again.
@@ -126,11 +132,12 @@ pub(super) fn find_unchanged(
     })
 }
 
-/// Give an unchanged file the sender's mode and owner: opened without
-/// following a symlink swapped in since the check. Best effort: the
-/// content is right.
+/// Give an unchanged file the sender's mode and owner: looked at before
+/// it is opened, so neither a symlink nor a node swapped in since the
+/// check is followed or opened. Best effort: the content is right.
 pub(super) fn fix_metadata(parent: &OwnedFd, name: &[u8], fix: &MetadataFix) {
-    if let Ok((file, _)) = fsx::open_regular(parent.as_fd(), name) {
+    let found = fsx::look(parent.as_fd(), name).ok().flatten();
+    if let Some(file) = found.and_then(|f| f.open_regular(rustix::fs::OFlags::RDONLY)) {
         if let Some(owner) = fix.owner {
             let _ = fsx::set_owner(file.as_fd(), owner);
         }
@@ -149,14 +156,27 @@ pub(super) struct Target {
     pub(super) mtime: Mtime,
 }
 
-/// The part file of a file being received, locked for as long as it is
-/// open (unless unnamed: no one else can find it). Dropped uncommitted, it
-/// is removed, unless it stays for a resume.
+/// Under which name a part file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Naming {
+    /// None at all (`O_TMPFILE`) until it is linked into place: nobody
+    /// else can find it, and it vanishes with its descriptor.
+    Unnamed,
+    /// A fresh name of its own (`fsx::make_new`), created exclusively,
+    /// that no other transfer looks for: a file that is never resumed.
+    Fresh,
+    /// `.NAME.ferry-part`, locked for as long as it is open: a file with a
+    /// journal, found again by that name to resume.
+    Resumable,
+}
+
+/// The part file of a file being received. Dropped uncommitted, it is
+/// removed, unless it stays for a resume.
 pub(super) struct Part {
     target: Target,
-    /// Its hidden name (empty while unnamed).
+    /// Its name (empty while unnamed).
     part: Vec<u8>,
-    unnamed: bool,
+    naming: Naming,
     file: File,
     /// The record of verified chunks, for a resume (large files only).
     journal: Option<Journal>,
@@ -179,25 +199,12 @@ pub(super) struct Part {
 }
 
 impl Part {
-    /// Open the part file for `target` as `plan` says; `owner` is the
-    /// owner wanted, `made_with` the one a file new in its directory gets.
+    /// Open the part file for `target` as `plan` says; whether it is one
+    /// an interrupted transfer left.
     pub(super) fn open(target: Target, plan: PartPlan) -> io::Result<(Part, bool)> {
-        let unnamed = plan
-            .unnamed
-            .then(|| fsx::open_unnamed_part(target.parent.as_fd(), target.mode))
-            .flatten();
-        let is_unnamed = unnamed.is_some();
-        let part = if is_unnamed {
-            Vec::new()
-        } else {
-            fsx::part_name(&target.name)
-        };
-        let opened = match unnamed {
-            Some(part_file) => part_file,
-            None => fsx::open_part(target.parent.as_fd(), &part, target.mode)?,
-        };
+        let (naming, part, opened) = Self::create(&target, plan)?;
         let journal_name = if plan.journaled {
-            journal::journal_name(&target.name)
+            names::journal_name(&target.name)
         } else {
             Vec::new()
         };
@@ -205,7 +212,7 @@ impl Part {
         let part = Part {
             target,
             part,
-            unnamed: is_unnamed,
+            naming,
             file: File::from(opened.fd),
             journal: None,
             journal_name,
@@ -218,6 +225,22 @@ impl Part {
             committed: false,
         };
         Ok((part, existing))
+    }
+
+    fn create(target: &Target, plan: PartPlan) -> io::Result<(Naming, Vec<u8>, fsx::PartFile)> {
+        let dir = target.parent.as_fd();
+        if plan.unnamed
+            && let Some(opened) = fsx::open_unnamed_part(dir, target.mode)
+        {
+            return Ok((Naming::Unnamed, Vec::new(), opened));
+        }
+        if plan.journaled {
+            let part = names::part_name(&target.name);
+            let opened = fsx::open_part(dir, &part, target.mode)?;
+            return Ok((Naming::Resumable, part, opened));
+        }
+        let (opened, part) = fsx::open_fresh_part(dir, target.mode)?;
+        Ok((Naming::Fresh, part, opened))
     }
 
     /// The owner to give the file before it takes its name.
@@ -315,13 +338,13 @@ impl Part {
     /// atomic rename (or, for an unnamed part file, the link), so the name
     /// only ever shows the complete file. The journal goes with it.
     pub(super) fn commit(&mut self) -> Result<(), String> {
-        let placed = self.set_metadata().and_then(|()| self.take_name());
+        let placed = self
+            .leave_part_name()
+            .and_then(|()| self.set_metadata())
+            .and_then(|()| self.take_name());
         match placed {
             Ok(()) => {
                 self.committed = true;
-                if self.journal.take().is_some() {
-                    let _ = journal::remove(self.target.parent.as_fd(), &self.journal_name);
-                }
                 Ok(())
             }
             Err(why) => {
@@ -329,6 +352,33 @@ impl Part {
                 Err(why)
             }
         }
+    }
+
+    /// A resumable part leaves its name (and its journal) before it gets
+    /// its final mode and owner, so that under that name there is only
+    /// ever a private file of this process, which another transfer may
+    /// take up, never one it would replace while this one holds it. It
+    /// goes by its descriptor to a fresh name of its own: whatever became
+    /// of the part name meanwhile, it is this file that is committed.
+    fn leave_part_name(&mut self) -> Result<(), String> {
+        if self.naming != Naming::Resumable {
+            return Ok(());
+        }
+        let (dir, file) = (self.target.parent.as_fd(), self.file.as_fd());
+        if self.journal.take().is_some() {
+            let _ = journal::remove(dir, &self.journal_name);
+        }
+        let fresh = match fsx::link_anew(file, dir) {
+            Ok(fresh) => {
+                fsx::remove_if_named(dir, &self.part, file);
+                fresh
+            }
+            // Without /proc: moved by its name, if that still is this file.
+            Err(_) => fsx::rename_anew(dir, &self.part, file).map_err(|e| reason(&e))?,
+        };
+        self.part = fresh;
+        self.naming = Naming::Fresh;
+        Ok(())
     }
 
     fn set_metadata(&mut self) -> Result<(), String> {
@@ -352,16 +402,16 @@ impl Part {
 
     fn take_name(&mut self) -> Result<(), String> {
         let (dir, name) = (self.target.parent.as_fd(), self.target.name.as_slice());
-        if self.unnamed {
+        if self.naming == Naming::Unnamed {
             match fsx::name_unnamed_part(self.file.as_fd(), dir, name) {
                 Ok(()) => return Ok(()),
                 // Something took the name since the directory was made (a
-                // transfer racing ours): replace it, as a named part would.
+                // transfer racing ours): replace it, as a named part would,
+                // from a fresh name of its own.
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    self.part = fsx::part_name(name);
-                    fsx::name_unnamed_part(self.file.as_fd(), dir, &self.part)
+                    self.part = fsx::name_unnamed_part_anew(self.file.as_fd(), dir)
                         .map_err(|e| reason(&e))?;
-                    self.unnamed = false;
+                    self.naming = Naming::Fresh;
                 }
                 Err(e) => return Err(reason(&e)),
             }
@@ -384,20 +434,21 @@ impl Drop for Part {
         // Worth keeping only with a journal and something verified in it.
         let resumable = self.keep && self.journal.is_some() && self.holds_data;
         // An unnamed part file goes with its descriptor.
-        if self.committed || resumable || self.unnamed {
+        if self.committed || resumable || self.naming == Naming::Unnamed {
             return;
         }
         // Removed while still locked, so no other transfer can take it
-        // over in between.
+        // over in between, and only if the name still is this file.
         let dir = self.target.parent.as_fd();
-        let _ = fsx::remove_if_present(dir, &self.part);
+        fsx::remove_if_named(dir, &self.part, self.file.as_fd());
         if self.journal.is_some() {
             let _ = journal::remove(dir, &self.journal_name);
         }
     }
 }
 
-/// Create a symlink atomically: under the part name, then renamed.
+/// Create a symlink atomically: under a fresh name of its own (see
+/// `fsx::make_new`), then renamed.
 pub(super) fn make_symlink(
     parent: &OwnedFd,
     name: &[u8],
@@ -408,9 +459,7 @@ pub(super) fn make_symlink(
     if target.is_empty() || target.contains(&0) {
         return Err(io::Error::other("invalid symlink target"));
     }
-    let part = fsx::part_name(name);
-    fsx::remove_if_present(parent.as_fd(), &part)?;
-    rustix::fs::symlinkat(target, parent, part.as_slice())?;
+    let (_, part) = fsx::make_new(|temp| rustix::fs::symlinkat(target, parent, temp))?;
     let placed = (|| -> io::Result<()> {
         if let Some(owner) = owner {
             let (uid, gid) = fsx::ids(owner);

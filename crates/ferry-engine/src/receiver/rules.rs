@@ -17,6 +17,7 @@ use ferry_proto::path::WirePath;
 
 use crate::error::Violation;
 use crate::journal::{self, ChunkRecord};
+use crate::names;
 
 /// Files at least this large keep a journal of their verified chunks, so
 /// that an interrupted transfer resumes where it stopped. Smaller ones are
@@ -76,6 +77,21 @@ impl EntryOrder {
     }
 }
 
+/// An entry under one of the receiver's own working names (a part file's,
+/// a journal's: see `names`) is never made: the receiver would take what
+/// is there for its own, and resume from it, read it, or replace it.
+pub(super) fn name_refusal(name: &[u8]) -> Option<Outcome> {
+    names::is_working_name(name)
+        .then(|| Outcome::Failed("its name is one ferry keeps for its own working files".into()))
+}
+
+/// Nor is a hard link to one made: it would give a name to what may be
+/// another transfer's part file.
+pub(super) fn link_target_refusal(target_name: &[u8]) -> Option<Outcome> {
+    names::is_working_name(target_name)
+        .then(|| Outcome::Failed("it links to a name ferry keeps for its own working files".into()))
+}
+
 /// Never setuid, setgid or sticky from a peer: the receiver may run as root.
 pub(super) fn file_mode(mode: u32) -> u32 {
     mode & 0o777
@@ -121,9 +137,11 @@ impl MetadataFix {
 pub(super) struct PartPlan {
     /// Into an unnamed file, linked into place when complete: in a
     /// directory this transfer made, a small file (one with no journal to
-    /// resume from) needs no part name.
+    /// resume from) needs no part name. Elsewhere it gets a fresh name of
+    /// its own, which nothing ever looks for.
     pub(super) unnamed: bool,
-    /// With a journal of verified chunks, so that it can be resumed.
+    /// With a journal of verified chunks, so that it can be resumed: under
+    /// the part name `.NAME.ferry-part`, by which a resume finds it.
     pub(super) journaled: bool,
     /// Fresh directory: a part file found there belongs to a transfer
     /// racing ours, and is not resumed (the sender sends it all).
@@ -589,4 +607,28 @@ pub(super) fn transfer_over(
         return Err(Violation::OrphanChunks);
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn working_names_are_refused_as_entries_and_as_link_targets() {
+        for name in [
+            &b".a.ferry-part"[..],
+            b".a.ferry-journal",
+            b".ferry-probe.1.2",
+        ] {
+            assert!(matches!(name_refusal(name), Some(Outcome::Failed(_))));
+            assert!(matches!(
+                link_target_refusal(name),
+                Some(Outcome::Failed(_))
+            ));
+        }
+        for name in [&b"a"[..], b".a", b"a.ferry-part", b".ferry-part"] {
+            assert_eq!(name_refusal(name), None);
+            assert_eq!(link_target_refusal(name), None);
+        }
+    }
 }

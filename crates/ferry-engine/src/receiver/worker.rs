@@ -316,14 +316,22 @@ impl Worker {
         let path = WirePath::from_wire(path)?;
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.dirs.parent_of(&path);
-        let (parent, name) = match self.land(&path, parent_dir) {
-            Ok(landing) => landing,
-            Err(e) => {
-                let why = format!("cannot open its directory: {}", reason(&e));
+        let name = self.name_of(&path);
+        let landing = match rules::name_refusal(&name) {
+            Some(refusal) => Err(refusal),
+            None => self
+                .land(&path, parent_dir)
+                .map_err(|e| Outcome::Failed(format!("cannot open its directory: {}", reason(&e)))),
+        };
+        let parent = match landing {
+            Ok(parent) => parent,
+            Err(outcome) => {
                 self.discard_parked(id);
-                return match kind {
-                    EntryKind::Dir { .. } => self.dir_verdict(id, display, Some(why)),
-                    _ => self.verdict(id, display, Outcome::Failed(why), 0),
+                return match (kind, outcome) {
+                    (EntryKind::Dir { .. }, Outcome::Failed(why)) => {
+                        self.dir_verdict(id, display, Some(why))
+                    }
+                    (_, outcome) => self.verdict(id, display, outcome, 0),
                 };
             }
         };
@@ -339,24 +347,25 @@ impl Worker {
             .inspect_err(|_| self.failed_at = Some(WireBytes(path.as_bytes().to_vec())))
     }
 
-    /// The directory an entry lands in, and its name there. A directory of
-    /// this transfer is open already; any other parent is opened beneath
-    /// the destination (or found in the cache).
-    fn land(
-        &mut self,
-        path: &WirePath,
-        parent_dir: Option<u64>,
-    ) -> io::Result<(Arc<OwnedFd>, Vec<u8>)> {
-        let name = match path.components().last() {
+    /// The name an entry takes in its directory: the root's is the last
+    /// of the destination's.
+    fn name_of(&self, path: &WirePath) -> Vec<u8> {
+        match path.components().last() {
             Some(last) => last.to_vec(),
             None => self.dest.prefix.last().cloned().unwrap_or_default(),
-        };
+        }
+    }
+
+    /// The directory an entry lands in. A directory of this transfer is
+    /// open already; any other parent is opened beneath the destination
+    /// (or found in the cache).
+    fn land(&mut self, path: &WirePath, parent_dir: Option<u64>) -> io::Result<Arc<OwnedFd>> {
         if let Some(d) = parent_dir.and_then(|d| self.dirs.get(d)) {
-            return Ok((d.io.fd.clone(), name));
+            return Ok(d.io.fd.clone());
         }
         let mut components = self.dest.prefix.clone();
         components.extend(path.components().map(<[u8]>::to_vec));
-        Ok((self.parents.open(&self.dest.base, &components)?, name))
+        self.parents.open(&self.dest.base, &components)
     }
 
     fn place_entry(
@@ -569,6 +578,10 @@ impl Worker {
     ) -> Result<(), EngineError> {
         rules::check_link(at.id, first)?;
         let target = WirePath::from_wire(target)?;
+        let target_name = target.components().last().unwrap_or_default();
+        if let Some(refusal) = rules::link_target_refusal(target_name) {
+            return self.verdict(at.id, at.display, refusal, 0);
+        }
         if self.files.contains_key(&first) {
             // Its file is still arriving: the link waits for it.
             let parent_dir = at.parent_dir;

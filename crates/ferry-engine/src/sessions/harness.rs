@@ -164,7 +164,7 @@ impl Receiving {
     }
 }
 
-fn open_dir(path: &Path) -> OwnedFd {
+pub(super) fn open_dir(path: &Path) -> OwnedFd {
     rustix::fs::open(
         path,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,

@@ -6,7 +6,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use ferry_proto::message::{EntryKind, ErrorCode, Message, Outcome, Owner};
 use ferry_proto::path::WireBytes;
 
-use super::harness::*;
+use super::harness::{self, *};
 use crate::error::{EngineError, Role, Violation};
 use crate::events::Event;
 use crate::receiver::Inbound;
@@ -766,4 +766,257 @@ fn a_vanished_entry_with_a_path_that_climbs_ends_the_session() {
     });
     let e = r.take(vec![dir(1, ""), climbing]).unwrap_err();
     assert!(matches!(e, EngineError::BadPath(_)), "{e:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Working names: parts, journals and what links and nodes are made under
+// ---------------------------------------------------------------------------
+
+/// A receiver into `dst`, which exists already (so its files are looked
+/// for, and large ones resumed), after `plant` has put things in it.
+fn into_existing(plant: impl FnOnce(&std::path::Path)) -> Receiving {
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("dst");
+    std::fs::create_dir(&dst).unwrap();
+    plant(&dst);
+    Receiving::in_dir(tmp, |_| {})
+}
+
+/// A journal for `data` (as the entry `file(…, data.len())` announces it)
+/// that vouches for its first `chunks` chunks, private, as the receiver
+/// writes one.
+fn vouching_journal(dir: &std::path::Path, name: &str, data: &[u8], chunks: usize) {
+    use crate::journal::{ChunkRecord, Journal, SourceStamp};
+    use std::os::fd::AsFd;
+    let stamp = SourceStamp {
+        size: data.len() as u64,
+        mtime_sec: MTIME.sec,
+        mtime_nsec: MTIME.nsec,
+    };
+    let dir = std::fs::File::open(dir).unwrap();
+    let mut journal = Journal::create(dir.as_fd(), name.as_bytes(), stamp).unwrap();
+    for (i, piece) in data.chunks(MIB).take(chunks).enumerate() {
+        let record = ChunkRecord {
+            offset: (i * MIB) as u64,
+            len: piece.len() as u32,
+            hash: ferry_proto::digest::chunk_hash(piece),
+        };
+        journal.record(record).unwrap();
+    }
+}
+
+/// Watches a path for anyone opening it. An `O_PATH` handle is not an
+/// open: Linux gives such descriptors no fsnotify events.
+fn watch_opens(path: &std::path::Path) -> std::os::fd::OwnedFd {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(&fd, path, inotify::WatchFlags::OPEN).unwrap();
+    fd
+}
+
+fn was_opened(watch: &std::os::fd::OwnedFd) -> bool {
+    use rustix::fs::inotify;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let mut events = inotify::Reader::new(watch, &mut buf);
+    // Bounded: the buffer holds a few hundred events at most.
+    while let Ok(event) = events.next() {
+        if event.events().contains(inotify::ReadFlags::OPEN) {
+            return true;
+        }
+    }
+    false
+}
+
+fn has_have(r: &Receiving) -> bool {
+    r.answers.iter().any(|m| matches!(m, Message::Have { .. }))
+}
+
+/// The rest of file 2 (`data`, of which the receiver holds nothing), and
+/// the transfer's end.
+fn the_rest(data: &[u8]) -> Vec<Inbound> {
+    let mut frames = chunks_from(2, data, 0);
+    frames.extend([file_end(2, data), dir_end(1), end()]);
+    frames
+}
+
+#[test]
+fn entries_under_the_receivers_working_names_are_refused() {
+    let data = content(10, 30);
+    let mut r = Receiving::new();
+    let mut frames = whole_file(2, "fine", &data);
+    frames.extend(whole_file(3, ".a.ferry-part", &data));
+    frames.extend(whole_file(4, ".a.ferry-journal", &data));
+    frames.push(entry(
+        5,
+        ".x.ferry-journal",
+        EntryKind::Symlink {
+            target: WireBytes(b"fine".to_vec()),
+            mtime: MTIME,
+        },
+    ));
+    frames.push(entry(
+        6,
+        ".b.ferry-part",
+        EntryKind::Fifo {
+            mode: 0o600,
+            mtime: MTIME,
+        },
+    ));
+    frames.push(hardlink(7, "link", 2, ".a.ferry-part"));
+    frames.push(dir(8, ".c.ferry-part"));
+    frames.push(dir_end(8));
+    frames.extend(whole_file(9, ".ferry-new.0123456789abcdef", &data));
+    r.take(in_root(frames)).unwrap();
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    for id in 3..=9 {
+        let Some(Outcome::Failed(why)) = r.outcome(id) else {
+            panic!("entry {id}: {:?}", r.answers)
+        };
+        assert!(why.contains("ferry"), "{why}");
+    }
+    let names: Vec<_> = std::fs::read_dir(r.dst()).unwrap().flatten().collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(r.done);
+}
+
+#[test]
+fn a_destination_under_a_working_name_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = Receiving::in_dir(tmp, |d| d.prefix = vec![b".x.ferry-part".to_vec()]);
+    let data = content(10, 31);
+    let mut frames = whole_file(1, "", &data);
+    frames.push(end());
+    r.take(frames).unwrap();
+    assert!(
+        matches!(r.outcome(1), Some(Outcome::Failed(_))),
+        "{:?}",
+        r.answers
+    );
+    assert!(!r.tmp.path().join(".x.ferry-part").exists());
+}
+
+#[test]
+fn a_node_under_a_part_or_journal_name_is_never_opened() {
+    let data = content(5 * MIB, 35);
+    let fifo = |path: &std::path::Path| {
+        let kind = rustix::fs::FileType::Fifo;
+        rustix::fs::mknodat(rustix::fs::CWD, path, kind, 0o600.into(), 0).unwrap();
+    };
+    let mut r = into_existing(|dst| {
+        fifo(&dst.join(".a.ferry-part"));
+        // A part the receiver left (private, its own), with a fifo for
+        // its journal.
+        let part = dst.join(".b.ferry-part");
+        std::fs::write(&part, &data[..MIB]).unwrap();
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).unwrap();
+        fifo(&dst.join(".b.ferry-journal"));
+    });
+    let watches = [
+        watch_opens(&r.dst().join(".a.ferry-part")),
+        watch_opens(&r.dst().join(".b.ferry-journal")),
+    ];
+    let mut frames = vec![dir(1, ""), file(2, "a", data.len() as u64)];
+    frames.extend(chunks_from(2, &data, 0));
+    frames.push(file_end(2, &data));
+    frames.push(file(3, "b", data.len() as u64));
+    frames.extend(chunks_from(3, &data, 0));
+    frames.extend([file_end(3, &data), dir_end(1), end()]);
+    r.take(frames).unwrap();
+    assert!(watches.iter().all(|w| !was_opened(w)), "a fifo was opened");
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    assert_eq!(r.outcome(3), Some(&Outcome::Ok));
+    assert_eq!(std::fs::read(r.dst().join("a")).unwrap(), data);
+    assert!(leftovers(&r.dst()).is_empty(), "{:?}", leftovers(&r.dst()));
+}
+
+#[test]
+fn a_link_or_node_entry_leaves_another_transfers_part_alone() {
+    let data = content(5 * MIB, 36);
+    let mut writer = into_existing(|dst| std::fs::write(dst.join("other"), b"o").unwrap());
+    writer
+        .take(vec![dir(1, ""), file(2, "big", data.len() as u64)])
+        .unwrap();
+    let part = writer.dst().join(".big.ferry-part");
+    let part_ino = std::fs::metadata(&part).unwrap().ino();
+    let kinds = [
+        EntryKind::Symlink {
+            target: WireBytes(b"elsewhere".to_vec()),
+            mtime: MTIME,
+        },
+        EntryKind::Hardlink {
+            first: 1,
+            target: WireBytes(b"other".to_vec()),
+        },
+        EntryKind::Fifo {
+            mode: 0o600,
+            mtime: MTIME,
+        },
+    ];
+    for kind in kinds {
+        // Another transfer into the same directory.
+        let base = harness::open_dir(writer.tmp.path());
+        let mut other = Receiving::in_dir(tempfile::tempdir().unwrap(), |d| d.base = base);
+        other.take(in_root(vec![entry(2, "big", kind)])).unwrap();
+        assert_eq!(other.outcome(2), Some(&Outcome::Ok), "{:?}", other.answers);
+        let now = std::fs::symlink_metadata(&part).map(|m| m.ino());
+        assert_eq!(now.ok(), Some(part_ino), "the part in flight was removed");
+    }
+    writer.take(the_rest(&data)).unwrap();
+    assert_eq!(
+        writer.outcome(2),
+        Some(&Outcome::Ok),
+        "{:?}",
+        writer.answers
+    );
+    assert_eq!(std::fs::read(writer.dst().join("big")).unwrap(), data);
+}
+
+#[test]
+fn a_hard_link_under_a_part_name_is_never_resumed_nor_written() {
+    let data = content(5 * MIB, 32);
+    let secret = content(5 * MIB, 33);
+    let mut r = into_existing(|dst| {
+        std::fs::write(dst.join("secret"), &secret).unwrap();
+        std::fs::hard_link(dst.join("secret"), dst.join(".big.ferry-part")).unwrap();
+        vouching_journal(dst, ".big.ferry-journal", &secret, 3);
+    });
+    let journal = watch_opens(&r.dst().join(".big.ferry-journal"));
+    r.take(vec![dir(1, ""), file(2, "big", data.len() as u64)])
+        .unwrap();
+    assert!(!has_have(&r), "{:?}", r.answers);
+    assert!(!was_opened(&journal), "the planted journal was read");
+    r.take(the_rest(&data)).unwrap();
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    assert_eq!(std::fs::read(r.dst().join("big")).unwrap(), data);
+    assert_eq!(std::fs::read(r.dst().join("secret")).unwrap(), secret);
+    assert_eq!(
+        std::fs::metadata(r.dst().join("secret")).unwrap().nlink(),
+        1
+    );
+    assert!(leftovers(&r.dst()).is_empty(), "{:?}", leftovers(&r.dst()));
+}
+
+#[test]
+fn a_part_others_could_open_is_replaced_not_adopted() {
+    let data = content(5 * MIB, 34);
+    let mut r = into_existing(|dst| {
+        let part = dst.join(".big.ferry-part");
+        std::fs::write(&part, &data[..2 * MIB]).unwrap();
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o644)).unwrap();
+        vouching_journal(dst, ".big.ferry-journal", &data, 2);
+    });
+    // Kept open, as whoever could open it may have: its inode stays its
+    // own (and its number is not reused).
+    let kept = std::fs::File::open(r.dst().join(".big.ferry-part")).unwrap();
+    let planted = kept.metadata().unwrap().ino();
+    r.take(vec![dir(1, ""), file(2, "big", data.len() as u64)])
+        .unwrap();
+    assert!(!has_have(&r), "{:?}", r.answers);
+    r.take(the_rest(&data)).unwrap();
+    assert_eq!(r.outcome(2), Some(&Outcome::Ok));
+    assert_ne!(
+        std::fs::metadata(r.dst().join("big")).unwrap().ino(),
+        planted
+    );
+    assert_eq!(std::fs::read(r.dst().join("big")).unwrap(), data);
 }

@@ -74,10 +74,14 @@ fn show(relative: &Path) -> String {
 }
 
 fn is_part_name(name: &OsStr) -> bool {
-    name.as_bytes().ends_with(b".ferry-part") || name.as_bytes().ends_with(b".ferry-journal")
+    let name = name.as_bytes();
+    name.ends_with(b".ferry-part")
+        || name.ends_with(b".ferry-journal")
+        || name.starts_with(b".ferry-new.")
 }
 
-/// Every `*.ferry-part` (or `*.ferry-journal`) leftover under `root`.
+/// Every `*.ferry-part` (or `*.ferry-journal`, or `.ferry-new.*`: what the
+/// receiver makes before it takes its name) leftover under `root`.
 pub fn part_files(root: &Path) -> Vec<PathBuf> {
     walk(root)
         .into_keys()
