@@ -596,6 +596,34 @@ fn is_named(dir: BorrowedFd<'_>, name: &[u8], file: BorrowedFd<'_>) -> bool {
     named.st_dev == open.st_dev && named.st_ino == open.st_ino
 }
 
+/// Remove the resumable part file `part` in `dir`, and its `journal`, if
+/// they are the receiver's own and no live transfer holds the part: what
+/// an interrupted transfer left for a file that has arrived whole since
+/// without them (it is smaller now, and small files are never resumed).
+/// Anything else is left alone: a part held by a live transfer, and one
+/// that is not ours (never opened; the next resume replaces it).
+pub(crate) fn remove_stale_part(
+    dir: BorrowedFd<'_>,
+    part: &[u8],
+    journal: &[u8],
+) -> io::Result<()> {
+    let Some(found) = look(dir, part)? else {
+        return Ok(());
+    };
+    if !is_own_private(&found.stat) {
+        return Ok(());
+    }
+    let Some(fd) = found.open_regular(OFlags::RDWR) else {
+        return Ok(());
+    };
+    // Held while both go, so no transfer takes the part up in between.
+    if lock_part(&fd).is_ok() && found.still_named(dir, part) {
+        remove_if_present(dir, part)?;
+        remove_if_present(dir, journal)?;
+    }
+    Ok(())
+}
+
 /// Take a part file's lock, or say that another transfer holds it.
 fn lock_part(fd: &OwnedFd) -> io::Result<()> {
     use rustix::fs::{FlockOperation, flock};

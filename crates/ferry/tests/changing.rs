@@ -110,3 +110,34 @@ fn an_entry_deleted_during_a_download_is_reported_in_json_and_exits_24() {
     assert!(named(&out.json_event("summary")["vanished"][0]), "{out}");
     assert_trees_equal(&src, &dst);
 }
+
+/// An upload of a large file broken off leaves its part and journal for a
+/// resume; when a smaller version (which is never resumed) arrives whole
+/// instead, they go: nothing of a finished transfer is left behind.
+#[test]
+fn a_smaller_version_arriving_whole_clears_what_a_broken_off_upload_left() {
+    let scratch = Scratch::new();
+    let src = scratch.join("data.bin");
+    write_random_file(&src, 24 * MIB, 7);
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let gate = Gate::upload(server.addr().parse().unwrap(), 8 * MIB);
+    let client = spawn_held(&gate, &[&"up", &"--compress", &"off", &src, &"data.bin"]);
+    client.kill(rustix::process::Signal::KILL);
+    // The server sees the connection end once the gate lets it through.
+    gate.release();
+    assert!(
+        server.wait_for_log("ended early", Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(
+        part_files(&root).len(),
+        2,
+        "a part and a journal stay for a resume"
+    );
+    write_random_file(&src, MIB, 8);
+    server.run(&[&"up", &src, &"data.bin"]).assert_success();
+    assert_files_equal(&src, &root.join("data.bin"));
+    assert_eq!(part_files(&root), Vec::<std::path::PathBuf>::new());
+}

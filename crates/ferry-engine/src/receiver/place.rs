@@ -195,6 +195,10 @@ pub(super) struct Part {
     /// Some chunks were holes, left unwritten: the length is set before
     /// the commit.
     holes: bool,
+    /// Once committed, remove what an interrupted transfer of a larger
+    /// version of the file left (a part and its journal): in a directory
+    /// this transfer made there is none.
+    clear_stale: bool,
     committed: bool,
 }
 
@@ -222,6 +226,7 @@ impl Part {
             chown: None,
             blank: !existing,
             holes: false,
+            clear_stale: naming == Naming::Fresh && !plan.fresh_dir,
             committed: false,
         };
         Ok((part, existing))
@@ -345,6 +350,12 @@ impl Part {
         match placed {
             Ok(()) => {
                 self.committed = true;
+                if self.clear_stale {
+                    let name = &self.target.name;
+                    let (part, journal) = (names::part_name(name), names::journal_name(name));
+                    let dir = self.target.parent.as_fd();
+                    let _ = fsx::remove_stale_part(dir, &part, &journal);
+                }
                 Ok(())
             }
             Err(why) => {
