@@ -141,3 +141,41 @@ fn a_smaller_version_arriving_whole_clears_what_a_broken_off_upload_left() {
     assert_files_equal(&src, &root.join("data.bin"));
     assert_eq!(part_files(&root), Vec::<std::path::PathBuf>::new());
 }
+
+/// A resumed file whose held chunks no longer match the source (it was
+/// rewritten in place and its mtime put back) fails its digest: the
+/// chunks received in that attempt were checked against the source as it
+/// is, so only the ones held from before come again, not the whole file.
+#[test]
+fn a_resumed_file_whose_held_chunks_changed_sends_only_those_again() {
+    let scratch = Scratch::new();
+    let src = scratch.join("data.bin");
+    write_random_file(&src, 24 * MIB, 9);
+    let mtime = std::fs::metadata(&src).unwrap().modified().unwrap();
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let gate = Gate::upload(server.addr().parse().unwrap(), 8 * MIB);
+    let client = spawn_held(&gate, &[&"up", &"--compress", &"off", &src, &"data.bin"]);
+    client.kill(rustix::process::Signal::KILL);
+    gate.release();
+    assert!(
+        server.wait_for_log("ended early", Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    let file = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    file.write_all_at(&random_bytes(MIB as usize, 10), 0)
+        .unwrap();
+    file.set_modified(mtime).unwrap();
+    drop(file);
+    let out = server.run(&[&"up", &"--json", &"--compress", &"off", &src, &"data.bin"]);
+    out.assert_success();
+    assert_files_equal(&src, &root.join("data.bin"));
+    out.assert_stdout_contains("no longer match");
+    // What was not held, then what was: the file once, not once and a half.
+    let sent = out.json_event("summary")["bytes"].as_u64().unwrap();
+    assert!(
+        sent <= 26 * MIB,
+        "{sent} bytes sent for a 24 MiB file\n{out}"
+    );
+}

@@ -186,6 +186,12 @@ pub(super) struct Part {
     pub(super) keep: bool,
     /// Some verified chunk is in it: worth keeping for a resume.
     holds_data: bool,
+    /// It was resumed: some of its chunks were verified by an earlier
+    /// attempt, against the source as it was then.
+    resumed: bool,
+    /// The chunks this attempt wrote and journaled (resumable files only):
+    /// verified against the source as it is now.
+    received: Vec<ChunkRecord>,
     /// Whether the part file was created with the final mode already.
     mode_set: bool,
     /// The owner to give it before it takes its name, if any.
@@ -222,6 +228,8 @@ impl Part {
             journal_name,
             keep: true,
             holds_data: false,
+            resumed: false,
+            received: Vec::new(),
             mode_set: opened.mode_set,
             chown: None,
             blank: !existing,
@@ -288,6 +296,7 @@ impl Part {
                     Ok(Some((journal, held))) => {
                         self.journal = Some(journal);
                         self.holds_data = !held.is_empty();
+                        self.resumed = self.holds_data;
                         return Ok(held);
                     }
                     Ok(None) => {}
@@ -330,12 +339,50 @@ impl Part {
     /// so the journal never claims more than is there.
     pub(super) fn journal_chunk(&mut self, record: ChunkRecord) {
         self.holds_data = true;
-        if let Some(j) = self.journal.as_mut()
-            && let Err(e) = j.record(record)
-        {
-            tracing::debug!("journal write failed, no resume for this file: {e}");
-            self.journal = None;
-            let _ = journal::remove(self.target.parent.as_fd(), &self.journal_name);
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        match j.record(record) {
+            Ok(()) => self.received.push(record),
+            Err(e) => {
+                tracing::debug!("journal write failed, no resume for this file: {e}");
+                self.journal = None;
+                let _ = journal::remove(self.target.parent.as_fd(), &self.journal_name);
+            }
+        }
+    }
+
+    /// The whole file is not what was sent though every chunk verified: a
+    /// resumed file's held chunks no longer match the source (it changed
+    /// in place, its size and mtime put back), while the chunks this
+    /// attempt received were checked against it as it is now. Keep those
+    /// and forget the others, so that the next attempt sends only them;
+    /// false (keep nothing) when there is nothing to tell apart.
+    pub(super) fn forget_held(&mut self) -> bool {
+        if !self.resumed || self.journal.is_none() || self.received.is_empty() {
+            return false;
+        }
+        let stamp = SourceStamp {
+            size: self.target.size,
+            mtime_sec: self.target.mtime.sec,
+            mtime_nsec: self.target.mtime.nsec,
+        };
+        let dir = self.target.parent.clone();
+        let rewritten =
+            Journal::create(dir.as_fd(), &self.journal_name, stamp).and_then(|mut j| {
+                self.received.iter().try_for_each(|&r| j.record(r))?;
+                Ok(j)
+            });
+        match rewritten {
+            Ok(journal) => {
+                self.journal = Some(journal);
+                self.keep = true;
+                true
+            }
+            Err(e) => {
+                tracing::debug!("cannot rewrite the journal, starting over: {e}");
+                false
+            }
         }
     }
 

@@ -682,7 +682,11 @@ impl Worker {
         };
         let outcome = match f.arrival.verify() {
             // The chunks verified one by one, yet the whole is not what was
-            // sent: nothing of this part file can be trusted.
+            // sent: of a resumed file, the chunks held from before are
+            // suspect; otherwise nothing of this part file can be trusted.
+            Err(e) if f.part.forget_held() => Outcome::Incomplete(format!(
+                "{e}; the chunks held from an earlier attempt no longer match and come again"
+            )),
             Err(e) => {
                 f.part.keep = false;
                 Outcome::Incomplete(e.to_string())

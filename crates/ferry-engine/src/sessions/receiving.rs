@@ -1020,3 +1020,37 @@ fn a_part_others_could_open_is_replaced_not_adopted() {
     );
     assert_eq!(std::fs::read(r.dst().join("big")).unwrap(), data);
 }
+
+#[test]
+fn a_resume_whose_held_chunks_no_longer_match_keeps_only_what_it_received() {
+    let old = content(6 * MIB, 31);
+    let tmp = interrupted(&old, 2);
+    // The source's first chunk changed in place since (size and mtime put back).
+    let mut new = old.clone();
+    new[..MIB].copy_from_slice(&content(MIB, 32));
+    let mut r = Receiving::in_dir(tmp, |_| {});
+    r.take(vec![dir(1, ""), file(2, "big", new.len() as u64)])
+        .unwrap();
+    let mut rest = chunks_from(2, &new, 2 * MIB as u64);
+    rest.push(file_end(2, &new));
+    r.take(rest).unwrap();
+    let Some(Outcome::Incomplete(why)) = r.outcome(2) else {
+        panic!("{:?}", r.answers)
+    };
+    assert!(why.contains("no longer match"), "{why}");
+    // The next attempt is offered only what this one received.
+    let mut again = Receiving::in_dir(r.break_off(), |_| {});
+    let replies = again
+        .take(vec![dir(1, ""), file(2, "big", new.len() as u64)])
+        .unwrap();
+    let have = Message::Have {
+        id: 2,
+        chunks: vec![(2 * MIB as u64, MIB as u32, 4)],
+    };
+    assert!(replies.contains(&have), "{replies:?}");
+    let mut held_back = chunks_from(2, &new[..2 * MIB], 0);
+    held_back.extend([file_end(2, &new), dir_end(1), end()]);
+    again.take(held_back).unwrap();
+    assert_eq!(again.outcome(2), Some(&Outcome::Ok));
+    assert_eq!(std::fs::read(again.dst().join("big")).unwrap(), new);
+}
