@@ -636,3 +636,22 @@ fn a_directory_in_the_way_is_kept_and_reported() {
         assert_eq!(fs::read(&kept).unwrap(), b"kept", "{}", kept.display());
     }
 }
+
+/// A tree holding what an interrupted transfer left (a part file and its
+/// journal) goes without them: they are ferry's working files, not data,
+/// and a receiver refuses their names.
+#[test]
+fn working_files_left_in_a_tree_are_not_sent() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let tree = root.join("tree");
+    fs::create_dir(&tree).unwrap();
+    write_file(&tree.join("a.txt"), b"data\n");
+    write_file(&tree.join(".big.bin.ferry-part"), b"half a file");
+    write_file(&tree.join(".big.bin.ferry-journal"), b"its journal");
+    let server = Server::start(&root);
+    let dst = scratch.join("copy");
+    server.run(&[&"down", &"tree", &dst]).assert_success();
+    assert_eq!(fs::read(dst.join("a.txt")).unwrap(), b"data\n");
+    assert_eq!(part_files(&dst), Vec::<PathBuf>::new());
+}

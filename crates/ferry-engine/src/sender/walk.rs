@@ -14,6 +14,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Stat};
 
 use crate::fsx::{self, Kind};
+use crate::names;
 
 /// What a walk does with the entries it meets.
 pub(super) trait Visitor {
@@ -99,6 +100,12 @@ pub(super) fn children<V: Visitor>(
         Err(e) => return Ok(Err(e)),
     };
     for (name, recorded_type) in entries {
+        // ferry's own working files (a part file left by an interrupted
+        // transfer, its journal) hold no data of the tree, and a receiver
+        // refuses their names.
+        if names::is_working_name(&name) {
+            continue;
+        }
         if let Some(child) = v.child_path(path, &name) {
             visit(v, dir.as_fd(), &name, recorded_type, &child)?;
         }
