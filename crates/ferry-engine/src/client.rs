@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::message::{Compression, ErrorCode, Message};
+use ferry_proto::message::{Compression, ErrorCode, FilterRule, Message};
 use ferry_proto::path::{WireBytes, escape};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -25,6 +25,7 @@ use crate::conn::{
 };
 use crate::error::{ConnectError, EngineError, LocalCause, Op, Side, TlsError, Violation};
 use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
+use crate::filter::Filter;
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
@@ -55,6 +56,10 @@ pub struct ClientConfig {
     pub owners: bool,
     /// Make device nodes when this client receives (downloads) as root.
     pub devices: bool,
+    /// What the sender leaves out, in order (the first matching rule
+    /// decides), and whether it honours the tree's `.gitignore` files.
+    pub filters: Vec<FilterRule>,
+    pub gitignore: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -438,6 +443,7 @@ async fn upload_once(
     tally: Arc<Tally>,
     session: Session,
 ) -> Result<(), EngineError> {
+    let filter = Filter::new(&config.filters, config.gitignore)?;
     let root = fsx::open_local_root(local)
         .map_err(|e| EngineError::local(escape(local.as_os_str().as_bytes()), Op::Open, e))?;
     let request = Message::Upload {
@@ -452,6 +458,7 @@ async fn upload_once(
         label: escape(local.as_os_str().as_bytes()),
         early_totals: config.early_totals,
         owners: config.owners,
+        filter,
     };
     let result = session
         .watched(config.timeout, async |cancel| {
@@ -477,6 +484,9 @@ async fn download_once(
     tally: Arc<Tally>,
     session: Session,
 ) -> Result<(), EngineError> {
+    // The server checks the rules too; a wrong one is the user's to fix
+    // before anything connects.
+    Filter::new(&config.filters, config.gitignore)?;
     let mut dest = local_destination(local, escape(remote))?;
     dest.ignore_times = config.ignore_times;
     dest.owners = config.owners && fsx::may_chown();
@@ -486,6 +496,8 @@ async fn download_once(
         compression: config.compression,
         ignore_times: config.ignore_times,
         owners: dest.owners,
+        filters: config.filters.clone(),
+        gitignore: config.gitignore,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let result = session

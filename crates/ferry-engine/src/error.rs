@@ -75,6 +75,9 @@ pub enum EngineError {
     Closed,
     #[error("interrupted")]
     Cancelled,
+    /// An `--include`/`--exclude` rule the matcher cannot take.
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
     /// The TLS handshake or a TLS record failed (damaged bytes, a peer
     /// that went away mid-handshake): worth another try.
     #[error("TLS: {0}")]
@@ -228,6 +231,8 @@ pub enum RefusalReason {
     WriteOnly,
     #[error("compression level {0} is outside 1..=19")]
     CompressionLevel(i32),
+    #[error(transparent)]
+    Filter(#[from] crate::filter::FilterError),
     /// The request's path failed validation (it is named beside this).
     #[error("the remote path {}", .0.problem())]
     BadPath(PathError),
@@ -296,6 +301,7 @@ impl Refusal {
             RefusalReason::NotHello(_) => ErrorCode::Protocol,
             RefusalReason::NoRandom { .. } => ErrorCode::Io,
             RefusalReason::CompressionLevel(_)
+            | RefusalReason::Filter(_)
             | RefusalReason::NotARequest(_)
             | RefusalReason::NeedsTls
             | RefusalReason::CannotJoin
@@ -519,6 +525,7 @@ impl EngineError {
             EngineError::RefusedPeer(refusal) => refusal.code(),
             EngineError::TokenRequired => ErrorCode::PermissionDenied,
             EngineError::Cancelled => ErrorCode::ShuttingDown,
+            EngineError::Filter(_) => ErrorCode::BadRequest,
             EngineError::Protocol(_) | EngineError::NotFerry(_) => ErrorCode::Protocol,
             EngineError::Connect { .. }
             | EngineError::Local { .. }
@@ -578,7 +585,8 @@ impl EngineError {
             | EngineError::NotTls { .. }
             | EngineError::FingerprintMismatch { .. }
             | EngineError::KeyChanged { .. }
-            | EngineError::Cancelled => false,
+            | EngineError::Cancelled
+            | EngineError::Filter(_) => false,
         }
     }
 }

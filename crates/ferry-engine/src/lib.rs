@@ -37,6 +37,7 @@ mod codec;
 mod conn;
 pub mod error;
 pub mod events;
+mod filter;
 mod fsx;
 mod journal;
 mod names;
@@ -50,7 +51,7 @@ mod throttle;
 pub mod tls;
 
 pub use error::EngineError;
-pub use ferry_proto::message::Compression;
+pub use ferry_proto::message::{Compression, FilterRule, RuleKind};
 pub use ferry_proto::path::escape;
 pub use tokio_util::sync::CancellationToken;
 

@@ -41,6 +41,7 @@ use crate::conn::{
 };
 use crate::error::{EngineError, Op, Refusal, RefusalReason, Side, TlsError, reason};
 use crate::events::{Event, EventSink, Tally};
+use crate::filter::Filter;
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
@@ -755,7 +756,7 @@ async fn transfer(
             info!("download of {}", job.label);
             job.local_peer = local_peer;
             let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
-            let result = run_sender(reader, writer, job, tally.clone(), watched, joins).await;
+            let result = run_sender(reader, writer, *job, tally.clone(), watched, joins).await;
             ("download", result, tally)
         }
     }
@@ -805,7 +806,8 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
 /// What an accepted request runs.
 enum Accepted {
     Receive(Destination),
-    Send(SendJob),
+    /// Boxed: a job carries its filter's compiled globs.
+    Send(Box<SendJob>),
 }
 
 /// Check a request against the server's access and root, and prepare what
@@ -830,7 +832,12 @@ fn accept_request(
             compression,
             ignore_times: _,
             owners,
-        } => accept_download(root, source.as_bytes(), compression, owners),
+            filters,
+            gitignore,
+        } => {
+            let filter = Filter::new(&filters, gitignore).map_err(|e| Refusal::new(e.into()))?;
+            accept_download(root, source.as_bytes(), compression, owners, filter)
+        }
         other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
     }
 }
@@ -893,6 +900,7 @@ fn accept_download(
     source: &[u8],
     compression: Compression,
     owners: bool,
+    filter: Filter,
 ) -> Result<Accepted, Refusal> {
     if let Compression::Level(level) = compression
         && !(1..=19).contains(&level)
@@ -905,7 +913,7 @@ fn accept_download(
         let op = Op::Open;
         Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
     })?;
-    Ok(Accepted::Send(SendJob {
+    Ok(Accepted::Send(Box::new(SendJob {
         root: root_entry,
         compression,
         local_peer: false,
@@ -913,7 +921,8 @@ fn accept_download(
         // The client cannot tell us whether it shows progress: count.
         early_totals: true,
         owners,
-    }))
+        filter,
+    })))
 }
 
 /// Refuse a request with a reason the client will show its user.

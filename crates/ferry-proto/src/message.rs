@@ -183,6 +183,13 @@ pub enum Message {
         /// apply them. Absent means false.
         #[serde(default, skip_serializing_if = "is_false")]
         owners: bool,
+        /// What the sender leaves out, in order: the first rule that
+        /// matches an entry decides. Absent means none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        filters: Vec<FilterRule>,
+        /// The sender also honours the `.gitignore` files of the tree.
+        #[serde(default, skip_serializing_if = "is_false")]
+        gitignore: bool,
     },
     /// The request was accepted; the transfer starts.
     Ready,
@@ -260,6 +267,21 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+/// One filter rule: a gitignore-style glob (PROTOCOL.md §4.2) and whether
+/// the entries it matches are sent or left out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterRule {
+    pub rule: RuleKind,
+    pub pattern: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleKind {
+    Include,
+    Exclude,
+}
+
 impl Message {
     /// An `error` about no path in particular.
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -333,6 +355,8 @@ mod tests {
                 compression: Compression::Level(3),
                 ignore_times: false,
                 owners: false,
+                filters: vec![],
+                gitignore: false,
             }),
             r#"{"type":"download","source":"a/b","compression":{"mode":"level","level":3}}"#
         );
@@ -342,6 +366,8 @@ mod tests {
                 compression: Compression::Auto,
                 ignore_times: false,
                 owners: false,
+                filters: vec![],
+                gitignore: false,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"auto"}}"#
         );
@@ -416,6 +442,8 @@ mod tests {
                 compression: Compression::Off,
                 ignore_times: false,
                 owners: true,
+                filters: vec![],
+                gitignore: false,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"off"},"owners":true}"#
         );
@@ -511,6 +539,8 @@ mod tests {
                     compression: Compression::Off,
                     ignore_times: false,
                     owners: false,
+                    filters: vec![],
+                    gitignore: false,
                 },
                 r#"{"type":"download","source":"","compression":{"mode":"off"}}"#,
             ),
@@ -649,6 +679,8 @@ mod tests {
                 compression: Compression::Off,
                 ignore_times: true,
                 owners: false,
+                filters: vec![],
+                gitignore: false,
             },
             Message::Ready,
             Message::Totals { files: 1, bytes: 2 },

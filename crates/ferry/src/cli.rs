@@ -4,8 +4,8 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
-use ferry_engine::Compression;
+use clap::{ArgMatches, Args, Parser, Subcommand};
+use ferry_engine::{Compression, FilterRule, RuleKind};
 
 pub const DEFAULT_PORT: u16 = 8834;
 
@@ -187,6 +187,84 @@ pub struct TransferOpts {
     /// Read the server's token from FILE (FERRY_TOKEN, if set, wins); the token itself never crosses the wire.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Leave out what PATTERN matches: a gitignore-style glob (`*.log` at any depth, `/build/`
+    /// anchored to the source's top, a trailing `/` for directories only, `**/node_modules/`,
+    /// `!PATTERN` to keep). May be given many times; with --include and --exclude-from, the
+    /// first rule that matches an entry decides, as with rsync. A directory left out is not walked.
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Send what PATTERN matches even if a later --exclude matches it too (see --exclude).
+    #[arg(long, value_name = "PATTERN")]
+    pub include: Vec<String>,
+    /// Read --exclude patterns from FILE, one per line, in gitignore style (`#` comments, blank lines
+    /// ignored, `!PATTERN` to keep); they take their place among the other rules where the option stands.
+    #[arg(long, value_name = "FILE")]
+    pub exclude_from: Vec<PathBuf>,
+    /// Also leave out what the .gitignore files of the source tree ignore (each applies below its
+    /// directory, the deepest first; --include/--exclude rules come first), as ripgrep and fd do.
+    #[arg(long)]
+    pub gitignore: bool,
+    /// The --include, --exclude and --exclude-from rules in command-line order (see `order_filters`).
+    #[arg(skip)]
+    pub filters: Vec<FilterRule>,
+}
+
+/// Put the filter rules of a transfer command in the order they stand on
+/// the command line: the first one that matches decides, so the order
+/// between --include and --exclude matters, and clap gives each option's
+/// values apart.
+pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> {
+    let Some((_, sub)) = matches.subcommand() else {
+        return Ok(());
+    };
+    let opts = match &mut cli.command {
+        Command::Upload(a) => &mut a.transfer,
+        Command::Download(a) => &mut a.transfer,
+        Command::Copy(a) => &mut a.transfer,
+        Command::Server(_) => return Ok(()),
+    };
+    opts.filters = ordered_rules(sub)?;
+    Ok(())
+}
+
+fn ordered_rules(m: &ArgMatches) -> Result<Vec<FilterRule>, String> {
+    // (position on the command line, line in a file, rule)
+    let mut rules: Vec<(usize, usize, FilterRule)> = Vec::new();
+    for (id, rule) in [
+        ("include", RuleKind::Include),
+        ("exclude", RuleKind::Exclude),
+    ] {
+        if let (Some(values), Some(at)) = (m.get_many::<String>(id), m.indices_of(id)) {
+            for (pattern, i) in values.zip(at) {
+                let pattern = pattern.clone();
+                rules.push((i, 0, FilterRule { rule, pattern }));
+            }
+        }
+    }
+    if let (Some(files), Some(at)) = (
+        m.get_many::<PathBuf>("exclude_from"),
+        m.indices_of("exclude_from"),
+    ) {
+        for (file, i) in files.zip(at) {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                format!(
+                    "--exclude-from {}: {}",
+                    file.display(),
+                    ferry_engine::error::reason(&e)
+                )
+            })?;
+            let lines = text.lines().map(str::trim_end).enumerate();
+            for (n, line) in lines.filter(|(_, l)| !l.is_empty() && !l.starts_with('#')) {
+                let rule = FilterRule {
+                    rule: RuleKind::Exclude,
+                    pattern: line.to_string(),
+                };
+                rules.push((i, n + 1, rule));
+            }
+        }
+    }
+    rules.sort_by_key(|&(i, n, _)| (i, n));
+    Ok(rules.into_iter().map(|(_, _, rule)| rule).collect())
 }
 
 /// An age like `90s`, `30m`, `36h`, `7d` (a bare number is seconds); zero

@@ -18,7 +18,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
 use ferry_engine::client::{self, ClientConfig};
 use ferry_engine::events::TransferSummary;
 use ferry_engine::server::{self, ServerConfig};
@@ -40,17 +39,9 @@ mod exit {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_command_line() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            // --help and --version are not errors.
-            return if e.use_stderr() {
-                ExitCode::from(exit::USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     if !matches!(cli.command, Command::Server(_)) && std::env::var_os("RUST_LOG").is_some() {
         // Clients are silent but for their own output; RUST_LOG opts into
@@ -100,6 +91,29 @@ fn main() -> ExitCode {
             ExitCode::from(exit::FAILURE)
         }
     }
+}
+
+/// The command line as typed, or the exit code if there is nothing to run
+/// (a usage error, --help, --version).
+fn parse_command_line() -> Result<Cli, ExitCode> {
+    use clap::{CommandFactory, FromArgMatches};
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|cli| (cli, m)));
+    let (mut cli, matches) = parsed.map_err(|e| {
+        let _ = e.print();
+        // --help and --version are not errors.
+        if e.use_stderr() {
+            ExitCode::from(exit::USAGE)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })?;
+    cli::order_filters(&mut cli, &matches).map_err(|message| {
+        eprintln!("ferry: {message}");
+        ExitCode::from(exit::USAGE)
+    })?;
+    Ok(cli)
 }
 
 /// An error that ends the command before any transfer ran.
@@ -318,6 +332,8 @@ fn client_config(
         ignore_times: opts.ignore_times,
         owners: !opts.no_owner,
         devices: opts.devices,
+        filters: opts.filters.clone(),
+        gitignore: opts.gitignore,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })

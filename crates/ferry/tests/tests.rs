@@ -17,6 +17,8 @@ mod proxy;
 mod resume;
 // A source that changes while it is sent: rewritten files, vanished entries.
 mod changing;
+// --include, --exclude, --exclude-from and --gitignore, both ways.
+mod filters;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

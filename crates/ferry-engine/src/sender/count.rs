@@ -9,16 +9,21 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
 
+use ferry_proto::path::WirePath;
 use rustix::fs::Stat;
 
 use super::rules::MAX_LINKED_FILES;
 use super::walk::{self, Lazy, Visitor};
 use crate::error::EngineError;
+use crate::filter::Filter;
 use crate::fsx::{self, Root};
 
 /// Count the files (and symlinks and nodes) and bytes below a root; the
 /// totals come on the channel when they are ready.
-pub(super) fn count_in_background(root: &Root) -> Result<mpsc::Receiver<(u64, u64)>, EngineError> {
+pub(super) fn count_in_background(
+    root: &Root,
+    filter: &Filter,
+) -> Result<mpsc::Receiver<(u64, u64)>, EngineError> {
     let (tx, rx) = mpsc::channel();
     let known = match root {
         Root::Dir(..) => None,
@@ -34,11 +39,12 @@ pub(super) fn count_in_background(root: &Root) -> Result<mpsc::Receiver<(u64, u6
         return Ok(rx);
     };
     let dir = fsx::open_dir_beneath(fd.as_fd(), &[])?;
+    let filter = filter.clone();
     std::thread::Builder::new()
         .name("ferry-count".into())
         .stack_size(16 * 1024 * 1024)
         .spawn(move || {
-            let _ = tx.send(count(&dir));
+            let _ = tx.send(count(&dir, filter));
         })?;
     Ok(rx)
 }
@@ -46,10 +52,17 @@ pub(super) fn count_in_background(root: &Root) -> Result<mpsc::Receiver<(u64, u6
 /// Count below a directory. The bytes of a file with several names count
 /// once, as they are sent once (up to as many such files as the sending
 /// walk remembers).
-fn count(root: &OwnedFd) -> (u64, u64) {
-    let mut counter = Counter::default();
+fn count(root: &OwnedFd, filter: Filter) -> (u64, u64) {
+    let mut counter = Counter {
+        filter,
+        ..Counter::default()
+    };
     // What cannot be listed or looked at is not sent either.
-    let Ok(_) = walk::children(&mut counter, root, &());
+    let root_path = WirePath::root();
+    counter
+        .filter
+        .enter(b"", walk::gitignore_of(&counter.filter, root).as_deref());
+    let Ok(_) = walk::children(&mut counter, root, &root_path);
     (counter.files, counter.bytes)
 }
 
@@ -59,25 +72,39 @@ struct Counter {
     bytes: u64,
     /// Files with several names met, by device and inode.
     seen: HashSet<(u64, u64)>,
+    /// What the sending walk leaves out, left out of the count too.
+    filter: Filter,
 }
 
 impl Visitor for Counter {
     const OPENS_FILES: bool = false;
-    type Path = ();
+    /// Paths matter only to the filter: without one, no path is made.
+    type Path = WirePath;
     type Error = Infallible;
 
-    fn child_path(&mut self, _: &(), _: &[u8]) -> Option<()> {
-        Some(())
+    fn child_path(&mut self, parent: &WirePath, name: &[u8]) -> Option<WirePath> {
+        if !self.filter.is_active() {
+            return Some(WirePath::root());
+        }
+        parent.join(name).ok()
     }
 
-    fn dir(&mut self, _: &(), _: &Stat, opened: io::Result<OwnedFd>) -> Result<(), Infallible> {
+    fn dir(
+        &mut self,
+        path: &WirePath,
+        _: &Stat,
+        opened: io::Result<OwnedFd>,
+    ) -> Result<(), Infallible> {
         if let Ok(fd) = opened {
-            let Ok(_) = walk::children(self, &fd, &());
+            let gitignore = walk::gitignore_of(&self.filter, &fd);
+            self.filter.enter(path.as_bytes(), gitignore.as_deref());
+            let Ok(_) = walk::children(self, &fd, path);
+            self.filter.leave();
         }
         Ok(())
     }
 
-    fn file(&mut self, _: &(), stat: &Stat, _: Lazy<'_, File>) -> Result<(), Infallible> {
+    fn file(&mut self, _: &WirePath, stat: &Stat, _: Lazy<'_, File>) -> Result<(), Infallible> {
         self.files += 1;
         let again = stat.st_nlink > 1
             && self.seen.len() < MAX_LINKED_FILES
@@ -88,26 +115,30 @@ impl Visitor for Counter {
         Ok(())
     }
 
-    fn symlink(&mut self, _: &(), _: &Stat, _: Lazy<'_, Vec<u8>>) -> Result<(), Infallible> {
+    fn symlink(&mut self, _: &WirePath, _: &Stat, _: Lazy<'_, Vec<u8>>) -> Result<(), Infallible> {
         self.files += 1;
         Ok(())
     }
 
-    fn node(&mut self, _: &(), _: &Stat) -> Result<(), Infallible> {
+    fn node(&mut self, _: &WirePath, _: &Stat) -> Result<(), Infallible> {
         self.files += 1;
         Ok(())
     }
 
-    fn special(&mut self, _: &(), _: &'static str) -> Result<(), Infallible> {
+    fn special(&mut self, _: &WirePath, _: &'static str) -> Result<(), Infallible> {
         Ok(())
     }
 
-    fn unreadable(&mut self, _: &(), _: io::Error) -> Result<(), Infallible> {
+    fn unreadable(&mut self, _: &WirePath, _: io::Error) -> Result<(), Infallible> {
         Ok(())
     }
 
-    fn vanished(&mut self, _: &()) -> Result<(), Infallible> {
+    fn vanished(&mut self, _: &WirePath) -> Result<(), Infallible> {
         Ok(())
+    }
+
+    fn excluded(&self, path: &WirePath, is_dir: bool) -> bool {
+        self.filter.is_active() && self.filter.excludes(path.as_bytes(), is_dir)
     }
 }
 
@@ -129,7 +160,7 @@ mod tests {
             panic!("not a directory")
         };
         // Three names, and the bytes the transfer sends: 1000 once, 10.
-        assert_eq!(count(&fd), (3, 1010));
+        assert_eq!(count(&fd, Filter::default()), (3, 1010));
     }
 
     #[test]
@@ -148,11 +179,17 @@ mod tests {
         let Root::Dir(fd, _) = fsx::open_local_root(tmp.path()).unwrap() else {
             panic!("not a directory")
         };
-        assert_eq!(count(&fd), (1, 0));
+        assert_eq!(count(&fd, Filter::default()), (1, 0));
         // The same holds for a fifo named as the root.
         let root = fsx::open_local_root(&fifo).unwrap();
         assert!(matches!(root, Root::Node(_)));
-        assert_eq!(count_in_background(&root).unwrap().recv().unwrap(), (1, 0));
+        assert_eq!(
+            count_in_background(&root, &Filter::default())
+                .unwrap()
+                .recv()
+                .unwrap(),
+            (1, 0)
+        );
     }
 
     #[test]
@@ -165,6 +202,6 @@ mod tests {
             panic!("not a directory")
         };
         // The symlink is one entry; what it points to is not counted again.
-        assert_eq!(count(&fd), (2, 7));
+        assert_eq!(count(&fd, Filter::default()), (2, 7));
     }
 }

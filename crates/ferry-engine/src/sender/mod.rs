@@ -39,6 +39,7 @@ use crate::conn::{
 };
 use crate::error::{EngineError, PeerFailure, Side, Violation};
 use crate::events::{EventSink, Tally};
+use crate::filter::Filter;
 use crate::fsx::Root;
 
 /// Batches of control frames the producer may run ahead of the socket.
@@ -67,6 +68,8 @@ pub(crate) struct SendJob {
     pub(crate) early_totals: bool,
     /// Send each entry's owner, for a receiver that applies them.
     pub(crate) owners: bool,
+    /// What is left out of the tree.
+    pub(crate) filter: Filter,
 }
 
 /// What passes from the reader of the receiver's replies to the producer
@@ -146,6 +149,7 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
         tally,
         job.label,
         job.owners,
+        job.filter,
     );
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.

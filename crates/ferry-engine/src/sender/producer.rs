@@ -20,6 +20,7 @@ use super::rules::{Links, Next, PlanQueue, Planned, Stamp, Unanswered, counted};
 use super::walk::{self, Lazy, Visitor};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally, display_name};
+use crate::filter::Filter;
 use crate::fsx::{self, Root};
 
 pub(super) struct Producer {
@@ -35,6 +36,8 @@ pub(super) struct Producer {
     label: String,
     /// Whether entries carry their owner.
     owners: bool,
+    /// What is left out of the tree.
+    filter: Filter,
 }
 
 /// What sending a file announced and waiting for its plan takes.
@@ -94,6 +97,7 @@ impl Producer {
         tally: Arc<Tally>,
         label: String,
         owners: bool,
+        filter: Filter,
     ) -> Self {
         Producer {
             out,
@@ -105,12 +109,13 @@ impl Producer {
             totals: Totals::default(),
             label,
             owners,
+            filter,
         }
     }
 
     pub(super) fn run(mut self, root: Root, early_totals: bool) -> Result<(), EngineError> {
         if early_totals {
-            self.totals.counting = Some(count_in_background(&root)?);
+            self.totals.counting = Some(count_in_background(&root, &self.filter)?);
         }
         let path = WirePath::root();
         match root {
@@ -333,7 +338,10 @@ impl Visitor for Producer {
         let listed = match opened {
             Ok(fd) => {
                 self.walk.enter(id);
+                let gitignore = walk::gitignore_of(&self.filter, &fd);
+                self.filter.enter(path.as_bytes(), gitignore.as_deref());
                 let listed = walk::children(self, &fd, path);
+                self.filter.leave();
                 self.walk.leave();
                 listed?.map_err(|e| format!("cannot list directory: {}", reason(&e)))
             }
@@ -432,6 +440,10 @@ impl Visitor for Producer {
             what: what.to_string(),
         };
         self.entry(path, kind, None).map(drop)
+    }
+
+    fn excluded(&self, path: &WirePath, is_dir: bool) -> bool {
+        self.filter.is_active() && self.filter.excludes(path.as_bytes(), is_dir)
     }
 
     fn unreadable(&mut self, path: &WirePath, e: io::Error) -> Result<(), EngineError> {

@@ -13,6 +13,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::{AtFlags, FileType, Stat};
 
+use std::io::Read;
+
+use crate::filter::{Filter, MAX_GITIGNORE_BYTES};
 use crate::fsx::{self, Kind};
 use crate::names;
 
@@ -57,6 +60,9 @@ pub(super) trait Visitor {
     fn unreadable(&mut self, path: &Self::Path, e: io::Error) -> Result<(), Self::Error>;
     /// An entry listed that was gone when looked at: deleted since.
     fn vanished(&mut self, path: &Self::Path) -> Result<(), Self::Error>;
+    /// Whether the entry at `path` is left out (`--exclude`, .gitignore):
+    /// it is passed by before it is opened, and a directory not walked.
+    fn excluded(&self, path: &Self::Path, is_dir: bool) -> bool;
 }
 
 /// An open file or a symlink's target, met by the walk: at hand already,
@@ -86,6 +92,20 @@ impl Lazy<'_, Vec<u8>> {
             Lazy::At(dir, name) => Ok(rustix::fs::readlinkat(dir, name, Vec::new())?.into_bytes()),
         }
     }
+}
+
+/// The contents of `dir`'s `.gitignore` for `filter`, when it reads them
+/// (up to a bound); none if there is no such regular file.
+pub(super) fn gitignore_of(filter: &Filter, dir: &OwnedFd) -> Option<Vec<u8>> {
+    if !filter.reads_gitignore() {
+        return None;
+    }
+    let (file, _) = fsx::open_regular(dir.as_fd(), b".gitignore").ok()?;
+    let mut text = Vec::new();
+    io::Read::take(&file, MAX_GITIGNORE_BYTES as u64)
+        .read_to_end(&mut text)
+        .ok()?;
+    Some(text)
 }
 
 /// Visit the entries of the directory `dir` at `path`, in name order. The
@@ -122,6 +142,9 @@ fn visit<V: Visitor>(
 ) -> Result<(), V::Error> {
     // Most entries are regular files: open and fstat them directly. Any
     // surprise (gone, changed type, unreadable) takes the careful path.
+    if recorded_type == FileType::RegularFile && v.excluded(path, false) {
+        return Ok(());
+    }
     if V::OPENS_FILES
         && recorded_type == FileType::RegularFile
         && let Ok((file, stat)) = fsx::open_regular(dir, name)
@@ -130,9 +153,18 @@ fn visit<V: Visitor>(
     }
     let stat = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(stat) => stat,
-        Err(rustix::io::Errno::NOENT) => return v.vanished(path),
+        Err(rustix::io::Errno::NOENT) => {
+            // Left out anyway: nothing to report.
+            return match v.excluded(path, false) || v.excluded(path, true) {
+                true => Ok(()),
+                false => v.vanished(path),
+            };
+        }
         Err(e) => return v.unreadable(path, e.into()),
     };
+    if v.excluded(path, fsx::kind_of(&stat) == Kind::Dir) {
+        return Ok(());
+    }
     match fsx::kind_of(&stat) {
         Kind::Dir => v.dir(path, &stat, fsx::open_subdir(dir, name)),
         Kind::File => v.file(path, &stat, Lazy::At(dir, name)),
@@ -211,6 +243,10 @@ mod tests {
             self.seen.push(format!("vanished {path}"));
             Ok(())
         }
+
+        fn excluded(&self, path: &String, _: bool) -> bool {
+            path.ends_with("/excluded")
+        }
     }
 
     #[test]
@@ -222,6 +258,8 @@ mod tests {
         std::fs::write(at("a"), b"").unwrap();
         std::fs::write(at("b"), b"gone before its turn").unwrap();
         std::fs::write(at("passed-by"), b"").unwrap();
+        std::fs::write(at("d/excluded"), b"left out").unwrap();
+        std::fs::create_dir(at("excluded")).unwrap();
         std::os::unix::fs::symlink("d/f", at("l")).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,

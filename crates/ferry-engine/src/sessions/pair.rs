@@ -71,6 +71,7 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         label: "src".into(),
         early_totals: false,
         owners: false,
+        filter: Default::default(),
     };
     // As in an upload: the client sends to the server.
     let mut started = sender::start(job, tally.clone(), Side::Server).unwrap();
