@@ -24,7 +24,10 @@ pub const DEFAULT_PORT: u16 = 8834;
         ferry upload ./website production/website --host deploy.example.com\n  \
         ferry download backup/www_20260101 ./restore --host backup.example.com\n  \
         ferry cp ./data 10.0.1.100:datasets/data\n  \
-        ferry cp ./a ./b                      # local copy through the same pipeline"
+        ferry cp ./a ./b                      # local copy through the same pipeline\n\n\
+        Exit status: 0 all arrived; 1 some file failed or the transfer could not run; 2 usage \
+        error; 24 some source entries vanished while the tree was read (the rest arrived); \
+        130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -146,7 +149,8 @@ pub struct TransferOpts {
     /// Print a line for each file.
     #[arg(long, short = 'v')]
     pub verbose: bool,
-    /// Print NDJSON events on stdout (start, file_done, file_failed, skipped, progress, summary).
+    /// Print NDJSON events on stdout, one object per line: start, file_done, file_unchanged,
+    /// resumed, file_incomplete, file_failed, skipped, vanished, retry, progress, summary, error.
     #[arg(long)]
     pub json: bool,
     /// Parallel connections for the transfer (1-16) [default: one per core, at most 8].

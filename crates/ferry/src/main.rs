@@ -387,7 +387,10 @@ fn finish(
             }
         }
         Err(EngineError::Cancelled) => {
-            ui.fatal("interrupted; files not yet complete were discarded");
+            ui.fatal(
+                "interrupted: files already in place stay; of the files not yet complete, those of \
+                 4 MiB or more keep what arrived verified. Run the same command again to resume.",
+            );
             ExitCode::from(exit::INTERRUPTED)
         }
         Err(e) => {
@@ -397,7 +400,8 @@ fn finish(
     }
 }
 
-/// First ^C: stop cleanly (part files are removed). Second: leave now.
+/// First ^C: stop cleanly (small files' parts are removed, large files'
+/// verified parts are kept for a resume). Second: leave now.
 async fn interrupt_handler(cancel: CancellationToken) {
     if tokio::signal::ctrl_c().await.is_ok() {
         cancel.cancel();

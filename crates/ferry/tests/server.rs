@@ -407,6 +407,12 @@ fn interrupted_client_exits_130() {
         "exit status after ^C; stderr: {stderr}"
     );
     assert!(contains_ci(&stderr, "interrupted"), "stderr: {stderr}");
+    // What is kept and how to go on, never that it was all thrown away.
+    assert!(!contains_ci(&stderr, "discarded"), "stderr: {stderr}");
+    assert!(
+        contains_ci(&stderr, "run the same command again to resume"),
+        "stderr: {stderr}"
+    );
     let _ = client_gone.send(());
     fake.join().expect("the fake server thread");
 }
