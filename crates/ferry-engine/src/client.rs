@@ -60,6 +60,9 @@ pub struct ClientConfig {
     /// decides), and whether it honours the tree's `.gitignore` files.
     pub filters: Vec<FilterRule>,
     pub gitignore: bool,
+    /// `--bwlimit`: the sender (this client, or the server for a
+    /// download) stays under this many bytes per second.
+    pub bwlimit: Option<u64>,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -459,6 +462,7 @@ async fn upload_once(
         early_totals: config.early_totals,
         owners: config.owners,
         filter,
+        bwlimit: config.bwlimit,
     };
     let result = session
         .watched(config.timeout, async |cancel| {
@@ -498,6 +502,7 @@ async fn download_once(
         owners: dest.owners,
         filters: config.filters.clone(),
         gitignore: config.gitignore,
+        bwlimit: config.bwlimit,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let result = session

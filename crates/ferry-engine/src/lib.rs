@@ -41,6 +41,7 @@ mod filter;
 mod fsx;
 mod journal;
 mod names;
+pub mod pace;
 mod receiver;
 mod sender;
 pub mod server;

@@ -834,9 +834,11 @@ fn accept_request(
             owners,
             filters,
             gitignore,
+            bwlimit,
         } => {
             let filter = Filter::new(&filters, gitignore).map_err(|e| Refusal::new(e.into()))?;
-            accept_download(root, source.as_bytes(), compression, owners, filter)
+            let job = accept_download(root, source.as_bytes(), compression, owners, filter)?;
+            Ok(with_bwlimit(job, bwlimit))
         }
         other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
     }
@@ -922,7 +924,20 @@ fn accept_download(
         early_totals: true,
         owners,
         filter,
+        bwlimit: None,
     })))
+}
+
+/// A download's rate limit, as the client asked, but never below the
+/// slowest rate (a trickle would hold a slot for ever).
+fn with_bwlimit(accepted: Accepted, bwlimit: Option<u64>) -> Accepted {
+    match accepted {
+        Accepted::Send(mut job) => {
+            job.bwlimit = bwlimit.map(|rate| rate.max(crate::pace::MIN_RATE));
+            Accepted::Send(job)
+        }
+        other => other,
+    }
 }
 
 /// Refuse a request with a reason the client will show its user.

@@ -190,6 +190,10 @@ pub enum Message {
         /// The sender also honours the `.gitignore` files of the tree.
         #[serde(default, skip_serializing_if = "is_false")]
         gitignore: bool,
+        /// The rate, in bytes per second, the sender stays under, all
+        /// connections together. Absent means none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bwlimit: Option<u64>,
     },
     /// The request was accepted; the transfer starts.
     Ready,
@@ -357,6 +361,7 @@ mod tests {
                 owners: false,
                 filters: vec![],
                 gitignore: false,
+                bwlimit: None,
             }),
             r#"{"type":"download","source":"a/b","compression":{"mode":"level","level":3}}"#
         );
@@ -368,6 +373,7 @@ mod tests {
                 owners: false,
                 filters: vec![],
                 gitignore: false,
+                bwlimit: None,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"auto"}}"#
         );
@@ -444,6 +450,7 @@ mod tests {
                 owners: true,
                 filters: vec![],
                 gitignore: false,
+                bwlimit: None,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"off"},"owners":true}"#
         );
@@ -541,6 +548,7 @@ mod tests {
                     owners: false,
                     filters: vec![],
                     gitignore: false,
+                    bwlimit: None,
                 },
                 r#"{"type":"download","source":"","compression":{"mode":"off"}}"#,
             ),
@@ -681,6 +689,7 @@ mod tests {
                 owners: false,
                 filters: vec![],
                 gitignore: false,
+                bwlimit: None,
             },
             Message::Ready,
             Message::Totals { files: 1, bytes: 2 },

@@ -208,6 +208,11 @@ pub struct TransferOpts {
     /// directory, the deepest first; --include/--exclude rules come first), as ripgrep and fd do.
     #[arg(long)]
     pub gitignore: bool,
+    /// Keep the transfer under RATE bytes per second, all connections together, smoothly (no more
+    /// than 50 ms at full speed at a time): e.g. 500K, 50M, 1G (powers of 1024). The sender paces
+    /// itself: the server, for a download.
+    #[arg(long, value_name = "RATE", value_parser = ferry_engine::pace::parse_rate)]
+    pub bwlimit: Option<u64>,
     /// The --include, --exclude and --exclude-from rules in command-line order (see `order_filters`).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,

@@ -334,6 +334,7 @@ fn client_config(
         devices: opts.devices,
         filters: opts.filters.clone(),
         gitignore: opts.gitignore,
+        bwlimit: opts.bwlimit,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })

@@ -655,3 +655,75 @@ fn working_files_left_in_a_tree_are_not_sent() {
     assert_eq!(fs::read(dst.join("a.txt")).unwrap(), b"data\n");
     assert_eq!(part_files(&dst), Vec::<PathBuf>::new());
 }
+
+/// Move 16 MiB at `--bwlimit 4M` through a counting forwarder, up or down:
+/// how long it took and the most bytes seen in any one second.
+fn paced(direction: &str) -> (std::time::Duration, u64) {
+    use std::time::{Duration, Instant};
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let local = scratch.join("local.bin");
+    let server = Server::start(&root);
+    let addr = server.addr().parse().unwrap();
+    let gate = if direction == "up" {
+        write_random_file(&local, 16 * MIB, 40);
+        Gate::upload(addr, u64::MAX)
+    } else {
+        write_random_file(&root.join("remote.bin"), 16 * MIB, 40);
+        Gate::download(addr, u64::MAX)
+    };
+    let (from, to): (&dyn AsRef<std::ffi::OsStr>, &dyn AsRef<std::ffi::OsStr>) =
+        if direction == "up" {
+            (&local, &"remote.bin")
+        } else {
+            (&"remote.bin", &local)
+        };
+    let gate_args = gate.client_args();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &direction,
+        &"--bwlimit",
+        &"4M",
+        &"--compress",
+        &"off",
+        from,
+        to,
+    ];
+    args.extend(gate_args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let started = Instant::now();
+    let client = spawn(&args, &RunOptions::with_timeout(Duration::from_secs(60)));
+    let mut samples = vec![(Duration::ZERO, 0u64)];
+    while gate.passed() < 16 * MIB && started.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+        samples.push((started.elapsed(), gate.passed()));
+    }
+    client.wait(Duration::from_secs(60)).assert_success();
+    let took = started.elapsed();
+    assert_files_equal(&local, &root.join("remote.bin"));
+    let most_in_a_second = samples
+        .iter()
+        .map(|&(t, at)| {
+            let later = samples
+                .iter()
+                .take_while(|&&(u, _)| u <= t + Duration::from_secs(1));
+            later.last().map_or(0, |&(_, b)| b) - at
+        })
+        .max()
+        .unwrap_or(0);
+    (took, most_in_a_second)
+}
+
+/// `--bwlimit` keeps a transfer under its rate, all streams together, and
+/// smoothly: no second sees much more than the rate (full speed here is
+/// about a hundred times more). Times only bound it from below, which a
+/// busy machine cannot break.
+#[test]
+fn bwlimit_keeps_uploads_and_downloads_under_the_rate_smoothly() {
+    for direction in ["up", "down"] {
+        let (took, most) = paced(direction);
+        assert!(
+            took.as_secs_f64() >= 3.4,
+            "{direction}: 16 MiB at 4 MiB/s in {took:?}"
+        );
+        assert!(most <= 6 * MIB, "{direction}: {most} bytes in one second");
+    }
+}

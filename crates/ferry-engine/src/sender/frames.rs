@@ -25,6 +25,7 @@ use crate::codec::ChunkEncoder;
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Tally};
 use crate::fsx;
+use crate::pace::Pacer;
 
 /// Frames are batched into one queue item up to this size, so that a tree
 /// of small files costs one hand-over between threads per batch rather
@@ -56,19 +57,39 @@ pub(super) struct Output {
     batch: BytesMut,
     /// When the first frame of the current batch was added.
     batch_started: Option<Instant>,
-    /// Time spent waiting for room in a queue, not yet taken by the
-    /// compression controller.
+    /// Time spent waiting for room in a queue (or for the rate limit), not
+    /// yet taken by the compression controller.
     blocked: Duration,
+    /// `--bwlimit`: the rate all connections together stay under.
+    pacer: Option<Pacer>,
 }
 
 impl Output {
-    pub(super) fn new(control: mpsc::Sender<Bytes>, data: async_channel::Sender<Bytes>) -> Self {
+    pub(super) fn new(
+        control: mpsc::Sender<Bytes>,
+        data: async_channel::Sender<Bytes>,
+        bwlimit: Option<u64>,
+    ) -> Self {
         Output {
             control,
             data,
             batch: BytesMut::new(),
             batch_started: None,
             blocked: Duration::ZERO,
+            pacer: bwlimit.map(|rate| Pacer::new(rate, Instant::now())),
+        }
+    }
+
+    /// Wait as long as the rate limit asks after `n` bytes. To the
+    /// compression controller that is a slow link, as it should be.
+    fn pace(&mut self, n: usize) {
+        let Some(pacer) = &mut self.pacer else {
+            return;
+        };
+        let wait = pacer.sent(n as u64, Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+            self.blocked += wait;
         }
     }
 
@@ -92,6 +113,7 @@ impl Output {
             return Ok(());
         }
         let frames = self.batch.split().freeze();
+        self.pace(frames.len());
         match self.control.try_send(frames) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(frames)) => {
@@ -109,6 +131,7 @@ impl Output {
 
     /// Queue one data frame for any connection; counts waiting as blocked.
     fn send_data(&mut self, frame: Bytes) -> Result<(), EngineError> {
+        self.pace(frame.len());
         match self.data.try_send(frame) {
             Ok(()) => Ok(()),
             Err(async_channel::TrySendError::Full(frame)) => {

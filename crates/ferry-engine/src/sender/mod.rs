@@ -70,6 +70,8 @@ pub(crate) struct SendJob {
     pub(crate) owners: bool,
     /// What is left out of the tree.
     pub(crate) filter: Filter,
+    /// `--bwlimit`: bytes per second, all connections together.
+    pub(crate) bwlimit: Option<u64>,
 }
 
 /// What passes from the reader of the receiver's replies to the producer
@@ -143,7 +145,7 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
     let inbox = Arc::new(Inbox::default());
     let (done_tx, done) = oneshot::channel();
     let producer = Producer::new(
-        Output::new(control_tx, data_tx),
+        Output::new(control_tx, data_tx, job.bwlimit),
         Chunks::new(job.compression, job.local_peer, tally.clone())?,
         inbox.clone(),
         tally,

@@ -72,6 +72,7 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         early_totals: false,
         owners: false,
         filter: Default::default(),
+        bwlimit: None,
     };
     // As in an upload: the client sends to the server.
     let mut started = sender::start(job, tally.clone(), Side::Server).unwrap();

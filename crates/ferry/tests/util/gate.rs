@@ -71,6 +71,11 @@ impl Gate {
             .to_vec()
     }
 
+    /// Bytes of the held direction forwarded so far, over all connections.
+    pub fn passed(&self) -> u64 {
+        self.shared.passed.load(Ordering::SeqCst)
+    }
+
     /// Whether bytes are being held now.
     pub fn holding(&self) -> bool {
         is_held(&self.shared)
