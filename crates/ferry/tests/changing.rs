@@ -111,16 +111,9 @@ fn an_entry_deleted_during_a_download_is_reported_in_json_and_exits_24() {
     assert_trees_equal(&src, &dst);
 }
 
-/// An upload of a large file broken off leaves its part and journal for a
-/// resume; when a smaller version (which is never resumed) arrives whole
-/// instead, they go: nothing of a finished transfer is left behind.
-#[test]
-fn a_smaller_version_arriving_whole_clears_what_a_broken_off_upload_left() {
-    let scratch = Scratch::new();
-    let src = scratch.join("data.bin");
-    write_random_file(&src, 24 * MIB, 7);
-    let root = scratch.mkdir("root");
-    let server = Server::start(&root);
+/// Upload `src` as `data.bin` and kill the client once 8 MiB have passed,
+/// then wait until the server has seen the session end.
+fn broken_off_at_8_mib(server: &Server, src: &Path) {
     let gate = Gate::upload(server.addr().parse().unwrap(), 8 * MIB);
     let client = spawn_held(&gate, &[&"up", &"--compress", &"off", &src, &"data.bin"]);
     client.kill(rustix::process::Signal::KILL);
@@ -131,6 +124,19 @@ fn a_smaller_version_arriving_whole_clears_what_a_broken_off_upload_left() {
         "{}",
         server.stderr()
     );
+}
+
+/// An upload of a large file broken off leaves its part and journal for a
+/// resume; when a smaller version (which is never resumed) arrives whole
+/// instead, they go: nothing of a finished transfer is left behind.
+#[test]
+fn a_smaller_version_arriving_whole_clears_what_a_broken_off_upload_left() {
+    let scratch = Scratch::new();
+    let src = scratch.join("data.bin");
+    write_random_file(&src, 24 * MIB, 7);
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    broken_off_at_8_mib(&server, &src);
     assert_eq!(
         part_files(&root).len(),
         2,
@@ -154,15 +160,7 @@ fn a_resumed_file_whose_held_chunks_changed_sends_only_those_again() {
     let mtime = std::fs::metadata(&src).unwrap().modified().unwrap();
     let root = scratch.mkdir("root");
     let server = Server::start(&root);
-    let gate = Gate::upload(server.addr().parse().unwrap(), 8 * MIB);
-    let client = spawn_held(&gate, &[&"up", &"--compress", &"off", &src, &"data.bin"]);
-    client.kill(rustix::process::Signal::KILL);
-    gate.release();
-    assert!(
-        server.wait_for_log("ended early", Duration::from_secs(10)),
-        "{}",
-        server.stderr()
-    );
+    broken_off_at_8_mib(&server, &src);
     let file = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
     file.write_all_at(&random_bytes(MIB as usize, 10), 0)
         .unwrap();

@@ -531,6 +531,12 @@ fn hostile_upload(server: &Server, dest: &str, steps: &[Step]) -> Vec<serde_json
 
 /// A hand-written client's upload session to `dest`, accepted (`ready`).
 fn hostile_upload_session(server: &Server, dest: &str, deadline: Instant) -> TcpStream {
+    let request = format!(r#"{{"type":"upload","dest":"{dest}"}}"#);
+    hostile_session(server, &request, deadline)
+}
+
+/// A hand-written client's session making `request`, accepted (`ready`).
+fn hostile_session(server: &Server, request: &str, deadline: Instant) -> TcpStream {
     let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
     let mut hello = preface().to_vec();
     hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
@@ -540,11 +546,7 @@ fn hostile_upload_session(server: &Server, dest: &str, deadline: Instant) -> Tcp
     assert_eq!(theirs, preface());
     let welcome = read_messages_one(&mut stream, deadline);
     assert_eq!(welcome["type"], "welcome", "{welcome}");
-    stream
-        .write_all(&control_frame(&format!(
-            r#"{{"type":"upload","dest":"{dest}"}}"#
-        )))
-        .unwrap();
+    stream.write_all(&control_frame(request)).unwrap();
     let ready = read_messages_one(&mut stream, deadline);
     assert_eq!(ready["type"], "ready", "{ready}\n{}", server.stderr());
     stream
@@ -1101,26 +1103,11 @@ fn refusal_through_a_symlink_is_not_retried() {
     }
 }
 
-/// A hand-written client's download session of `source`, accepted: what
-/// the server sent first (`ready`, then the transfer's first messages).
+/// A hand-written client's download session of `source`, accepted.
 fn hostile_download_session(server: &Server, source: &str, deadline: Instant) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
-    let mut hello = preface().to_vec();
-    hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
-    stream.write_all(&hello).unwrap();
-    let mut theirs = [0u8; 8];
-    stream.read_exact(&mut theirs).unwrap();
-    assert_eq!(theirs, preface());
-    let welcome = read_messages_one(&mut stream, deadline);
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    stream
-        .write_all(&control_frame(&format!(
-            r#"{{"type":"download","source":"{source}","compression":{{"mode":"off"}}}}"#
-        )))
-        .unwrap();
-    let ready = read_messages_one(&mut stream, deadline);
-    assert_eq!(ready["type"], "ready", "{ready}\n{}", server.stderr());
-    stream
+    let request =
+        format!(r#"{{"type":"download","source":"{source}","compression":{{"mode":"off"}}}}"#);
+    hostile_session(server, &request, deadline)
 }
 
 /// A receiver that claims to hold a 64 MiB file as 67 million chunks of
