@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{EngineError, LocalCause, Op, TokenError, reason};
+use crate::error::{EngineError, LocalCause, Op, TokenError};
 
 /// The TLS exporter label both ends derive the channel binding with.
 pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-auth";
@@ -98,18 +98,40 @@ pub(crate) fn random_bytes(n: usize) -> io::Result<Vec<u8>> {
 /// The token configured for this process: `FERRY_TOKEN` (given here as
 /// `env`) wins, else the file. Tokens are never taken from the command
 /// line itself, where other users could read them.
-pub fn configured_token(env: Option<&str>, file: Option<&Path>) -> Result<Option<Token>, String> {
+pub fn configured_token(
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Token>, EngineError> {
     if let Some(text) = env.filter(|t| !t.is_empty()) {
         return Token::new(text)
             .map(Some)
-            .map_err(|e| format!("{TOKEN_ENV}: {e}"));
+            .map_err(|e| EngineError::local(TOKEN_ENV, Op::Parse, e));
     }
-    let Some(path) = file else { return Ok(None) };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("token file {}: {}", path.display(), reason(&e)))?;
-    Token::new(&text)
-        .map(Some)
-        .map_err(|e| format!("token file {}: {e}", path.display()))
+    file.map(read_private).transpose()
+}
+
+/// The token in the file at `path`, which only its owner may read or
+/// write: a token others can read is no secret, so it is refused (as ssh
+/// refuses a private key others can read), checked on the open file.
+fn read_private(path: &Path) -> Result<Token, EngineError> {
+    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
+    let mut file = std::fs::File::open(path).map_err(|e| local(Op::Open, e.into()))?;
+    let mode = file
+        .metadata()
+        .map_err(|e| local(Op::Read, e.into()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        let cause = LocalCause::TokenReadableByOthers {
+            mode: mode & 0o777,
+            file: path.to_path_buf(),
+        };
+        return Err(local(Op::Read, cause));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| local(Op::Read, e.into()))?;
+    Token::new(&text).map_err(|e| local(Op::Parse, e.into()))
 }
 
 /// Whether a server listening on `ip` with no token configured must make
@@ -127,23 +149,15 @@ pub fn needs_token(ip: IpAddr) -> bool {
 /// answer says where, and whether it was made now.
 pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), EngineError> {
     let path = state_dir.join(TOKEN_FILE);
-    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(&path)
-                .map_err(|e| local(Op::Read, e.into()))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                let cause = LocalCause::TokenReadableByOthers { mode: mode & 0o777 };
-                return Err(local(Op::Read, cause));
-            }
-            let token = Token::new(&text).map_err(|e| local(Op::Parse, e.into()))?;
-            return Ok((token, path, false));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(local(Op::Read, e.into())),
+    match read_private(&path) {
+        Ok(token) => return Ok((token, path, false)),
+        Err(EngineError::Local {
+            cause: LocalCause::Io(e),
+            ..
+        }) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
     }
+    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -212,6 +226,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t");
         std::fs::write(&file, "from-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let t = configured_token(Some("from-env"), Some(&file)).unwrap();
         assert_eq!(t.unwrap().as_str(), "from-env");
         let t = configured_token(None, Some(&file)).unwrap();
@@ -220,6 +235,12 @@ mod tests {
         std::fs::write(&file, "\n").unwrap();
         assert!(configured_token(None, Some(&file)).is_err());
         assert!(configured_token(None, Some(&dir.path().join("missing"))).is_err());
+        for mode in [0o640, 0o604, 0o620] {
+            std::fs::write(&file, "from-file\n").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = configured_token(None, Some(&file)).unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
         assert!(!format!("{:?}", Token::new("hidden").unwrap()).contains("hidden"));
     }
 

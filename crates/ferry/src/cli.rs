@@ -83,7 +83,7 @@ pub struct ServerArgs {
     /// Serve plain TCP, without TLS: only on a network you trust; clients must use --no-tls too.
     #[arg(long)]
     pub no_tls: bool,
-    /// Read the token clients must prove from FILE (FERRY_TOKEN, if set, wins). Without either, a server on a network address makes one in its state directory.
+    /// Read the token clients must prove from FILE, which only its owner may read (FERRY_TOKEN, if set, wins). Without either, a server on a network address makes one in its state directory.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Serve every client without a token, even on a network address: only on a network you trust.
@@ -184,7 +184,7 @@ pub struct TransferOpts {
     /// Talk plain TCP, without TLS, to a server run with --no-tls: only on a network you trust.
     #[arg(long)]
     pub no_tls: bool,
-    /// Read the server's token from FILE (FERRY_TOKEN, if set, wins); the token itself never crosses the wire.
+    /// Read the server's token from FILE, which only its owner may read (FERRY_TOKEN, if set, wins); the token itself never crosses the wire.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 }

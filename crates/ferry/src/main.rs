@@ -546,10 +546,12 @@ fn log_setup(
     }
 }
 
-/// The token from FERRY_TOKEN, else from `--token-file`.
+/// The token from FERRY_TOKEN, else from `--token-file` (refused if
+/// others may read it).
 fn configured_token(file: Option<&Path>) -> Result<Option<ferry_engine::auth::Token>, Fatal> {
     let env = std::env::var(ferry_engine::auth::TOKEN_ENV).ok();
-    ferry_engine::auth::configured_token(env.as_deref(), file).map_err(Fatal::Failed)
+    ferry_engine::auth::configured_token(env.as_deref(), file)
+        .map_err(|e| Fatal::Failed(e.to_string()))
 }
 
 /// The state directory given, or the default one.

@@ -66,6 +66,7 @@ fn a_server_with_a_token_serves_only_clients_that_prove_it() {
 
     let token_file = scratch.join("token");
     write_file(&token_file, format!("{TOKEN}\n").as_bytes());
+    set_mode(&token_file, 0o600);
     server
         .run_with(
             &[&"up", &"--token-file", &token_file, &file, &"file.txt"],
@@ -340,4 +341,60 @@ fn a_server_on_a_network_address_makes_a_token_and_requires_it() {
     assert_eq!(fs::read(root.join("a.txt")).unwrap(), b"over the network\n");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A token file holding `TOKEN` with `mode`.
+fn token_file(scratch: &Scratch, mode: u32) -> PathBuf {
+    let path = scratch.join(format!("token-{mode:o}"));
+    write_file(&path, format!("{TOKEN}\n").as_bytes());
+    set_mode(&path, mode);
+    path
+}
+
+#[test]
+fn a_client_refuses_a_token_file_other_users_can_read() {
+    let (scratch, root, file, server) = token_server(b"secret\n");
+    for mode in [0o644, 0o640, 0o604] {
+        let path = token_file(&scratch, mode);
+        let name = format!("{mode:o}.txt");
+        let out = server.run_with(
+            &[&"up", &"--token-file", &path, &file, &name],
+            &with_token(None),
+        );
+        out.assert_code(1)
+            .assert_stderr_contains(&format!("chmod 600 {}", path.display()));
+        assert!(!root.join(&name).exists(), "{out}");
+    }
+    let private = token_file(&scratch, 0o600);
+    server
+        .run_with(
+            &[&"up", &"--token-file", &private, &file, &"ok.txt"],
+            &with_token(None),
+        )
+        .assert_success();
+}
+
+#[test]
+fn a_server_refuses_a_token_file_other_users_can_read() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    for mode in [0o644, 0o640] {
+        let path = token_file(&scratch, mode);
+        let server = spawn(
+            &[
+                &"server",
+                &"--port",
+                &"0",
+                &"--root",
+                &root,
+                &"--token-file",
+                &path,
+            ],
+            &with_token(None),
+        );
+        let out = server.wait(std::time::Duration::from_secs(10));
+        out.assert_code(1)
+            .assert_stderr_contains(&format!("chmod 600 {}", path.display()));
+        assert!(!out.stdout.contains("listening on"), "{out}");
+    }
 }
