@@ -11,7 +11,6 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -47,6 +46,11 @@ impl Token {
             return Err(TokenError::Empty);
         }
         Ok(Token(t.as_bytes().to_vec()))
+    }
+
+    /// A new token: 32 bytes from the kernel's random source, as hex.
+    pub fn random() -> io::Result<Token> {
+        Ok(Token(hex(&random_bytes(32)?).into_bytes()))
     }
 
     /// The token's text, for the operator who has to hand it on.
@@ -110,6 +114,20 @@ pub fn configured_token(
     file.map(read_private).transpose()
 }
 
+/// The token this user's own server keeps in `state_dir`, if it has made
+/// one: what a client of the same user proves to that server without being
+/// told (`client::ClientConfig::own_token`).
+pub fn own_token(state_dir: &Path) -> Result<Option<Token>, EngineError> {
+    match read_private(&state_dir.join(TOKEN_FILE)) {
+        Ok(token) => Ok(Some(token)),
+        Err(EngineError::Local {
+            cause: LocalCause::Io(e),
+            ..
+        }) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// The token in the file at `path`, which only its owner may read or
 /// write: a token others can read is no secret, so it is refused (as ssh
 /// refuses a private key others can read), checked on the open file.
@@ -134,28 +152,13 @@ fn read_private(path: &Path) -> Result<Token, EngineError> {
     Token::new(&text).map_err(|e| local(Op::Parse, e.into()))
 }
 
-/// Whether a server listening on `ip` with no token configured must make
-/// one: anywhere but loopback, where only this machine can connect.
-pub fn needs_token(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    !ip.is_loopback()
-}
-
 /// The server's generated token: read from `state_dir/token` if it is
 /// there, else made (32 random bytes, hex) and stored with mode 0600. The
 /// answer says where, and whether it was made now.
 pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), EngineError> {
     let path = state_dir.join(TOKEN_FILE);
-    match read_private(&path) {
-        Ok(token) => return Ok((token, path, false)),
-        Err(EngineError::Local {
-            cause: LocalCause::Io(e),
-            ..
-        }) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+    if let Some(token) = own_token(state_dir)? {
+        return Ok((token, path, false));
     }
     let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
     std::fs::DirBuilder::new()
@@ -163,7 +166,7 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), 
         .mode(0o700)
         .create(state_dir)
         .map_err(|e| local(Op::Create, e.into()))?;
-    let text = hex(&random_bytes(32).map_err(|e| local(Op::Create, e.into()))?);
+    let token = Token::random().map_err(|e| local(Op::Create, e.into()))?;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let write = || -> io::Result<()> {
@@ -172,12 +175,12 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), 
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(format!("{text}\n").as_bytes())?;
+        f.write_all(format!("{}\n", token.as_str()).as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     };
     write().map_err(|e| local(Op::Write, e.into()))?;
-    Ok((Token(text.into_bytes()), path, true))
+    Ok((token, path, true))
 }
 
 #[cfg(test)]
@@ -209,16 +212,6 @@ mod tests {
         );
         assert!(unhex("abc").is_none());
         assert!(unhex("zz").is_none());
-    }
-
-    #[test]
-    fn loopback_needs_no_token() {
-        for ip in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
-            assert!(!needs_token(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["0.0.0.0", "::", "10.1.2.3", "192.168.0.1", "2001:db8::1"] {
-            assert!(needs_token(ip.parse().unwrap()), "{ip}");
-        }
     }
 
     #[test]
@@ -256,7 +249,10 @@ mod tests {
         let (again, _, created) = load_or_create_token(&state).unwrap();
         assert!(!created);
         assert_eq!(again, made);
+        assert_eq!(own_token(&state).unwrap(), Some(made));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load_or_create_token(&state).is_err());
+        assert!(own_token(&state).is_err());
+        assert_eq!(own_token(&dir.path().join("none")).unwrap(), None);
     }
 }

@@ -68,8 +68,12 @@ pub enum EngineError {
     /// This side turned the peer down, and told it why.
     #[error("{0}")]
     RefusedPeer(Refusal),
-    /// The server asked for a token, and this client has none.
-    #[error("the server requires a token: set FERRY_TOKEN or pass --token-file")]
+    /// The server asked for a token, and this client has none (its user's
+    /// own token is offered only to its user's own server).
+    #[error(
+        "authentication required: set FERRY_TOKEN or pass --token-file FILE with this server's \
+         token (the `token` file in the server's state directory)"
+    )]
     TokenRequired,
     #[error("the connection was closed before the transfer finished")]
     Closed,
@@ -793,7 +797,8 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::PermissionDenied);
         assert!(!e.is_transient());
         assert!(
-            e.to_string().starts_with("the server requires a token"),
+            e.to_string()
+                .starts_with("authentication required: set FERRY_TOKEN or pass --token-file"),
             "{e}"
         );
     }

@@ -526,13 +526,8 @@ fn hostile_upload(server: &Server, dest: &str, steps: &[Step]) -> Vec<serde_json
 
 /// A hand-written client's upload session to `dest`, accepted (`ready`).
 fn hostile_upload_session(server: &Server, dest: &str, deadline: Instant) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
-    let mut hello = preface().to_vec();
-    hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
-    stream.write_all(&hello).unwrap();
-    let mut theirs = [0u8; 8];
-    stream.read_exact(&mut theirs).unwrap();
-    assert_eq!(theirs, preface());
+    // A hostile client that holds the token: the threat that remains.
+    let mut stream = server.plaintext_session("hostile");
     let welcome = read_messages_one(&mut stream, deadline);
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     stream
@@ -1099,13 +1094,8 @@ fn refusal_through_a_symlink_is_not_retried() {
 /// A hand-written client's download session of `source`, accepted: what
 /// the server sent first (`ready`, then the transfer's first messages).
 fn hostile_download_session(server: &Server, source: &str, deadline: Instant) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
-    let mut hello = preface().to_vec();
-    hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
-    stream.write_all(&hello).unwrap();
-    let mut theirs = [0u8; 8];
-    stream.read_exact(&mut theirs).unwrap();
-    assert_eq!(theirs, preface());
+    // A hostile client that holds the token: the threat that remains.
+    let mut stream = server.plaintext_session("hostile");
     let welcome = read_messages_one(&mut stream, deadline);
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     stream
