@@ -11,11 +11,10 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::error::{EngineError, LocalCause, Op, TokenError, reason};
+use crate::error::{EngineError, LocalCause, Op, TokenError};
 
 /// The TLS exporter label both ends derive the channel binding with.
 pub(crate) const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-auth";
@@ -47,6 +46,11 @@ impl Token {
             return Err(TokenError::Empty);
         }
         Ok(Token(t.as_bytes().to_vec()))
+    }
+
+    /// A new token: 32 bytes from the kernel's random source, as hex.
+    pub fn random() -> io::Result<Token> {
+        Ok(Token(hex(&random_bytes(32)?).into_bytes()))
     }
 
     /// The token's text, for the operator who has to hand it on.
@@ -98,28 +102,54 @@ pub(crate) fn random_bytes(n: usize) -> io::Result<Vec<u8>> {
 /// The token configured for this process: `FERRY_TOKEN` (given here as
 /// `env`) wins, else the file. Tokens are never taken from the command
 /// line itself, where other users could read them.
-pub fn configured_token(env: Option<&str>, file: Option<&Path>) -> Result<Option<Token>, String> {
+pub fn configured_token(
+    env: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<Token>, EngineError> {
     if let Some(text) = env.filter(|t| !t.is_empty()) {
         return Token::new(text)
             .map(Some)
-            .map_err(|e| format!("{TOKEN_ENV}: {e}"));
+            .map_err(|e| EngineError::local(TOKEN_ENV, Op::Parse, e));
     }
-    let Some(path) = file else { return Ok(None) };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("token file {}: {}", path.display(), reason(&e)))?;
-    Token::new(&text)
-        .map(Some)
-        .map_err(|e| format!("token file {}: {e}", path.display()))
+    file.map(read_private).transpose()
 }
 
-/// Whether a server listening on `ip` with no token configured must make
-/// one: anywhere but loopback, where only this machine can connect.
-pub fn needs_token(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    !ip.is_loopback()
+/// The token this user's own server keeps in `state_dir`, if it has made
+/// one: what a client of the same user proves to that server without being
+/// told (`client::ClientConfig::own_token`).
+pub fn own_token(state_dir: &Path) -> Result<Option<Token>, EngineError> {
+    match read_private(&state_dir.join(TOKEN_FILE)) {
+        Ok(token) => Ok(Some(token)),
+        Err(EngineError::Local {
+            cause: LocalCause::Io(e),
+            ..
+        }) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The token in the file at `path`, which only its owner may read or
+/// write: a token others can read is no secret, so it is refused (as ssh
+/// refuses a private key others can read), checked on the open file.
+fn read_private(path: &Path) -> Result<Token, EngineError> {
+    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
+    let mut file = std::fs::File::open(path).map_err(|e| local(Op::Open, e.into()))?;
+    let mode = file
+        .metadata()
+        .map_err(|e| local(Op::Read, e.into()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        let cause = LocalCause::TokenReadableByOthers {
+            mode: mode & 0o777,
+            file: path.to_path_buf(),
+        };
+        return Err(local(Op::Read, cause));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(|e| local(Op::Read, e.into()))?;
+    Token::new(&text).map_err(|e| local(Op::Parse, e.into()))
 }
 
 /// The server's generated token: read from `state_dir/token` if it is
@@ -127,29 +157,16 @@ pub fn needs_token(ip: IpAddr) -> bool {
 /// answer says where, and whether it was made now.
 pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), EngineError> {
     let path = state_dir.join(TOKEN_FILE);
-    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let mode = std::fs::metadata(&path)
-                .map_err(|e| local(Op::Read, e.into()))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                let cause = LocalCause::TokenReadableByOthers { mode: mode & 0o777 };
-                return Err(local(Op::Read, cause));
-            }
-            let token = Token::new(&text).map_err(|e| local(Op::Parse, e.into()))?;
-            return Ok((token, path, false));
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(local(Op::Read, e.into())),
+    if let Some(token) = own_token(state_dir)? {
+        return Ok((token, path, false));
     }
+    let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(state_dir)
         .map_err(|e| local(Op::Create, e.into()))?;
-    let text = hex(&random_bytes(32).map_err(|e| local(Op::Create, e.into()))?);
+    let token = Token::random().map_err(|e| local(Op::Create, e.into()))?;
     let tmp = path.with_extension("tmp");
     let _ = std::fs::remove_file(&tmp);
     let write = || -> io::Result<()> {
@@ -158,12 +175,12 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<(Token, PathBuf, bool), 
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(format!("{text}\n").as_bytes())?;
+        f.write_all(format!("{}\n", token.as_str()).as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)
     };
     write().map_err(|e| local(Op::Write, e.into()))?;
-    Ok((Token(text.into_bytes()), path, true))
+    Ok((token, path, true))
 }
 
 #[cfg(test)]
@@ -198,20 +215,11 @@ mod tests {
     }
 
     #[test]
-    fn loopback_needs_no_token() {
-        for ip in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
-            assert!(!needs_token(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["0.0.0.0", "::", "10.1.2.3", "192.168.0.1", "2001:db8::1"] {
-            assert!(needs_token(ip.parse().unwrap()), "{ip}");
-        }
-    }
-
-    #[test]
     fn token_sources() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("t");
         std::fs::write(&file, "from-file\n").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let t = configured_token(Some("from-env"), Some(&file)).unwrap();
         assert_eq!(t.unwrap().as_str(), "from-env");
         let t = configured_token(None, Some(&file)).unwrap();
@@ -220,6 +228,12 @@ mod tests {
         std::fs::write(&file, "\n").unwrap();
         assert!(configured_token(None, Some(&file)).is_err());
         assert!(configured_token(None, Some(&dir.path().join("missing"))).is_err());
+        for mode in [0o640, 0o604, 0o620] {
+            std::fs::write(&file, "from-file\n").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = configured_token(None, Some(&file)).unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
         assert!(!format!("{:?}", Token::new("hidden").unwrap()).contains("hidden"));
     }
 
@@ -235,7 +249,10 @@ mod tests {
         let (again, _, created) = load_or_create_token(&state).unwrap();
         assert!(!created);
         assert_eq!(again, made);
+        assert_eq!(own_token(&state).unwrap(), Some(made));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load_or_create_token(&state).is_err());
+        assert!(own_token(&state).is_err());
+        assert_eq!(own_token(&dir.path().join("none")).unwrap(), None);
     }
 }

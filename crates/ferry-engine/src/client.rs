@@ -72,6 +72,11 @@ pub struct ClientConfig {
     pub tls: Option<ClientTls>,
     /// The token to prove if the server asks for one.
     pub token: Option<Token>,
+    /// With no `token`: the token of this user's own server (the `token`
+    /// file in the state directory `tls` was made with), proved only to
+    /// that server, known by its certificate. Without TLS nothing tells
+    /// which server answered, so it is offered to none.
+    pub own_token: Option<Token>,
 }
 
 /// The first pause between attempts; it doubles after each attempt that
@@ -115,6 +120,8 @@ struct Connected {
     writer: FrameWriter<BoxWrite>,
     /// The TLS channel binding (empty without TLS).
     exporter: Vec<u8>,
+    /// Whether the server showed this user's own server's certificate.
+    own_server: bool,
     /// Whether the server is on this host (a loopback address).
     local_peer: bool,
 }
@@ -140,6 +147,7 @@ async fn connect(
     let _ = stream.set_nodelay(true);
     let local_peer = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
     let mut exporter = Vec::new();
+    let mut own_server = false;
     let (r, w): (BoxRead, BoxWrite) = match tls {
         None => {
             let (r, w) = stream.into_split();
@@ -154,11 +162,14 @@ async fn connect(
                 }
                 Ok(Ok(s)) => s,
             };
-            exporter = stream
-                .get_ref()
-                .1
+            let session = stream.get_ref().1;
+            exporter = session
                 .export_keying_material(vec![0u8; EXPORTER_LEN], EXPORTER_LABEL, None)
                 .map_err(|e| EngineError::Tls(e.into()))?;
+            own_server = session
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .is_some_and(|cert| tls.is_own(cert));
             let (r, w) = tokio::io::split(stream);
             (Box::new(r), Box::new(w))
         }
@@ -171,6 +182,7 @@ async fn connect(
         reader,
         writer,
         exporter,
+        own_server,
         local_peer,
     })
 }
@@ -241,9 +253,15 @@ async fn join(
     }
 }
 
-/// Say hello, and prove the token if the server asks for it: the server's
-/// last answer (`welcome`, if all went well).
-async fn greet(conn: &mut Connected, token: Option<&Token>) -> Result<Message, EngineError> {
+/// Say hello, and prove the token if the server asks for it (`token`, else
+/// `own` to this user's own server): the server's last answer (`welcome`,
+/// if all went well).
+async fn greet(
+    conn: &mut Connected,
+    token: Option<&Token>,
+    own: Option<&Token>,
+) -> Result<Message, EngineError> {
+    let token = token.or(own.filter(|_| conn.own_server));
     conn.writer
         .send_now(&Message::Hello {
             software: crate::SOFTWARE.to_string(),
@@ -279,12 +297,11 @@ fn proof(token: Option<&Token>, nonce: &str, exporter: &[u8]) -> Result<String, 
 
 impl Connection {
     async fn open(
-        addr: &str,
-        tls: Option<&ClientTls>,
-        token: Option<&Token>,
+        config: &ClientConfig,
         meter: Meter,
         events: &dyn EventSink,
     ) -> Result<Self, EngineError> {
+        let (addr, tls) = (config.addr.as_str(), config.tls.as_ref());
         let mut conn = connect(addr, tls, &meter).await?;
         if let Some(new) = tls.map(ClientTls::remember).transpose()?.flatten() {
             events.event(Event::NewServer {
@@ -293,7 +310,7 @@ impl Connection {
                 file: new.file,
             });
         }
-        let answer = greet(&mut conn, token).await?;
+        let answer = greet(&mut conn, config.token.as_ref(), config.own_token.as_ref()).await?;
         let Connected {
             reader,
             writer,
@@ -364,14 +381,7 @@ impl Connection {
         events: &dyn EventSink,
     ) -> Result<(Self, mpsc::Receiver<DataConn>), EngineError> {
         let tls = config.tls.as_ref();
-        let mut conn = Connection::open(
-            &config.addr,
-            tls,
-            config.token.as_ref(),
-            session.meter.clone(),
-            events,
-        )
-        .await?;
+        let mut conn = Connection::open(config, session.meter.clone(), events).await?;
         conn.request(request).await?;
         let joins = conn.data_streams(&config.addr, tls, config.streams);
         Ok((conn, joins))

@@ -68,8 +68,12 @@ pub enum EngineError {
     /// This side turned the peer down, and told it why.
     #[error("{0}")]
     RefusedPeer(Refusal),
-    /// The server asked for a token, and this client has none.
-    #[error("the server requires a token: set FERRY_TOKEN or pass --token-file")]
+    /// The server asked for a token, and this client has none (its user's
+    /// own token is offered only to its user's own server).
+    #[error(
+        "authentication required: set FERRY_TOKEN or pass --token-file FILE with this server's \
+         token (the `token` file in the server's state directory)"
+    )]
     TokenRequired,
     #[error("the connection was closed before the transfer finished")]
     Closed,
@@ -371,9 +375,13 @@ impl std::fmt::Display for Op {
 pub enum LocalCause {
     #[error("{}", reason(.0))]
     Io(#[source] io::Error),
-    /// A token file others may read is refused, as ssh refuses such a key.
-    #[error("readable by others (mode {mode:o}); chmod 600 it, or remove it to make a new token")]
-    TokenReadableByOthers { mode: u32 },
+    /// A token file that others may read (or write) is refused, as ssh
+    /// refuses such a key: `file` is named again in the command that fixes it.
+    #[error(
+        "permissions {mode:o} are too open: a token must be private to its owner (chmod 600 {})",
+        .file.display()
+    )]
+    TokenReadableByOthers { mode: u32, file: std::path::PathBuf },
     #[error(transparent)]
     Token(#[from] TokenError),
     #[error(transparent)]
@@ -681,11 +689,15 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::Io);
         assert!(!e.is_transient());
 
-        let mode = LocalCause::TokenReadableByOthers { mode: 0o644 };
+        let mode = LocalCause::TokenReadableByOthers {
+            mode: 0o640,
+            file: "/s/token".into(),
+        };
         let e = EngineError::local("/s/token", Op::Read, mode);
         assert_eq!(
             e.to_string(),
-            "/s/token: readable by others (mode 644); chmod 600 it, or remove it to make a new token"
+            "/s/token: permissions 640 are too open: a token must be private to its owner \
+             (chmod 600 /s/token)"
         );
         assert!(!e.is_transient());
         let e = EngineError::local(
@@ -793,7 +805,8 @@ mod tests {
         assert_eq!(e.code(), ErrorCode::PermissionDenied);
         assert!(!e.is_transient());
         assert!(
-            e.to_string().starts_with("the server requires a token"),
+            e.to_string()
+                .starts_with("authentication required: set FERRY_TOKEN or pass --token-file"),
             "{e}"
         );
     }

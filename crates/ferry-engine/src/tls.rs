@@ -330,6 +330,9 @@ pub struct ClientTls {
     pin: Arc<Pin>,
     addr: String,
     known_hosts: PathBuf,
+    /// The certificate of this user's own server (in the same state
+    /// directory), if it has one: the server to offer its token to.
+    own: Option<[u8; 32]>,
 }
 
 impl fmt::Debug for ClientTls {
@@ -380,7 +383,13 @@ impl ClientTls {
             pin,
             addr: addr.to_string(),
             known_hosts,
+            own: own_certificate(state_dir),
         })
+    }
+
+    /// Whether `cert` is this user's own server's certificate.
+    pub(crate) fn is_own(&self, cert: &[u8]) -> bool {
+        self.own.is_some_and(|own| same(&own, &digest(cert)))
     }
 
     pub(crate) fn connector(&self) -> &tokio_rustls::TlsConnector {
@@ -434,6 +443,15 @@ impl ClientTls {
             file: self.known_hosts.clone(),
         }))
     }
+}
+
+/// The digest of the server certificate kept in `state_dir`, if there is
+/// a readable one. Not being able to read it only means no server is taken
+/// for this user's own.
+fn own_certificate(state_dir: &Path) -> Option<[u8; 32]> {
+    CertificateDer::from_pem_file(state_dir.join(CERT_FILE))
+        .ok()
+        .map(|cert| digest(&cert))
 }
 
 /// What `known_hosts` remembers for `addr`, and on which line.
@@ -532,6 +550,21 @@ mod tests {
         assert_eq!(append_known_host(&file, "a:1", &fp).unwrap(), 1);
         let text = fs::read_to_string(&file).unwrap();
         assert_eq!(text.lines().count(), 2, "{text}");
+    }
+
+    #[test]
+    fn a_client_knows_its_own_users_server_by_its_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mine, other) = (dir.path().join("mine"), dir.path().join("other"));
+        ServerTls::load_or_create(&mine).unwrap();
+        ServerTls::load_or_create(&other).unwrap();
+        let cert = |d: &Path| CertificateDer::from_pem_file(d.join(CERT_FILE)).unwrap();
+        let client = ClientTls::new("h:1", &mine, None).unwrap();
+        assert!(client.is_own(&cert(&mine)));
+        assert!(!client.is_own(&cert(&other)));
+        // A user without a server of their own has no own server.
+        let client = ClientTls::new("h:1", &dir.path().join("none"), None).unwrap();
+        assert!(!client.is_own(&cert(&mine)));
     }
 
     #[test]

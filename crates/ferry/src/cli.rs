@@ -80,16 +80,16 @@ pub struct ServerArgs {
     /// allowed to upload could hand local users raw access to this machine's disks.
     #[arg(long)]
     pub devices: bool,
-    /// Where the server keeps its TLS key and certificate (made on first start) [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    /// Where the server keeps its TLS key and certificate and its client token (made on first start; clients of the same user find the token there) [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Serve plain TCP, without TLS: only on a network you trust; clients must use --no-tls too.
     #[arg(long)]
     pub no_tls: bool,
-    /// Read the token clients must prove from FILE (FERRY_TOKEN, if set, wins). Without either, a server on a network address makes one in its state directory.
+    /// Read the token clients must prove from FILE, which only its owner may read (FERRY_TOKEN, if set, wins). Without either, the server makes one in its state directory, where clients of the same user on this machine find it; others must be handed it.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// Serve every client without a token, even on a network address: only on a network you trust.
+    /// Serve every client without a token: every local user (on loopback too) and anyone who can connect gets this server's access to its root. Only on a machine and network you trust.
     #[arg(long, conflicts_with = "token_file")]
     pub no_auth: bool,
 }
@@ -182,13 +182,13 @@ pub struct TransferOpts {
     /// Trust only the server whose certificate has this fingerprint (as `ferry server` prints it), instead of known_hosts.
     #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
     pub fingerprint: Option<String>,
-    /// Where known_hosts (the fingerprints of servers seen before) is kept [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    /// Where known_hosts (the fingerprints of servers seen before) is kept, and where this user's own `ferry server` keeps the token this client proves to it [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Talk plain TCP, without TLS, to a server run with --no-tls: only on a network you trust.
     #[arg(long)]
     pub no_tls: bool,
-    /// Read the server's token from FILE (FERRY_TOKEN, if set, wins); the token itself never crosses the wire.
+    /// Read the server's token from FILE, which only its owner may read (FERRY_TOKEN, if set, wins). Without either, this user's own server on this machine is proven the token in the state directory. The token itself never crosses the wire.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Leave out what PATTERN matches: a gitignore-style glob (`*.log` at any depth, `/build/`

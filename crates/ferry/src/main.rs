@@ -18,6 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_engine::auth::Token;
 use ferry_engine::client::{self, ClientConfig};
 use ferry_engine::events::TransferSummary;
 use ferry_engine::server::{self, ServerConfig};
@@ -239,7 +240,14 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
             (addr, Some(server))
         }
     };
-    let config = client_config(&plan.server, addr, opts, ui.shows_progress())?;
+    let in_process_token = in_process.as_ref().map(|s| s.token.clone());
+    let config = client_config(
+        &plan.server,
+        addr,
+        in_process_token,
+        opts,
+        ui.shows_progress(),
+    )?;
     let (from, to, outcome) = transfer(&plan, &config, &ui, &cancel).await;
     if let Some(server) = in_process {
         server.stop().await;
@@ -261,6 +269,9 @@ fn ui_mode(opts: &TransferOpts) -> Mode {
 struct LocalServer {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// What it asks the client to prove: its port is open to every local
+    /// user while the copy runs.
+    token: Token,
 }
 
 impl LocalServer {
@@ -273,6 +284,8 @@ impl LocalServer {
             .local_addr()
             .map_err(|e| Fatal::Failed(e.to_string()))?;
         let stop = CancellationToken::new();
+        let token = Token::random()
+            .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
         let config = ServerConfig {
             root: root.to_path_buf(),
             idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
@@ -281,15 +294,16 @@ impl LocalServer {
             access: server::Access::ReadWrite,
             // The user's own copy: as asked.
             devices,
-            // Both ends in this process: nothing to protect.
+            // Both ends in this process: nothing to hide from the
+            // network, but other local users can reach the port.
             tls: None,
-            auth: None,
+            auth: Some(token.clone()),
         };
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             server::serve(listener, config, stopped.cancelled_owned()).await
         });
-        Ok((addr.to_string(), LocalServer { stop, task }))
+        Ok((addr.to_string(), LocalServer { stop, task, token }))
     }
 
     async fn stop(self) {
@@ -298,26 +312,36 @@ impl LocalServer {
     }
 }
 
-/// What the engine's client needs from the options, for the server at `addr`.
+/// What the engine's client needs from the options, for the server at
+/// `addr` (a server in this process asks for `in_process_token`).
 fn client_config(
     server: &Target,
     addr: String,
+    in_process_token: Option<Token>,
     opts: &TransferOpts,
     shows_progress: bool,
 ) -> Result<ClientConfig, Fatal> {
-    let tls = match server {
-        Target::Remote(_) if !opts.no_tls => {
-            let state_dir = state_dir(opts.state_dir.as_deref())?;
-            let tls = ClientTls::new(&addr, &state_dir, opts.fingerprint.as_deref())
-                .map_err(|e| Fatal::Failed(e.to_string()))?;
-            Some(tls)
-        }
-        _ => None,
+    let token = match in_process_token {
+        Some(token) => Some(token),
+        None => configured_token(opts.token_file.as_deref())?,
     };
-    let token = configured_token(opts.token_file.as_deref())?;
+    let (mut tls, mut own_token) = (None, None);
+    if let Target::Remote(_) = server
+        && !opts.no_tls
+    {
+        let state_dir = state_dir(opts.state_dir.as_deref())?;
+        let failed = |e: EngineError| Fatal::Failed(e.to_string());
+        tls = Some(ClientTls::new(&addr, &state_dir, opts.fingerprint.as_deref()).map_err(failed)?);
+        // This user's own server's token, for that server only (the engine
+        // knows it by its certificate).
+        if token.is_none() {
+            own_token = ferry_engine::auth::own_token(&state_dir).map_err(failed)?;
+        }
+    }
     Ok(ClientConfig {
         tls,
         token,
+        own_token,
         addr,
         // Both ends local: there is no link whose bytes compression could
         // save, so `auto` means off.
@@ -426,10 +450,10 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         .local_addr()
         .map_err(|e| Fatal::Failed(e.to_string()))?;
     let tls = server_tls(&args)?;
-    let auth = server_auth(&args, local.ip())?;
+    let auth = server_auth(&args)?;
     let shutdown = shutdown_signal()?;
     announce(local, &root, tls.as_ref(), &auth);
-    log_setup(local, &root, tls.as_ref(), &auth, args.no_auth);
+    log_setup(local, &root, tls.as_ref(), &auth);
     let config = ServerConfig {
         root,
         idle_timeout: Duration::from_secs(args.timeout),
@@ -494,24 +518,24 @@ fn server_tls(args: &ServerArgs) -> Result<Option<ServerTls>, Fatal> {
 
 /// The token clients must prove, if any; when the server keeps it in its
 /// state directory, also where, and whether it was made just now.
-type ServerAuth = Option<(ferry_engine::auth::Token, Option<(PathBuf, bool)>)>;
+type ServerAuth = Option<(Token, Option<(PathBuf, bool)>)>;
 
-/// The token the user configured; else, on an address that is not
-/// loopback, the one kept in the state directory (made on first use);
-/// none with `--no-auth`.
-fn server_auth(args: &ServerArgs, ip: std::net::IpAddr) -> Result<ServerAuth, Fatal> {
+/// The token the user configured; else the one kept in the state
+/// directory (made on first use), which clients of the same user find
+/// there; none with `--no-auth`. Loopback is no exception: every local
+/// user can reach it, and the server may read and write what they may not.
+fn server_auth(args: &ServerArgs) -> Result<ServerAuth, Fatal> {
     if args.no_auth {
         return Ok(None);
     }
     Ok(match configured_token(args.token_file.as_deref())? {
         Some(token) => Some((token, None)),
-        None if ferry_engine::auth::needs_token(ip) => {
+        None => {
             let dir = state_dir(args.state_dir.as_deref())?;
             let (token, path, created) = ferry_engine::auth::load_or_create_token(&dir)
                 .map_err(|e| Fatal::Failed(e.to_string()))?;
             Some((token, Some((path, created))))
         }
-        None => None,
     })
 }
 
@@ -528,12 +552,14 @@ fn announce(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &Serv
     }
     match auth {
         Some((token, Some((path, true)))) => println!(
-            "ferry server token: {} (stored in {}; clients pass it with FERRY_TOKEN or --token-file)",
+            "ferry server token: {} (stored in {}; clients of this user on this machine find it \
+             there, others pass it with FERRY_TOKEN or --token-file)",
             token.as_str(),
             path.display()
         ),
         Some((_, Some((path, false)))) => println!(
-            "ferry server token stored in {}; clients pass it with FERRY_TOKEN or --token-file",
+            "ferry server token stored in {}; clients of this user on this machine find it \
+             there, others pass it with FERRY_TOKEN or --token-file",
             path.display()
         ),
         // Nothing the operator has to pass on.
@@ -543,13 +569,7 @@ fn announce(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &Serv
 }
 
 /// The same, for the log.
-fn log_setup(
-    local: SocketAddr,
-    root: &Path,
-    tls: Option<&ServerTls>,
-    auth: &ServerAuth,
-    no_auth: bool,
-) {
+fn log_setup(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &ServerAuth) {
     tracing::info!("listening on {local}, root {}", root.display());
     match tls {
         Some(tls) => tracing::info!("TLS 1.3, certificate fingerprint {}", tls.fingerprint()),
@@ -560,17 +580,19 @@ fn log_setup(
             tracing::info!("made a new client token in {}", path.display())
         }
         Some(_) => tracing::info!("clients must prove the token"),
-        None if no_auth => {
-            tracing::warn!("authentication is off (--no-auth): any client is served")
-        }
-        None => tracing::info!("loopback only: no token required"),
+        None => tracing::warn!(
+            "authentication is off (--no-auth): any client that can connect is served, \
+             every local user included"
+        ),
     }
 }
 
-/// The token from FERRY_TOKEN, else from `--token-file`.
-fn configured_token(file: Option<&Path>) -> Result<Option<ferry_engine::auth::Token>, Fatal> {
+/// The token from FERRY_TOKEN, else from `--token-file` (refused if
+/// others may read it).
+fn configured_token(file: Option<&Path>) -> Result<Option<Token>, Fatal> {
     let env = std::env::var(ferry_engine::auth::TOKEN_ENV).ok();
-    ferry_engine::auth::configured_token(env.as_deref(), file).map_err(Fatal::Failed)
+    ferry_engine::auth::configured_token(env.as_deref(), file)
+        .map_err(|e| Fatal::Failed(e.to_string()))
 }
 
 /// The state directory given, or the default one.
@@ -679,6 +701,42 @@ fn init_server_logging(log_file: Option<&Path>) -> Result<Vec<logbuf::BufferedLo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The server of a local copy listens on a loopback port that every
+    /// local user can reach while the copy runs: only the copy's own client,
+    /// which holds its token, is served.
+    #[tokio::test]
+    async fn the_local_copy_server_serves_only_its_own_client() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), b"root's\n").unwrap();
+        let (addr, server) = LocalServer::start(dir.path(), false).await.ok().unwrap();
+        let mut opts = <Cli as clap::Parser>::try_parse_from(["ferry", "cp", "a", "b"]).unwrap();
+        let Command::Copy(args) = &mut opts.command else {
+            unreachable!()
+        };
+        args.transfer.retries = Some(0);
+        let target = Target::InProcess {
+            root: dir.path().into(),
+        };
+        let got = dir.path().join("got");
+        let ui = Arc::new(Ui::new(Mode::Quiet, false));
+        let cancel = CancellationToken::new();
+        let mut config = client_config(&target, addr, None, &args.transfer, false)
+            .ok()
+            .unwrap();
+        let refused = client::download(&config, b"secret", &got, ui.clone(), &cancel).await;
+        assert!(
+            matches!(refused, Err(EngineError::TokenRequired)),
+            "{refused:?}"
+        );
+        assert!(!got.exists());
+        config.token = Some(server.token.clone());
+        client::download(&config, b"secret", &got, ui, &cancel)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&got).unwrap(), b"root's\n");
+        server.stop().await;
+    }
 
     #[test]
     fn addresses() {

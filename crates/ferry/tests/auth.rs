@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use crate::tls::Capture;
@@ -42,9 +43,7 @@ fn a_server_with_a_token_serves_only_clients_that_prove_it() {
     let none = server.run_with(&[&"up", &file, &"none.txt"], &with_token(None));
     none.assert_code(1)
         .assert_no_panic()
-        .assert_stderr_contains(
-            "the server requires a token: set FERRY_TOKEN or pass --token-file",
-        );
+        .assert_stderr_contains("authentication required: set FERRY_TOKEN or pass --token-file");
     assert!(!root.join("none.txt").exists());
 
     let wrong = server.run_with(&[&"up", &file, &"wrong.txt"], &with_token(Some("guess")));
@@ -66,6 +65,7 @@ fn a_server_with_a_token_serves_only_clients_that_prove_it() {
 
     let token_file = scratch.join("token");
     write_file(&token_file, format!("{TOKEN}\n").as_bytes());
+    set_mode(&token_file, 0o600);
     server
         .run_with(
             &[&"up", &"--token-file", &token_file, &file, &"file.txt"],
@@ -148,17 +148,30 @@ fn failed_attempts_are_logged_and_slowed_per_address_and_the_right_token_still_w
 }
 
 #[test]
-fn a_loopback_server_without_a_token_needs_none() {
+fn a_server_with_no_auth_serves_any_client() {
+    // The explicit opt-out: no token made, none asked for, and the log
+    // says that every local user is served.
     let scratch = Scratch::new();
     let root = scratch.mkdir("root");
     let file = scratch.join("a.txt");
     write_file(&file, b"local\n");
-    let server = Server::start(&root);
-    // A client with a token it is never asked for is served as well.
-    server
-        .run_with(&[&"up", &file, &"a.txt"], &with_token(Some(TOKEN)))
-        .assert_success();
-    assert!(root.join("a.txt").exists());
+    let server = Server::start_with(&root, &[&"--no-auth"]);
+    assert!(!server.state_dir().join("token").exists());
+    assert!(
+        server.wait_for_log("every local user included", ERROR_TIMEOUT),
+        "{}",
+        server.stderr()
+    );
+    // A client with a state of its own, without a token or with one it is
+    // never asked for.
+    for token in [None, Some(TOKEN)] {
+        let opts = with_state_home(&with_token(token), &scratch.mkdir("client"));
+        let name = format!("{}.txt", token.is_some());
+        server
+            .run_with(&[&"up", &file, &name], &opts)
+            .assert_success();
+        assert!(root.join(&name).exists());
+    }
 }
 
 #[test]
@@ -328,7 +341,7 @@ fn a_server_on_a_network_address_makes_a_token_and_requires_it() {
     let refused = upload("none.txt", None);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert_eq!(refused.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("the server requires a token"), "{stderr}");
+    assert!(stderr.contains("authentication required"), "{stderr}");
     assert!(!root.join("none.txt").exists());
 
     let served = upload("a.txt", Some(&token));
@@ -340,4 +353,170 @@ fn a_server_on_a_network_address_makes_a_token_and_requires_it() {
     assert_eq!(fs::read(root.join("a.txt")).unwrap(), b"over the network\n");
     let _ = server.kill();
     let _ = server.wait();
+}
+
+/// A state home (`XDG_CONFIG_HOME`) that `user` owns, as a real one would be.
+fn state_home_of(scratch: &Scratch, name: &str, user: Option<(u32, u32)>) -> PathBuf {
+    let home = scratch.mkdir(name);
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(&home, Some(uid), Some(gid)).unwrap();
+    }
+    home
+}
+
+fn with_state_home(opts: &RunOptions, home: &std::path::Path) -> RunOptions {
+    let mut opts = opts.clone();
+    opts.env
+        .push(("XDG_CONFIG_HOME".into(), home.as_os_str().to_os_string()));
+    opts
+}
+
+/// Exit status 1 and one line on stderr: authentication required, and how
+/// to get access.
+#[track_caller]
+fn assert_authentication_required(out: &Output) {
+    out.assert_code(1)
+        .assert_stderr_contains("ferry: authentication required")
+        .assert_stderr_contains("FERRY_TOKEN")
+        .assert_stderr_contains("--token-file");
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("ferry: new server "))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected one line on stderr\n{out}");
+}
+
+#[test]
+fn another_local_user_gets_authentication_required_never_a_file() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a client as another user");
+        return;
+    }
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let secret = root.join("secret.txt");
+    write_file(&secret, b"root's eyes only\n");
+    set_mode(&secret, 0o600);
+    let victim = root.join("victim.txt");
+    write_file(&victim, b"root's file\n");
+    // Root's server with the defaults: loopback, no token configured.
+    let server = Server::start(&root);
+
+    let other = RunOptions {
+        timeout: ERROR_TIMEOUT,
+        ..unprivileged(&scratch)
+    };
+    let theirs = state_home_of(&scratch, "nobody-home", other.user);
+    let got = theirs.join("got.txt");
+    let out = server.run_with(&[&"down", &"secret.txt", &got], &other);
+    assert_authentication_required(&out);
+    assert!(!got.exists(), "another user read a root-only file\n{out}");
+
+    let mine = theirs.join("mine.txt");
+    write_file(&mine, b"nobody was here\n");
+    set_mode(&mine, 0o644);
+    let out = server.run_with(&[&"up", &mine, &"victim.txt"], &other);
+    assert_authentication_required(&out);
+    assert_eq!(fs::read(&victim).unwrap(), b"root's file\n", "{out}");
+
+    // Nor does a token of their own help: their own server's token is
+    // offered only to their own server.
+    let own_root = theirs.join("root");
+    fs::create_dir(&own_root).unwrap();
+    std::os::unix::fs::chown(&own_root, Some(NOBODY.0), Some(NOBODY.1)).unwrap();
+    let own = with_state_home(&other, &theirs);
+    let _their_server = Server::start_as(&own_root, &[], &own);
+    let out = server.run_with(&[&"down", &"secret.txt", &got], &own);
+    assert_authentication_required(&out);
+    assert!(!got.exists(), "another user read a root-only file\n{out}");
+    assert!(
+        !server.stderr().contains("wrong token"),
+        "their own token was offered to another user's server: {}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn the_first_run_needs_no_set_up_for_the_same_user() {
+    // As the README starts: `ferry server`, then `ferry up` by the same
+    // user, who shares its state directory, with no token configured.
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("a.txt");
+    write_file(&file, b"first run\n");
+    let home = scratch.mkdir("home");
+    let opts = with_state_home(&with_token(None), &home);
+    let server = Server::start_as(&root, &[], &opts);
+    let args: Vec<OsString> = ["up".into(), file.clone().into(), "a.txt".into()]
+        .into_iter()
+        .chain(["--host", "127.0.0.1", "--port"].map(OsString::from))
+        .chain([server.port().to_string().into()])
+        .collect();
+    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
+    run_with(&refs, &opts).assert_success();
+    assert_eq!(fs::read(root.join("a.txt")).unwrap(), b"first run\n");
+    let token = home.join("ferry").join("token");
+    assert_eq!(lstat(&token).mode() & 0o777, 0o600);
+    let stdout = server.stdout();
+    assert!(
+        stdout.contains(&format!("stored in {}", token.display())),
+        "{stdout}"
+    );
+}
+
+/// A token file holding `TOKEN` with `mode`.
+fn token_file(scratch: &Scratch, mode: u32) -> PathBuf {
+    let path = scratch.join(format!("token-{mode:o}"));
+    write_file(&path, format!("{TOKEN}\n").as_bytes());
+    set_mode(&path, mode);
+    path
+}
+
+#[test]
+fn a_client_refuses_a_token_file_other_users_can_read() {
+    let (scratch, root, file, server) = token_server(b"secret\n");
+    for mode in [0o644, 0o640, 0o604] {
+        let path = token_file(&scratch, mode);
+        let name = format!("{mode:o}.txt");
+        let out = server.run_with(
+            &[&"up", &"--token-file", &path, &file, &name],
+            &with_token(None),
+        );
+        out.assert_code(1)
+            .assert_stderr_contains(&format!("chmod 600 {}", path.display()));
+        assert!(!root.join(&name).exists(), "{out}");
+    }
+    let private = token_file(&scratch, 0o600);
+    server
+        .run_with(
+            &[&"up", &"--token-file", &private, &file, &"ok.txt"],
+            &with_token(None),
+        )
+        .assert_success();
+}
+
+#[test]
+fn a_server_refuses_a_token_file_other_users_can_read() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    for mode in [0o644, 0o640] {
+        let path = token_file(&scratch, mode);
+        let server = spawn(
+            &[
+                &"server",
+                &"--port",
+                &"0",
+                &"--root",
+                &root,
+                &"--token-file",
+                &path,
+            ],
+            &with_token(None),
+        );
+        let out = server.wait(std::time::Duration::from_secs(10));
+        out.assert_code(1)
+            .assert_stderr_contains(&format!("chmod 600 {}", path.display()));
+        assert!(!out.stdout.contains("listening on"), "{out}");
+    }
 }

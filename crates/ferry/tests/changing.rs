@@ -12,11 +12,14 @@ use crate::util::*;
 
 const LONG: Duration = Duration::from_secs(120);
 
-/// `ferry ARGS` through `gate`, in the background, once the gate holds it.
-fn spawn_held(gate: &Gate, args: &[&dyn AsRef<OsStr>]) -> Running {
+/// `ferry ARGS` through `gate` to `server` (as a client of the server's
+/// user), in the background, once the gate holds it.
+fn spawn_held(gate: &Gate, server: &Server, args: &[&dyn AsRef<OsStr>]) -> Running {
     let gate_args = gate.client_args();
+    let own_user = server.own_user_args();
     let mut all: Vec<&dyn AsRef<OsStr>> = args.to_vec();
     all.extend(gate_args.iter().map(|a| a as &dyn AsRef<OsStr>));
+    all.extend(own_user.iter().map(|a| a as &dyn AsRef<OsStr>));
     let client = spawn(&all, &RunOptions::with_timeout(LONG));
     let held = poll_until(Duration::from_secs(30), || gate.holding().then_some(()));
     assert!(held.is_some(), "the transfer never reached the gate");
@@ -55,6 +58,7 @@ fn a_file_rewritten_in_place_with_its_mtime_put_back_is_sent_again_whole() {
     let gate = Gate::upload(server.addr().parse().unwrap(), 16 * MIB);
     let client = spawn_held(
         &gate,
+        &server,
         &[&"up", &"--json", &"--compress", &"off", &src, &"big.bin"],
     );
     // Its first megabyte, read and sent already, is rewritten in place,
@@ -80,7 +84,7 @@ fn an_entry_deleted_during_an_upload_is_reported_and_exits_24() {
     let root = scratch.mkdir("root");
     let server = Server::start(&root);
     let gate = Gate::upload(server.addr().parse().unwrap(), MIB);
-    let client = spawn_held(&gate, &[&"up", &src, &"tree"]);
+    let client = spawn_held(&gate, &server, &[&"up", &src, &"tree"]);
     delete_behind_the_walk(&src.join("zz-victim"));
     gate.release();
     let out = client.wait(LONG);
@@ -99,7 +103,7 @@ fn an_entry_deleted_during_a_download_is_reported_in_json_and_exits_24() {
     let server = Server::start(&root);
     let gate = Gate::download(server.addr().parse().unwrap(), MIB);
     let dst = scratch.join("copy");
-    let client = spawn_held(&gate, &[&"down", &"--json", &"tree", &dst]);
+    let client = spawn_held(&gate, &server, &[&"down", &"--json", &"tree", &dst]);
     delete_behind_the_walk(&src.join("zz-victim"));
     gate.release();
     let out = client.wait(LONG);
@@ -115,7 +119,11 @@ fn an_entry_deleted_during_a_download_is_reported_in_json_and_exits_24() {
 /// then wait until the server has seen the session end.
 fn broken_off_at_8_mib(server: &Server, src: &Path) {
     let gate = Gate::upload(server.addr().parse().unwrap(), 8 * MIB);
-    let client = spawn_held(&gate, &[&"up", &"--compress", &"off", &src, &"data.bin"]);
+    let client = spawn_held(
+        &gate,
+        server,
+        &[&"up", &"--compress", &"off", &src, &"data.bin"],
+    );
     client.kill(rustix::process::Signal::KILL);
     // The server sees the connection end once the gate lets it through.
     gate.release();

@@ -537,13 +537,8 @@ fn hostile_upload_session(server: &Server, dest: &str, deadline: Instant) -> Tcp
 
 /// A hand-written client's session making `request`, accepted (`ready`).
 fn hostile_session(server: &Server, request: &str, deadline: Instant) -> TcpStream {
-    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
-    let mut hello = preface().to_vec();
-    hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
-    stream.write_all(&hello).unwrap();
-    let mut theirs = [0u8; 8];
-    stream.read_exact(&mut theirs).unwrap();
-    assert_eq!(theirs, preface());
+    // A hostile client that holds the token: the threat that remains.
+    let mut stream = server.plaintext_session("hostile");
     let welcome = read_messages_one(&mut stream, deadline);
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     stream.write_all(&control_frame(request)).unwrap();

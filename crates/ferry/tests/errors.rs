@@ -171,12 +171,13 @@ fn unreadable_file_fails_alone_and_the_rest_arrives() {
     let root = scratch.mkdir("root");
     let server = Server::start(&root);
 
+    // Another user than the server's: handed its token.
     let out = server.run_with(
         &[&"up", &src, &"dest"],
-        &RunOptions {
+        &server.handed_token(RunOptions {
             timeout: ERROR_TIMEOUT,
             ..client
-        },
+        }),
     );
     out.assert_code(1)
         .assert_stderr_contains("locked.txt")
@@ -209,7 +210,9 @@ fn unwritable_server_root_is_permission_denied() {
         Server::start(&root)
     };
 
-    let out = run_failing_against(&server, &[&"up", &file, &"hello.txt"]);
+    // As root, the client is another user than the server's: handed its token.
+    let opts = server.handed_token(RunOptions::with_timeout(ERROR_TIMEOUT));
+    let out = server.run_with(&[&"up", &file, &"hello.txt"], &opts);
     out.assert_code(1)
         .assert_stderr_contains("permission denied");
     assert!(

@@ -145,19 +145,13 @@ struct Peer {
 impl Peer {
     /// An upload to `dest`, accepted (`ready`).
     fn upload(server: &Server, dest: &str) -> Peer {
-        let stream = TcpStream::connect(server.addr()).expect("connect to the server");
+        // A hostile client that holds the token: the threat that remains.
+        let stream = server.plaintext_session("hostile");
         let mut peer = Peer {
             stream,
             deadline: Instant::now() + PEER_TIMEOUT,
             got: Vec::new(),
         };
-        let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-        hello.extend(control(r#"{"type":"hello","software":"hostile"}"#));
-        peer.send(&hello);
-        let mut theirs = [0u8; 8];
-        peer.stream.read_exact(&mut theirs).unwrap();
-        assert_eq!(&theirs[..6], MAGIC);
         assert!(peer.wait_for(|m| m["type"] == "welcome"), "{:?}", peer.got);
         peer.send(&control(&format!(r#"{{"type":"upload","dest":"{dest}"}}"#)));
         let ready = peer.wait_for(|m| m["type"] == "ready");

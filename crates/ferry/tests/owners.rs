@@ -155,7 +155,11 @@ fn a_receiver_that_is_not_root_keeps_its_own_owners() {
     chown(&root, NOBODY);
     let server = Server::start_as(&root, &[], &unprivileged(&scratch));
 
-    server.run(&[&"up", &src, &"copy"]).assert_success();
+    // Root's client, another user than the server's: handed its token.
+    let opts = server.handed_token(RunOptions::default());
+    server
+        .run_with(&[&"up", &src, &"copy"], &opts)
+        .assert_success();
     assert_trees_equal(&src, &root.join("copy"));
     for (path, owner) in owners_of(&root.join("copy")) {
         assert_eq!(owner, NOBODY, "{}", path.display());

@@ -17,8 +17,9 @@ use crate::util::*;
 const RETRYING: Duration = Duration::from_secs(120);
 
 /// `--host/--port` of the proxy, plus options that make faults quick to
-/// notice (a stalled connection is given up after 2 s).
-fn via(proxy: &FaultProxy) -> Vec<OsString> {
+/// notice (a stalled connection is given up after 2 s), for a client of
+/// `server`'s own user.
+fn via(proxy: &FaultProxy, server: &Server) -> Vec<OsString> {
     let addr = proxy.addr();
     [
         "--host",
@@ -29,21 +30,22 @@ fn via(proxy: &FaultProxy) -> Vec<OsString> {
     .into_iter()
     .chain(["--timeout", "2", "--json"])
     .map(OsString::from)
+    .chain(server.own_user_args())
     .collect()
 }
 
 /// `ferry ARGS` through the proxy, in the foreground.
-fn run_via(proxy: &FaultProxy, args: &[&dyn AsRef<OsStr>]) -> Output {
+fn run_via(proxy: &FaultProxy, server: &Server, args: &[&dyn AsRef<OsStr>]) -> Output {
     let mut all: Vec<OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
-    all.extend(via(proxy));
+    all.extend(via(proxy, server));
     run_with(&os_refs(&all), &RunOptions::with_timeout(RETRYING))
 }
 
 /// `ferry ARGS` through the proxy, in the background, once the proxy's
 /// single fault (a stall) has fired: the transfer hangs mid-way.
-fn spawn_until_stalled(proxy: &FaultProxy, args: &[&dyn AsRef<OsStr>]) -> Running {
+fn spawn_until_stalled(proxy: &FaultProxy, server: &Server, args: &[&dyn AsRef<OsStr>]) -> Running {
     let mut all: Vec<OsString> = args.iter().map(|a| a.as_ref().to_os_string()).collect();
-    all.extend(via(proxy));
+    all.extend(via(proxy, server));
     let client = spawn(&os_refs(&all), &RunOptions::with_timeout(RETRYING));
     let stalled = poll_until(Duration::from_secs(30), || {
         (proxy.faults_fired() == 1).then_some(())
@@ -119,7 +121,11 @@ fn an_upload_survives_repeated_cuts_and_resends_only_what_is_missing() {
         cuts.iter().map(|&at| Fault::cut(at)).collect(),
     );
 
-    let out = run_via(&proxy, &[&"up", &big, &"big.bin", &"--compress", &"off"]);
+    let out = run_via(
+        &proxy,
+        &server,
+        &[&"up", &big, &"big.bin", &"--compress", &"off"],
+    );
     out.assert_success();
     assert_files_equal(&big, &root.join("big.bin"));
     assert!(part_files(&root).is_empty(), "{:?}", part_files(&root));
@@ -159,6 +165,7 @@ fn a_download_survives_repeated_cuts_and_resends_only_what_is_missing() {
     let local = scratch.join("big.bin");
     let out = run_via(
         &proxy,
+        &server,
         &[&"down", &"big.bin", &local, &"--compress", &"off"],
     );
     out.assert_success();
@@ -225,6 +232,7 @@ fn five_k_tree_through_cuts(tls: bool) {
 
     let out = run_via(
         &proxy,
+        &server,
         &with_tls(&[&"up", &tree, &"tree", &"--compress", &"off"], tls),
     );
     out.assert_success();
@@ -269,7 +277,11 @@ fn a_stalled_connection_is_given_up_and_the_transfer_resumes() {
     let dir = Direction::ClientToServer;
     let proxy = proxy_to(&server, dir, vec![Fault::stall(10 * MIB)]);
 
-    let out = run_via(&proxy, &[&"up", &big, &"big.bin", &"--compress", &"off"]);
+    let out = run_via(
+        &proxy,
+        &server,
+        &[&"up", &big, &"big.bin", &"--compress", &"off"],
+    );
     out.assert_success().assert_stdout_contains("stalled");
     assert_files_equal(&big, &root.join("big.bin"));
     assert!(summary_u64(&out, "retries") >= 1, "{out}");
@@ -292,7 +304,11 @@ fn without_retries_a_cut_fails_at_once_with_its_cause() {
         vec![Fault::cut(4 * MIB)],
     );
 
-    let out = run_via(&proxy, &[&"up", &big, &"big.bin", &"--retries", &"0"]);
+    let out = run_via(
+        &proxy,
+        &server,
+        &[&"up", &big, &"big.bin", &"--retries", &"0"],
+    );
     out.assert_code(1).assert_stderr_contains("connection");
     assert!(!root.join("big.bin").exists(), "no half file in place");
 }
@@ -325,6 +341,7 @@ fn flipped_bits(tls: bool) {
 
     let out = run_via(
         &proxy,
+        &server,
         &with_tls(
             &[
                 &"up",
@@ -384,7 +401,11 @@ fn a_server_killed_mid_file_and_restarted_resumes_from_its_journal() {
     let dir = Direction::ClientToServer;
     let proxy = proxy_to(&server, dir, vec![Fault::stall(24 * MIB)]);
 
-    let client = spawn_until_stalled(&proxy, &[&"up", &"--compress", &"off", &big, &"big.bin"]);
+    let client = spawn_until_stalled(
+        &proxy,
+        &server,
+        &[&"up", &"--compress", &"off", &big, &"big.bin"],
+    );
     // Let the server write what it received, then kill it without warning.
     let journal = root.join(".big.bin.ferry-journal");
     poll_until(Duration::from_secs(5), || {
@@ -422,7 +443,11 @@ fn a_client_killed_mid_upload_and_run_again_resumes() {
         vec![Fault::stall(24 * MIB)],
     );
 
-    let client = spawn_until_stalled(&proxy, &[&"up", &"--compress", &"off", &big, &"big.bin"]);
+    let client = spawn_until_stalled(
+        &proxy,
+        &server,
+        &[&"up", &"--compress", &"off", &big, &"big.bin"],
+    );
     client.kill(Signal::KILL);
 
     // The same command again (straight to the server this time).
@@ -456,6 +481,7 @@ fn a_download_killed_and_run_again_resumes_from_the_local_part() {
 
     let client = spawn_until_stalled(
         &proxy,
+        &server,
         &[&"down", &"big.bin", &"--compress", &"off", &local],
     );
     // Let the client write what it has, then kill it without warning.
@@ -600,7 +626,11 @@ fn a_source_changed_between_attempts_arrives_whole_in_its_new_version() {
         vec![Fault::stall(12 * MIB)],
     );
 
-    let client = spawn_until_stalled(&proxy, &[&"up", &"--compress", &"off", &big, &"big.bin"]);
+    let client = spawn_until_stalled(
+        &proxy,
+        &server,
+        &[&"up", &"--compress", &"off", &big, &"big.bin"],
+    );
     // While the first attempt hangs, the source gets new content (same
     // size): what the server holds of the old one must not be mixed in.
     write_random_file(&big, size, 4016);

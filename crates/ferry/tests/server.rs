@@ -91,9 +91,22 @@ fn prints_one_listening_line_with_address_and_root() {
         "address: {}",
         server.addr()
     );
+    // The first start also makes the token, and says where it is.
+    poll_until(LOG_WAIT, || {
+        (server.stdout().lines().count() >= 3).then_some(())
+    });
     let stdout = server.stdout();
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 2, "exactly two lines on stdout: {stdout:?}");
+    assert_eq!(lines.len(), 3, "exactly three lines on stdout: {stdout:?}");
+    let token = server.state_dir().join("token");
+    assert!(
+        lines[2].starts_with(&format!(
+            "ferry server token: {} (stored in {}; ",
+            server.token(),
+            token.display()
+        )),
+        "no token line: {stdout:?}"
+    );
     let fingerprint = lines[1]
         .strip_prefix("ferry server fingerprint SHA256:")
         .unwrap_or_else(|| panic!("no fingerprint line: {stdout:?}"));
@@ -308,11 +321,9 @@ fn shutdown_mid_file_abandons_it_cleanly() {
 
     // A client that announces a 10 MiB file and then stalls, as a slow or
     // wedged client would: the server holds a part file for it.
-    let mut stream = TcpStream::connect(server.addr()).expect("connect to the server");
-    stream.write_all(&preface(PROTOCOL_VERSION)).unwrap();
+    let mut stream = server.plaintext_session("test");
     let mut session = Vec::new();
     for json in [
-        r#"{"type":"hello","software":"test"}"#,
         r#"{"type":"upload","dest":"inflight.bin"}"#,
         r#"{"type":"entry","id":1,"path":"","kind":"file","size":10485760,"mode":420,"mtime":{"sec":1,"nsec":0}}"#,
     ] {

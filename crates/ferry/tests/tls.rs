@@ -15,7 +15,9 @@ use std::time::Duration;
 use crate::util::*;
 
 /// Client options whose state (known_hosts) lives in `dir`, kept across
-/// runs, instead of the fresh one the helpers give each run.
+/// runs, instead of the server's the helpers give each run. A server
+/// started with them shares it, as a user's own server and client do: the
+/// client finds the server's token there.
 fn client_state(dir: &Path) -> RunOptions {
     RunOptions {
         timeout: ERROR_TIMEOUT,
@@ -46,9 +48,9 @@ fn first_use_remembers_the_server_and_later_runs_trust_it() {
     let root = scratch.mkdir("root");
     let state = scratch.mkdir("client");
     let file = small_file(&scratch, "a.txt");
-    let server = Server::start(&root);
-    let fp = fingerprint_of(&server);
     let opts = client_state(&state);
+    let server = Server::start_as(&root, &[], &opts);
+    let fp = fingerprint_of(&server);
 
     let first = server.run_with(&[&"up", &file, &"a.txt"], &opts);
     first.assert_success();
@@ -77,8 +79,8 @@ fn clients_meeting_a_new_server_at_once_remember_it_once() {
     let root = scratch.mkdir("root");
     let state = scratch.mkdir("client");
     let file = small_file(&scratch, "a.txt");
-    let server = Server::start(&root);
     let opts = client_state(&state);
+    let server = Server::start_as(&root, &[], &opts);
     let mut args: Vec<Vec<std::ffi::OsString>> = Vec::new();
     for i in 0..8 {
         let mut a: Vec<std::ffi::OsString> =
@@ -106,9 +108,9 @@ fn a_changed_server_key_is_refused_loudly_and_not_retried() {
     let root = scratch.mkdir("root");
     let state = scratch.mkdir("client");
     let file = small_file(&scratch, "a.txt");
-    let mut server = Server::start(&root);
-    let (port, old) = (server.port(), fingerprint_of(&server));
     let opts = client_state(&state);
+    let mut server = Server::start_as(&root, &[], &opts);
+    let (port, old) = (server.port(), fingerprint_of(&server));
     server
         .run_with(&[&"up", &file, &"a.txt"], &opts)
         .assert_success();
@@ -144,9 +146,9 @@ fn an_explicit_fingerprint_pins_the_server() {
     let root = scratch.mkdir("root");
     let state = scratch.mkdir("client");
     let file = small_file(&scratch, "a.txt");
-    let server = Server::start(&root);
-    let fp = fingerprint_of(&server);
     let opts = client_state(&state);
+    let server = Server::start_as(&root, &[], &opts);
+    let fp = fingerprint_of(&server);
 
     let right = server.run_with(&[&"up", &file, &"a.txt", &"--fingerprint", &fp], &opts);
     right.assert_success();
@@ -290,6 +292,7 @@ fn content_seen_on_the_wire(tls: bool) -> bool {
     if !tls {
         args.push("--no-tls".into());
     }
+    args.extend(server.own_user_args());
     let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args.iter().map(|a| a as _).collect();
     run(&refs).assert_success();
     assert_eq!(fs::read(root.join("secret.bin")).unwrap(), content);

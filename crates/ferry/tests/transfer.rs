@@ -88,11 +88,31 @@ fn copy_with_host_prefix_uploads_and_downloads() {
     let server = Server::start(&root);
     let port = server.port().to_string();
 
-    run(&[&"cp", &src, &"127.0.0.1:remote/copy", &"--port", &port]).assert_success();
+    // A client of the server's user, sharing its state directory.
+    let state = server.state_dir();
+    run(&[
+        &"cp",
+        &src,
+        &"127.0.0.1:remote/copy",
+        &"--port",
+        &port,
+        &"--state-dir",
+        &state,
+    ])
+    .assert_success();
     assert_trees_equal(&src, &root.join("remote/copy"));
 
     let dst = scratch.join("dst");
-    run(&[&"cp", &"127.0.0.1:remote/copy", &dst, &"--port", &port]).assert_success();
+    run(&[
+        &"cp",
+        &"127.0.0.1:remote/copy",
+        &dst,
+        &"--port",
+        &port,
+        &"--state-dir",
+        &state,
+    ])
+    .assert_success();
     assert_trees_equal(&src, &dst);
 }
 
@@ -321,12 +341,15 @@ fn default_host_is_localhost() {
     let (_scratch, file, root) = one_file();
     let server = Server::start(&root);
 
+    // A client of the server's user, sharing its state directory.
     run(&[
         &"up",
         &file,
         &"file.txt",
         &"--port",
         &server.port().to_string(),
+        &"--state-dir",
+        &server.state_dir(),
     ])
     .assert_success();
     assert_files_equal(&file, &root.join("file.txt"));
@@ -679,6 +702,7 @@ fn paced(direction: &str) -> (std::time::Duration, u64) {
             (&"remote.bin", &local)
         };
     let gate_args = gate.client_args();
+    let own_user = server.own_user_args();
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
         &direction,
         &"--bwlimit",
@@ -689,6 +713,7 @@ fn paced(direction: &str) -> (std::time::Duration, u64) {
         to,
     ];
     args.extend(gate_args.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    args.extend(own_user.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
     let started = Instant::now();
     let client = spawn(&args, &RunOptions::with_timeout(Duration::from_secs(60)));
     let mut samples = vec![(Duration::ZERO, 0u64)];

@@ -387,7 +387,7 @@ impl Drain {
 /// client gets a fresh one per run, so it trusts on first use and never
 /// meets a port that another test's server held before. A test that needs
 /// something else sets XDG_CONFIG_HOME or passes --state-dir itself.
-fn state_home(args: &[OsString]) -> PathBuf {
+pub(super) fn state_home(args: &[OsString]) -> PathBuf {
     use std::hash::{Hash, Hasher};
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -3,6 +3,8 @@
 //! not ferry), and a port that nothing listens on.
 
 use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use rustix::process::{Pid, Signal};
 
 use super::process::{
     DRAIN_GRACE, Drain, Output, RunOptions, Running, SERVER_TIMEOUT, clip, contains_ci,
-    describe_status, poll_until, run_os, spawn_os, to_os_args, wait_deadline,
+    describe_status, poll_until, run_os, spawn_os, state_home, to_os_args, wait_deadline,
 };
 
 /// The protocol version the binary speaks; bump together with
@@ -21,11 +23,21 @@ pub const PROTOCOL_VERSION: u16 = 6;
 pub const MAGIC: &[u8; 6] = b"FERRY\0";
 
 /// A `ferry server` on 127.0.0.1 with an ephemeral port; killed on drop.
+///
+/// Its clients are, by default, its own user's on this machine: they share
+/// its state directory, where they find its token, as a user's clients do
+/// (see [`Server::client_args`]). A client of another user gets nothing
+/// from it, and must be handed the token ([`Server::token`]).
 pub struct Server {
     child: Option<Child>,
     addr: String,
     port: u16,
     root: PathBuf,
+    /// Where the server keeps its key, certificate and token.
+    state_dir: PathBuf,
+    /// Who it runs as (`None`: as the tests do).
+    user: Option<(u32, u32)>,
+    tls: bool,
     stdout: Drain,
     stderr: Drain,
 }
@@ -60,6 +72,8 @@ impl Server {
             .collect();
         args.push(root.as_os_str().to_os_string());
         args.extend(to_os_args(extra));
+        let state_dir = state_dir_of(&args, opts);
+        let tls = !args.iter().any(|a| a == "--no-tls");
         let Running {
             mut child,
             command,
@@ -105,6 +119,9 @@ impl Server {
             addr,
             port,
             root: root.to_path_buf(),
+            state_dir,
+            user: opts.user,
+            tls,
             stdout,
             stderr,
         }
@@ -141,8 +158,75 @@ impl Server {
         .is_some()
     }
 
-    /// `--host 127.0.0.1 --port PORT`, for commands that take both.
+    /// The server's state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// The token the server made in its state directory, for a client of
+    /// another user to be handed (`FERRY_TOKEN`), as its operator would.
+    pub fn token(&self) -> String {
+        let file = self.state_dir.join("token");
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("the server's token {}: {e}", file.display()));
+        text.trim().to_string()
+    }
+
+    /// `opts` with the server's token in `FERRY_TOKEN`: a client of another
+    /// user, handed the token as the server's operator would.
+    pub fn handed_token(&self, opts: RunOptions) -> RunOptions {
+        let mut opts = opts;
+        opts.env.push(("FERRY_TOKEN".into(), self.token().into()));
+        opts
+    }
+
+    /// A connection of a hand-written client of the server's own user to
+    /// this `--no-tls` server: both prefaces, `hello` (as `software`), the
+    /// server's `challenge`, and the `auth` that answers it with the
+    /// server's token. The server's `welcome` is next on the stream.
+    pub fn plaintext_session(&self, software: &str) -> TcpStream {
+        let mut stream = TcpStream::connect(&self.addr).expect("connect to the server");
+        stream.set_read_timeout(Some(SERVER_TIMEOUT)).unwrap();
+        let mut hello = preface().to_vec();
+        let json = format!(r#"{{"type":"hello","software":"{software}"}}"#);
+        hello.extend(control_frame(&json));
+        stream.write_all(&hello).unwrap();
+        let mut theirs = [0u8; 8];
+        stream
+            .read_exact(&mut theirs)
+            .expect("the server's preface");
+        assert_eq!(theirs, preface(), "the server's preface");
+        let mut header = [0u8; 5];
+        stream
+            .read_exact(&mut header)
+            .expect("the server's challenge");
+        let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
+        assert!(header[0] == 1 && len < 4096, "a control frame: {header:?}");
+        let mut body = vec![0u8; len];
+        stream
+            .read_exact(&mut body)
+            .expect("the server's challenge");
+        let challenge: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(challenge["type"], "challenge", "{challenge}");
+        let nonce = challenge["nonce"].as_str().expect("a nonce");
+        let mac = proof(&self.token(), nonce, b"");
+        stream
+            .write_all(&control_frame(&format!(
+                r#"{{"type":"auth","mac":"{mac}"}}"#
+            )))
+            .unwrap();
+        stream
+    }
+
+    /// `--host 127.0.0.1 --port PORT`, and what a client of the server's
+    /// own user needs ([`Server::own_user_args`]), for commands that take them.
     pub fn client_args(&self) -> Vec<OsString> {
+        let mut args = self.address_args();
+        args.extend(self.own_user_args());
+        args
+    }
+
+    fn address_args(&self) -> Vec<OsString> {
         vec![
             "--host".into(),
             "127.0.0.1".into(),
@@ -151,14 +235,39 @@ impl Server {
         ]
     }
 
-    /// Runs `ferry ARGS --host 127.0.0.1 --port PORT` (upload/download).
+    /// A client of the server's own user shares its state directory and
+    /// finds its token there by itself: `--state-dir DIR`. Without TLS
+    /// nothing tells the client which server it reached, so such a client
+    /// names the token file: `--token-file DIR/token` too (if the server
+    /// made one).
+    pub fn own_user_args(&self) -> Vec<OsString> {
+        let mut args = vec!["--state-dir".into(), self.state_dir.clone().into()];
+        let token = self.state_dir.join("token");
+        if !self.tls && token.exists() {
+            args.extend(["--token-file".into(), token.into()]);
+        }
+        args
+    }
+
+    /// Runs `ferry ARGS --host 127.0.0.1 --port PORT` (upload/download) as
+    /// a client of the server's own user.
     pub fn run(&self, args: &[&dyn AsRef<OsStr>]) -> Output {
         self.run_with(args, &RunOptions::default())
     }
 
+    /// The same with `opts`. A client of the server's user that keeps no
+    /// state of its own (`XDG_CONFIG_HOME`, `--state-dir`, `--token-file`)
+    /// shares the server's; any other finds no token.
     pub fn run_with(&self, args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Output {
         let mut all = to_os_args(args);
-        all.extend(self.client_args());
+        all.extend(self.address_args());
+        let own_state = opts.env.iter().any(|(key, _)| key == "XDG_CONFIG_HOME")
+            || all
+                .iter()
+                .any(|a| a == "--state-dir" || a == "--token-file");
+        if opts.user == self.user && !own_state {
+            all.extend(self.own_user_args());
+        }
         run_os(&all, opts)
     }
 
@@ -208,6 +317,49 @@ impl Drop for Server {
             let _ = child.wait();
         }
     }
+}
+
+/// This version's preface: the magic, then the version (PROTOCOL.md §2).
+fn preface() -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    bytes[..6].copy_from_slice(MAGIC);
+    bytes[6..].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    bytes
+}
+
+/// A control frame (PROTOCOL.md §3): type 1, u32 BE length, JSON.
+fn control_frame(json: &str) -> Vec<u8> {
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    frame.extend_from_slice(json.as_bytes());
+    frame
+}
+
+/// The answer to the challenge `nonce` (hex) with `token` on a connection
+/// whose TLS exporter is `exporter` (empty without TLS), as PROTOCOL.md
+/// defines it: hex HMAC-SHA256(token, "ferry-auth-v1" ‖ nonce ‖ exporter).
+fn proof(token: &str, nonce: &str, exporter: &[u8]) -> String {
+    let nonce: Vec<u8> = (0..nonce.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&nonce[i..i + 2], 16).expect("a hex nonce"))
+        .collect();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let tag = ring::hmac::sign(&key, &[b"ferry-auth-v1", &nonce[..], exporter].concat());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The state directory of a server started with `args` and `opts`: its
+/// `--state-dir`, else `ferry` in its `XDG_CONFIG_HOME`.
+fn state_dir_of(args: &[OsString], opts: &RunOptions) -> PathBuf {
+    if let Some(dir) = args.iter().skip_while(|a| *a != "--state-dir").nth(1) {
+        return PathBuf::from(dir);
+    }
+    let home = opts
+        .env
+        .iter()
+        .find(|(key, _)| key == "XDG_CONFIG_HOME")
+        .map_or_else(|| state_home(args), |(_, home)| PathBuf::from(home));
+    home.join("ferry")
 }
 
 /// The token after `listening on ` in the server's stdout, once the whole
