@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
+use crate::budget::SessionBudget;
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
@@ -676,5 +677,6 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         ignore_times: false,
         owners: false,
         devices: false,
+        budget: SessionBudget::unlimited(),
     })
 }

@@ -250,6 +250,10 @@ pub enum RefusalReason {
     NeedsTls,
     #[error("cannot join: unknown session, wrong secret, or too many connections")]
     CannotJoin,
+    /// Not now: what the server shares among its clients is taken (the
+    /// client tries again later).
+    #[error("the server is busy: {0}; try again later")]
+    Busy(#[from] crate::budget::Busy),
     /// No random bytes for `what` (a session secret, a challenge).
     #[error("no random source for {what}: {}", reason(.error))]
     NoRandom {
@@ -294,7 +298,8 @@ impl Refusal {
                 code_for(error)
             }
             RefusalReason::NotHello(_) => ErrorCode::Protocol,
-            RefusalReason::NoRandom { .. } => ErrorCode::Io,
+            // `io`: a client tries again after a while.
+            RefusalReason::NoRandom { .. } | RefusalReason::Busy(_) => ErrorCode::Io,
             RefusalReason::CompressionLevel(_)
             | RefusalReason::NotARequest(_)
             | RefusalReason::NeedsTls

@@ -32,6 +32,7 @@
 
 mod adapt;
 pub mod auth;
+pub mod budget;
 pub mod client;
 mod codec;
 mod conn;

@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
+use crate::budget::{self, Budget, Busy, SessionBudget, Split};
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
@@ -114,6 +115,7 @@ pub async fn serve(
     }
     let shared = Arc::new(Shared {
         root,
+        descriptors: descriptor_budget(),
         registry: Registry::default(),
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         idle_timeout: config.idle_timeout,
@@ -158,6 +160,30 @@ pub async fn serve(
     Ok(())
 }
 
+/// The file descriptors sessions share: what the open-files limit leaves
+/// after the sockets the server accepts and its own use.
+fn descriptor_budget() -> Arc<Budget> {
+    let limit = budget::open_files_limit();
+    let split = Split::descriptors(
+        limit,
+        budget::socket_descriptors(MAX_CONNECTIONS, MAX_PENDING),
+    );
+    info!(
+        "file descriptors: {limit} open at most; {} sessions get {} each, and may borrow up to {} more each of {} shared",
+        split.sessions(),
+        split.reserve,
+        split.share,
+        split.shared,
+    );
+    if split.sessions() < 16 {
+        warn!(
+            "the open-files limit ({limit}) leaves room for only {} sessions at once: raise it (ulimit -n)",
+            split.sessions()
+        );
+    }
+    Budget::new(split)
+}
+
 /// The directory a server serves, held open for its lifetime: every path
 /// is resolved beneath this handle, not by name.
 fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
@@ -196,6 +222,8 @@ async fn wind_down(sessions: TaskTracker, cancel: CancellationToken) {
 /// What every connection of a server shares.
 struct Shared {
     root: Arc<OwnedFd>,
+    /// What sessions may hold open.
+    descriptors: Arc<Budget>,
     registry: Registry,
     /// One permit per connection past its handshake.
     slots: Arc<Semaphore>,
@@ -660,6 +688,10 @@ async fn session(
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<(), EngineError> {
+    let budget = match admit(shared) {
+        Ok(budget) => budget,
+        Err(busy) => return refuse(&mut writer, Refusal::new(busy.into())).await,
+    };
     let (session_id, secret) = match random_hex().and_then(|id| Ok((id, random_hex()?))) {
         Ok(pair) => pair,
         Err(error) => {
@@ -685,7 +717,7 @@ async fn session(
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
     let started = Instant::now();
-    let accepted = match accept_request(&shared.root, shared.access, shared.devices, request) {
+    let accepted = match accept_request(shared, budget, request) {
         Ok(a) => a,
         Err(refusal) => return refuse(&mut writer, refusal).await,
     };
@@ -711,6 +743,13 @@ async fn session(
     say_goodbye(&mut writer, &result).await;
     log_summary(verb, &result, &tally, started);
     result
+}
+
+/// A new session's share of what the server's sessions share, or why the
+/// server is too busy for it now.
+fn admit(shared: &Shared) -> Result<SessionBudget, Busy> {
+    let descriptors = shared.descriptors.admit().ok_or(Busy::Descriptors)?;
+    Ok(SessionBudget { descriptors })
 }
 
 /// Put a new session in the registry, where its data connections will
@@ -812,17 +851,21 @@ enum Accepted {
 /// it will run. Every path is validated here, whatever the client already
 /// checked.
 fn accept_request(
-    root: &OwnedFd,
-    access: Access,
-    devices: bool,
+    shared: &Shared,
+    budget: SessionBudget,
     request: Message,
 ) -> Result<Accepted, Refusal> {
+    let root = &shared.root;
     // Before anything touches the filesystem: a read-only server must not
     // even create an upload's parent directories.
-    check_access(&request, access)?;
+    check_access(&request, shared.access)?;
     match request {
         Message::Upload { dest, ignore_times } => {
-            accept_upload(root, devices, dest.as_bytes(), ignore_times)
+            let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), ignore_times);
+            if let Ok(Accepted::Receive(dest)) = &mut accepted {
+                dest.budget = budget;
+            }
+            accepted
         }
         // The client receives, and applies `ignore_times` itself.
         Message::Download {
@@ -884,6 +927,7 @@ fn accept_upload(
         // Entries carry owners unless the client said --no-owner.
         owners: fsx::may_chown(),
         devices: devices && fsx::may_chown(),
+        budget: SessionBudget::unlimited(),
     }))
 }
 

@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use worker::Worker;
 
+use crate::budget::SessionBudget;
 use crate::codec::ReadChunk;
 use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
 use crate::error::{EngineError, Violation};
@@ -72,6 +73,8 @@ pub(crate) struct Destination {
     /// Make the device nodes that entries describe (this process is root
     /// and the user allowed it).
     pub(crate) devices: bool,
+    /// What the session may take of its server's descriptors and memory.
+    pub(crate) budget: SessionBudget,
 }
 
 /// Lets the worker hold the data connections' readers back.

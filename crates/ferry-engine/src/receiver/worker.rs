@@ -20,6 +20,7 @@ use super::rules::{
     Parking, PartPlan, PlanWindow,
 };
 use super::{DataGate, Destination, Inbound};
+use crate::budget::{self, Charge};
 use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
@@ -39,6 +40,8 @@ struct OpenFile {
     parent_dir: Option<u64>,
     arrival: Arrival,
     part: Part,
+    /// The descriptors it holds, of the session's budget.
+    _descriptors: Charge,
 }
 
 /// What the worker keeps for an open directory: the directory itself,
@@ -53,6 +56,8 @@ struct DirIo {
     /// The owner of a file this process creates in it (known when owners
     /// are applied).
     new_files_owner: Option<Owner>,
+    /// The descriptor it holds, of the session's budget.
+    _descriptor: Charge,
 }
 
 /// A `hardlink` entry whose file is still arriving.
@@ -321,10 +326,7 @@ impl Worker {
             Err(e) => {
                 let why = format!("cannot open its directory: {}", reason(&e));
                 self.discard_parked(id);
-                return match kind {
-                    EntryKind::Dir { .. } => self.dir_verdict(id, display, Some(why)),
-                    _ => self.verdict(id, display, Outcome::Failed(why), 0),
-                };
+                return self.verdict(id, display, budget::outcome_of_error(&e, why), 0);
             }
         };
         let at = Landing {
@@ -408,9 +410,19 @@ impl Worker {
     ) -> Result<(), EngineError> {
         self.dirs.check_room()?;
         let parent_fresh = self.dirs.is_fresh(at.parent_dir);
+        let held = self.dest.budget.descriptors.try_take(1);
         let handle = match place::open_dir(&at.parent, &at.name, at.owner) {
             Ok(handle) => handle,
-            Err(e) => return self.dir_verdict(at.id, at.display, Some(reason(&e))),
+            Err(e) => {
+                let outcome = budget::outcome_of_error(&e, reason(&e));
+                return self.verdict(at.id, at.display, outcome, 0);
+            }
+        };
+        let Some(descriptor) = held else {
+            // Made, but not held open: what goes below it is found by its
+            // path, and its metadata waits for an attempt with room.
+            let why = budget::NO_DESCRIPTORS.to_string();
+            return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
         };
         if handle.created && !parent_fresh {
             // The top of a new subtree: the sender need not wait for the
@@ -425,6 +437,7 @@ impl Worker {
             mtime,
             owner: at.owner,
             new_files_owner: handle.new_files_owner,
+            _descriptor: descriptor,
         };
         let fresh = handle.created || parent_fresh;
         self.dirs.open(at.id, path, at.parent_dir, fresh, io);
@@ -465,8 +478,15 @@ impl Worker {
             mode,
             mtime,
         };
-        match self.open_part(&at, target, PartPlan::for_file(size, fresh_dir)) {
-            Ok((part, held)) => self.receive_file(at, part, held),
+        let plan = PartPlan::for_file(size, fresh_dir);
+        // The part file, and its journal beside it.
+        let needed = 1 + u64::from(plan.journaled);
+        let opened = match self.dest.budget.descriptors.try_take(needed) {
+            Some(charge) => self.open_part(&at, target, plan).map(|o| (o, charge)),
+            None => Err(Outcome::Incomplete(budget::NO_DESCRIPTORS.into())),
+        };
+        match opened {
+            Ok(((part, held), charge)) => self.receive_file(at, part, held, charge),
             Err(outcome) => {
                 self.discard_parked(at.id);
                 self.verdict(at.id, at.display, outcome, 0)
@@ -486,7 +506,7 @@ impl Worker {
             if e.kind() == io::ErrorKind::WouldBlock {
                 Outcome::Incomplete(reason(&e))
             } else {
-                Outcome::Failed(reason(&e))
+                budget::outcome_of_error(&e, reason(&e))
             }
         })?;
         // A part file this process just made has a known owner.
@@ -506,7 +526,7 @@ impl Worker {
         };
         let held = part
             .prepare(plan, plan.resumes(existing), &mut alive)
-            .map_err(|e| Outcome::Failed(reason(&e)))?;
+            .map_err(|e| budget::outcome_of_error(&e, reason(&e)))?;
         Ok((part, held))
     }
 
@@ -517,6 +537,7 @@ impl Worker {
         at: Landing,
         part: Part,
         mut held: Vec<ChunkRecord>,
+        descriptors: Charge,
     ) -> Result<(), EngineError> {
         let runs = rules::offer_held(&mut held);
         let arrival = Arrival::new(part.size(), &held);
@@ -541,6 +562,7 @@ impl Worker {
             parent_dir: at.parent_dir,
             arrival,
             part,
+            _descriptors: descriptors,
         };
         self.files.insert(at.id, file);
         for chunk in self.parked.take(at.id) {
