@@ -1,8 +1,8 @@
 //! What a server's sessions share, and how much of it each may take.
 //!
-//! A server has a budget of file descriptors: what its open-files limit
-//! leaves after the sockets it accepts and its own use. A budget is a
-//! [`Pool`] in two parts:
+//! A server has one budget of file descriptors (what its open-files limit
+//! leaves after the sockets it accepts and its own use) and one of memory
+//! (`--max-memory`). Each budget is a [`Pool`] in two parts:
 //!
 //! - a *reserved* part, from which every session gets a fixed reserve when
 //!   it is admitted. A session that cannot get its reserve is refused
@@ -26,7 +26,9 @@
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ferry_proto::message::Outcome;
+use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN};
+
+use ferry_proto::message::{Compression, Outcome};
 
 /// Descriptors a server keeps for itself beyond the sockets it accepts:
 /// its listener, root, log file, the runtime's own, and a walk of the
@@ -35,6 +37,17 @@ const OWN_DESCRIPTORS: u64 = 64;
 /// Every session's reserve of descriptors: its destination and parent
 /// handles, a few directories deep, and a file with its journal.
 pub(crate) const SESSION_DESCRIPTORS: u64 = 32;
+/// The memory each reader of a session has for itself: its control
+/// connection, and its data connections together. Room for a chunk of the
+/// size ferry sends and the frame after it, so that each always makes
+/// progress, however much the other (or any other session) holds.
+pub(crate) const READER_MEMORY: u64 = 2 * DEFAULT_CHUNK_LEN as u64;
+/// The default memory budget of a server (`--max-memory`).
+pub const DEFAULT_MAX_MEMORY: u64 = 512 << 20;
+/// The smallest memory budget a server accepts: a few sessions' reserves
+/// and shares.
+pub const MIN_MAX_MEMORY: u64 = 32 << 20;
+
 /// How a budget's capacity is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Split {
@@ -71,6 +84,15 @@ impl Split {
         Split::of(capacity, SESSION_DESCRIPTORS, 0.5, SESSION_DESCRIPTORS)
     }
 
+    /// Memory: three quarters of `max_memory` for reserves of
+    /// [`READER_MEMORY`] (two per session), the rest shared, at least a
+    /// frame of the largest size per reader (a peer's chunks of up to
+    /// 4 MiB go through while the shared part lasts).
+    pub(crate) fn memory(max_memory: u64) -> Split {
+        let largest = u64::from(MAX_CHUNK_LEN) + (1 << 20);
+        Split::of(max_memory, READER_MEMORY, 0.75, largest)
+    }
+
     /// How many sessions can hold their reserves at once.
     pub(crate) fn sessions(&self) -> u64 {
         self.reserved_max / self.reserve.max(1)
@@ -98,6 +120,11 @@ impl Holding {
     fn borrowed(&self) -> u64 {
         self.used.saturating_sub(self.reserve)
     }
+
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
 }
 
 impl Pool {
@@ -121,6 +148,11 @@ impl Pool {
         })
     }
 
+    /// A holding with no reserve: it only borrows.
+    pub(crate) fn borrower() -> Holding {
+        Holding::default()
+    }
+
     /// A session ends: its reserve and all it borrowed come back.
     pub(crate) fn leave(&mut self, holding: &mut Holding) {
         self.give(holding, holding.used);
@@ -142,6 +174,14 @@ impl Pool {
             holding.used = used;
         }
         allowed
+    }
+
+    /// Take `n` more for `holding` whatever the limits: for what is in
+    /// memory already. Later takes see the overdraft.
+    pub(crate) fn force(&mut self, holding: &mut Holding, n: u64) {
+        let used = holding.used + n;
+        self.borrowed += used.saturating_sub(holding.reserve) - holding.borrowed();
+        holding.used = used;
     }
 
     /// Give back `n` of what `holding` uses (borrowed first).
@@ -183,6 +223,11 @@ impl Budget {
         let holding = self.lock().admit()?;
         Some(Account::new(Some(self.clone()), holding))
     }
+
+    /// A session's account with no reserve, that only borrows.
+    pub(crate) fn borrower(self: &Arc<Self>) -> Arc<Account> {
+        Account::new(Some(self.clone()), Pool::borrower())
+    }
 }
 
 /// What one session holds of a [`Budget`] (or of none: a client's
@@ -221,6 +266,29 @@ impl Account {
         })
     }
 
+    /// Take `n`, waiting until the limits allow it.
+    pub(crate) async fn take(self: &Arc<Self>, n: u64) -> Charge {
+        loop {
+            let Some(budget) = &self.budget else {
+                return Charge::free(self, n);
+            };
+            // Registered before trying, so that a release in between wakes us.
+            let freed = budget.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(charge) = self.try_take(n) {
+                return charge;
+            }
+            freed.await;
+        }
+    }
+
+    /// Take `n` whatever the limits (it is in memory already).
+    pub(crate) fn force(self: &Arc<Self>, n: u64) -> Charge {
+        self.with(|pool, h| pool.force(h, n));
+        Charge::free(self, n)
+    }
+
     fn give(&self, n: u64) {
         if n > 0
             && self.with(|pool, h| pool.give(h, n)).is_some()
@@ -228,6 +296,14 @@ impl Account {
         {
             budget.freed.notify_waiters();
         }
+    }
+}
+
+impl Account {
+    /// What the account uses now.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> u64 {
+        self.holding.lock().map_or(0, |h| h.used())
     }
 }
 
@@ -248,6 +324,51 @@ pub(crate) struct Charge {
     n: u64,
 }
 
+impl Charge {
+    /// Nothing, yet, of `account`.
+    #[cfg(test)]
+    pub(crate) fn none(account: &Arc<Account>) -> Charge {
+        Charge::free(account, 0)
+    }
+
+    fn free(account: &Arc<Account>, n: u64) -> Charge {
+        Charge {
+            account: account.clone(),
+            n,
+        }
+    }
+
+    /// The account it is charged to.
+    pub(crate) fn account(&self) -> &Arc<Account> {
+        &self.account
+    }
+
+    /// Add `other` (of the same account) to this charge.
+    pub(crate) fn absorb(&mut self, mut other: Charge) {
+        self.n += std::mem::take(&mut other.n);
+    }
+
+    /// Split `n` off into a charge of its own (at most what is held).
+    pub(crate) fn split_off(&mut self, n: u64) -> Charge {
+        let n = n.min(self.n);
+        self.n -= n;
+        Charge::free(&self.account, n)
+    }
+
+    /// Give back all but `keep`.
+    pub(crate) fn shrink_to(&mut self, keep: u64) {
+        if self.n > keep {
+            self.account.give(self.n - keep);
+            self.n = keep;
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn amount(&self) -> u64 {
+        self.n
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.account.give(self.n);
@@ -266,12 +387,45 @@ impl std::fmt::Debug for Charge {
 pub(crate) struct SessionBudget {
     /// Descriptors for the files and directories it holds open.
     pub(crate) descriptors: Arc<Account>,
+    /// Memory for what its control connection reads, and for the journals
+    /// it checks.
+    pub(crate) control: Arc<Account>,
+    /// Memory for what its data connections read. Apart from `control`,
+    /// so that chunks parked for entries still to come on the control
+    /// connection never keep it from reading them.
+    pub(crate) data: Arc<Account>,
+    /// Memory for what it holds while entries wait: the names of its open
+    /// files and directories, and of hard links waiting for their files.
+    /// Borrowed only: what does not fit waits for the client's next
+    /// attempt, so it never keeps a reader from reading.
+    pub(crate) state: Arc<Account>,
+}
+
+/// What an entry held open takes of its session's budgets, given back
+/// when it is dropped.
+pub(crate) struct Held {
+    _descriptors: Charge,
+    _memory: Charge,
+}
+
+impl SessionBudget {
+    /// Room to hold an entry open with `descriptors` descriptors and
+    /// `bytes` of memory, if the session's shares allow both.
+    pub(crate) fn hold(&self, descriptors: u64, bytes: u64) -> Option<Held> {
+        Some(Held {
+            _descriptors: self.descriptors.try_take(descriptors)?,
+            _memory: self.state.try_take(bytes)?,
+        })
+    }
 }
 
 impl SessionBudget {
     pub(crate) fn unlimited() -> SessionBudget {
         SessionBudget {
             descriptors: Account::unlimited(),
+            control: Account::unlimited(),
+            data: Account::unlimited(),
+            state: Account::unlimited(),
         }
     }
 }
@@ -281,6 +435,8 @@ impl SessionBudget {
 pub enum Busy {
     #[error("its file descriptors are all reserved by other sessions")]
     Descriptors,
+    #[error("its memory is all reserved by other sessions")]
+    Memory,
 }
 
 /// How many files this process may have open, once its soft limit is
@@ -333,9 +489,25 @@ pub(crate) fn outcome_of_error(e: &io::Error, why: String) -> Outcome {
     }
 }
 
-/// Why a file or directory is put off: the session is at its share.
-pub(crate) const NO_DESCRIPTORS: &str =
-    "the server has as many files open as it allows this session; sent again on the next attempt";
+/// What a download's compressor holds in memory, beyond the reserves of
+/// its session (which hold its queued chunks: measured, a download that
+/// is not read holds 2.4 MiB uncompressed, 7 MiB at zstd level 19).
+pub(crate) fn compressor_memory(compression: Compression) -> u64 {
+    match compression {
+        Compression::Off => 0,
+        Compression::Level(level) if level >= 10 => 6 << 20,
+        Compression::Level(level) if level >= 4 => 3 << 20,
+        _ => 1 << 20,
+    }
+}
+
+/// Why an entry is put off: the session is at its share.
+pub(crate) const PUT_OFF: &str = "the server has as many files open, or holds as much, as it allows \
+     this session; sent again on the next attempt";
+
+/// What holding an entry open costs in memory beyond its names: its place
+/// in the maps, its handles, its ledger.
+pub(crate) const HELD_ENTRY_MEMORY: u64 = 512;
 
 #[cfg(test)]
 mod tests {
@@ -392,6 +564,19 @@ mod tests {
     }
 
     #[test]
+    fn a_forced_take_overdraws_and_blocks_later_takes() {
+        let mut p = pool(100);
+        let mut borrower = Pool::borrower();
+        p.force(&mut borrower, 60);
+        assert_eq!(p.borrowed(), 60);
+        let mut other = p.admit().unwrap();
+        assert!(p.take(&mut other, 10), "reserves are not shared");
+        assert!(!p.take(&mut other, 1), "the shared part is overdrawn");
+        p.give(&mut borrower, 60);
+        assert!(p.take(&mut other, 1));
+    }
+
+    #[test]
     fn splits_for_descriptors_and_memory() {
         let fds = Split::descriptors(20_000, 320);
         assert_eq!(fds.reserve, SESSION_DESCRIPTORS);
@@ -402,6 +587,16 @@ mod tests {
         let small = Split::descriptors(2048, 320);
         assert!(small.sessions() >= 16 && small.share >= SESSION_DESCRIPTORS);
         assert_eq!(Split::descriptors(100, 320).sessions(), 0);
+        let mem = Split::memory(DEFAULT_MAX_MEMORY);
+        assert!(mem.sessions() / 2 >= 64, "{mem:?}: two readers a session");
+        assert!(mem.reserve + mem.share > u64::from(MAX_CHUNK_LEN));
+        // A 1 TiB file's journal can be checked.
+        assert!(mem.share >= crate::journal::memory_for(1 << 40), "{mem:?}");
+        let tight = Split::memory(MIN_MAX_MEMORY);
+        assert!(
+            tight.sessions() / 2 >= 4 && tight.share <= tight.shared,
+            "{tight:?}"
+        );
     }
 
     #[test]
@@ -421,5 +616,39 @@ mod tests {
             outcome_of_error(&denied, "x".into()),
             Outcome::Failed(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_take_goes_on_once_room_is_given_back() {
+        let budget = Budget::new(Split::of(100, 10, 0.5, 10));
+        let hogs: Vec<Arc<Account>> = (0..2).map(|_| budget.borrower()).collect();
+        let mut held: Vec<Charge> = hogs.iter().map(|h| h.try_take(24).unwrap()).collect();
+        assert!(hogs[0].try_take(2).is_none(), "a share is 25");
+        let waiter = tokio::spawn({
+            let other = budget.borrower();
+            async move { other.take(5).await.amount() }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "2 left of the 50 shared");
+        held.pop();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+        assert_eq!(got.unwrap().unwrap(), 5);
+        drop(held);
+        assert!(hogs.iter().all(|h| h.used() == 0));
+    }
+
+    #[test]
+    fn a_charge_splits_and_shrinks() {
+        let budget = Budget::new(Split::of(100, 10, 0.5, 10));
+        let account = budget.borrower();
+        let mut held = Charge::none(&account);
+        held.absorb(account.try_take(20).unwrap());
+        let part = held.split_off(8);
+        assert_eq!((held.amount(), part.amount()), (12, 8));
+        held.shrink_to(2);
+        assert_eq!(account.used(), 10);
+        drop(part);
+        drop(held);
+        assert_eq!(account.used(), 0);
     }
 }

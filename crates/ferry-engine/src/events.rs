@@ -116,6 +116,10 @@ pub struct TransferReport {
     pub incomplete: Vec<(String, String)>,
     /// Each entry that vanished from the source while the tree was walked.
     pub vanished: Vec<String>,
+    /// Entries counted but left out of the lists above, which a server
+    /// keeps short: it logs each entry as it comes, and must not remember
+    /// whatever a client makes fail.
+    pub unlisted: Unlisted,
     /// Files the receiver already had (counted in `files_ok` too).
     pub files_unchanged: u64,
     /// Bytes of files that were already at the receiver, not sent again.
@@ -126,6 +130,15 @@ pub struct TransferReport {
     pub file_bytes: u64,
     /// Bytes that crossed the connection, both ways, framing included.
     pub wire_bytes: u64,
+}
+
+/// How many entries of each list a report left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unlisted {
+    pub failed: u64,
+    pub skipped: u64,
+    pub incomplete: u64,
+    pub vanished: u64,
 }
 
 /// A complete transfer: the report plus how long it took.
@@ -139,13 +152,28 @@ pub struct TransferSummary {
 pub(crate) struct Tally {
     inner: Arc<dyn EventSink>,
     report: Mutex<TransferReport>,
+    /// Entries listed at most in each of the report's lists.
+    listed: usize,
 }
+
+/// Entries a server lists of each kind in a session's report (the rest
+/// are counted): its log has a line for each.
+pub(crate) const SERVER_LISTED: usize = 16;
 
 impl Tally {
     pub(crate) fn new(inner: Arc<dyn EventSink>) -> Self {
         Tally {
             inner,
             report: Mutex::new(TransferReport::default()),
+            listed: usize::MAX,
+        }
+    }
+
+    /// A tally whose report lists at most `listed` entries of each kind.
+    pub(crate) fn listing(inner: Arc<dyn EventSink>, listed: usize) -> Self {
+        Tally {
+            listed,
+            ..Tally::new(inner)
         }
     }
 
@@ -158,29 +186,96 @@ impl Tally {
     }
 }
 
+/// A (path, reason) entry of a list, made only if it is listed.
+fn pair<'a>(path: &'a str, why: &'a str) -> impl FnOnce() -> (String, String) + 'a {
+    move || (path.to_string(), why.to_string())
+}
+
+/// Push `item` to `list` if it has fewer than `listed`; count it otherwise.
+fn list<T>(list: &mut Vec<T>, unlisted: &mut u64, listed: usize, item: impl FnOnce() -> T) {
+    if list.len() < listed {
+        list.push(item());
+    } else {
+        *unlisted += 1;
+    }
+}
+
 impl EventSink for Tally {
     fn event(&self, event: Event) {
         {
-            let mut r = self.lock();
+            let mut guard = self.lock();
+            let r = &mut *guard;
+            let n = self.listed;
             match &event {
                 Event::Totals { files, .. } => r.files_total = *files,
                 Event::Bytes { n } => r.file_bytes += n,
                 Event::FileDone { .. } => r.files_ok += 1,
-                Event::FileFailed { path, reason } => r.failed.push((path.clone(), reason.clone())),
-                Event::Skipped { path, reason } => r.skipped.push((path.clone(), reason.clone())),
+                Event::FileFailed { path, reason } => {
+                    list(&mut r.failed, &mut r.unlisted.failed, n, pair(path, reason))
+                }
+                Event::Skipped { path, reason } => list(
+                    &mut r.skipped,
+                    &mut r.unlisted.skipped,
+                    n,
+                    pair(path, reason),
+                ),
                 Event::Unchanged { size, .. } => {
                     r.files_ok += 1;
                     r.files_unchanged += 1;
                     r.bytes_held += size;
                 }
                 Event::Resumed { bytes, .. } => r.bytes_held += bytes,
-                Event::Vanished { path } => r.vanished.push(path.clone()),
-                Event::FileIncomplete { path, reason } => {
-                    r.incomplete.push((path.clone(), reason.clone()))
+                Event::Vanished { path } => {
+                    list(&mut r.vanished, &mut r.unlisted.vanished, n, || {
+                        path.clone()
+                    })
                 }
+                Event::FileIncomplete { path, reason } => list(
+                    &mut r.incomplete,
+                    &mut r.unlisted.incomplete,
+                    n,
+                    pair(path, reason),
+                ),
                 Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }
         self.inner.event(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nowhere;
+
+    impl EventSink for Nowhere {
+        fn event(&self, _: Event) {}
+    }
+
+    #[test]
+    fn a_listing_tally_counts_what_it_does_not_list() {
+        let tally = Tally::listing(Arc::new(Nowhere), 2);
+        for i in 0..5 {
+            tally.event(Event::Skipped {
+                path: format!("p{i}"),
+                reason: "special".into(),
+            });
+            tally.event(Event::FileFailed {
+                path: format!("f{i}"),
+                reason: "denied".into(),
+            });
+        }
+        let r = tally.report();
+        assert_eq!(r.skipped.len(), 2);
+        assert_eq!(r.failed.len(), 2);
+        assert_eq!((r.unlisted.skipped, r.unlisted.failed), (3, 3));
+        let all = Tally::new(Arc::new(Nowhere));
+        for i in 0..5 {
+            all.event(Event::Vanished {
+                path: format!("v{i}"),
+            });
+        }
+        assert_eq!(all.report().vanished.len(), 5, "a client lists everything");
     }
 }

@@ -35,13 +35,13 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
-use crate::budget::{self, Budget, Busy, SessionBudget, Split};
+use crate::budget::{self, Budget, Busy, Charge, SessionBudget, Split};
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
 use crate::error::{EngineError, Op, Refusal, RefusalReason, Side, TlsError, reason};
-use crate::events::{Event, EventSink, Tally};
+use crate::events::{Event, EventSink, SERVER_LISTED, Tally};
 use crate::fsx;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
@@ -81,6 +81,9 @@ pub struct ServerConfig {
     /// The token a client must prove before a session starts; `None`
     /// serves every client (loopback, or `--no-auth`).
     pub auth: Option<Token>,
+    /// The memory the sessions share, in bytes (`--max-memory`; see
+    /// [`budget::DEFAULT_MAX_MEMORY`]).
+    pub max_memory: u64,
 }
 
 /// Which way files may move through a server.
@@ -116,6 +119,7 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         root,
         descriptors: descriptor_budget(),
+        memory: memory_budget(config.max_memory),
         registry: Registry::default(),
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         idle_timeout: config.idle_timeout,
@@ -184,6 +188,23 @@ fn descriptor_budget() -> Arc<Budget> {
     Budget::new(split)
 }
 
+/// The memory sessions share: what they read is charged to it.
+fn memory_budget(max_memory: u64) -> Arc<Budget> {
+    let split = Split::memory(max_memory.max(budget::MIN_MAX_MEMORY));
+    let mib = |n: u64| n >> 20;
+    // A session has two readers, each with a reserve: its control
+    // connection, and its data connections together.
+    info!(
+        "memory: {} MiB for sessions; {} sessions get 2 x {} MiB each, and may borrow up to {} MiB more for each of {} MiB shared",
+        mib(max_memory),
+        split.sessions() / 2,
+        mib(split.reserve),
+        mib(split.share),
+        mib(split.shared),
+    );
+    Budget::new(split)
+}
+
 /// The directory a server serves, held open for its lifetime: every path
 /// is resolved beneath this handle, not by name.
 fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
@@ -224,6 +245,8 @@ struct Shared {
     root: Arc<OwnedFd>,
     /// What sessions may hold open.
     descriptors: Arc<Budget>,
+    /// What sessions may hold in memory.
+    memory: Arc<Budget>,
     registry: Registry,
     /// One permit per connection past its handshake.
     slots: Arc<Semaphore>,
@@ -749,7 +772,14 @@ async fn session(
 /// server is too busy for it now.
 fn admit(shared: &Shared) -> Result<SessionBudget, Busy> {
     let descriptors = shared.descriptors.admit().ok_or(Busy::Descriptors)?;
-    Ok(SessionBudget { descriptors })
+    let control = shared.memory.admit().ok_or(Busy::Memory)?;
+    let data = shared.memory.admit().ok_or(Busy::Memory)?;
+    Ok(SessionBudget {
+        descriptors,
+        control,
+        data,
+        state: shared.memory.borrower(),
+    })
 }
 
 /// Put a new session in the registry, where its data connections will
@@ -786,14 +816,16 @@ async fn transfer(
     match accepted {
         Accepted::Receive(dest) => {
             info!("upload to {}", dest.label);
-            let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
+            let log = Arc::new(LogEvents { verb: "received" });
+            let tally = Arc::new(Tally::listing(log, SERVER_LISTED));
             let result = run_receiver(reader, writer, dest, tally.clone(), watched, joins).await;
             ("upload", result, tally)
         }
-        Accepted::Send(mut job) => {
+        Accepted::Send(mut job, _held) => {
             info!("download of {}", job.label);
             job.local_peer = local_peer;
-            let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
+            let log = Arc::new(LogEvents { verb: "sent" });
+            let tally = Arc::new(Tally::listing(log, SERVER_LISTED));
             let result = run_sender(reader, writer, job, tally.clone(), watched, joins).await;
             ("download", result, tally)
         }
@@ -833,9 +865,9 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
         },
         report.files_ok,
         report.files_unchanged,
-        report.failed.len(),
-        report.incomplete.len(),
-        report.skipped.len(),
+        report.failed.len() as u64 + report.unlisted.failed,
+        report.incomplete.len() as u64 + report.unlisted.incomplete,
+        report.skipped.len() as u64 + report.unlisted.skipped,
         report.file_bytes,
         started.elapsed().as_secs_f64()
     );
@@ -844,7 +876,8 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
 /// What an accepted request runs.
 enum Accepted {
     Receive(Destination),
-    Send(SendJob),
+    /// With what it holds of the server's budgets for as long as it runs.
+    Send(SendJob, (SessionBudget, Charge)),
 }
 
 /// Check a request against the server's access and root, and prepare what
@@ -873,7 +906,17 @@ fn accept_request(
             compression,
             ignore_times: _,
             owners,
-        } => accept_download(root, source.as_bytes(), compression, owners),
+        } => {
+            // A compressor beyond the reserves, or none while memory is
+            // short: compression saves time, it is never owed.
+            let needed = budget::compressor_memory(compression);
+            let (compression, memory) = match budget.data.try_take(needed) {
+                Some(memory) => (compression, memory),
+                None => (Compression::Off, budget.data.force(0)),
+            };
+            let job = accept_download(root, source.as_bytes(), compression, owners)?;
+            Ok(Accepted::Send(job, (budget, memory)))
+        }
         other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
     }
 }
@@ -937,7 +980,7 @@ fn accept_download(
     source: &[u8],
     compression: Compression,
     owners: bool,
-) -> Result<Accepted, Refusal> {
+) -> Result<SendJob, Refusal> {
     if let Compression::Level(level) = compression
         && !(1..=19).contains(&level)
     {
@@ -949,7 +992,7 @@ fn accept_download(
         let op = Op::Open;
         Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
     })?;
-    Ok(Accepted::Send(SendJob {
+    Ok(SendJob {
         root: root_entry,
         compression,
         local_peer: false,
@@ -957,7 +1000,7 @@ fn accept_download(
         // The client cannot tell us whether it shows progress: count.
         early_totals: true,
         owners,
-    }))
+    })
 }
 
 /// Refuse a request with a reason the client will show its user.

@@ -89,6 +89,10 @@ pub struct ServerArgs {
     /// Serve every client without a token, even on a network address: only on a network you trust.
     #[arg(long, conflicts_with = "token_file")]
     pub no_auth: bool,
+    /// Memory the sessions may hold at once (e.g. 256M, 2G; at least 32M). A session that would
+    /// need more waits (its data connections pause) or is refused as busy until others end.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub max_memory: u64,
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +210,30 @@ fn parse_age(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
 }
 
+/// A size like `512M`, `2G`, `65536K` or a bare number of bytes (binary
+/// units), at least `MIN_MAX_MEMORY`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a number with an optional unit: K, M or G".to_string())?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err("the unit must be K, M or G".into()),
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| "too large".to_string())?;
+    let min = ferry_engine::budget::MIN_MAX_MEMORY;
+    if bytes < min {
+        return Err(format!("at least {}M", min >> 20));
+    }
+    Ok(bytes)
+}
+
 fn parse_compression(s: &str) -> Result<Compression, String> {
     match s {
         "auto" => Ok(Compression::Auto),
@@ -239,6 +267,21 @@ mod tests {
         assert_eq!(parse_age("0"), Ok(Duration::ZERO));
         assert!(parse_age("7w").is_err());
         assert!(parse_age("d").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(
+            parse_size("512M"),
+            Ok(ferry_engine::budget::DEFAULT_MAX_MEMORY),
+            "the default as --help shows it"
+        );
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("65536K"), Ok(64 << 20));
+        assert_eq!(parse_size("33554432"), Ok(32 << 20));
+        assert!(parse_size("16M").is_err(), "below the minimum");
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("M").is_err());
     }
 
     #[test]

@@ -270,6 +270,7 @@ impl LocalServer {
             // Both ends in this process: nothing to protect.
             tls: None,
             auth: None,
+            max_memory: ferry_engine::budget::DEFAULT_MAX_MEMORY,
         };
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
@@ -421,6 +422,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         devices: args.devices,
         tls,
         auth: auth.map(|(token, _)| token),
+        max_memory: args.max_memory,
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {

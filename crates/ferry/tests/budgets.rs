@@ -8,6 +8,7 @@
 use std::io::Write;
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -33,9 +34,10 @@ fn address(n: u8) -> Ipv4Addr {
 
 /// A hostile client's accepted upload session. What the server answers
 /// is read on a thread of its own (so that the server never waits for
-/// this client to read), and dropped.
+/// this client to read), and counted.
 struct Hostile {
     stream: TcpStream,
+    answers: Arc<Mutex<u64>>,
 }
 
 impl Hostile {
@@ -49,17 +51,25 @@ impl Hostile {
 
     /// Reads what the server sends on `stream` until it closes.
     fn reading(stream: TcpStream) -> Hostile {
+        let answers = Arc::new(Mutex::new(0));
         let mut reader = stream.try_clone().unwrap();
+        let count = answers.clone();
         thread::spawn(move || {
             let far = Instant::now() + Duration::from_secs(600);
-            while read_frame(&mut reader, far).is_some() {}
+            while read_frame(&mut reader, far).is_some() {
+                *count.lock().unwrap() += 1;
+            }
         });
-        Hostile { stream }
+        Hostile { stream, answers }
     }
 
     /// Sends `bytes`; false once the server has closed the connection.
     fn send(&mut self, bytes: &[u8]) -> bool {
         self.stream.write_all(bytes).is_ok()
+    }
+
+    fn answers(&self) -> u64 {
+        *self.answers.lock().unwrap()
     }
 }
 
@@ -143,4 +153,241 @@ fn sessions_holding_files_open_do_not_starve_a_legitimate_upload() {
         server.stderr()
     );
     drop(hostile);
+}
+
+const MIB_F: f64 = MIB as f64;
+
+// ---------------------------------------------------------------------------
+// Memory (hardening 4)
+// ---------------------------------------------------------------------------
+
+/// XXH3-64 of `bytes`, cut to the 32 bits a journal's checks keep.
+fn check32(bytes: &[u8]) -> u32 {
+    twox_hash::XxHash3_64::oneshot(bytes) as u32
+}
+
+/// A journal (journal.rs) for a source of `size` bytes at `MTIME`, holding
+/// `records` records of one byte each, every one well-formed.
+fn write_journal(path: &Path, size: u64, records: u64) {
+    let mut out = Vec::with_capacity(32 + 24 * records as usize);
+    out.extend_from_slice(b"FERRYJ1\n");
+    out.extend_from_slice(&size.to_le_bytes());
+    out.extend_from_slice(&1_700_000_000i64.to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    let check = check32(&out[..28]);
+    out.extend_from_slice(&check.to_le_bytes());
+    for offset in 0..records {
+        let start = out.len();
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        let check = check32(&out[start..]);
+        out.extend_from_slice(&check.to_le_bytes());
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// A journal left beside a part file is read when its file is sent again.
+/// One holding 4 million records (a receiver writes one per chunk of
+/// 1 MiB, so a 64 GiB file has at most 65 536) was read whole into memory
+/// and sorted: 150 MB and more. A journal with more records than its file
+/// has chunks is now ignored without being read.
+#[test]
+fn a_journal_with_more_records_than_its_file_has_chunks_is_not_read() {
+    const SIZE: u64 = 64 << 30;
+    const RECORDS: u64 = 4 << 20;
+    let (_scratch, _src, root) = setup();
+    let part = std::fs::File::create(root.join(".big.ferry-part")).unwrap();
+    part.set_len(SIZE).unwrap();
+    write_journal(&root.join(".big.ferry-journal"), SIZE, RECORDS);
+    let server = Server::start_with(&root, &[&"--no-tls"]);
+    let before = server.peak_rss();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    let mut stream = hostile_upload_session(&server, "big", deadline);
+    stream.write_all(&file_entry(1, "", SIZE)).unwrap();
+    // The plan comes once the journal has been dealt with.
+    let planned = (0..8).find_map(|_| {
+        let msg = read_message(&mut stream, deadline);
+        (msg["type"] == "planned").then_some(msg)
+    });
+    assert!(planned.is_some(), "no plan\n{}", server.stderr());
+    let grown = server.peak_rss().saturating_sub(before);
+    eprintln!("peak memory grew by {:.1} MiB", grown as f64 / MIB_F);
+    assert!(
+        grown < 32 * MIB,
+        "the server grew by {} MiB reading the journal",
+        grown / MIB
+    );
+}
+
+/// The data connections of a session that joined `hostile`.
+fn join_data_connections(server: &Server, welcome: &serde_json::Value, n: usize) -> Vec<TcpStream> {
+    let join = format!(
+        r#"{{"type":"join","session_id":{},"secret":{}}}"#,
+        welcome["session_id"], welcome["secret"]
+    );
+    (0..n)
+        .map(|_| {
+            let mut conn = TcpStream::connect(server.addr()).unwrap();
+            let mut hello = preface().to_vec();
+            hello.extend(control_frame(&join));
+            conn.write_all(&hello).unwrap();
+            let deadline = Instant::now() + PEER_TIMEOUT;
+            let mut theirs = [0u8; 8];
+            std::io::Read::read_exact(&mut conn, &mut theirs).unwrap();
+            let _ = read_frame(&mut conn, deadline); // joined
+            conn
+        })
+        .collect()
+}
+
+/// A session opened by hand whose `welcome` is kept, for its data
+/// connections to join.
+fn upload_with_welcome(
+    server: &Server,
+    source: Ipv4Addr,
+    dest: &str,
+) -> (TcpStream, serde_json::Value) {
+    let mut stream = connect_from(source, server.addr()).unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    let mut hello = preface().to_vec();
+    hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
+    stream.write_all(&hello).unwrap();
+    let mut theirs = [0u8; 8];
+    std::io::Read::read_exact(&mut stream, &mut theirs).unwrap();
+    let welcome = read_message(&mut stream, deadline);
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let request = format!(r#"{{"type":"upload","dest":"{dest}"}}"#);
+    stream.write_all(&control_frame(&request)).unwrap();
+    let ready = read_message(&mut stream, deadline);
+    assert_eq!(ready["type"], "ready", "{ready}");
+    (stream, welcome)
+}
+
+/// A 4 MiB chunk of a file that was never announced: a receiver parks it
+/// until its entry comes. Its codec says zstd (a payload a byte shorter
+/// than the chunk), so nothing hashes it on arrival; its bytes are never
+/// looked at.
+fn parked_chunk(n: u64) -> Vec<u8> {
+    const LEN: u32 = 4 << 20;
+    let payload = vec![0x5a; LEN as usize - 1];
+    data_frame(999, n * u64::from(LEN), LEN, 1, 0, &payload)
+}
+
+/// Chunks that overtake their entries are parked, at most 128 per
+/// session: but of up to 4 MiB each, and with no bound for the server.
+/// Two sessions sending such chunks on 16 connections made the server
+/// hold 500 MB. Now every chunk read is charged to one memory budget
+/// (`--max-memory`), and a session's data connections wait while its
+/// share is spent; a legitimate upload still gets through.
+#[test]
+fn parked_chunks_stay_within_the_memory_budget() {
+    let (scratch, _src, root) = setup();
+    let server = Server::start_with(&root, &[&"--no-tls", &"--max-memory", &"64M"]);
+    let before = server.peak_rss();
+    let mut senders = Vec::new();
+    for i in 0..2u8 {
+        let (control, welcome) = upload_with_welcome(&server, address(i), &format!("p{i}"));
+        let mut conns = join_data_connections(&server, &welcome, 15);
+        conns.push(control);
+        for (k, mut conn) in conns.into_iter().enumerate() {
+            senders.push(thread::spawn(move || {
+                for n in 0..8 {
+                    if conn.write_all(&parked_chunk(k as u64 * 8 + n)).is_err() {
+                        break;
+                    }
+                }
+                thread::sleep(Duration::from_secs(20));
+            }));
+        }
+    }
+    let peak = settled_peak(Duration::from_secs(20), || server.peak_rss());
+    let big = scratch.join("legit.bin");
+    write_random_file(&big, 8 * MIB, 3);
+    let started = Instant::now();
+    let out = server.run_with(
+        &[&"up", &big, &"legit.bin", &"--no-tls"],
+        &RunOptions::with_timeout(Duration::from_secs(40)),
+    );
+    out.assert_success();
+    assert_files_equal(&big, &root.join("legit.bin"));
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "peak memory grew by {:.1} MiB; legitimate upload in {:?}",
+        grown as f64 / MIB_F,
+        started.elapsed()
+    );
+    assert!(grown < 96 * MIB, "the server grew by {} MiB", grown / MIB);
+}
+
+/// Every entry that fails or is skipped was remembered, with its path and
+/// reason, for the session's summary: 30 000 entries with 4 KiB reasons
+/// grew a server by 120 MB and more, without bound. A server now counts
+/// them, keeping only the first few.
+#[test]
+fn skipped_entries_are_counted_not_remembered() {
+    const ENTRIES: u64 = 30_000;
+    let (_scratch, _src, root) = setup();
+    let quiet = RunOptions {
+        env: vec![("RUST_LOG".into(), "error".into())],
+        ..RunOptions::default()
+    };
+    let server = Server::start_as(&root, &[&"--no-tls"], &quiet);
+    let before = server.peak_rss();
+    let mut h = Hostile::upload(&server, address(0), "specials");
+    let what = "w".repeat(4000);
+    let mut bytes = dir_entry(1, "");
+    for id in 2..ENTRIES + 2 {
+        bytes.extend(control_frame(&format!(
+            r#"{{"type":"entry","id":{id},"path":"s{id}","kind":"special","what":"{what}"}}"#
+        )));
+    }
+    assert!(h.send(&bytes));
+    let answered = poll_until(Duration::from_secs(60), || {
+        (h.answers() > ENTRIES).then_some(())
+    });
+    assert!(answered.is_some(), "{} answers", h.answers());
+    let grown = server.peak_rss().saturating_sub(before);
+    eprintln!("peak memory grew by {:.1} MiB", grown as f64 / MIB_F);
+    assert!(grown < 40 * MIB, "the server grew by {} MiB", grown / MIB);
+}
+
+/// Hard links whose file is still arriving wait for it, at most 65 536
+/// per session: each with its name, up to 4 KiB. One session holding a
+/// file open and sending links to it below 15 directories of 250-byte
+/// names grew a server by 250 MB with 65 000 of them (95 MB with the
+/// 25 000 here). What a session holds for its
+/// waiting entries is now charged to the memory budget; a link past its
+/// share is answered `incomplete` (the client sends it again).
+#[test]
+fn waiting_hard_links_stay_within_the_memory_budget() {
+    const LINKS: u64 = 25_000;
+    let (_scratch, _src, root) = setup();
+    let server = Server::start_with(&root, &[&"--no-tls", &"--max-memory", &"64M"]);
+    let before = server.peak_rss();
+    let mut h = Hostile::upload(&server, address(0), "links");
+    let mut bytes = dir_entry(1, "");
+    bytes.extend(file_entry(2, "f", 5));
+    let mut deep = String::new();
+    for id in 3..18u64 {
+        if !deep.is_empty() {
+            deep.push('/');
+        }
+        deep.push_str(&"c".repeat(250));
+        bytes.extend(dir_entry(id, &deep));
+    }
+    for id in 18..LINKS + 18 {
+        bytes.extend(control_frame(&format!(
+            r#"{{"type":"entry","id":{id},"path":"{deep}/{id}","kind":"hardlink","first":2,"target":"f"}}"#
+        )));
+    }
+    assert!(h.send(&bytes));
+    let peak = settled_peak(Duration::from_secs(60), || server.peak_rss());
+    let grown = peak.saturating_sub(before);
+    eprintln!(
+        "peak memory grew by {:.1} MiB; {} answers",
+        grown as f64 / MIB_F,
+        h.answers()
+    );
+    assert!(grown < 48 * MIB, "the server grew by {} MiB", grown / MIB);
 }

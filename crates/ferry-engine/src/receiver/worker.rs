@@ -20,7 +20,7 @@ use super::rules::{
     Parking, PartPlan, PlanWindow,
 };
 use super::{DataGate, Destination, Inbound};
-use crate::budget::{self, Charge};
+use crate::budget::{self, HELD_ENTRY_MEMORY, Held};
 use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
@@ -40,8 +40,8 @@ struct OpenFile {
     parent_dir: Option<u64>,
     arrival: Arrival,
     part: Part,
-    /// The descriptors it holds, of the session's budget.
-    _descriptors: Charge,
+    /// What it holds of the session's budgets.
+    _held: Held,
 }
 
 /// What the worker keeps for an open directory: the directory itself,
@@ -56,8 +56,8 @@ struct DirIo {
     /// The owner of a file this process creates in it (known when owners
     /// are applied).
     new_files_owner: Option<Owner>,
-    /// The descriptor it holds, of the session's budget.
-    _descriptor: Charge,
+    /// What it holds of the session's budgets.
+    _held: Held,
 }
 
 /// A `hardlink` entry whose file is still arriving.
@@ -67,6 +67,8 @@ struct WaitingLink {
     parent: Arc<OwnedFd>,
     name: Vec<u8>,
     parent_dir: Option<u64>,
+    /// What it holds of the session's memory.
+    _held: Held,
 }
 
 /// Where an entry lands: its directory, open, and its name there.
@@ -410,7 +412,8 @@ impl Worker {
     ) -> Result<(), EngineError> {
         self.dirs.check_room()?;
         let parent_fresh = self.dirs.is_fresh(at.parent_dir);
-        let held = self.dest.budget.descriptors.try_take(1);
+        let names = 2 * path.as_bytes().len() + at.display.len();
+        let held = self.dest.budget.hold(1, names as u64 + HELD_ENTRY_MEMORY);
         let handle = match place::open_dir(&at.parent, &at.name, at.owner) {
             Ok(handle) => handle,
             Err(e) => {
@@ -418,10 +421,10 @@ impl Worker {
                 return self.verdict(at.id, at.display, outcome, 0);
             }
         };
-        let Some(descriptor) = held else {
+        let Some(held) = held else {
             // Made, but not held open: what goes below it is found by its
             // path, and its metadata waits for an attempt with room.
-            let why = budget::NO_DESCRIPTORS.to_string();
+            let why = budget::PUT_OFF.to_string();
             return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
         };
         if handle.created && !parent_fresh {
@@ -437,7 +440,7 @@ impl Worker {
             mtime,
             owner: at.owner,
             new_files_owner: handle.new_files_owner,
-            _descriptor: descriptor,
+            _held: held,
         };
         let fresh = handle.created || parent_fresh;
         self.dirs.open(at.id, path, at.parent_dir, fresh, io);
@@ -481,12 +484,13 @@ impl Worker {
         let plan = PartPlan::for_file(size, fresh_dir);
         // The part file, and its journal beside it.
         let needed = 1 + u64::from(plan.journaled);
-        let opened = match self.dest.budget.descriptors.try_take(needed) {
-            Some(charge) => self.open_part(&at, target, plan).map(|o| (o, charge)),
-            None => Err(Outcome::Incomplete(budget::NO_DESCRIPTORS.into())),
+        let memory = at.display.len() as u64 + HELD_ENTRY_MEMORY;
+        let opened = match self.dest.budget.hold(needed, memory) {
+            Some(held) => self.open_part(&at, target, plan).map(|o| (o, held)),
+            None => Err(Outcome::Incomplete(budget::PUT_OFF.into())),
         };
         match opened {
-            Ok(((part, held), charge)) => self.receive_file(at, part, held, charge),
+            Ok(((part, held), budgeted)) => self.receive_file(at, part, held, budgeted),
             Err(outcome) => {
                 self.discard_parked(at.id);
                 self.verdict(at.id, at.display, outcome, 0)
@@ -524,8 +528,15 @@ impl Worker {
                 let _ = replies.blocking_send(vec![Message::Keepalive]);
             }
         };
+        // Checking a journal holds its records in memory, charged to the
+        // session; without the room, the file is received whole.
+        let memory = plan.resumes(existing).then(|| {
+            let needed = crate::journal::memory_for(part.size());
+            self.dest.budget.control.try_take(needed)
+        });
+        let resume = matches!(memory, Some(Some(_)));
         let held = part
-            .prepare(plan, plan.resumes(existing), &mut alive)
+            .prepare(plan, resume, &mut alive)
             .map_err(|e| budget::outcome_of_error(&e, reason(&e)))?;
         Ok((part, held))
     }
@@ -537,7 +548,7 @@ impl Worker {
         at: Landing,
         part: Part,
         mut held: Vec<ChunkRecord>,
-        descriptors: Charge,
+        budgeted: Held,
     ) -> Result<(), EngineError> {
         let runs = rules::offer_held(&mut held);
         let arrival = Arrival::new(part.size(), &held);
@@ -562,7 +573,7 @@ impl Worker {
             parent_dir: at.parent_dir,
             arrival,
             part,
-            _descriptors: descriptors,
+            _held: budgeted,
         };
         self.files.insert(at.id, file);
         for chunk in self.parked.take(at.id) {
@@ -593,6 +604,11 @@ impl Worker {
         let target = WirePath::from_wire(target)?;
         if self.files.contains_key(&first) {
             // Its file is still arriving: the link waits for it.
+            let memory = (at.display.len() + at.name.len()) as u64 + HELD_ENTRY_MEMORY;
+            let Some(held) = self.dest.budget.hold(0, memory) else {
+                let why = budget::PUT_OFF.to_string();
+                return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
+            };
             let parent_dir = at.parent_dir;
             let link = WaitingLink {
                 id: at.id,
@@ -600,6 +616,7 @@ impl Worker {
                 parent: at.parent,
                 name: at.name,
                 parent_dir,
+                _held: held,
             };
             self.links.wait(first, link)?;
             self.dirs.adopt(parent_dir);

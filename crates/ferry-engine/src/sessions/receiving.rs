@@ -785,6 +785,7 @@ fn a_session_out_of_descriptors_puts_entries_off_and_goes_on() {
     let mut r = Receiving::in_dir(tmp, |dest| {
         dest.budget = SessionBudget {
             descriptors: three.admit().unwrap(),
+            ..SessionBudget::unlimited()
         };
     });
     let data = content(10, 2);

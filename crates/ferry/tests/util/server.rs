@@ -174,6 +174,23 @@ impl Server {
             .unwrap_or(0)
     }
 
+    /// The server's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.status_field("VmHWM:")
+    }
+
+    /// A `kB` line of /proc/PID/status, in bytes (0 if unreadable).
+    fn status_field(&self, name: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()));
+        status
+            .ok()
+            .and_then(|text| {
+                let line = text.lines().find(|l| l.starts_with(name))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .map_or(0, |kib| kib * 1024)
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(child) => matches!(child.try_wait(), Ok(None)),
