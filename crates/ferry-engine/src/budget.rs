@@ -19,11 +19,16 @@
 //! share of what is shared, so a crowd of hostile sessions slows the
 //! others down at worst; it cannot make them fail.
 //!
-//! [`Pool`] is pure accounting, tested on plain numbers; [`Budget`],
-//! [`Account`] and [`Charge`] share it between threads and give back what
-//! they hold when dropped.
+//! Beside them, [`Addresses`] caps the sessions and connections of one
+//! client address, so that one address cannot take every slot.
+//!
+//! [`Pool`] and [`Addresses`] are pure accounting, tested on plain
+//! numbers; [`Budget`], [`Account`], [`Charge`] and [`FromAddress`] share
+//! them between threads and give back what they hold when dropped.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN};
@@ -47,6 +52,15 @@ pub const DEFAULT_MAX_MEMORY: u64 = 512 << 20;
 /// The smallest memory budget a server accepts: a few sessions' reserves
 /// and shares.
 pub const MIN_MAX_MEMORY: u64 = 32 << 20;
+
+/// Sessions one client address may have at once.
+pub(crate) const SESSIONS_PER_ADDRESS: u32 = 16;
+/// Connections (control and data) one client address may hold session
+/// slots with at once: a quarter of the server's 256.
+pub(crate) const CONNECTIONS_PER_ADDRESS: u32 = 64;
+/// Connections still in their handshake one address may have; its oldest
+/// make way for its newest.
+pub(crate) const PENDING_PER_ADDRESS: usize = 16;
 
 /// How a budget's capacity is split.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,6 +451,117 @@ pub enum Busy {
     Descriptors,
     #[error("its memory is all reserved by other sessions")]
     Memory,
+    #[error("{limit} sessions from this address are running already")]
+    SessionsFromAddress { limit: u32 },
+    #[error("{limit} connections from this address are open already")]
+    ConnectionsFromAddress { limit: u32 },
+}
+
+/// The sessions and slot-holding connections of each client address.
+#[derive(Debug, Default)]
+pub(crate) struct Addresses {
+    by_source: HashMap<IpAddr, (u32, u32)>,
+}
+
+impl Addresses {
+    /// One more session from `addr`, if its cap allows.
+    pub(crate) fn open_session(&mut self, addr: IpAddr) -> Result<(), Busy> {
+        let (sessions, _) = self.by_source.entry(source_of(addr)).or_default();
+        if *sessions >= SESSIONS_PER_ADDRESS {
+            return Err(Busy::SessionsFromAddress {
+                limit: SESSIONS_PER_ADDRESS,
+            });
+        }
+        *sessions += 1;
+        Ok(())
+    }
+
+    /// One more connection from `addr` holds a slot, if its cap allows.
+    pub(crate) fn open_connection(&mut self, addr: IpAddr) -> Result<(), Busy> {
+        let (_, connections) = self.by_source.entry(source_of(addr)).or_default();
+        if *connections >= CONNECTIONS_PER_ADDRESS {
+            return Err(Busy::ConnectionsFromAddress {
+                limit: CONNECTIONS_PER_ADDRESS,
+            });
+        }
+        *connections += 1;
+        Ok(())
+    }
+
+    pub(crate) fn close_session(&mut self, addr: IpAddr) {
+        self.close(addr, |counts| &mut counts.0);
+    }
+
+    pub(crate) fn close_connection(&mut self, addr: IpAddr) {
+        self.close(addr, |counts| &mut counts.1);
+    }
+
+    fn close(&mut self, addr: IpAddr, which: impl Fn(&mut (u32, u32)) -> &mut u32) {
+        let source = source_of(addr);
+        if let Some(counts) = self.by_source.get_mut(&source) {
+            let n = which(counts);
+            *n = n.saturating_sub(1);
+            if *counts == (0, 0) {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.by_source.len()
+    }
+}
+
+/// Whose connection it is, for the caps: as for failed authentication,
+/// an IPv6 host by its /64 (see `throttle`).
+pub(crate) fn source_of(addr: IpAddr) -> IpAddr {
+    crate::throttle::source_of(addr)
+}
+
+/// A session or a slot-holding connection from an address, counted until
+/// it is dropped.
+pub(crate) struct FromAddress {
+    book: Arc<Mutex<Addresses>>,
+    addr: IpAddr,
+    session: bool,
+}
+
+impl FromAddress {
+    fn lock(book: &Mutex<Addresses>) -> MutexGuard<'_, Addresses> {
+        book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new session from `addr`, if its cap allows.
+    pub(crate) fn session(book: &Arc<Mutex<Addresses>>, addr: IpAddr) -> Result<Self, Busy> {
+        Self::lock(book).open_session(addr)?;
+        Ok(FromAddress {
+            book: book.clone(),
+            addr,
+            session: true,
+        })
+    }
+
+    /// A new connection from `addr` that takes a slot, if its cap allows.
+    pub(crate) fn connection(book: &Arc<Mutex<Addresses>>, addr: IpAddr) -> Result<Self, Busy> {
+        Self::lock(book).open_connection(addr)?;
+        Ok(FromAddress {
+            book: book.clone(),
+            addr,
+            session: false,
+        })
+    }
+}
+
+impl Drop for FromAddress {
+    fn drop(&mut self) {
+        let mut book = Self::lock(&self.book);
+        if self.session {
+            book.close_session(self.addr);
+        } else {
+            book.close_connection(self.addr);
+        }
+    }
 }
 
 /// How many files this process may have open, once its soft limit is
@@ -597,6 +722,46 @@ mod tests {
             tight.sessions() / 2 >= 4 && tight.share <= tight.shared,
             "{tight:?}"
         );
+    }
+
+    #[test]
+    fn an_address_has_at_most_its_sessions_and_connections() {
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let mut book = Addresses::default();
+        for _ in 0..SESSIONS_PER_ADDRESS {
+            book.open_session(a).unwrap();
+        }
+        assert!(matches!(
+            book.open_session(a),
+            Err(Busy::SessionsFromAddress { .. })
+        ));
+        book.open_session(b).unwrap();
+        book.close_session(a);
+        book.open_session(a).unwrap();
+        for _ in 0..CONNECTIONS_PER_ADDRESS {
+            book.open_connection(a).unwrap();
+        }
+        assert!(book.open_connection(a).is_err());
+        for _ in 0..CONNECTIONS_PER_ADDRESS {
+            book.close_connection(a);
+        }
+        for _ in 0..SESSIONS_PER_ADDRESS {
+            book.close_session(a);
+        }
+        book.close_session(b);
+        assert_eq!(book.tracked(), 0, "forgotten once nothing is open");
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64() {
+        let mut book = Addresses::default();
+        for i in 0..SESSIONS_PER_ADDRESS {
+            let addr: IpAddr = format!("2001:db8::{:x}", i + 1).parse().unwrap();
+            book.open_session(addr).unwrap();
+        }
+        let next: IpAddr = "2001:db8::ffff".parse().unwrap();
+        assert!(book.open_session(next).is_err());
     }
 
     #[test]

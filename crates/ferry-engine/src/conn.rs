@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Charge};
 use crate::error::{EngineError, PeerFailure, Side, Violation};
+use crate::progress::{Progress, StallClock};
 
 /// How long a peer may take to send its preface or first message.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -22,14 +23,12 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Counts the bytes that cross a session's connections, both ways.
 pub(crate) type Meter = Arc<AtomicU64>;
 
-/// Cancels `session` once no byte has crossed `meter`, in either
-/// direction, for `timeout`: the peer or the path to it has stalled. A
-/// busy peer is never silent that long (data moves, or it sends
-/// keepalives during long local work), so only a dead path trips it. The
-/// answer says whether it fired; the watch ends when `session` is
-/// cancelled, by it or by anyone.
+/// Cancels `session` once it has made no progress for `timeout` (see
+/// [`StallClock`]: keepalives stand in for progress only for as long as the
+/// peer's local work can take). The answer says whether it fired; the
+/// watch ends when `session` is cancelled, by it or by anyone.
 pub(crate) fn watch_for_stall(
-    meter: Meter,
+    progress: Arc<Progress>,
     timeout: Duration,
     session: CancellationToken,
 ) -> Arc<AtomicBool> {
@@ -37,18 +36,13 @@ pub(crate) fn watch_for_stall(
     let flag = fired.clone();
     let tick = (timeout / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
     tokio::spawn(async move {
-        let mut last = meter.load(Ordering::Relaxed);
-        let mut quiet_since = Instant::now();
+        let mut clock = StallClock::new(timeout, Instant::now());
         loop {
             tokio::select! {
                 _ = session.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
-            let now = meter.load(Ordering::Relaxed);
-            if now != last {
-                last = now;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= timeout {
+            if clock.stalled(&progress, Instant::now()) {
                 flag.store(true, Ordering::Release);
                 session.cancel();
                 return;

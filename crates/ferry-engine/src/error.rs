@@ -56,7 +56,7 @@ pub enum EngineError {
     Task(#[source] tokio::task::JoinError),
     #[error("the peer did not answer within {0} seconds")]
     Timeout(u64),
-    #[error("no data moved for {0} seconds: the connection stalled")]
+    #[error("no progress for {0} seconds: the transfer stalled")]
     Stalled(u64),
     /// The peer ended the session with `error`.
     #[error("{0}")]

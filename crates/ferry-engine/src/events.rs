@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use ferry_proto::limits::MAX_REASON_LEN;
 use ferry_proto::message::Outcome;
 use ferry_proto::path::{WirePath, escape};
+
+use crate::progress::Progress;
 use std::time::Duration;
 
 /// One thing that happened during a transfer. Paths are already escaped
@@ -154,6 +156,8 @@ pub(crate) struct Tally {
     report: Mutex<TransferReport>,
     /// Entries listed at most in each of the report's lists.
     listed: usize,
+    /// Where what the transfer achieves is reported, for its stall watch.
+    progress: Option<Arc<Progress>>,
 }
 
 /// Entries a server lists of each kind in a session's report (the rest
@@ -166,6 +170,36 @@ impl Tally {
             inner,
             report: Mutex::new(TransferReport::default()),
             listed: usize::MAX,
+            progress: None,
+        }
+    }
+
+    /// The same tally, reporting what the transfer achieves to `progress`:
+    /// file bytes, settled entries, and work this side does for it.
+    pub(crate) fn watched(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// An entry was settled without an event (a directory, in place).
+    pub(crate) fn settled(&self) {
+        if let Some(p) = &self.progress {
+            p.made();
+        }
+    }
+
+    /// This side works for the transfer on its own for a while (a journal
+    /// checked, held chunks hashed), and has told the peer so.
+    pub(crate) fn working(&self) {
+        self.settled();
+    }
+
+    /// The peer said it is alive, and no more; it may have `work` bytes of
+    /// local work to do for us meanwhile.
+    pub(crate) fn kept_alive(&self, work: u64) {
+        if let Some(p) = &self.progress {
+            p.allow(work);
+            p.kept_alive();
         }
     }
 
@@ -183,6 +217,33 @@ impl Tally {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TransferReport> {
         self.report.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Tally {
+    /// What `event` says of the transfer's progress.
+    fn note_progress(&self, event: &Event) {
+        let Some(p) = &self.progress else {
+            return;
+        };
+        match event {
+            Event::Bytes { .. }
+            | Event::FileDone { .. }
+            | Event::FileFailed { .. }
+            | Event::Skipped { .. }
+            | Event::Unchanged { .. }
+            | Event::FileIncomplete { .. }
+            | Event::Vanished { .. } => p.made(),
+            // The held chunks the sender hashes before it sends the rest.
+            Event::Resumed { bytes, .. } => {
+                p.allow(*bytes);
+                p.made();
+            }
+            Event::Totals { .. }
+            | Event::FileStarted { .. }
+            | Event::Retry { .. }
+            | Event::NewServer { .. } => {}
+        }
     }
 }
 
@@ -239,6 +300,7 @@ impl EventSink for Tally {
                 Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }
+        self.note_progress(&event);
         self.inner.event(event);
     }
 }

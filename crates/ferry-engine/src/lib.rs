@@ -40,6 +40,7 @@ pub mod error;
 pub mod events;
 mod fsx;
 mod journal;
+mod progress;
 mod receiver;
 mod sender;
 pub mod server;

@@ -60,9 +60,12 @@ pub struct ServerArgs {
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// End a session in which no data moves for this many seconds (its resumable part files stay).
+    /// End a session that makes no progress (no file data verified, no entry settled) for this many seconds; its resumable part files stay.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
+    /// Drop a connection that has not finished its handshake (TLS and authentication included) within this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub handshake_timeout: u64,
     /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly.
     #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_age)]
     pub keep_parts: std::time::Duration,
@@ -176,7 +179,7 @@ pub struct TransferOpts {
     /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
-    /// Consider the connection stalled after this many seconds without any data moving.
+    /// Consider the transfer stalled after this many seconds without progress (no file data sent or verified, no entry settled).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
     /// Trust only the server whose certificate has this fingerprint (as `ferry server` prints it), instead of known_hosts.

@@ -271,6 +271,7 @@ impl LocalServer {
             tls: None,
             auth: None,
             max_memory: ferry_engine::budget::DEFAULT_MAX_MEMORY,
+            handshake_timeout: server::DEFAULT_HANDSHAKE_TIMEOUT,
         };
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
@@ -423,6 +424,7 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         tls,
         auth: auth.map(|(token, _)| token),
         max_memory: args.max_memory,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {

@@ -6,7 +6,7 @@
 //! server's descriptors (/proc/PID/fd) and peak memory (VmHWM).
 
 use std::io::Write;
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -34,9 +34,10 @@ fn address(n: u8) -> Ipv4Addr {
 
 /// A hostile client's accepted upload session. What the server answers
 /// is read on a thread of its own (so that the server never waits for
-/// this client to read), and counted.
+/// this client to read) and only its last words are kept.
 struct Hostile {
     stream: TcpStream,
+    last: Arc<Mutex<Vec<serde_json::Value>>>,
     answers: Arc<Mutex<u64>>,
 }
 
@@ -51,16 +52,29 @@ impl Hostile {
 
     /// Reads what the server sends on `stream` until it closes.
     fn reading(stream: TcpStream) -> Hostile {
+        let last = Arc::new(Mutex::new(Vec::new()));
         let answers = Arc::new(Mutex::new(0));
         let mut reader = stream.try_clone().unwrap();
-        let count = answers.clone();
+        let (keep, count) = (last.clone(), answers.clone());
         thread::spawn(move || {
             let far = Instant::now() + Duration::from_secs(600);
-            while read_frame(&mut reader, far).is_some() {
+            while let Some((kind, body)) = read_frame(&mut reader, far) {
                 *count.lock().unwrap() += 1;
+                if kind == 1 {
+                    let msg = serde_json::from_slice(&body).unwrap_or_default();
+                    let mut kept = keep.lock().unwrap();
+                    if kept.len() >= 8 {
+                        kept.remove(0);
+                    }
+                    kept.push(msg);
+                }
             }
         });
-        Hostile { stream, answers }
+        Hostile {
+            stream,
+            last,
+            answers,
+        }
     }
 
     /// Sends `bytes`; false once the server has closed the connection.
@@ -70,6 +84,12 @@ impl Hostile {
 
     fn answers(&self) -> u64 {
         *self.answers.lock().unwrap()
+    }
+
+    /// The error the server ended the session with, if it did.
+    fn error(&self) -> Option<serde_json::Value> {
+        let last = self.last.lock().unwrap();
+        last.iter().find(|m| m["type"] == "error").cloned()
     }
 }
 
@@ -83,6 +103,10 @@ fn file_entry(id: u64, path: &str, size: u64) -> Vec<u8> {
     control_frame(&format!(
         r#"{{"type":"entry","id":{id},"path":"{path}","kind":"file","size":{size},"mode":420,{MTIME}}}"#
     ))
+}
+
+fn keepalive() -> Vec<u8> {
+    control_frame(r#"{"type":"keepalive"}"#)
 }
 
 /// Waits until `measure` has not grown for a second (at most `timeout`);
@@ -390,4 +414,191 @@ fn waiting_hard_links_stay_within_the_memory_budget() {
         h.answers()
     );
     assert!(grown < 48 * MIB, "the server grew by {} MiB", grown / MIB);
+}
+
+// ---------------------------------------------------------------------------
+// Time and slots (hardening 10)
+// ---------------------------------------------------------------------------
+
+/// Keepalives told the stall watch that the session was alive: a client
+/// that sends nothing else held its session (and its slot) for ever. A
+/// stall is now measured on progress.
+#[test]
+fn a_session_that_only_sends_keepalives_is_ended() {
+    let (_scratch, _src, root) = setup();
+    let server = Server::start_with(&root, &[&"--no-tls", &"--timeout", &"1"]);
+    let mut h = Hostile::upload(&server, address(0), "idle");
+    assert!(h.send(&file_entry(1, "", 5)));
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) && h.send(&keepalive()) {
+        if h.error().is_some() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let error = h.error();
+    assert!(
+        error.is_some(),
+        "the session lived {:?} on keepalives\n{}",
+        started.elapsed(),
+        server.stderr()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Each step of the handshake had a timeout of its own, so a client could
+/// take one step every few seconds, and hold a pending connection (and,
+/// authenticating, an answer) well beyond any of them. The whole
+/// handshake, authentication included, now has one deadline.
+#[test]
+fn the_whole_handshake_has_one_deadline() {
+    let (_scratch, _src, root) = setup();
+    let opts = RunOptions {
+        env: vec![(
+            "FERRY_TOKEN".into(),
+            "a-token-nobody-guesses-1234567890".into(),
+        )],
+        ..RunOptions::default()
+    };
+    let server = Server::start_as(&root, &[&"--no-tls", &"--handshake-timeout", &"2"], &opts);
+    let mut stream = TcpStream::connect(server.addr()).unwrap();
+    let deadline = Instant::now() + PEER_TIMEOUT;
+    stream.write_all(&preface()).unwrap();
+    thread::sleep(Duration::from_millis(1200));
+    stream
+        .write_all(&control_frame(r#"{"type":"hello","software":"slow"}"#))
+        .unwrap();
+    let mut theirs = [0u8; 8];
+    std::io::Read::read_exact(&mut stream, &mut theirs).unwrap();
+    let _ = read_frame(&mut stream, deadline); // the challenge
+    thread::sleep(Duration::from_millis(1200));
+    let answer = control_frame(&format!(r#"{{"type":"auth","mac":"{}"}}"#, "0".repeat(64)));
+    let _ = stream.write_all(&answer);
+    assert!(
+        server.wait_for_log("authentication failed", Duration::from_secs(10)),
+        "{}",
+        server.stderr()
+    );
+    let log = server.stderr();
+    assert!(
+        !contains_ci(&log, "wrong token"),
+        "the server read an answer after its deadline\n{log}"
+    );
+}
+
+/// Sessions opened by hand from `source`, each an upload that sends
+/// keepalives only, until the server refuses one or `max` are open: the
+/// open sessions.
+fn crowd(server: &Server, source: Ipv4Addr, max: usize) -> Vec<TcpStream> {
+    let mut open = Vec::new();
+    for i in 0..max {
+        let Ok(mut stream) = connect_from(source, server.addr()) else {
+            break;
+        };
+        let request = format!(r#"{{"type":"upload","dest":"c{i}"}}"#);
+        let answer = open_session(
+            &mut stream,
+            &request,
+            Instant::now() + Duration::from_secs(5),
+        );
+        if answer["type"] != "ready" {
+            break;
+        }
+        open.push(stream);
+    }
+    open
+}
+
+/// One address could take every one of the server's 256 session slots;
+/// a client from another address then waited for a slot until it gave
+/// up. Sessions per address are now capped.
+#[test]
+fn one_address_cannot_take_every_session_slot() {
+    let (_scratch, src, root) = setup();
+    let server = Server::start_with(&root, &[&"--no-tls"]);
+    let mut crowd = crowd(&server, address(0), 256);
+    let crowded = crowd.len();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in &mut crowd {
+                    let _ = s.write_all(&keepalive());
+                }
+                thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let out = server.run_with(
+        &[&"up", &src, &"copy", &"--no-tls"],
+        &RunOptions::with_timeout(Duration::from_secs(25)),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    keeper.join().unwrap();
+    out.assert_success();
+    assert_trees_equal(&src, &root.join("copy"));
+    assert!(crowded < 256, "one address opened {crowded} sessions");
+}
+
+/// A server that answers an upload with keepalives only: the client
+/// waited for ever (keepalives reset its stall watch). It now gives up
+/// after its timeout.
+#[test]
+fn a_server_sending_only_keepalives_cannot_hang_a_client() {
+    let scratch = Scratch::new();
+    let file = scratch.join("f.txt");
+    write_file(&file, b"hello");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        let Ok((mut conn, _)) = listener.accept() else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut reply = preface().to_vec();
+        reply.extend(control_frame(
+            r#"{"type":"welcome","software":"keepalives","session_id":"s","secret":"x","max_streams":1}"#,
+        ));
+        let _ = conn.write_all(&reply);
+        let mut theirs = [0u8; 8];
+        let _ = std::io::Read::read_exact(&mut conn, &mut theirs);
+        let _ = read_frame(&mut conn, deadline); // hello
+        let _ = read_frame(&mut conn, deadline); // the request
+        let _ = conn.write_all(&control_frame(r#"{"type":"ready"}"#));
+        while Instant::now() < deadline && conn.write_all(&keepalive()).is_ok() {
+            thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let started = Instant::now();
+    let out = run_with(
+        &[
+            &"up",
+            &file,
+            &"f.txt",
+            &"--no-tls",
+            &"--host",
+            &"127.0.0.1",
+            &"--port",
+            &port.to_string(),
+            &"--timeout",
+            &"2",
+            &"--retries",
+            &"0",
+            &"--streams",
+            &"1",
+        ],
+        &RunOptions::with_timeout(Duration::from_secs(20)),
+    );
+    assert_ne!(out.code(), Some(0), "{out}");
+    out.assert_no_panic();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

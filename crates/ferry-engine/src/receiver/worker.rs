@@ -216,7 +216,12 @@ impl Worker {
                 reason,
                 transient,
             } => self.abort(id, &reason, transient),
-            Message::Keepalive => Ok(()),
+            Message::Keepalive => {
+                // The sender hashes held chunks: their bytes are allowed
+                // for (the `resumed` events).
+                self.tally.kept_alive(0);
+                Ok(())
+            }
             Message::DirEnd { id } => self.dir_end(id),
             Message::Totals { files, bytes } => {
                 self.tally.event(Event::Totals { files, bytes });
@@ -299,10 +304,13 @@ impl Worker {
         failure: Option<String>,
     ) -> Result<(), EngineError> {
         match failure {
-            None => self.reply(Message::Outcome {
-                id,
-                outcome: Outcome::Ok,
-            }),
+            None => {
+                self.tally.settled();
+                self.reply(Message::Outcome {
+                    id,
+                    outcome: Outcome::Ok,
+                })
+            }
             Some(why) => self.verdict(id, display, Outcome::Failed(why), 0),
         }
     }
@@ -520,11 +528,12 @@ impl Worker {
             .and_then(|d| d.io.new_files_owner)
             .filter(|_| !existing);
         part.set_owner_on_commit(rules::chown_needed(at.owner, made_with));
-        let replies = self.replies.clone();
+        let (replies, tally) = (self.replies.clone(), self.tally.clone());
         let mut last_sign = Instant::now();
         let mut alive = |_verified: u64| {
             if last_sign.elapsed() >= KEEPALIVE_EVERY {
                 last_sign = Instant::now();
+                tally.working();
                 let _ = replies.blocking_send(vec![Message::Keepalive]);
             }
         };
