@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
+use crate::budget::SessionBudget;
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
@@ -27,6 +28,7 @@ use crate::error::{ConnectError, EngineError, LocalCause, Op, Side, TlsError, Vi
 use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
 use crate::filter::Filter;
 use crate::fsx;
+use crate::progress::Progress;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle;
@@ -66,7 +68,7 @@ pub struct ClientConfig {
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
-    /// A session in which no byte moves for this long has stalled.
+    /// A session that makes no progress for this long has stalled.
     pub timeout: Duration,
     /// TLS and what to trust; `None` speaks plain TCP (`--no-tls`).
     pub tls: Option<ClientTls>,
@@ -531,22 +533,24 @@ async fn download_once(
     conn.finish(result).await
 }
 
-/// What one attempt runs under: the user's cancellation and a byte meter
-/// over all of its connections.
+/// What one attempt runs under: the user's cancellation, a byte meter
+/// over all of its connections, and what its stall watch reads.
 struct Session {
     cancel: CancellationToken,
     meter: Meter,
+    progress: Arc<Progress>,
 }
 
 impl Session {
-    /// Run `transfer` under a stall watch: when no byte moves for
-    /// `timeout`, it is cancelled and the attempt fails as stalled.
+    /// Run `transfer` under a stall watch: when it makes no progress for
+    /// `timeout` (keepalives alone stand in for progress only so long),
+    /// it is cancelled and the attempt fails as stalled.
     async fn watched<F>(&self, timeout: Duration, transfer: F) -> Result<(), EngineError>
     where
         F: AsyncFnOnce(&CancellationToken) -> Result<(), EngineError>,
     {
         let token = self.cancel.child_token();
-        let stalled = watch_for_stall(self.meter.clone(), timeout, token.clone());
+        let stalled = watch_for_stall(self.progress.clone(), timeout, token.clone());
         let result = transfer(&token).await;
         token.cancel(); // ends the watch
         match result {
@@ -586,11 +590,13 @@ where
     // it is remembered from the attempt that met it.
     let mut vanished = Vec::new();
     loop {
-        let tally = Arc::new(Tally::new(events.clone()));
+        let progress = Arc::new(Progress::default());
+        let tally = Arc::new(Tally::new(events.clone()).watched(progress.clone()));
         let meter = Meter::default();
         let session = Session {
             cancel: cancel.clone(),
             meter: meter.clone(),
+            progress,
         };
         let result = attempt(tally.clone(), session).await;
         let moved = meter.load(std::sync::atomic::Ordering::Relaxed);
@@ -703,5 +709,6 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         ignore_times: false,
         owners: false,
         devices: false,
+        budget: SessionBudget::unlimited(),
     })
 }

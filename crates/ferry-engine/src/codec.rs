@@ -7,6 +7,8 @@ use ferry_proto::digest::{chunk_hash, zero_chunk_hash};
 use ferry_proto::frame::{DATA_PREFIX_LEN, write_data_prefix};
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
 
+use crate::budget::Charge;
+
 /// After this many chunks in a row that do not shrink, stop trying to
 /// compress, and try again only on every [`RESAMPLE_EVERY`]th chunk until
 /// one shrinks. The state spans files: a tree of many small incompressible
@@ -153,6 +155,9 @@ pub(crate) enum ChunkFault {
 pub(crate) struct ReadChunk {
     pub(crate) chunk: DataChunk,
     raw_hash_ok: bool,
+    /// Its bytes' share of the session's memory budget, given back when
+    /// the chunk is dropped (written, or thrown away).
+    _charge: Option<Charge>,
 }
 
 impl ReadChunk {
@@ -163,7 +168,17 @@ impl ReadChunk {
             Codec::Zeros => chunk.header.hash == zero_chunk_hash(),
             Codec::Zstd => false,
         };
-        ReadChunk { chunk, raw_hash_ok }
+        ReadChunk {
+            chunk,
+            raw_hash_ok,
+            _charge: None,
+        }
+    }
+
+    /// The chunk, holding `charge` for as long as it lives.
+    pub(crate) fn charged(mut self, charge: Option<Charge>) -> Self {
+        self._charge = charge;
+        self
     }
 }
 

@@ -13,7 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{Account, Charge};
 use crate::error::{EngineError, PeerFailure, Side, Violation};
+use crate::progress::{Progress, StallClock};
 
 /// How long a peer may take to send its preface or first message.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -21,14 +23,12 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Counts the bytes that cross a session's connections, both ways.
 pub(crate) type Meter = Arc<AtomicU64>;
 
-/// Cancels `session` once no byte has crossed `meter`, in either
-/// direction, for `timeout`: the peer or the path to it has stalled. A
-/// busy peer is never silent that long (data moves, or it sends
-/// keepalives during long local work), so only a dead path trips it. The
-/// answer says whether it fired; the watch ends when `session` is
-/// cancelled, by it or by anyone.
+/// Cancels `session` once it has made no progress for `timeout` (see
+/// [`StallClock`]: keepalives stand in for progress only for as long as the
+/// peer's local work can take). The answer says whether it fired; the
+/// watch ends when `session` is cancelled, by it or by anyone.
 pub(crate) fn watch_for_stall(
-    meter: Meter,
+    progress: Arc<Progress>,
     timeout: Duration,
     session: CancellationToken,
 ) -> Arc<AtomicBool> {
@@ -36,18 +36,13 @@ pub(crate) fn watch_for_stall(
     let flag = fired.clone();
     let tick = (timeout / 8).clamp(Duration::from_millis(50), Duration::from_secs(1));
     tokio::spawn(async move {
-        let mut last = meter.load(Ordering::Relaxed);
-        let mut quiet_since = Instant::now();
+        let mut clock = StallClock::new(timeout, Instant::now());
         loop {
             tokio::select! {
                 _ = session.cancelled() => return,
                 _ = tokio::time::sleep(tick) => {}
             }
-            let now = meter.load(Ordering::Relaxed);
-            if now != last {
-                last = now;
-                quiet_since = Instant::now();
-            } else if quiet_since.elapsed() >= timeout {
+            if clock.stalled(&progress, Instant::now()) {
                 flag.store(true, Ordering::Release);
                 session.cancel();
                 return;
@@ -64,6 +59,11 @@ pub(crate) struct FrameReader<R> {
     meter: Meter,
     /// Who is at the other end: the side an `error` it sends speaks for.
     peer: Side,
+    /// With a memory budget: what the bytes in `buf` are charged to it.
+    /// Nothing is read that is not charged first, waiting for room.
+    held: Option<Charge>,
+    /// The charge of the data chunk last returned, for its taker.
+    chunk: Option<Charge>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -73,7 +73,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(256 * 1024),
             meter,
             peer,
+            held: None,
+            chunk: None,
         }
+    }
+
+    /// From now on, charge what is read to `account`, and wait for its
+    /// room before reading: what is in this reader's buffer, and each
+    /// data chunk it returns until its taker drops its charge (see
+    /// [`take_charge`](Self::take_charge)).
+    pub(crate) fn charge_to(&mut self, account: &Arc<Account>) {
+        self.held = Some(account.force(self.buf.len() as u64));
+    }
+
+    /// The charge of the data chunk last returned (none without a budget).
+    pub(crate) fn take_charge(&mut self) -> Option<Charge> {
+        self.chunk.take()
     }
 
     /// The side at the other end of the connection.
@@ -84,13 +99,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next frame; `Ok(None)` on a clean end of stream between frames.
     pub(crate) async fn next(&mut self) -> Result<Option<Frame>, EngineError> {
         loop {
-            if let Some(frame) = frame::decode(&mut self.buf)? {
+            if let Some(frame) = self.decode()? {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < 64 * 1024 {
                 self.buf.reserve(256 * 1024);
             }
-            let n = self.inner.read_buf(&mut self.buf).await?;
+            let n = self.read().await?;
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -104,7 +119,38 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame if it is already buffered, without reading.
     pub(crate) fn buffered(&mut self) -> Result<Option<Frame>, EngineError> {
-        Ok(frame::decode(&mut self.buf)?)
+        self.decode()
+    }
+
+    /// Read what the buffer has room for (the rest of a frame whose header
+    /// is in, or more): charged first, with a budget.
+    async fn read(&mut self) -> Result<usize, EngineError> {
+        let Some(held) = &mut self.held else {
+            return Ok(self.inner.read_buf(&mut self.buf).await?);
+        };
+        let room = (self.buf.capacity() - self.buf.len()) as u64;
+        let account = held.account().clone();
+        held.absorb(account.take(room).await);
+        let n = (&mut self.inner).take(room).read_buf(&mut self.buf).await?;
+        held.shrink_to(self.buf.len() as u64);
+        Ok(n)
+    }
+
+    /// A frame from the buffer, its charge moved to the chunk it holds (or
+    /// given back, for a control message: it is small, and bounded by the
+    /// queues it goes through).
+    fn decode(&mut self) -> Result<Option<Frame>, EngineError> {
+        let before = self.buf.len();
+        let frame = frame::decode(&mut self.buf)?;
+        if let (Some(frame), Some(held)) = (&frame, &mut self.held) {
+            let len = (before - self.buf.len()) as u64;
+            let mut charge = held.split_off(len);
+            match frame {
+                Frame::Data(_) => self.chunk = Some(charge),
+                Frame::Control(_) => charge.shrink_to(0),
+            }
+        }
+        Ok(frame)
     }
 
     /// The next frame, which must be a control message.

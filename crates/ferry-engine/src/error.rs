@@ -56,7 +56,7 @@ pub enum EngineError {
     Task(#[source] tokio::task::JoinError),
     #[error("the peer did not answer within {0} seconds")]
     Timeout(u64),
-    #[error("no data moved for {0} seconds: the connection stalled")]
+    #[error("no progress for {0} seconds: the transfer stalled")]
     Stalled(u64),
     /// The peer ended the session with `error`.
     #[error("{0}")]
@@ -259,6 +259,10 @@ pub enum RefusalReason {
     NeedsTls,
     #[error("cannot join: unknown session, wrong secret, or too many connections")]
     CannotJoin,
+    /// Not now: what the server shares among its clients is taken (the
+    /// client tries again later).
+    #[error("the server is busy: {0}; try again later")]
+    Busy(#[from] crate::budget::Busy),
     /// No random bytes for `what` (a session secret, a challenge).
     #[error("no random source for {what}: {}", reason(.error))]
     NoRandom {
@@ -303,7 +307,8 @@ impl Refusal {
                 code_for(error)
             }
             RefusalReason::NotHello(_) => ErrorCode::Protocol,
-            RefusalReason::NoRandom { .. } => ErrorCode::Io,
+            // `io`: a client tries again after a while.
+            RefusalReason::NoRandom { .. } | RefusalReason::Busy(_) => ErrorCode::Io,
             RefusalReason::CompressionLevel(_)
             | RefusalReason::Filter(_)
             | RefusalReason::NotARequest(_)

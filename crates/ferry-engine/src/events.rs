@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use ferry_proto::limits::MAX_REASON_LEN;
 use ferry_proto::message::Outcome;
 use ferry_proto::path::{WirePath, escape};
+
+use crate::progress::Progress;
 use std::time::Duration;
 
 /// One thing that happened during a transfer. Paths are already escaped
@@ -116,6 +118,10 @@ pub struct TransferReport {
     pub incomplete: Vec<(String, String)>,
     /// Each entry that vanished from the source while the tree was walked.
     pub vanished: Vec<String>,
+    /// Entries counted but left out of the lists above, which a server
+    /// keeps short: it logs each entry as it comes, and must not remember
+    /// whatever a client makes fail.
+    pub unlisted: Unlisted,
     /// Files the receiver already had (counted in `files_ok` too).
     pub files_unchanged: u64,
     /// Bytes of files that were already at the receiver, not sent again.
@@ -126,6 +132,15 @@ pub struct TransferReport {
     pub file_bytes: u64,
     /// Bytes that crossed the connection, both ways, framing included.
     pub wire_bytes: u64,
+}
+
+/// How many entries of each list a report left out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unlisted {
+    pub failed: u64,
+    pub skipped: u64,
+    pub incomplete: u64,
+    pub vanished: u64,
 }
 
 /// A complete transfer: the report plus how long it took.
@@ -139,13 +154,60 @@ pub struct TransferSummary {
 pub(crate) struct Tally {
     inner: Arc<dyn EventSink>,
     report: Mutex<TransferReport>,
+    /// Entries listed at most in each of the report's lists.
+    listed: usize,
+    /// Where what the transfer achieves is reported, for its stall watch.
+    progress: Option<Arc<Progress>>,
 }
+
+/// Entries a server lists of each kind in a session's report (the rest
+/// are counted): its log has a line for each.
+pub(crate) const SERVER_LISTED: usize = 16;
 
 impl Tally {
     pub(crate) fn new(inner: Arc<dyn EventSink>) -> Self {
         Tally {
             inner,
             report: Mutex::new(TransferReport::default()),
+            listed: usize::MAX,
+            progress: None,
+        }
+    }
+
+    /// The same tally, reporting what the transfer achieves to `progress`:
+    /// file bytes, settled entries, and work this side does for it.
+    pub(crate) fn watched(mut self, progress: Arc<Progress>) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// An entry was settled without an event (a directory, in place).
+    pub(crate) fn settled(&self) {
+        if let Some(p) = &self.progress {
+            p.made();
+        }
+    }
+
+    /// This side works for the transfer on its own for a while (a journal
+    /// checked, held chunks hashed), and has told the peer so.
+    pub(crate) fn working(&self) {
+        self.settled();
+    }
+
+    /// The peer said it is alive, and no more; it may have `work` bytes of
+    /// local work to do for us meanwhile.
+    pub(crate) fn kept_alive(&self, work: u64) {
+        if let Some(p) = &self.progress {
+            p.allow(work);
+            p.kept_alive();
+        }
+    }
+
+    /// A tally whose report lists at most `listed` entries of each kind.
+    pub(crate) fn listing(inner: Arc<dyn EventSink>, listed: usize) -> Self {
+        Tally {
+            listed,
+            ..Tally::new(inner)
         }
     }
 
@@ -158,29 +220,124 @@ impl Tally {
     }
 }
 
+impl Tally {
+    /// What `event` says of the transfer's progress.
+    fn note_progress(&self, event: &Event) {
+        let Some(p) = &self.progress else {
+            return;
+        };
+        match event {
+            Event::Bytes { .. }
+            | Event::FileDone { .. }
+            | Event::FileFailed { .. }
+            | Event::Skipped { .. }
+            | Event::Unchanged { .. }
+            | Event::FileIncomplete { .. }
+            | Event::Vanished { .. } => p.made(),
+            // The held chunks the sender hashes before it sends the rest.
+            Event::Resumed { bytes, .. } => {
+                p.allow(*bytes);
+                p.made();
+            }
+            Event::Totals { .. }
+            | Event::FileStarted { .. }
+            | Event::Retry { .. }
+            | Event::NewServer { .. } => {}
+        }
+    }
+}
+
+/// A (path, reason) entry of a list, made only if it is listed.
+fn pair<'a>(path: &'a str, why: &'a str) -> impl FnOnce() -> (String, String) + 'a {
+    move || (path.to_string(), why.to_string())
+}
+
+/// Push `item` to `list` if it has fewer than `listed`; count it otherwise.
+fn list<T>(list: &mut Vec<T>, unlisted: &mut u64, listed: usize, item: impl FnOnce() -> T) {
+    if list.len() < listed {
+        list.push(item());
+    } else {
+        *unlisted += 1;
+    }
+}
+
 impl EventSink for Tally {
     fn event(&self, event: Event) {
         {
-            let mut r = self.lock();
+            let mut guard = self.lock();
+            let r = &mut *guard;
+            let n = self.listed;
             match &event {
                 Event::Totals { files, .. } => r.files_total = *files,
                 Event::Bytes { n } => r.file_bytes += n,
                 Event::FileDone { .. } => r.files_ok += 1,
-                Event::FileFailed { path, reason } => r.failed.push((path.clone(), reason.clone())),
-                Event::Skipped { path, reason } => r.skipped.push((path.clone(), reason.clone())),
+                Event::FileFailed { path, reason } => {
+                    list(&mut r.failed, &mut r.unlisted.failed, n, pair(path, reason))
+                }
+                Event::Skipped { path, reason } => list(
+                    &mut r.skipped,
+                    &mut r.unlisted.skipped,
+                    n,
+                    pair(path, reason),
+                ),
                 Event::Unchanged { size, .. } => {
                     r.files_ok += 1;
                     r.files_unchanged += 1;
                     r.bytes_held += size;
                 }
                 Event::Resumed { bytes, .. } => r.bytes_held += bytes,
-                Event::Vanished { path } => r.vanished.push(path.clone()),
-                Event::FileIncomplete { path, reason } => {
-                    r.incomplete.push((path.clone(), reason.clone()))
+                Event::Vanished { path } => {
+                    list(&mut r.vanished, &mut r.unlisted.vanished, n, || {
+                        path.clone()
+                    })
                 }
+                Event::FileIncomplete { path, reason } => list(
+                    &mut r.incomplete,
+                    &mut r.unlisted.incomplete,
+                    n,
+                    pair(path, reason),
+                ),
                 Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }
+        self.note_progress(&event);
         self.inner.event(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Nowhere;
+
+    impl EventSink for Nowhere {
+        fn event(&self, _: Event) {}
+    }
+
+    #[test]
+    fn a_listing_tally_counts_what_it_does_not_list() {
+        let tally = Tally::listing(Arc::new(Nowhere), 2);
+        for i in 0..5 {
+            tally.event(Event::Skipped {
+                path: format!("p{i}"),
+                reason: "special".into(),
+            });
+            tally.event(Event::FileFailed {
+                path: format!("f{i}"),
+                reason: "denied".into(),
+            });
+        }
+        let r = tally.report();
+        assert_eq!(r.skipped.len(), 2);
+        assert_eq!(r.failed.len(), 2);
+        assert_eq!((r.unlisted.skipped, r.unlisted.failed), (3, 3));
+        let all = Tally::new(Arc::new(Nowhere));
+        for i in 0..5 {
+            all.event(Event::Vanished {
+                path: format!("v{i}"),
+            });
+        }
+        assert_eq!(all.report().vanished.len(), 5, "a client lists everything");
     }
 }

@@ -51,7 +51,7 @@ use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileExt;
 
 use ferry_proto::digest::chunk_hash;
-use ferry_proto::limits::MAX_CHUNK_LEN;
+use ferry_proto::limits::{DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN};
 use rustix::fs::{Mode, OFlags};
 use twox_hash::XxHash3_64;
 
@@ -84,6 +84,14 @@ impl ChunkRecord {
     fn end(&self) -> Option<u64> {
         self.offset.checked_add(u64::from(self.len))
     }
+}
+
+/// At most what [`Journal::resume`] holds in memory for a source of `size`
+/// bytes sent in chunks of ferry's size: its records, the sort's buffer
+/// and the records kept.
+pub(crate) fn memory_for(size: u64) -> u64 {
+    size.div_ceil(u64::from(DEFAULT_CHUNK_LEN))
+        .saturating_mul(RECORD_LEN as u64 * 5 / 2)
 }
 
 /// The check stored after a header or a record.
@@ -226,6 +234,11 @@ impl Journal {
     ///   `max_records_after_gap`. The caller seeds a `ChunkLedger` with the
     ///   records, which holds the ones past the gap in a bounded map.
     ///
+    /// A journal with more records than the part file (or the source) has
+    /// chunks of `chunk_len` bytes was not written by a receiver, which
+    /// journals each chunk once: it is not read at all (`Ok(None)`), so
+    /// that whatever its length, it costs no memory.
+    ///
     /// `progress` gets the number of bytes read back so far after each
     /// record checked, so that the caller can send keepalives during a long
     /// verification. A read error on `part` (other than it being short) is
@@ -238,10 +251,17 @@ impl Journal {
         name: &[u8],
         stamp: SourceStamp,
         part: BorrowedFd<'_>,
+        chunk_len: u32,
         max_records_after_gap: usize,
         progress: &mut dyn FnMut(u64),
     ) -> io::Result<Option<(Journal, Vec<ChunkRecord>)>> {
-        let Some(candidates) = load(dir, name, stamp)? else {
+        // Records past the part file's end cannot be checked against it.
+        let part_len = rustix::fs::fstat(part)?.st_size.max(0) as u64;
+        let max_records = stamp
+            .size
+            .min(part_len)
+            .div_ceil(u64::from(chunk_len.max(1)));
+        let Some(candidates) = load(dir, name, stamp, max_records)? else {
             return Ok(None);
         };
         let kept = verify(candidates, part, max_records_after_gap, progress)?;
@@ -253,7 +273,8 @@ impl Journal {
 
 /// Read the journal's records that are well-formed, fit `stamp.size`, and
 /// do not overlap, sorted by offset; `None` if there is no usable journal
-/// for `stamp`.
+/// for `stamp`, or one of more than `max_records` records (which no
+/// receiver wrote: it is not read at all).
 ///
 /// Memory: the records are held in a Vec, 24 bytes per chunk, so about
 /// 24 bytes per MiB of file at the usual chunk size (24 MiB for a 1 TiB
@@ -262,6 +283,7 @@ fn load(
     dir: BorrowedFd<'_>,
     name: &[u8],
     stamp: SourceStamp,
+    max_records: u64,
 ) -> io::Result<Option<Vec<ChunkRecord>>> {
     // Looked at before it is opened: only a journal as the receiver makes
     // them (its own, private, of one name) is read. Another user's file, a
@@ -271,6 +293,14 @@ fn load(
         return Ok(None);
     };
     if !fsx::is_own_private(&found.stat) {
+        return Ok(None);
+    }
+    let most = max_records.saturating_mul(RECORD_LEN as u64) + HEADER_LEN as u64;
+    if found.stat.st_size.max(0) as u64 > most {
+        tracing::debug!(
+            "a journal of {} bytes for {max_records} chunks at most: not read",
+            found.stat.st_size
+        );
         return Ok(None);
     }
     let Some(fd) = found.open_regular(OFlags::RDONLY) else {
@@ -288,7 +318,8 @@ fn load(
 
     let mut records = Vec::new();
     let mut raw = [0u8; RECORD_LEN];
-    loop {
+    // Bounded even if the journal grows while it is read.
+    while (records.len() as u64) < max_records {
         if read_full(&mut reader, &mut raw)? < RECORD_LEN {
             break; // the end, or a torn last record
         }
@@ -455,6 +486,7 @@ mod tests {
                 NAME,
                 stamp,
                 self.part.as_fd(),
+                1,
                 max_after_gap,
                 &mut |_| {},
             )
@@ -488,6 +520,7 @@ mod tests {
             NAME,
             STAMP,
             fx.part.as_fd(),
+            1,
             4096,
             &mut |bytes| seen.push(bytes),
         )
@@ -680,6 +713,7 @@ mod tests {
             NAME,
             STAMP,
             fx.part.as_fd(),
+            1,
             2,
             &mut |bytes| seen.push(bytes),
         )
@@ -691,6 +725,37 @@ mod tests {
 
         let (_, kept) = fx.resume_with(STAMP, 0).unwrap();
         assert_eq!(kept, [fx.chunk(0, 8)]);
+    }
+
+    #[test]
+    fn more_records_than_chunks_is_no_journal() {
+        let fx = Fixture::new();
+        let mut journal = fx.create();
+        for offset in (0..40).step_by(10) {
+            journal.record(fx.chunk(offset, 10)).unwrap();
+        }
+        let resume = |chunk_len| {
+            Journal::resume(
+                fx.dir.as_fd(),
+                NAME,
+                STAMP,
+                fx.part.as_fd(),
+                chunk_len,
+                4096,
+                &mut |_| {},
+            )
+            .unwrap()
+            .map(|(_, kept)| kept.len())
+        };
+        assert_eq!(resume(10), Some(4), "four chunks of 10: four records");
+        // Resume rewrote the same four records.
+        assert_eq!(resume(14), None, "40 bytes hold three chunks of 14");
+        let mut journal = fx.create();
+        for offset in (0..40).step_by(10) {
+            journal.record(fx.chunk(offset, 10)).unwrap();
+        }
+        journal.record(fx.chunk(0, 10)).unwrap();
+        assert_eq!(resume(10), None, "a fifth record, past what 40 bytes hold");
     }
 
     #[test]

@@ -32,6 +32,7 @@
 
 mod adapt;
 pub mod auth;
+pub mod budget;
 pub mod client;
 mod codec;
 mod conn;
@@ -42,6 +43,7 @@ mod fsx;
 mod journal;
 mod names;
 pub mod pace;
+mod progress;
 mod receiver;
 mod sender;
 pub mod server;

@@ -18,7 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io::Read;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -35,14 +35,16 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
+use crate::budget::{self, Addresses, Budget, Busy, Charge, FromAddress, SessionBudget, Split};
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
 };
 use crate::error::{EngineError, Op, Refusal, RefusalReason, Side, TlsError, reason};
-use crate::events::{Event, EventSink, Tally};
+use crate::events::{Event, EventSink, SERVER_LISTED, Tally};
 use crate::filter::Filter;
 use crate::fsx;
+use crate::progress::Progress;
 use crate::receiver::{Destination, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle::{self, AuthThrottle};
@@ -65,7 +67,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct ServerConfig {
     /// Every remote path is resolved below this directory, and only below it.
     pub root: PathBuf,
-    /// A session in which no byte moves for this long is ended (its
+    /// A session that makes no progress for this long is ended (its
     /// journaled part files stay for the client's retry).
     pub idle_timeout: Duration,
     /// Part files nobody has touched for this long are removed (at start
@@ -81,6 +83,12 @@ pub struct ServerConfig {
     /// The token a client must prove before a session starts; `None`
     /// serves every client (loopback, or `--no-auth`).
     pub auth: Option<Token>,
+    /// The memory the sessions share, in bytes (`--max-memory`; see
+    /// [`budget::DEFAULT_MAX_MEMORY`]).
+    pub max_memory: u64,
+    /// How long a connection has for its whole handshake, TLS and
+    /// authentication included (`--handshake-timeout`).
+    pub handshake_timeout: Duration,
 }
 
 /// Which way files may move through a server.
@@ -99,6 +107,8 @@ pub enum Access {
 /// stall both ends give up at about the same time, so the client's retry
 /// soon finds the part file its old session held free again.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection has for its handshake by default.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = HANDSHAKE_TIMEOUT;
 /// How long abandoned part files are kept for a resume by default.
 pub const DEFAULT_PART_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -115,9 +125,13 @@ pub async fn serve(
     }
     let shared = Arc::new(Shared {
         root,
+        descriptors: descriptor_budget(),
+        memory: memory_budget(config.max_memory),
         registry: Registry::default(),
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         idle_timeout: config.idle_timeout,
+        handshake_timeout: config.handshake_timeout,
+        addresses: Arc::default(),
         access: config.access,
         devices: config.devices,
         tls: config.tls,
@@ -143,7 +157,7 @@ pub async fn serve(
                 }
             },
         };
-        let ticket = pending.admit();
+        let ticket = pending.admit(peer.ip());
         let shared = shared.clone();
         let cancel = cancel.child_token();
         sessions.spawn(async move {
@@ -157,6 +171,47 @@ pub async fn serve(
     }
     wind_down(sessions, cancel).await;
     Ok(())
+}
+
+/// The file descriptors sessions share: what the open-files limit leaves
+/// after the sockets the server accepts and its own use.
+fn descriptor_budget() -> Arc<Budget> {
+    let limit = budget::open_files_limit();
+    let split = Split::descriptors(
+        limit,
+        budget::socket_descriptors(MAX_CONNECTIONS, MAX_PENDING),
+    );
+    info!(
+        "file descriptors: {limit} open at most; {} sessions get {} each, and may borrow up to {} more each of {} shared",
+        split.sessions(),
+        split.reserve,
+        split.share,
+        split.shared,
+    );
+    if split.sessions() < 16 {
+        warn!(
+            "the open-files limit ({limit}) leaves room for only {} sessions at once: raise it (ulimit -n)",
+            split.sessions()
+        );
+    }
+    Budget::new(split)
+}
+
+/// The memory sessions share: what they read is charged to it.
+fn memory_budget(max_memory: u64) -> Arc<Budget> {
+    let split = Split::memory(max_memory.max(budget::MIN_MAX_MEMORY));
+    let mib = |n: u64| n >> 20;
+    // A session has two readers, each with a reserve: its control
+    // connection, and its data connections together.
+    info!(
+        "memory: {} MiB for sessions; {} sessions get 2 x {} MiB each, and may borrow up to {} MiB more for each of {} MiB shared",
+        mib(max_memory),
+        split.sessions() / 2,
+        mib(split.reserve),
+        mib(split.share),
+        mib(split.shared),
+    );
+    Budget::new(split)
 }
 
 /// The directory a server serves, held open for its lifetime: every path
@@ -197,10 +252,17 @@ async fn wind_down(sessions: TaskTracker, cancel: CancellationToken) {
 /// What every connection of a server shares.
 struct Shared {
     root: Arc<OwnedFd>,
+    /// What sessions may hold open.
+    descriptors: Arc<Budget>,
+    /// What sessions may hold in memory.
+    memory: Arc<Budget>,
     registry: Registry,
     /// One permit per connection past its handshake.
     slots: Arc<Semaphore>,
     idle_timeout: Duration,
+    handshake_timeout: Duration,
+    /// The sessions and slot-holding connections of each client address.
+    addresses: Arc<Mutex<Addresses>>,
     access: Access,
     devices: bool,
     tls: Option<ServerTls>,
@@ -218,7 +280,8 @@ struct Pending(Arc<Mutex<PendingQueue>>);
 #[derive(Default)]
 struct PendingQueue {
     next_id: u64,
-    queue: VecDeque<(u64, CancellationToken)>,
+    /// Id, whose it is (see `budget::source_of`), and its token.
+    queue: VecDeque<(u64, IpAddr, CancellationToken)>,
 }
 
 /// A connection's place among the pending ones; dropping it leaves.
@@ -234,22 +297,33 @@ impl Pending {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Admit a new connection, dropping the oldest pending one if the
-    /// budget is full. Dropping the oldest, not refusing the newest: an
-    /// idle flood then only ever pushes out its own sockets, while a
-    /// client that connects after it finishes its handshake long before
-    /// MAX_PENDING newer connections could push it out in turn.
-    fn admit(&self) -> Ticket {
+    /// Admit a new connection from `addr`, dropping the oldest pending one
+    /// of its address if that has `PENDING_PER_ADDRESS`, or the oldest of
+    /// all if the budget is full. Dropping the oldest, not refusing the
+    /// newest: an idle flood then only ever pushes out its own sockets,
+    /// while a client that connects after it finishes its handshake long
+    /// before MAX_PENDING newer connections could push it out in turn;
+    /// and a flood from one address pushes out only its own.
+    fn admit(&self, addr: IpAddr) -> Ticket {
+        let source = budget::source_of(addr);
         let mut q = self.lock();
-        if q.queue.len() >= MAX_PENDING
-            && let Some((_, oldest)) = q.queue.pop_front()
-        {
-            oldest.cancel();
+        let same = q
+            .queue
+            .iter()
+            .filter(|(_, from, _)| *from == source)
+            .count();
+        let oldest = if same >= budget::PENDING_PER_ADDRESS {
+            q.queue.iter().position(|(_, from, _)| *from == source)
+        } else {
+            (q.queue.len() >= MAX_PENDING).then_some(0)
+        };
+        if let Some((_, _, evicted)) = oldest.and_then(|at| q.queue.remove(at)) {
+            evicted.cancel();
         }
         let id = q.next_id;
         q.next_id += 1;
         let evicted = CancellationToken::new();
-        q.queue.push_back((id, evicted.clone()));
+        q.queue.push_back((id, source, evicted.clone()));
         Ticket {
             pending: self.clone(),
             id,
@@ -261,7 +335,10 @@ impl Pending {
 impl Drop for Ticket {
     fn drop(&mut self) {
         // Gone already if it was evicted.
-        self.pending.lock().queue.retain(|(id, _)| *id != self.id);
+        self.pending
+            .lock()
+            .queue
+            .retain(|(id, _, _)| *id != self.id);
     }
 }
 
@@ -278,7 +355,6 @@ enum Opened {
     Session {
         reader: FrameReader<BoxRead>,
         writer: FrameWriter<BoxWrite>,
-        meter: Meter,
         software: String,
     },
     /// `join`: a data connection for a session in progress.
@@ -301,16 +377,21 @@ async fn connection(
     cancel: &CancellationToken,
 ) -> Result<Outcome, EngineError> {
     let admitted = async {
-        let opened = open(stream, peer, shared).await?;
+        let deadline = Deadline::after(shared.handshake_timeout);
+        let opened = open(stream, peer, shared, deadline).await?;
+        let from = match FromAddress::connection(&shared.addresses, peer.ip()) {
+            Ok(from) => from,
+            Err(busy) => return refuse_opened(opened, busy).await,
+        };
         let permit = shared
             .slots
             .clone()
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        Ok::<_, EngineError>((opened, permit))
+        Ok::<_, EngineError>((opened, (permit, from)))
     };
-    let (opened, _permit) = tokio::select! {
+    let (opened, _held) = tokio::select! {
         _ = ticket.evicted.cancelled() => {
             return Ok(Outcome::Dropped("no handshake yet, and newer connections needed its place"));
         }
@@ -322,12 +403,8 @@ async fn connection(
         Opened::Session {
             reader,
             writer,
-            meter,
             software,
-        } => {
-            let local_peer = peer.ip().is_loopback();
-            session(reader, writer, meter, &software, local_peer, shared, cancel).await
-        }
+        } => session(reader, writer, &software, peer.ip(), shared, cancel).await,
         Opened::Join {
             reader,
             writer,
@@ -340,14 +417,19 @@ async fn connection(
 
 /// The handshake: TLS unless the server runs with `--no-tls`, prefaces
 /// both ways, then `hello` or `join`.
-async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Opened, EngineError> {
+async fn open(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    deadline: Deadline,
+) -> Result<Opened, EngineError> {
     let tls = shared.tls.as_ref();
     let Transport {
         r,
         w,
         exporter,
         plaintext_client,
-    } = transport(stream, tls).await?;
+    } = transport(stream, tls, deadline).await?;
     // One meter per connection: the control connection's is what the stall
     // watch reads (it also carries data, and the session cannot finish
     // without it moving).
@@ -355,7 +437,7 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
     let mut reader = FrameReader::new(r, meter.clone(), Side::Client);
     let mut writer = FrameWriter::new(w, meter.clone());
 
-    let theirs = reader.preface().await?;
+    let theirs = deadline.within(reader.preface()).await?;
     // Always answer with our own preface, so that a client of another
     // version can name both versions to its user.
     writer.preface().await?;
@@ -365,9 +447,7 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
             .await;
         return Err(e);
     }
-    let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message())
-        .await
-        .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
+    let hello = deadline.within(reader.message()).await?;
     if tls.is_some() && plaintext_client {
         // Answered in plaintext, after its hello, so that the client reads
         // the refusal rather than a reset connection.
@@ -377,12 +457,12 @@ async fn open(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Result<Op
     match hello {
         Message::Hello { software } => {
             if let Some(token) = &shared.auth {
-                authenticate(&mut reader, &mut writer, token, &exporter, peer, shared).await?;
+                let proof = (token, exporter.as_slice(), deadline);
+                authenticate(&mut reader, &mut writer, proof, peer, shared).await?;
             }
             Ok(Opened::Session {
                 reader,
                 writer,
-                meter,
                 software,
             })
         }
@@ -414,25 +494,27 @@ struct Transport {
 /// starts a TLS handshake, plain TCP otherwise (a plaintext client at a TLS
 /// server is refused by `open`, after its hello). A TLS client at a
 /// `--no-tls` server is told why it cannot be served.
-async fn transport(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Transport, EngineError> {
+async fn transport(
+    stream: TcpStream,
+    tls: Option<&ServerTls>,
+    deadline: Deadline,
+) -> Result<Transport, EngineError> {
     let _ = stream.set_nodelay(true);
     // The first byte tells a TLS client (a handshake record, 0x16) from a
     // plaintext ferry one (the preface's `F`), so that a client on the
     // other setting hears why it cannot be served.
     let mut first = [0u8; 1];
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
-        Err(_) => return Err(EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs())),
-        Ok(Err(e)) => return Err(e.into()),
-        Ok(Ok(0)) => return Err(EngineError::Closed),
-        Ok(Ok(_)) => {}
+    if deadline.within(stream.peek(&mut first)).await? == 0 {
+        return Err(EngineError::Closed);
     }
     let plaintext_client = first[0] == MAGIC[0];
     let mut exporter = Vec::new();
     let (r, w): (BoxRead, BoxWrite) = match tls {
         Some(tls) if !plaintext_client => {
-            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream))
+            let accepting = tls.acceptor().accept(stream);
+            let accepted = tokio::time::timeout_at(deadline.at, accepting)
                 .await
-                .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))?
+                .map_err(|_| deadline.elapsed())?
                 .map_err(|e| EngineError::Tls(TlsError::Io(e)))?;
             exporter = accepted
                 .get_ref()
@@ -469,8 +551,7 @@ async fn transport(stream: TcpStream, tls: Option<&ServerTls>) -> Result<Transpo
 async fn authenticate(
     reader: &mut FrameReader<BoxRead>,
     writer: &mut FrameWriter<BoxWrite>,
-    token: &Token,
-    exporter: &[u8],
+    (token, exporter, deadline): (&Token, &[u8], Deadline),
     peer: SocketAddr,
     shared: &Shared,
 ) -> Result<(), EngineError> {
@@ -489,7 +570,7 @@ async fn authenticate(
             nonce: auth::hex(&nonce),
         })
         .await?;
-    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.message()).await;
+    let answer = tokio::time::timeout_at(deadline.at, reader.message()).await;
     // A client without a token gives up at the challenge: it goes away
     // (or says nothing). That is a failed attempt too, or a guesser could
     // probe for free by hanging up.
@@ -507,8 +588,8 @@ async fn authenticate(
         Ok(Err(_)) => ("no answer to the challenge (no token?)".to_string(), true),
         Err(_) => (
             format!(
-                "no answer to the challenge within {} s (no token?)",
-                HANDSHAKE_TIMEOUT.as_secs()
+                "no answer to the challenge within the handshake's {} s (no token?)",
+                deadline.secs
             ),
             false,
         ),
@@ -655,12 +736,15 @@ fn same_secret(a: &str, b: &str) -> bool {
 async fn session(
     mut reader: FrameReader<BoxRead>,
     mut writer: FrameWriter<BoxWrite>,
-    meter: Meter,
     software: &str,
-    local_peer: bool,
+    from: IpAddr,
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<(), EngineError> {
+    let (budget, _from) = match admit(shared, from) {
+        Ok(admitted) => admitted,
+        Err(busy) => return refuse(&mut writer, Refusal::new(busy.into())).await,
+    };
     let (session_id, secret) = match random_hex().and_then(|id| Ok((id, random_hex()?))) {
         Ok(pair) => pair,
         Err(error) => {
@@ -686,32 +770,96 @@ async fn session(
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
     let started = Instant::now();
-    let accepted = match accept_request(&shared.root, shared.access, shared.devices, request) {
+    let accepted = match accept_request(shared, budget, request) {
         Ok(a) => a,
         Err(refusal) => return refuse(&mut writer, refusal).await,
     };
     writer.send_now(&Message::Ready).await?;
-    let watched = cancel.child_token();
-    let stalled = watch_for_stall(meter, shared.idle_timeout, watched.clone());
-    let (verb, result, tally) = transfer(
-        accepted,
-        &mut reader,
-        &mut writer,
-        local_peer,
-        &watched,
-        joins,
-    )
-    .await;
-    watched.cancel(); // ends the stall watch
-    let result = match result {
-        Err(EngineError::Cancelled) if stalled.load(std::sync::atomic::Ordering::Acquire) => {
-            Err(EngineError::Stalled(shared.idle_timeout.as_secs()))
-        }
-        other => other,
-    };
+    let io = (&mut reader, &mut writer);
+    let local_peer = from.is_loopback();
+    let run = watched(accepted, io, local_peer, shared.idle_timeout, cancel, joins);
+    let (verb, result, tally) = run.await;
     say_goodbye(&mut writer, &result).await;
     log_summary(verb, &result, &tally, started);
     result
+}
+
+/// Run an accepted request under a stall watch: ended once it makes no
+/// progress for `timeout`.
+async fn watched(
+    accepted: Accepted,
+    (reader, writer): (&mut FrameReader<BoxRead>, &mut FrameWriter<BoxWrite>),
+    local_peer: bool,
+    timeout: Duration,
+    cancel: &CancellationToken,
+    joins: mpsc::Receiver<DataConn>,
+) -> (&'static str, Result<(), EngineError>, Arc<Tally>) {
+    let watched = cancel.child_token();
+    let progress = Arc::new(Progress::default());
+    let stalled = watch_for_stall(progress.clone(), timeout, watched.clone());
+    let io = (reader, writer);
+    let (verb, result, tally) = transfer(accepted, io, local_peer, progress, &watched, joins).await;
+    watched.cancel(); // ends the stall watch
+    let result = match result {
+        Err(EngineError::Cancelled) if stalled.load(std::sync::atomic::Ordering::Acquire) => {
+            Err(EngineError::Stalled(timeout.as_secs()))
+        }
+        other => other,
+    };
+    (verb, result, tally)
+}
+
+/// A new session's share of what the server's sessions share, counted
+/// against its address, or why the server is too busy for it now.
+fn admit(shared: &Shared, addr: IpAddr) -> Result<(SessionBudget, FromAddress), Busy> {
+    let from = FromAddress::session(&shared.addresses, addr)?;
+    let descriptors = shared.descriptors.admit().ok_or(Busy::Descriptors)?;
+    let control = shared.memory.admit().ok_or(Busy::Memory)?;
+    let data = shared.memory.admit().ok_or(Busy::Memory)?;
+    let budget = SessionBudget {
+        descriptors,
+        control,
+        data,
+        state: shared.memory.borrower(),
+    };
+    Ok((budget, from))
+}
+
+/// When a connection's handshake must be through.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: tokio::time::Instant,
+    secs: u64,
+}
+
+impl Deadline {
+    fn after(timeout: Duration) -> Self {
+        Deadline {
+            at: tokio::time::Instant::now() + timeout,
+            secs: timeout.as_secs(),
+        }
+    }
+
+    fn elapsed(&self) -> EngineError {
+        EngineError::Timeout(self.secs)
+    }
+
+    /// `step`, if it is done before the deadline.
+    async fn within<T, E: Into<EngineError>>(
+        &self,
+        step: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, EngineError> {
+        match tokio::time::timeout_at(self.at, step).await {
+            Ok(done) => done.map_err(Into::into),
+            Err(_) => Err(self.elapsed()),
+        }
+    }
+}
+
+/// Turn away a connection whose address has as many as it may.
+async fn refuse_opened<T>(opened: Opened, busy: Busy) -> Result<T, EngineError> {
+    let (Opened::Session { mut writer, .. } | Opened::Join { mut writer, .. }) = opened;
+    refuse(&mut writer, Refusal::new(busy.into())).await
 }
 
 /// Put a new session in the registry, where its data connections will
@@ -739,23 +887,26 @@ fn register(
 /// connections that join): what it was, how it ended, what it moved.
 async fn transfer(
     accepted: Accepted,
-    reader: &mut FrameReader<BoxRead>,
-    writer: &mut FrameWriter<BoxWrite>,
+    (reader, writer): (&mut FrameReader<BoxRead>, &mut FrameWriter<BoxWrite>),
     local_peer: bool,
+    progress: Arc<Progress>,
     watched: &CancellationToken,
     joins: mpsc::Receiver<DataConn>,
 ) -> (&'static str, Result<(), EngineError>, Arc<Tally>) {
+    let tally = |verb| {
+        Arc::new(Tally::listing(Arc::new(LogEvents { verb }), SERVER_LISTED).watched(progress))
+    };
     match accepted {
         Accepted::Receive(dest) => {
             info!("upload to {}", dest.label);
-            let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "received" })));
+            let tally = tally("received");
             let result = run_receiver(reader, writer, dest, tally.clone(), watched, joins).await;
             ("upload", result, tally)
         }
-        Accepted::Send(mut job) => {
+        Accepted::Send(mut job, _held) => {
             info!("download of {}", job.label);
             job.local_peer = local_peer;
-            let tally = Arc::new(Tally::new(Arc::new(LogEvents { verb: "sent" })));
+            let tally = tally("sent");
             let result = run_sender(reader, writer, *job, tally.clone(), watched, joins).await;
             ("download", result, tally)
         }
@@ -771,7 +922,7 @@ async fn say_goodbye(writer: &mut FrameWriter<BoxWrite>, result: &Result<(), Eng
         }
         Err(EngineError::Stalled(_)) => Some((
             ErrorCode::Io,
-            "no data moved for too long; ending the session",
+            "no progress for too long; ending the session",
         )),
         _ => None,
     };
@@ -795,9 +946,9 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
         },
         report.files_ok,
         report.files_unchanged,
-        report.failed.len(),
-        report.incomplete.len(),
-        report.skipped.len(),
+        report.failed.len() as u64 + report.unlisted.failed,
+        report.incomplete.len() as u64 + report.unlisted.incomplete,
+        report.skipped.len() as u64 + report.unlisted.skipped,
         report.file_bytes,
         started.elapsed().as_secs_f64()
     );
@@ -806,25 +957,30 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
 /// What an accepted request runs.
 enum Accepted {
     Receive(Destination),
-    /// Boxed: a job carries its filter's compiled globs.
-    Send(Box<SendJob>),
+    /// With what it holds of the server's budgets for as long as it runs;
+    /// boxed: a job carries its filter's compiled globs.
+    Send(Box<SendJob>, (SessionBudget, Charge)),
 }
 
 /// Check a request against the server's access and root, and prepare what
 /// it will run. Every path is validated here, whatever the client already
 /// checked.
 fn accept_request(
-    root: &OwnedFd,
-    access: Access,
-    devices: bool,
+    shared: &Shared,
+    budget: SessionBudget,
     request: Message,
 ) -> Result<Accepted, Refusal> {
+    let root = &shared.root;
     // Before anything touches the filesystem: a read-only server must not
     // even create an upload's parent directories.
-    check_access(&request, access)?;
+    check_access(&request, shared.access)?;
     match request {
         Message::Upload { dest, ignore_times } => {
-            accept_upload(root, devices, dest.as_bytes(), ignore_times)
+            let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), ignore_times);
+            if let Ok(Accepted::Receive(dest)) = &mut accepted {
+                dest.budget = budget;
+            }
+            accepted
         }
         // The client receives, and applies `ignore_times` itself.
         Message::Download {
@@ -837,8 +993,17 @@ fn accept_request(
             bwlimit,
         } => {
             let filter = Filter::new(&filters, gitignore).map_err(|e| Refusal::new(e.into()))?;
-            let job = accept_download(root, source.as_bytes(), compression, owners, filter)?;
-            Ok(with_bwlimit(job, bwlimit))
+            // A compressor beyond the reserves, or none while memory is
+            // short: compression saves time, it is never owed.
+            let needed = budget::compressor_memory(compression);
+            let (compression, memory) = match budget.data.try_take(needed) {
+                Some(memory) => (compression, memory),
+                None => (Compression::Off, budget.data.force(0)),
+            };
+            let mut job = accept_download(root, source.as_bytes(), compression, owners, filter)?;
+            // Never below the slowest rate: a trickle would hold a slot.
+            job.bwlimit = bwlimit.map(|rate| rate.max(crate::pace::MIN_RATE));
+            Ok(Accepted::Send(Box::new(job), (budget, memory)))
         }
         other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
     }
@@ -893,6 +1058,7 @@ fn accept_upload(
         // Entries carry owners unless the client said --no-owner.
         owners: fsx::may_chown(),
         devices: devices && fsx::may_chown(),
+        budget: SessionBudget::unlimited(),
     }))
 }
 
@@ -903,7 +1069,7 @@ fn accept_download(
     compression: Compression,
     owners: bool,
     filter: Filter,
-) -> Result<Accepted, Refusal> {
+) -> Result<SendJob, Refusal> {
     if let Compression::Level(level) = compression
         && !(1..=19).contains(&level)
     {
@@ -915,7 +1081,7 @@ fn accept_download(
         let op = Op::Open;
         Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
     })?;
-    Ok(Accepted::Send(Box::new(SendJob {
+    Ok(SendJob {
         root: root_entry,
         compression,
         local_peer: false,
@@ -925,19 +1091,7 @@ fn accept_download(
         owners,
         filter,
         bwlimit: None,
-    })))
-}
-
-/// A download's rate limit, as the client asked, but never below the
-/// slowest rate (a trickle would hold a slot for ever).
-fn with_bwlimit(accepted: Accepted, bwlimit: Option<u64>) -> Accepted {
-    match accepted {
-        Accepted::Send(mut job) => {
-            job.bwlimit = bwlimit.map(|rate| rate.max(crate::pace::MIN_RATE));
-            Accepted::Send(job)
-        }
-        other => other,
-    }
+    })
 }
 
 /// Refuse a request with a reason the client will show its user.

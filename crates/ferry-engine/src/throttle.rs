@@ -121,7 +121,7 @@ fn delay_for(count: u32) -> Duration {
 /// IPv6 address too), but an IPv6 address stands for its /64: a single
 /// host is routinely given a whole /64, so counting its addresses one by
 /// one would let it start afresh with each.
-fn source_of(addr: IpAddr) -> IpAddr {
+pub(crate) fn source_of(addr: IpAddr) -> IpAddr {
     match addr {
         IpAddr::V4(_) => addr,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {

@@ -63,9 +63,12 @@ pub struct ServerArgs {
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// End a session in which no data moves for this many seconds (its resumable part files stay).
+    /// End a session that makes no progress (no file data verified, no entry settled) for this many seconds; its resumable part files stay.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
+    /// Drop a connection that has not finished its handshake (TLS and authentication included) within this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub handshake_timeout: u64,
     /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly.
     #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_age)]
     pub keep_parts: std::time::Duration,
@@ -92,6 +95,10 @@ pub struct ServerArgs {
     /// Serve every client without a token: every local user (on loopback too) and anyone who can connect gets this server's access to its root. Only on a machine and network you trust.
     #[arg(long, conflicts_with = "token_file")]
     pub no_auth: bool,
+    /// Memory the sessions may hold at once (e.g. 256M, 2G; at least 32M). A session that would
+    /// need more waits (its data connections pause) or is refused as busy until others end.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub max_memory: u64,
 }
 
 #[derive(Debug, Args)]
@@ -176,7 +183,7 @@ pub struct TransferOpts {
     /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
-    /// Consider the connection stalled after this many seconds without any data moving.
+    /// Consider the transfer stalled after this many seconds without progress (no file data sent or verified, no entry settled).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub timeout: u64,
     /// Trust only the server whose certificate has this fingerprint (as `ferry server` prints it), instead of known_hosts.
@@ -293,6 +300,30 @@ fn parse_age(s: &str) -> Result<std::time::Duration, String> {
     Ok(std::time::Duration::from_secs(n.saturating_mul(secs)))
 }
 
+/// A size like `512M`, `2G`, `65536K` or a bare number of bytes (binary
+/// units), at least `MIN_MAX_MEMORY`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| "expected a number with an optional unit: K, M or G".to_string())?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return Err("the unit must be K, M or G".into()),
+    };
+    let bytes = n
+        .checked_mul(1 << shift)
+        .ok_or_else(|| "too large".to_string())?;
+    let min = ferry_engine::budget::MIN_MAX_MEMORY;
+    if bytes < min {
+        return Err(format!("at least {}M", min >> 20));
+    }
+    Ok(bytes)
+}
+
 fn parse_compression(s: &str) -> Result<Compression, String> {
     match s {
         "auto" => Ok(Compression::Auto),
@@ -326,6 +357,21 @@ mod tests {
         assert_eq!(parse_age("0"), Ok(Duration::ZERO));
         assert!(parse_age("7w").is_err());
         assert!(parse_age("d").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(
+            parse_size("512M"),
+            Ok(ferry_engine::budget::DEFAULT_MAX_MEMORY),
+            "the default as --help shows it"
+        );
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("65536K"), Ok(64 << 20));
+        assert_eq!(parse_size("33554432"), Ok(32 << 20));
+        assert!(parse_size("16M").is_err(), "below the minimum");
+        assert!(parse_size("1T").is_err());
+        assert!(parse_size("M").is_err());
     }
 
     #[test]

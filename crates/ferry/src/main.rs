@@ -298,6 +298,8 @@ impl LocalServer {
             // network, but other local users can reach the port.
             tls: None,
             auth: Some(token.clone()),
+            max_memory: ferry_engine::budget::DEFAULT_MAX_MEMORY,
+            handshake_timeout: server::DEFAULT_HANDSHAKE_TIMEOUT,
         };
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
@@ -466,6 +468,8 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
         devices: args.devices,
         tls,
         auth: auth.map(|(token, _)| token),
+        max_memory: args.max_memory,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, symlink};
 use std::path::{Path, PathBuf};
@@ -373,33 +373,9 @@ fn download_into_a_tree_with_a_planted_symlink_stays_inside() {
 // Hostile peers: a link sent earlier in the same transfer
 // ---------------------------------------------------------------------------
 
-fn control_frame(json: &str) -> Vec<u8> {
-    let mut frame = vec![1u8];
-    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    frame.extend_from_slice(json.as_bytes());
-    frame
-}
-
 /// A data frame (PROTOCOL.md §6) carrying `hello` at offset 0 of `file_id`.
 fn hello_chunk(file_id: u64) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&file_id.to_be_bytes());
-    body.extend_from_slice(&0u64.to_be_bytes());
-    body.extend_from_slice(&(HELLO.len() as u32).to_be_bytes());
-    body.push(0);
-    body.extend_from_slice(&HELLO_HASH.to_be_bytes());
-    body.extend_from_slice(HELLO);
-    let mut frame = vec![2u8];
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&body);
-    frame
-}
-
-fn preface() -> [u8; 8] {
-    let mut bytes = [0u8; 8];
-    bytes[..6].copy_from_slice(MAGIC);
-    bytes[6..].copy_from_slice(&PROTOCOL_VERSION.to_be_bytes());
-    bytes
+    data_frame(file_id, 0, HELLO.len() as u32, 0, HELLO_HASH, HELLO)
 }
 
 /// What a hostile sender sends, one step at a time.
@@ -475,49 +451,6 @@ fn frames(steps: &[Step]) -> Vec<u8> {
     out
 }
 
-/// Reads one frame; `None` at end of stream, an error, or the deadline.
-fn read_frame(stream: &mut TcpStream, deadline: Instant) -> Option<(u8, Vec<u8>)> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return None;
-    }
-    stream.set_read_timeout(Some(left)).unwrap();
-    let mut header = [0u8; 5];
-    stream.read_exact(&mut header).ok()?;
-    let len = u32::from_be_bytes(header[1..].try_into().unwrap()) as usize;
-    // Bounded: no legitimate frame is larger (PROTOCOL.md §3).
-    if len > 29 + 4 * MIB as usize {
-        return None;
-    }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).ok()?;
-    Some((header[0], body))
-}
-
-/// The control messages `stream` receives until `done`, `error`, the end
-/// of the stream or the deadline, parsed.
-fn read_messages(stream: &mut TcpStream, deadline: Instant) -> Vec<serde_json::Value> {
-    let mut got = Vec::new();
-    // Bounded by the deadline and by the count.
-    while got.len() < 10_000 {
-        let Some((kind, body)) = read_frame(stream, deadline) else {
-            break;
-        };
-        if kind != 1 {
-            continue;
-        }
-        let msg: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
-            panic!("bad control body {:?}: {e}", String::from_utf8_lossy(&body))
-        });
-        let last = msg["type"] == "done" || msg["type"] == "error";
-        got.push(msg);
-        if last {
-            break;
-        }
-    }
-    got
-}
-
 /// Uploads `steps` to `dest` as a hand-written client and returns what the
 /// server answered after `ready`. The client speaks plaintext: the server
 /// must run with `--no-tls`.
@@ -527,30 +460,6 @@ fn hostile_upload(server: &Server, dest: &str, steps: &[Step]) -> Vec<serde_json
     // The server may close early (a protocol error): what it said still counts.
     let _ = stream.write_all(&transfer(steps));
     read_messages(&mut stream, deadline)
-}
-
-/// A hand-written client's upload session to `dest`, accepted (`ready`).
-fn hostile_upload_session(server: &Server, dest: &str, deadline: Instant) -> TcpStream {
-    let request = format!(r#"{{"type":"upload","dest":"{dest}"}}"#);
-    hostile_session(server, &request, deadline)
-}
-
-/// A hand-written client's session making `request`, accepted (`ready`).
-fn hostile_session(server: &Server, request: &str, deadline: Instant) -> TcpStream {
-    // A hostile client that holds the token: the threat that remains.
-    let mut stream = server.plaintext_session("hostile");
-    let welcome = read_messages_one(&mut stream, deadline);
-    assert_eq!(welcome["type"], "welcome", "{welcome}");
-    stream.write_all(&control_frame(request)).unwrap();
-    let ready = read_messages_one(&mut stream, deadline);
-    assert_eq!(ready["type"], "ready", "{ready}\n{}", server.stderr());
-    stream
-}
-
-fn read_messages_one(stream: &mut TcpStream, deadline: Instant) -> serde_json::Value {
-    let (kind, body) = read_frame(stream, deadline).expect("a frame from the peer");
-    assert_eq!(kind, 1, "a control frame");
-    serde_json::from_slice(&body).unwrap()
 }
 
 /// The outcome the receiver gave entry `id`, as `status: reason`.
@@ -744,12 +653,20 @@ fn hostile_upload_entry_paths_that_climb_are_refused() {
 /// `MAX_OPEN_DIRS`): a sender that announces directories and never ends
 /// them gets a clear protocol error instead of growing the server's memory,
 /// nothing is created for the entry past the limit, and the server goes on
-/// serving.
+/// serving. The protocol's limit is met first when a session may hold more
+/// descriptors than that (an open-files limit above about 9000); under a
+/// lower one, directories past a session's share are made but not held
+/// open (budgets.rs), and there is nothing to test here.
 #[test]
 fn hostile_upload_of_more_open_directories_than_the_limit_is_refused() {
     const MAX_OPEN_DIRS: usize = 4096;
     let (scratch, root, _outside) = setup();
     let mut server = Server::start_with(&root, &[&"--no-tls"]);
+    let may_hold = descriptors_a_session_may_hold(&server);
+    if may_hold <= MAX_OPEN_DIRS + 1 {
+        eprintln!("skipped: a session may hold only {may_hold} descriptors here");
+        return;
+    }
     // The root and MAX_OPEN_DIRS directories below it, none ever ended.
     let names: Vec<String> = (0..MAX_OPEN_DIRS).map(|i| format!("d{i}")).collect();
     let steps: Vec<Step> = std::iter::once(Step::Dir(""))
@@ -785,6 +702,24 @@ fn hostile_upload_of_more_open_directories_than_the_limit_is_refused() {
         b"still serving\n"
     );
     assert_server_healthy(&mut server);
+}
+
+/// What a session of `server` may hold open at most, as it logged at start
+/// ("... get R each, and may borrow up to S more each ...").
+fn descriptors_a_session_may_hold(server: &Server) -> usize {
+    server.wait_for_log("file descriptors:", ERROR_TIMEOUT);
+    let log = server.stderr();
+    let numbers = |line: &str| -> Vec<usize> {
+        line.split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect()
+    };
+    let line = log.lines().find(|l| l.contains("file descriptors:"));
+    match line.map(numbers).as_deref() {
+        // limit, sessions, reserve, share, shared
+        Some([_, _, reserve, share, ..]) => reserve + share,
+        _ => panic!("no descriptor budget in the log\n{log}"),
+    }
 }
 
 /// An owner is checked like everything else a peer sends: uid `-1` is no
@@ -911,9 +846,9 @@ fn hostile_server_cannot_make_the_client_write_through_a_link() {
             r#"{"type":"welcome","software":"hostile","session_id":"00","secret":"11","max_streams":1}"#,
         ));
         conn.write_all(&reply).unwrap();
-        let hello = read_messages_one(&mut conn, deadline);
+        let hello = read_message(&mut conn, deadline);
         assert_eq!(hello["type"], "hello");
-        let request = read_messages_one(&mut conn, deadline);
+        let request = read_message(&mut conn, deadline);
         assert_eq!(request["type"], "download");
         conn.write_all(&control_frame(r#"{"type":"ready"}"#))
             .unwrap();
@@ -1098,13 +1033,6 @@ fn refusal_through_a_symlink_is_not_retried() {
     }
 }
 
-/// A hand-written client's download session of `source`, accepted.
-fn hostile_download_session(server: &Server, source: &str, deadline: Instant) -> TcpStream {
-    let request =
-        format!(r#"{{"type":"download","source":"{source}","compression":{{"mode":"off"}}}}"#);
-    hostile_session(server, &request, deadline)
-}
-
 /// A receiver that claims to hold a 64 MiB file as 67 million chunks of
 /// one byte would have the server read and hash each one (12.5 s of CPU
 /// in a release build): held chunks must be whole chunks, and the session
@@ -1117,7 +1045,7 @@ fn hostile_download_claiming_one_byte_chunks_is_refused_at_once() {
     let deadline = Instant::now() + PEER_TIMEOUT;
     let mut stream = hostile_download_session(&server, "big", deadline);
     let entry = loop {
-        let msg = read_messages_one(&mut stream, deadline);
+        let msg = read_message(&mut stream, deadline);
         if msg["type"] != "totals" {
             break msg;
         }

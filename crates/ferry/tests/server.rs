@@ -305,14 +305,6 @@ fn garbage_is_dropped_and_the_server_keeps_serving() {
     assert_server_healthy(&mut server);
 }
 
-/// A control frame as PROTOCOL.md §3 defines it: type 1, u32 BE length, JSON.
-fn control_frame(json: &str) -> Vec<u8> {
-    let mut frame = vec![1u8];
-    frame.extend_from_slice(&(json.len() as u32).to_be_bytes());
-    frame.extend_from_slice(json.as_bytes());
-    frame
-}
-
 #[test]
 fn shutdown_mid_file_abandons_it_cleanly() {
     let scratch = Scratch::new();

@@ -30,5 +30,7 @@ mod tls;
 mod owners;
 // Token authentication: challenge and response, never the token on the wire.
 mod auth;
+// Budgets: descriptors, memory, slots and time that hostile clients cannot take from the others.
+mod budgets;
 // The source's shape: no function over 80 lines, no import cycle between modules.
 mod structure;

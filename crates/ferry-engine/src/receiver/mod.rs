@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) use worker::Worker;
 
+use crate::budget::SessionBudget;
 use crate::codec::ReadChunk;
 use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
 use crate::error::{EngineError, Violation};
@@ -72,6 +73,8 @@ pub(crate) struct Destination {
     /// Make the device nodes that entries describe (this process is root
     /// and the user allowed it).
     pub(crate) devices: bool,
+    /// What the session may take of its server's descriptors and memory.
+    pub(crate) budget: SessionBudget,
 }
 
 /// Lets the worker hold the data connections' readers back.
@@ -112,11 +115,25 @@ pub(crate) enum Inbound {
     Data(ReadChunk),
 }
 
+/// A frame as it is, with no charge (in-memory sessions).
+#[cfg(test)]
 impl From<Frame> for Inbound {
     fn from(frame: Frame) -> Self {
         match frame {
             Frame::Control(msg) => Inbound::Control(msg),
             Frame::Data(chunk) => Inbound::Data(ReadChunk::check(chunk)),
+        }
+    }
+}
+
+impl Inbound {
+    /// A frame `reader` returned, a chunk with its charge.
+    fn read<R: AsyncRead + Unpin>(reader: &mut FrameReader<R>, frame: Frame) -> Self {
+        match frame {
+            Frame::Control(msg) => Inbound::Control(msg),
+            Frame::Data(chunk) => {
+                Inbound::Data(ReadChunk::check(chunk).charged(reader.take_charge()))
+            }
         }
     }
 }
@@ -138,9 +155,16 @@ where
     let (frame_tx, frame_rx) = mpsc::channel::<Vec<Inbound>>(FRAME_QUEUE);
     let (reply_tx, mut reply_rx) = mpsc::channel::<Vec<Message>>(REPLY_QUEUE);
     let gate = Arc::new(DataGate::default());
+    // What the connections read is charged to the session's memory: the
+    // control connection's to its reserve, the data connections' to what
+    // it may borrow (they wait for room; the control one never waits for
+    // what the data connections hold).
+    let budget = dest.budget.clone();
+    reader.charge_to(&budget.control);
     let worker = Worker::new(gate.clone(), dest, tally, reply_tx, reader.peer())?;
     let done_rx = spawn_worker(worker, frame_rx)?;
-    let read_data = for_each_data_conn(&mut joins, |conn| {
+    let read_data = for_each_data_conn(&mut joins, |mut conn| {
+        conn.reader.charge_to(&budget.data);
         read_data_conn(conn, frame_tx.clone(), gate.clone())
     });
     let io_result = tokio::select! {
@@ -193,9 +217,9 @@ async fn read_control<R: AsyncRead + Unpin>(
 ) -> Result<(), EngineError> {
     loop {
         let first = reader.next().await?.ok_or(EngineError::Closed)?;
-        let mut batch = vec![Inbound::from(first)];
+        let mut batch = vec![Inbound::read(reader, first)];
         while let Some(frame) = reader.buffered()? {
-            batch.push(Inbound::from(frame));
+            batch.push(Inbound::read(reader, frame));
         }
         if frames.send(batch).await.is_err() {
             return std::future::pending().await;
@@ -225,8 +249,8 @@ async fn read_data_conn(
     frames: mpsc::Sender<Vec<Inbound>>,
     gate: Arc<DataGate>,
 ) -> Result<(), EngineError> {
-    let data_only = |frame: Frame| match frame {
-        Frame::Data(chunk) => Ok(Inbound::Data(ReadChunk::check(chunk))),
+    let data_only = |reader: &mut FrameReader<_>, frame: Frame| match frame {
+        Frame::Data(_) => Ok(Inbound::read(reader, frame)),
         Frame::Control(_) => Err(EngineError::Protocol(Violation::ControlOnDataConnection)),
     };
     loop {
@@ -234,9 +258,9 @@ async fn read_data_conn(
         let Some(first) = conn.reader.next().await? else {
             return Ok(());
         };
-        let mut batch = vec![data_only(first)?];
+        let mut batch = vec![data_only(&mut conn.reader, first)?];
         while let Some(frame) = conn.reader.buffered()? {
-            batch.push(data_only(frame)?);
+            batch.push(data_only(&mut conn.reader, frame)?);
         }
         if frames.send(batch).await.is_err() {
             return Ok(());

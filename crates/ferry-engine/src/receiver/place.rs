@@ -289,6 +289,7 @@ impl Part {
                     &self.journal_name,
                     stamp,
                     self.file.as_fd(),
+                    ferry_proto::limits::DEFAULT_CHUNK_LEN,
                     keep,
                     alive,
                 );

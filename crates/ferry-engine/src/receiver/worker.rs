@@ -20,6 +20,7 @@ use super::rules::{
     Parking, PartPlan, PlanWindow,
 };
 use super::{DataGate, Destination, Inbound};
+use crate::budget::{self, HELD_ENTRY_MEMORY, Held};
 use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text};
@@ -39,6 +40,8 @@ struct OpenFile {
     parent_dir: Option<u64>,
     arrival: Arrival,
     part: Part,
+    /// What it holds of the session's budgets.
+    _held: Held,
 }
 
 /// What the worker keeps for an open directory: the directory itself,
@@ -53,6 +56,8 @@ struct DirIo {
     /// The owner of a file this process creates in it (known when owners
     /// are applied).
     new_files_owner: Option<Owner>,
+    /// What it holds of the session's budgets.
+    _held: Held,
 }
 
 /// A `hardlink` entry whose file is still arriving.
@@ -62,6 +67,8 @@ struct WaitingLink {
     parent: Arc<OwnedFd>,
     name: Vec<u8>,
     parent_dir: Option<u64>,
+    /// What it holds of the session's memory.
+    _held: Held,
 }
 
 /// Where an entry lands: its directory, open, and its name there.
@@ -209,7 +216,12 @@ impl Worker {
                 reason,
                 transient,
             } => self.abort(id, &reason, transient),
-            Message::Keepalive => Ok(()),
+            Message::Keepalive => {
+                // The sender hashes held chunks: their bytes are allowed
+                // for (the `resumed` events).
+                self.tally.kept_alive(0);
+                Ok(())
+            }
             Message::DirEnd { id } => self.dir_end(id),
             Message::Totals { files, bytes } => {
                 self.tally.event(Event::Totals { files, bytes });
@@ -292,10 +304,13 @@ impl Worker {
         failure: Option<String>,
     ) -> Result<(), EngineError> {
         match failure {
-            None => self.reply(Message::Outcome {
-                id,
-                outcome: Outcome::Ok,
-            }),
+            None => {
+                self.tally.settled();
+                self.reply(Message::Outcome {
+                    id,
+                    outcome: Outcome::Ok,
+                })
+            }
             Some(why) => self.verdict(id, display, Outcome::Failed(why), 0),
         }
     }
@@ -319,9 +334,10 @@ impl Worker {
         let name = self.name_of(&path);
         let landing = match rules::name_refusal(&name) {
             Some(refusal) => Err(refusal),
-            None => self
-                .land(&path, parent_dir)
-                .map_err(|e| Outcome::Failed(format!("cannot open its directory: {}", reason(&e)))),
+            None => self.land(&path, parent_dir).map_err(|e| {
+                let why = format!("cannot open its directory: {}", reason(&e));
+                budget::outcome_of_error(&e, why)
+            }),
         };
         let parent = match landing {
             Ok(parent) => parent,
@@ -417,9 +433,20 @@ impl Worker {
     ) -> Result<(), EngineError> {
         self.dirs.check_room()?;
         let parent_fresh = self.dirs.is_fresh(at.parent_dir);
+        let names = 2 * path.as_bytes().len() + at.display.len();
+        let held = self.dest.budget.hold(1, names as u64 + HELD_ENTRY_MEMORY);
         let handle = match place::open_dir(&at.parent, &at.name, at.owner) {
             Ok(handle) => handle,
-            Err(e) => return self.dir_verdict(at.id, at.display, Some(reason(&e))),
+            Err(e) => {
+                let outcome = budget::outcome_of_error(&e, reason(&e));
+                return self.verdict(at.id, at.display, outcome, 0);
+            }
+        };
+        let Some(held) = held else {
+            // Made, but not held open: what goes below it is found by its
+            // path, and its metadata waits for an attempt with room.
+            let why = budget::PUT_OFF.to_string();
+            return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
         };
         if handle.created && !parent_fresh {
             // The top of a new subtree: the sender need not wait for the
@@ -434,6 +461,7 @@ impl Worker {
             mtime,
             owner: at.owner,
             new_files_owner: handle.new_files_owner,
+            _held: held,
         };
         let fresh = handle.created || parent_fresh;
         self.dirs.open(at.id, path, at.parent_dir, fresh, io);
@@ -474,8 +502,16 @@ impl Worker {
             mode,
             mtime,
         };
-        match self.open_part(&at, target, PartPlan::for_file(size, fresh_dir)) {
-            Ok((part, held)) => self.receive_file(at, part, held),
+        let plan = PartPlan::for_file(size, fresh_dir);
+        // The part file, and its journal beside it.
+        let needed = 1 + u64::from(plan.journaled);
+        let memory = at.display.len() as u64 + HELD_ENTRY_MEMORY;
+        let opened = match self.dest.budget.hold(needed, memory) {
+            Some(held) => self.open_part(&at, target, plan).map(|o| (o, held)),
+            None => Err(Outcome::Incomplete(budget::PUT_OFF.into())),
+        };
+        match opened {
+            Ok(((part, held), budgeted)) => self.receive_file(at, part, held, budgeted),
             Err(outcome) => {
                 self.discard_parked(at.id);
                 self.verdict(at.id, at.display, outcome, 0)
@@ -495,7 +531,7 @@ impl Worker {
             if e.kind() == io::ErrorKind::WouldBlock {
                 Outcome::Incomplete(reason(&e))
             } else {
-                Outcome::Failed(reason(&e))
+                budget::outcome_of_error(&e, reason(&e))
             }
         })?;
         // A part file this process just made has a known owner.
@@ -505,17 +541,25 @@ impl Worker {
             .and_then(|d| d.io.new_files_owner)
             .filter(|_| !existing);
         part.set_owner_on_commit(rules::chown_needed(at.owner, made_with));
-        let replies = self.replies.clone();
+        let (replies, tally) = (self.replies.clone(), self.tally.clone());
         let mut last_sign = Instant::now();
         let mut alive = |_verified: u64| {
             if last_sign.elapsed() >= KEEPALIVE_EVERY {
                 last_sign = Instant::now();
+                tally.working();
                 let _ = replies.blocking_send(vec![Message::Keepalive]);
             }
         };
+        // Checking a journal holds its records in memory, charged to the
+        // session; without the room, the file is received whole.
+        let memory = plan.resumes(existing).then(|| {
+            let needed = crate::journal::memory_for(part.size());
+            self.dest.budget.control.try_take(needed)
+        });
+        let resume = matches!(memory, Some(Some(_)));
         let held = part
-            .prepare(plan, plan.resumes(existing), &mut alive)
-            .map_err(|e| Outcome::Failed(reason(&e)))?;
+            .prepare(plan, resume, &mut alive)
+            .map_err(|e| budget::outcome_of_error(&e, reason(&e)))?;
         Ok((part, held))
     }
 
@@ -526,6 +570,7 @@ impl Worker {
         at: Landing,
         part: Part,
         mut held: Vec<ChunkRecord>,
+        budgeted: Held,
     ) -> Result<(), EngineError> {
         let runs = rules::offer_held(&mut held);
         let arrival = Arrival::new(part.size(), &held);
@@ -550,6 +595,7 @@ impl Worker {
             parent_dir: at.parent_dir,
             arrival,
             part,
+            _held: budgeted,
         };
         self.files.insert(at.id, file);
         for chunk in self.parked.take(at.id) {
@@ -584,6 +630,11 @@ impl Worker {
         }
         if self.files.contains_key(&first) {
             // Its file is still arriving: the link waits for it.
+            let memory = (at.display.len() + at.name.len()) as u64 + HELD_ENTRY_MEMORY;
+            let Some(held) = self.dest.budget.hold(0, memory) else {
+                let why = budget::PUT_OFF.to_string();
+                return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
+            };
             let parent_dir = at.parent_dir;
             let link = WaitingLink {
                 id: at.id,
@@ -591,6 +642,7 @@ impl Worker {
                 parent: at.parent,
                 name: at.name,
                 parent_dir,
+                _held: held,
             };
             self.links.wait(first, link)?;
             self.dirs.adopt(parent_dir);

@@ -227,6 +227,7 @@ impl Chunks {
                 }
                 if last_sign.elapsed() >= KEEPALIVE_EVERY {
                     last_sign = Instant::now();
+                    self.tally.working();
                     out.send(&Message::Keepalive)?;
                     out.flush()?;
                 }

@@ -197,7 +197,12 @@ impl Replies {
                         done = true;
                         break;
                     }
-                    Message::Keepalive => {}
+                    // It may be checking the journal of a file we sent.
+                    Message::Keepalive => tally.kept_alive(state.largest_announced()),
+                    Message::Outcome { .. } => {
+                        tally.settled();
+                        events.extend(state.take_in(msg)?);
+                    }
                     Message::Error {
                         code,
                         message,

@@ -134,6 +134,8 @@ pub(super) struct InboxState {
     name_bytes: usize,
     /// The last entry id sent.
     announced: u64,
+    /// The size of the largest file announced.
+    largest_file: u64,
     news: News,
     /// The reader has stopped: nothing more will come in.
     pub(super) closed: bool,
@@ -168,8 +170,15 @@ impl InboxState {
     pub(super) fn announce(&mut self, id: u64, entry: Unanswered) {
         self.name_bytes += entry.path.len();
         self.unanswered_dirs += usize::from(entry.is_dir);
+        self.largest_file = self.largest_file.max(entry.size);
         self.unanswered.insert(id, entry);
         self.announced = id;
+    }
+
+    /// The size of the largest file announced: the most a receiver may
+    /// be checking a journal of while it only keeps alive.
+    pub(super) fn largest_announced(&self) -> u64 {
+        self.largest_file
     }
 
     /// File `id` no longer waits for its plan: a `have` for it from now on

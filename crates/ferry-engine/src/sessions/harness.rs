@@ -69,6 +69,7 @@ impl Receiving {
             ignore_times: false,
             owners: false,
             devices: false,
+            budget: crate::budget::SessionBudget::unlimited(),
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.

@@ -1054,3 +1054,55 @@ fn a_resume_whose_held_chunks_no_longer_match_keeps_only_what_it_received() {
     assert_eq!(again.outcome(2), Some(&Outcome::Ok));
     assert_eq!(std::fs::read(again.dst().join("big")).unwrap(), new);
 }
+
+/// A session at its share of descriptors puts off what would hold one
+/// more: a file is answered `incomplete` (the client sends it again), a
+/// directory is made but answered `incomplete` (its metadata waits), and
+/// what lies below it lands all the same once descriptors come back.
+#[test]
+fn a_session_out_of_descriptors_puts_entries_off_and_goes_on() {
+    use crate::budget::{Budget, SessionBudget, Split};
+    let three = Budget::new(Split {
+        reserve: 3,
+        reserved_max: 3,
+        shared: 0,
+        share: 0,
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let mut r = Receiving::in_dir(tmp, |dest| {
+        dest.budget = SessionBudget {
+            descriptors: three.admit().unwrap(),
+            ..SessionBudget::unlimited()
+        };
+    });
+    let data = content(10, 2);
+    let abort = |id| {
+        ctl(Message::Abort {
+            id,
+            reason: "gone".into(),
+            transient: true,
+        })
+    };
+    // The root and `d` hold one each, `d/x` (announced, not sent) the last.
+    let mut frames = vec![dir(1, ""), dir(2, "d"), file(3, "d/x", 10)];
+    frames.extend([file(4, "d/y", 10), dir(5, "d/e"), abort(3)]);
+    frames.extend(whole_file(6, "d/e/f", &data));
+    frames.extend([dir_end(5), dir_end(2), dir_end(1), end()]);
+    r.take(frames).unwrap();
+    for ok in [1, 2, 6] {
+        assert_eq!(
+            r.outcome(ok),
+            Some(&Outcome::Ok),
+            "entry {ok}: {:?}",
+            r.answers
+        );
+    }
+    for put_off in [4, 5] {
+        let Some(Outcome::Incomplete(why)) = r.outcome(put_off) else {
+            panic!("entry {put_off}: {:?}", r.answers)
+        };
+        assert!(why.contains("files open"), "{why}");
+    }
+    assert_eq!(std::fs::read(r.dst().join("d/e/f")).unwrap(), data);
+    assert!(r.done);
+}

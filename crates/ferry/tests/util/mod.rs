@@ -13,6 +13,8 @@
 //!   and [`build_small_tree`].
 //! - `compare`: [`assert_trees_equal`], [`assert_files_equal`] and
 //!   [`part_files`].
+//! - `wire`: frames and sessions written by hand, for hostile peers
+//!   ([`control_frame`], [`data_frame`], [`open_session`], [`connect_from`]).
 //! - `gate`: a forwarder that pauses a transfer at a byte count ([`Gate`]),
 //!   so that a test can change the source in the middle of it.
 //!
@@ -26,6 +28,7 @@ mod gate;
 mod process;
 mod server;
 mod tree;
+mod wire;
 
 pub use compare::{assert_files_equal, assert_trees_equal, part_files};
 pub use files::{
@@ -39,3 +42,7 @@ pub use process::{
 };
 pub use server::{MAGIC, PROTOCOL_VERSION, Server, unused_port};
 pub use tree::{BIG_FILE, DEEP_FILE, FIFO, SPACED_FILE, build_full_tree, build_small_tree};
+pub use wire::{
+    connect_from, control_frame, data_frame, greet, hostile_download_session,
+    hostile_upload_session, open_session, preface, read_frame, read_message, read_messages,
+};

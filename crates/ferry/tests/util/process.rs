@@ -74,6 +74,9 @@ pub struct RunOptions {
     /// Run this copy of the binary instead of `ferry_bin()` (an unprivileged
     /// user may not be able to reach the build directory).
     pub program: Option<PathBuf>,
+    /// Start it with this limit on open files (soft and hard), through
+    /// prlimit(1).
+    pub nofile: Option<u64>,
 }
 
 impl Default for RunOptions {
@@ -84,6 +87,7 @@ impl Default for RunOptions {
             env: Vec::new(),
             current_dir: None,
             program: None,
+            nofile: None,
         }
     }
 }
@@ -98,7 +102,15 @@ impl RunOptions {
 
     fn command(&self, args: &[OsString]) -> (Command, String) {
         let program = self.program.as_deref().unwrap_or(ferry_bin());
-        let mut cmd = Command::new(program);
+        let mut cmd = match self.nofile {
+            // prlimit execs the program: the pid stays the server's.
+            Some(n) => {
+                let mut cmd = Command::new("prlimit");
+                cmd.arg(format!("--nofile={n}:{n}")).arg("--").arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        };
         cmd.args(args);
         if !self.env.iter().any(|(key, _)| key == "XDG_CONFIG_HOME") {
             cmd.env("XDG_CONFIG_HOME", state_home(args));
@@ -119,6 +131,9 @@ impl RunOptions {
         }
         if let Some((uid, gid)) = self.user {
             shown.push_str(&format!("  (as uid {uid}, gid {gid})"));
+        }
+        if let Some(n) = self.nofile {
+            shown.push_str(&format!("  (at most {n} open files)"));
         }
         (cmd, shown)
     }

@@ -165,6 +165,12 @@ impl Server {
 
     /// The token the server made in its state directory, for a client of
     /// another user to be handed (`FERRY_TOKEN`), as its operator would.
+    /// The `auth` proof of this server's token for `nonce` (plaintext: no
+    /// TLS exporter).
+    pub fn prove(&self, nonce: &str) -> String {
+        proof(&self.token(), nonce, b"")
+    }
+
     pub fn token(&self) -> String {
         let file = self.state_dir.join("token");
         let text = std::fs::read_to_string(&file)
@@ -269,6 +275,35 @@ impl Server {
             all.extend(self.own_user_args());
         }
         run_os(&all, opts)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server running").id()
+    }
+
+    /// How many file descriptors the server holds now.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|dir| dir.count())
+            .unwrap_or(0)
+    }
+
+    /// The server's peak resident memory so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        self.status_field("VmHWM:")
+    }
+
+    /// A `kB` line of /proc/PID/status, in bytes (0 if unreadable).
+    fn status_field(&self, name: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()));
+        status
+            .ok()
+            .and_then(|text| {
+                let line = text.lines().find(|l| l.starts_with(name))?;
+                line.split_whitespace().nth(1)?.parse::<u64>().ok()
+            })
+            .map_or(0, |kib| kib * 1024)
     }
 
     pub fn is_running(&mut self) -> bool {
