@@ -47,6 +47,11 @@ pub(crate) const SESSION_DESCRIPTORS: u64 = 32;
 /// size ferry sends and the frame after it, so that each always makes
 /// progress, however much the other (or any other session) holds.
 pub(crate) const READER_MEMORY: u64 = 2 * DEFAULT_CHUNK_LEN as u64;
+/// The memory each session has for itself for what it holds while
+/// entries wait: the names of dozens of files or directories at least.
+pub(crate) const HELD_MEMORY: u64 = 256 << 10;
+/// All a session's reserves of memory.
+pub(crate) const SESSION_MEMORY: u64 = 2 * READER_MEMORY + HELD_MEMORY;
 /// The default memory budget of a server (`--max-memory`).
 pub const DEFAULT_MAX_MEMORY: u64 = 512 << 20;
 /// The smallest memory budget a server accepts: a few sessions' reserves
@@ -98,10 +103,11 @@ impl Split {
         Split::of(capacity, SESSION_DESCRIPTORS, 0.5, SESSION_DESCRIPTORS)
     }
 
-    /// Memory: three quarters of `max_memory` for reserves of
-    /// [`READER_MEMORY`] (two per session), the rest shared, at least a
-    /// frame of the largest size per reader (a peer's chunks of up to
-    /// 4 MiB go through while the shared part lasts).
+    /// Memory: three quarters of `max_memory` for reserves (two of
+    /// [`READER_MEMORY`] and one of [`HELD_MEMORY`] per session, see
+    /// [`SESSION_MEMORY`]), the rest shared, at least a frame of the
+    /// largest size per account (a peer's chunks of up to 4 MiB go through
+    /// while the shared part lasts).
     pub(crate) fn memory(max_memory: u64) -> Split {
         let largest = u64::from(MAX_CHUNK_LEN) + (1 << 20);
         Split::of(max_memory, READER_MEMORY, 0.75, largest)
@@ -151,18 +157,22 @@ impl Pool {
     }
 
     /// A new session's holding with its reserve, if there is room for it.
+    #[cfg(test)]
     pub(crate) fn admit(&mut self) -> Option<Holding> {
-        if self.reserved + self.split.reserve > self.split.reserved_max {
+        self.admit_with(self.split.reserve)
+    }
+
+    /// A holding with a reserve of `reserve`, if there is room for it.
+    pub(crate) fn admit_with(&mut self, reserve: u64) -> Option<Holding> {
+        if self.reserved + reserve > self.split.reserved_max {
             return None;
         }
-        self.reserved += self.split.reserve;
-        Some(Holding {
-            reserve: self.split.reserve,
-            used: 0,
-        })
+        self.reserved += reserve;
+        Some(Holding { reserve, used: 0 })
     }
 
     /// A holding with no reserve: it only borrows.
+    #[cfg(test)]
     pub(crate) fn borrower() -> Holding {
         Holding::default()
     }
@@ -234,11 +244,18 @@ impl Budget {
     /// A session's account with its reserve; `None` if the reserves are
     /// all taken.
     pub(crate) fn admit(self: &Arc<Self>) -> Option<Arc<Account>> {
-        let holding = self.lock().admit()?;
+        let reserve = self.lock().split.reserve;
+        self.admit_with(reserve)
+    }
+
+    /// A session's account with a reserve of `reserve`.
+    pub(crate) fn admit_with(self: &Arc<Self>, reserve: u64) -> Option<Arc<Account>> {
+        let holding = self.lock().admit_with(reserve)?;
         Some(Account::new(Some(self.clone()), holding))
     }
 
     /// A session's account with no reserve, that only borrows.
+    #[cfg(test)]
     pub(crate) fn borrower(self: &Arc<Self>) -> Arc<Account> {
         Account::new(Some(self.clone()), Pool::borrower())
     }
@@ -410,8 +427,8 @@ pub(crate) struct SessionBudget {
     pub(crate) data: Arc<Account>,
     /// Memory for what it holds while entries wait: the names of its open
     /// files and directories, and of hard links waiting for their files.
-    /// Borrowed only: what does not fit waits for the client's next
-    /// attempt, so it never keeps a reader from reading.
+    /// Apart from the readers': what does not fit waits for the client's
+    /// next attempt, and never keeps a reader from reading.
     pub(crate) state: Arc<Account>,
 }
 
@@ -713,13 +730,13 @@ mod tests {
         assert!(small.sessions() >= 16 && small.share >= SESSION_DESCRIPTORS);
         assert_eq!(Split::descriptors(100, 320).sessions(), 0);
         let mem = Split::memory(DEFAULT_MAX_MEMORY);
-        assert!(mem.sessions() / 2 >= 64, "{mem:?}: two readers a session");
+        assert!(mem.reserved_max / SESSION_MEMORY >= 64, "{mem:?}");
         assert!(mem.reserve + mem.share > u64::from(MAX_CHUNK_LEN));
         // A 1 TiB file's journal can be checked.
         assert!(mem.share >= crate::journal::memory_for(1 << 40), "{mem:?}");
         let tight = Split::memory(MIN_MAX_MEMORY);
         assert!(
-            tight.sessions() / 2 >= 4 && tight.share <= tight.shared,
+            tight.reserved_max / SESSION_MEMORY >= 4 && tight.share <= tight.shared,
             "{tight:?}"
         );
     }

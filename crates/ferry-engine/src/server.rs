@@ -201,13 +201,11 @@ fn descriptor_budget() -> Arc<Budget> {
 fn memory_budget(max_memory: u64) -> Arc<Budget> {
     let split = Split::memory(max_memory.max(budget::MIN_MAX_MEMORY));
     let mib = |n: u64| n >> 20;
-    // A session has two readers, each with a reserve: its control
-    // connection, and its data connections together.
     info!(
-        "memory: {} MiB for sessions; {} sessions get 2 x {} MiB each, and may borrow up to {} MiB more for each of {} MiB shared",
+        "memory: {} MiB for sessions; {} sessions get {:.2} MiB each, and may borrow up to {} MiB more for each of their 3 accounts of {} MiB shared",
         mib(max_memory),
-        split.sessions() / 2,
-        mib(split.reserve),
+        split.reserved_max / budget::SESSION_MEMORY,
+        budget::SESSION_MEMORY as f64 / f64::from(1 << 20),
         mib(split.share),
         mib(split.shared),
     );
@@ -820,7 +818,9 @@ fn admit(shared: &Shared, addr: IpAddr) -> Result<(SessionBudget, FromAddress), 
         descriptors,
         control,
         data,
-        state: shared.memory.borrower(),
+        state: (shared.memory)
+            .admit_with(budget::HELD_MEMORY)
+            .ok_or(Busy::Memory)?,
     };
     Ok((budget, from))
 }

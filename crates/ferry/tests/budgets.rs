@@ -598,3 +598,160 @@ fn a_server_sending_only_keepalives_cannot_hang_a_client() {
         started.elapsed()
     );
 }
+
+// ---------------------------------------------------------------------------
+// All at once: the figures in SECURITY.md
+// ---------------------------------------------------------------------------
+
+/// How many hostile sessions the attack runs, each from an address of its
+/// own (so that no per-address cap helps).
+const ATTACKERS: u8 = 64;
+
+/// What one attacker sends on its control connection to `dest`: 15
+/// directories deep of 250-byte names held open, a file never sent, 1000
+/// hard links waiting for it (4 KiB names), 1000 files never sent (each a
+/// part file open), 1000 entries skipped with 4 KiB reasons, and, for the
+/// first four, a file with a crafted journal of 4 million records.
+fn attack_script(i: u8) -> Vec<u8> {
+    let mut bytes = dir_entry(1, "");
+    let mut deep = String::new();
+    for id in 2..17u64 {
+        if !deep.is_empty() {
+            deep.push('/');
+        }
+        deep.push_str(&"d".repeat(250));
+        bytes.extend(dir_entry(id, &deep));
+    }
+    bytes.extend(file_entry(17, "f", 5));
+    let mut id = 17;
+    let what = "w".repeat(4000);
+    for n in 0..1000 {
+        id += 1;
+        bytes.extend(control_frame(&format!(
+            r#"{{"type":"entry","id":{id},"path":"{deep}/l{n}","kind":"hardlink","first":17,"target":"f"}}"#
+        )));
+        id += 1;
+        bytes.extend(file_entry(id, &format!("x{n}"), 5));
+        id += 1;
+        bytes.extend(control_frame(&format!(
+            r#"{{"type":"entry","id":{id},"path":"s{n}","kind":"special","what":"{what}"}}"#
+        )));
+    }
+    if i < 4 {
+        bytes.extend(file_entry(id + 1, "big", 64 << 30));
+    }
+    bytes
+}
+
+/// One attacker: its session from its own address, its control script and
+/// two data connections parking 4 MiB chunks, each on a thread that then
+/// keeps the session alive (a skipped entry now and then is progress).
+/// The streams come back, to be shut down at the end.
+fn start_attacker(server: &Server, i: u8) -> Vec<TcpStream> {
+    let (control, welcome) = upload_with_welcome(server, address(i), &format!("a{i}"));
+    let mut conns = join_data_connections(server, &welcome, 2);
+    conns.push(control);
+    let mut streams = Vec::new();
+    for (k, mut conn) in conns.into_iter().enumerate() {
+        streams.push(conn.try_clone().unwrap());
+        let is_control = k == 2;
+        thread::spawn(move || {
+            let script = if is_control {
+                attack_script(i)
+            } else {
+                (0..4)
+                    .flat_map(|n| parked_chunk(k as u64 * 4 + n))
+                    .collect()
+            };
+            let drain = conn.try_clone().unwrap();
+            thread::spawn(move || Hostile::reading(drain));
+            if conn.write_all(&script).is_err() || !is_control {
+                return;
+            }
+            for id in 10_000_000u64.. {
+                thread::sleep(Duration::from_secs(5));
+                let entry = format!(
+                    r#"{{"type":"entry","id":{id},"path":"t{id}","kind":"special","what":"socket"}}"#
+                );
+                if conn.write_all(&control_frame(&entry)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    streams
+}
+
+/// The journals the first four attackers resume from: 4 million records
+/// each, for a 64 GiB file, beside a sparse part file.
+fn plant_journals(root: &Path) {
+    for i in 0..4 {
+        let dir = root.join(format!("a{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let part = std::fs::File::create(dir.join(".big.ferry-part")).unwrap();
+        part.set_len(64 << 30).unwrap();
+        write_journal(&dir.join(".big.ferry-journal"), 64 << 30, 4 << 20);
+    }
+}
+
+/// 64 hostile sessions from 64 addresses run the worst of hardening 3, 4
+/// and 10 at once (descriptors held by part files and directories, parked
+/// 4 MiB chunks, waiting hard links and skipped entries with 4 KiB names,
+/// crafted journals, sessions kept alive by a trickle of entries), and a
+/// legitimate 1 GiB upload starts in the middle of it. Prints the
+/// server's peak memory and descriptors, and the upload's time. Run with
+/// a release build: `cargo test --release --test integration attack --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "a minute of load; the figures are in SECURITY.md"]
+fn attack_of_64_hostile_sessions() {
+    let (scratch, _src, root) = setup();
+    plant_journals(&root);
+    let big = scratch.join("legit.bin");
+    write_random_file(&big, 1 << 30, 11);
+    let server = Server::start_with(&root, &[&"--no-tls"]);
+    let base = (server.peak_rss(), server.fd_count());
+    let peak_fds = Arc::new(Mutex::new(0usize));
+    let watching = {
+        let (pid, peak) = (server.pid(), peak_fds.clone());
+        thread::spawn(move || {
+            let fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+            while let n @ 1.. = fds() {
+                let mut p = peak.lock().unwrap();
+                *p = (*p).max(n);
+                drop(p);
+                thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let streams: Vec<TcpStream> = (0..ATTACKERS)
+        .flat_map(|i| start_attacker(&server, i))
+        .collect();
+    thread::sleep(Duration::from_secs(5));
+    let under_attack = (server.peak_rss(), *peak_fds.lock().unwrap());
+    let started = Instant::now();
+    let out = server.run_with(
+        &[&"up", &big, &"legit.bin", &"--no-tls", &"--retries", &"50"],
+        &RunOptions::with_timeout(Duration::from_secs(600)),
+    );
+    let took = started.elapsed();
+    let retries = out.stderr.matches("retrying in").count();
+    out.assert_success();
+    assert_files_equal(&big, &root.join("legit.bin"));
+    eprintln!(
+        "{ATTACKERS} hostile sessions; server before: {:.0} MiB, {} fds; after 5 s of attack: \
+         {:.0} MiB, {} fds; peak over the whole run: {:.0} MiB (VmHWM), {} fds; \
+         legitimate 1 GiB upload: {took:.1?}, {retries} retries, verified",
+        base.0 as f64 / MIB_F,
+        base.1,
+        under_attack.0 as f64 / MIB_F,
+        under_attack.1,
+        server.peak_rss() as f64 / MIB_F,
+        *peak_fds.lock().unwrap(),
+    );
+    for s in &streams {
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    drop(server);
+    let _ = watching.join();
+}
