@@ -28,7 +28,9 @@
 //! - Nothing is written outside the destination, whatever the peer sends
 //!   or the tree contains.
 //! - A file appears under its name only complete and verified.
-//! - Memory is bounded by queue depths times the chunk size.
+//! - Memory is bounded by queue depths times the chunk size; a server's
+//!   sessions share one budget of memory and one of descriptors
+//!   (`budget`), and a session that makes no progress ends (`progress`).
 
 mod adapt;
 pub mod auth;

@@ -13,7 +13,10 @@
 //! of their own, and when it is full the oldest is dropped. Only a
 //! connection past its handshake takes one of the slots that bound the
 //! sessions served at once. So a crowd of silent sockets can neither hold
-//! those slots nor keep a newcomer waiting behind them.
+//! those slots nor keep a newcomer waiting behind them. One address may
+//! have only so many pending connections, slots and sessions, and every
+//! session gets its reserve of the descriptors and memory the sessions
+//! share, or is refused as busy (`budget`).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
