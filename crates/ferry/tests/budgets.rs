@@ -45,7 +45,12 @@ impl Hostile {
     fn upload(server: &Server, source: Ipv4Addr, dest: &str) -> Hostile {
         let mut stream = connect_from(source, server.addr()).expect("connect to the server");
         let request = format!(r#"{{"type":"upload","dest":"{dest}"}}"#);
-        let ready = open_session(&mut stream, server, &request, Instant::now() + PEER_TIMEOUT);
+        let ready = open_session(
+            &mut stream,
+            &server.token(),
+            &request,
+            Instant::now() + PEER_TIMEOUT,
+        );
         assert_eq!(ready["type"], "ready", "{ready}\n{}", server.stderr());
         Hostile::reading(stream)
     }
@@ -274,7 +279,7 @@ fn upload_with_welcome(
 ) -> (TcpStream, serde_json::Value) {
     let mut stream = connect_from(source, server.addr()).unwrap();
     let deadline = Instant::now() + PEER_TIMEOUT;
-    let welcome = greet(&mut stream, server, deadline);
+    let welcome = greet(&mut stream, &server.token(), deadline);
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     let request = format!(r#"{{"type":"upload","dest":"{dest}"}}"#);
     stream.write_all(&control_frame(&request)).unwrap();
@@ -497,7 +502,7 @@ fn crowd(server: &Server, source: Ipv4Addr, max: usize) -> Vec<TcpStream> {
         let request = format!(r#"{{"type":"upload","dest":"c{i}"}}"#);
         let answer = open_session(
             &mut stream,
-            server,
+            &server.token(),
             &request,
             Instant::now() + Duration::from_secs(5),
         );
@@ -699,6 +704,38 @@ fn plant_journals(root: &Path) {
 /// 4 MiB chunks, waiting hard links and skipped entries with 4 KiB names,
 /// crafted journals, sessions kept alive by a trickle of entries), and a
 /// legitimate 1 GiB upload starts in the middle of it. Prints the
+/// Downloads of `amplify.bin` from `source` that claim to hold it as
+/// one-byte chunks (hardening 5), one after the other until `stop`: how
+/// many the server refused with a protocol error.
+fn amplify(
+    server: &str,
+    token: &str,
+    source: Ipv4Addr,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u64 {
+    let mut refused = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let Ok(mut stream) = connect_from(source, server) else {
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let request = r#"{"type":"download","source":"amplify.bin","compression":{"mode":"off"}}"#;
+        if open_session(&mut stream, token, request, deadline)["type"] != "ready" {
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        while read_message(&mut stream, deadline)["type"] != "entry" {}
+        let claim = format!(r#"{{"type":"have","id":1,"chunks":[[0,1,{}]]}}"#, 64 * MIB);
+        let mut frames = control_frame(&claim);
+        frames.extend(control_frame(r#"{"type":"planned","through":1}"#));
+        let _ = stream.write_all(&frames);
+        let said = read_messages(&mut stream, deadline);
+        refused += u64::from(said.last().is_some_and(|m| m["code"] == "protocol"));
+    }
+    refused
+}
+
 /// server's peak memory and descriptors, and the upload's time. Run with
 /// a release build: `cargo test --release --test integration attack --
 /// --ignored --nocapture`.
@@ -707,6 +744,7 @@ fn plant_journals(root: &Path) {
 fn attack_of_64_hostile_sessions() {
     let (scratch, _src, root) = setup();
     plant_journals(&root);
+    write_random_file(&root.join("amplify.bin"), 64 * MIB, 12);
     let big = scratch.join("legit.bin");
     write_random_file(&big, 1 << 30, 11);
     let server = Server::start_with(&root, &[&"--no-tls"]);
@@ -729,19 +767,34 @@ fn attack_of_64_hostile_sessions() {
         .collect();
     thread::sleep(Duration::from_secs(5));
     let under_attack = (server.peak_rss(), *peak_fds.lock().unwrap());
-    let started = Instant::now();
-    let out = server.run_with(
-        &[&"up", &big, &"legit.bin", &"--no-tls", &"--retries", &"50"],
-        &RunOptions::with_timeout(Duration::from_secs(600)),
-    );
-    let took = started.elapsed();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (addr, token) = (server.addr().to_string(), server.token());
+    let (out, took, refused) = thread::scope(|scope| {
+        // Hardening 5 all along: downloads claiming one-byte chunks.
+        let amplifiers: Vec<_> = (0..8)
+            .map(|k| {
+                let (addr, token, stop) = (&addr, &token, &stop);
+                scope.spawn(move || amplify(addr, token, address(ATTACKERS + k), stop))
+            })
+            .collect();
+        let started = Instant::now();
+        let out = server.run_with(
+            &[&"up", &big, &"legit.bin", &"--no-tls", &"--retries", &"50"],
+            &RunOptions::with_timeout(Duration::from_secs(600)),
+        );
+        let took = started.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let refused: u64 = amplifiers.into_iter().map(|a| a.join().unwrap()).sum();
+        (out, took, refused)
+    });
     let retries = out.stderr.matches("retrying in").count();
     out.assert_success();
     assert_files_equal(&big, &root.join("legit.bin"));
     eprintln!(
         "{ATTACKERS} hostile sessions; server before: {:.0} MiB, {} fds; after 5 s of attack: \
          {:.0} MiB, {} fds; peak over the whole run: {:.0} MiB (VmHWM), {} fds; \
-         legitimate 1 GiB upload: {took:.1?}, {retries} retries, verified",
+         legitimate 1 GiB upload: {took:.1?}, {retries} retries, verified; \
+         one-byte held-chunk claims refused meanwhile: {refused}",
         base.0 as f64 / MIB_F,
         base.1,
         under_attack.0 as f64 / MIB_F,

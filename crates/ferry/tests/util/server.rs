@@ -165,12 +165,6 @@ impl Server {
 
     /// The token the server made in its state directory, for a client of
     /// another user to be handed (`FERRY_TOKEN`), as its operator would.
-    /// The `auth` proof of this server's token for `nonce` (plaintext: no
-    /// TLS exporter).
-    pub fn prove(&self, nonce: &str) -> String {
-        proof(&self.token(), nonce, b"")
-    }
-
     pub fn token(&self) -> String {
         let file = self.state_dir.join("token");
         let text = std::fs::read_to_string(&file)
@@ -373,7 +367,9 @@ fn control_frame(json: &str) -> Vec<u8> {
 /// The answer to the challenge `nonce` (hex) with `token` on a connection
 /// whose TLS exporter is `exporter` (empty without TLS), as PROTOCOL.md
 /// defines it: hex HMAC-SHA256(token, "ferry-auth-v1" ‖ nonce ‖ exporter).
-fn proof(token: &str, nonce: &str, exporter: &[u8]) -> String {
+/// The `auth` proof of `token` for `nonce` over a TLS `exporter` (empty
+/// without TLS), as a client computes it.
+pub fn proof(token: &str, nonce: &str, exporter: &[u8]) -> String {
     let nonce: Vec<u8> = (0..nonce.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&nonce[i..i + 2], 16).expect("a hex nonce"))

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Instant;
 
 use super::files::MIB;
-use super::server::{MAGIC, PROTOCOL_VERSION, Server};
+use super::server::{MAGIC, PROTOCOL_VERSION, Server, proof};
 
 /// A control frame (type 1) holding `json`.
 pub fn control_frame(json: &str) -> Vec<u8> {
@@ -117,9 +117,10 @@ pub fn read_message(stream: &mut TcpStream, deadline: Instant) -> serde_json::Va
     serde_json::from_slice(&body).unwrap()
 }
 
-/// Preface and `hello` on `stream`, and the proof of `server`'s token if
-/// it asks: what the server then answered (`welcome`, or why not).
-pub fn greet(stream: &mut TcpStream, server: &Server, deadline: Instant) -> serde_json::Value {
+/// Preface and `hello` on `stream`, and the proof of `token` (a server's,
+/// see [`Server::token`]) if it asks: what the server then answered
+/// (`welcome`, or why not).
+pub fn greet(stream: &mut TcpStream, token: &str, deadline: Instant) -> serde_json::Value {
     let mut hello = preface().to_vec();
     hello.extend(control_frame(r#"{"type":"hello","software":"hostile"}"#));
     stream.write_all(&hello).unwrap();
@@ -130,22 +131,22 @@ pub fn greet(stream: &mut TcpStream, server: &Server, deadline: Instant) -> serd
     if answer["type"] != "challenge" {
         return answer;
     }
-    let mac = server.prove(answer["nonce"].as_str().expect("a nonce"));
+    let mac = proof(token, answer["nonce"].as_str().expect("a nonce"), b"");
     let auth = format!(r#"{{"type":"auth","mac":"{mac}"}}"#);
     stream.write_all(&control_frame(&auth)).unwrap();
     read_message(stream, deadline)
 }
 
 /// A hand-written client's session: preface and `hello` on `stream`, the
-/// proof of `server`'s token if it asks, then `request` (a JSON message);
+/// proof of `token` if the server asks, then `request` (a JSON message);
 /// what the server answered it.
 pub fn open_session(
     stream: &mut TcpStream,
-    server: &Server,
+    token: &str,
     request: &str,
     deadline: Instant,
 ) -> serde_json::Value {
-    let welcome = greet(stream, server, deadline);
+    let welcome = greet(stream, token, deadline);
     if welcome["type"] != "welcome" {
         return welcome;
     }
