@@ -91,6 +91,16 @@ pub(crate) fn peer_text(text: &str) -> String {
     escape(&text.as_bytes()[..text.len().min(MAX_REASON_LEN)])
 }
 
+/// An outcome the peer sent, its reason made safe to print.
+pub(crate) fn peer_outcome(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Failed(why) => Outcome::Failed(peer_text(&why)),
+        Outcome::Skipped(why) => Outcome::Skipped(peer_text(&why)),
+        Outcome::Incomplete(why) => Outcome::Incomplete(peer_text(&why)),
+        Outcome::Ok | Outcome::Unchanged => outcome,
+    }
+}
+
 /// Name of an entry for events: the root's label, then the wire path.
 pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
     if path.is_root() {

@@ -258,25 +258,29 @@ fn spawn_foreign_server() -> (u16, thread::JoinHandle<Result<Vec<u8>, String>>) 
     (port, handle)
 }
 
+/// `ferry up FILE x` to a fake server on `port`, plaintext.
+fn upload_to_fake(file: &std::path::Path, port: u16) -> Output {
+    let port = port.to_string();
+    let args: [&dyn AsRef<std::ffi::OsStr>; 8] = [
+        &"up",
+        &file,
+        &"x",
+        &"--host",
+        &"127.0.0.1",
+        &"--port",
+        &port,
+        &"--no-tls",
+    ];
+    run_timeout(&args, ERROR_TIMEOUT)
+}
+
 #[test]
 fn server_of_another_version_is_a_clear_client_error() {
     let scratch = Scratch::new();
     let file = small_file(&scratch, "somefile", 3);
     let (port, fake) = spawn_foreign_server();
 
-    let out = run_timeout(
-        &[
-            &"up",
-            &file,
-            &"x",
-            &"--host",
-            &"127.0.0.1",
-            &"--port",
-            &port.to_string(),
-            &"--no-tls",
-        ],
-        ERROR_TIMEOUT,
-    );
+    let out = upload_to_fake(&file, port);
     out.assert_code(1).assert_stderr_contains("version");
 
     let sent = fake
@@ -481,19 +485,7 @@ fn a_servers_error_message_cannot_drive_the_clients_terminal() {
     let (port, fake) = spawn_server_saying(
         r#"{"type":"error","code":"not_found","message":"\u001b]0;owned\u0007\u001b[2Jgone\nferry: all files arrived","path":"x\u001b[31m"}"#,
     );
-    let out = run_timeout(
-        &[
-            &"up",
-            &file,
-            &"x",
-            &"--host",
-            &"127.0.0.1",
-            &"--port",
-            &port.to_string(),
-            &"--no-tls",
-        ],
-        ERROR_TIMEOUT,
-    );
+    let out = upload_to_fake(&file, port);
     fake.join().unwrap();
     out.assert_code(1);
     assert!(

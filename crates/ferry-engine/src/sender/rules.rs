@@ -28,7 +28,7 @@ use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::WireBytes;
 
 use crate::error::{EngineError, Role, Violation};
-use crate::events::{Event, peer_text};
+use crate::events::{Event, peer_outcome};
 
 /// Entries sent and not answered yet, at most, in all: each is remembered
 /// (its name, for the report) until its outcome comes. A receiver answers
@@ -271,23 +271,10 @@ impl InboxState {
         } else {
             self.news.settled.push(id);
         }
-        Ok(Some(match outcome {
-            Outcome::Ok if is_dir => return Ok(None),
-            Outcome::Ok => Event::FileDone { path, size },
-            Outcome::Failed(why) => Event::FileFailed {
-                path,
-                reason: peer_text(&why),
-            },
-            Outcome::Skipped(why) => Event::Skipped {
-                path,
-                reason: peer_text(&why),
-            },
-            Outcome::Unchanged => Event::Unchanged { path, size },
-            Outcome::Incomplete(why) => Event::FileIncomplete {
-                path,
-                reason: peer_text(&why),
-            },
-        }))
+        if is_dir && outcome == Outcome::Ok {
+            return Ok(None);
+        }
+        Ok(Some(Event::of_outcome(path, &peer_outcome(outcome), size)))
     }
 }
 
