@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::message::{Compression, ErrorCode, FilterRule, Message};
+use ferry_proto::message::{Compression, ErrorCode, FilterRule, Message, Mirror};
 use ferry_proto::path::{WireBytes, escape};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -29,7 +29,7 @@ use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
-use crate::receiver::{Destination, run_receiver};
+use crate::receiver::{Destination, Pruning, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle;
 use crate::tls::ClientTls;
@@ -65,6 +65,9 @@ pub struct ClientConfig {
     /// `--bwlimit`: the sender (this client, or the server for a
     /// download) stays under this many bytes per second.
     pub bwlimit: Option<u64>,
+    /// `--delete`: the receiver deletes what the source does not have
+    /// (the filters of the transfer are filled in from `filters`).
+    pub mirror: Option<Mirror>,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -464,6 +467,11 @@ async fn upload_once(
     let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
+        mirror: config.mirror.clone().map(|m| Mirror {
+            filters: config.filters.clone(),
+            gitignore: config.gitignore,
+            ..m
+        }),
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -475,6 +483,7 @@ async fn upload_once(
         owners: config.owners,
         filter,
         bwlimit: config.bwlimit,
+        mirror: config.mirror.as_ref().map(|_| escape(remote)),
     };
     let result = session
         .watched(config.timeout, async |cancel| {
@@ -502,8 +511,15 @@ async fn download_once(
 ) -> Result<(), EngineError> {
     // The server checks the rules too; a wrong one is the user's to fix
     // before anything connects.
-    Filter::new(&config.filters, config.gitignore)?;
+    let filter = Filter::new(&config.filters, config.gitignore)?;
     let mut dest = local_destination(local, escape(remote))?;
+    dest.pruning = config.mirror.as_ref().map(|m| Pruning {
+        max_delete: m.max_delete,
+        delete_excluded: m.delete_excluded,
+        filter,
+        tell_sender: false,
+        label: escape(local.as_os_str().as_bytes()),
+    });
     dest.ignore_times = config.ignore_times;
     dest.owners = config.owners && fsx::may_chown();
     dest.devices = config.devices && fsx::may_chown();
@@ -710,5 +726,6 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         owners: false,
         devices: false,
         budget: SessionBudget::unlimited(),
+        pruning: None,
     })
 }

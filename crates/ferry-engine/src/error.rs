@@ -233,6 +233,10 @@ pub enum RefusalReason {
     ReadOnly,
     #[error("this server is write-only: it accepts uploads, not downloads")]
     WriteOnly,
+    #[error(
+        "this server is write-only: --delete would tell what the destination holds, so it is refused"
+    )]
+    WriteOnlyMirror,
     #[error("compression level {0} is outside 1..=19")]
     CompressionLevel(i32),
     #[error(transparent)]
@@ -299,9 +303,10 @@ impl Refusal {
 
     pub fn code(&self) -> ErrorCode {
         match &self.reason {
-            RefusalReason::ReadOnly | RefusalReason::WriteOnly | RefusalReason::Unauthenticated => {
-                ErrorCode::PermissionDenied
-            }
+            RefusalReason::ReadOnly
+            | RefusalReason::WriteOnly
+            | RefusalReason::WriteOnlyMirror
+            | RefusalReason::Unauthenticated => ErrorCode::PermissionDenied,
             RefusalReason::BadPath(_) | RefusalReason::RootPath => ErrorCode::BadPath,
             RefusalReason::Io { error, .. } | RefusalReason::RootUnavailable(error) => {
                 code_for(error)

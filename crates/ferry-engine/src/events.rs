@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::limits::MAX_REASON_LEN;
-use ferry_proto::message::Outcome;
+use ferry_proto::message::{HeldBack, Outcome};
 use ferry_proto::path::{WirePath, escape};
 
 use crate::progress::Progress;
@@ -47,6 +47,13 @@ pub enum Event {
         delay: Duration,
         reason: String,
     },
+    /// An entry of the destination that the source does not have was
+    /// deleted (`--delete`); `dir`: a directory, emptied first.
+    Deleted { path: String, dir: bool },
+    /// An entry that `--delete` should have deleted is still there.
+    DeleteFailed { path: String, reason: String },
+    /// `--delete` deleted nothing, and this is why.
+    HeldBack(HeldBack),
     /// A server seen for the first time: its certificate's fingerprint
     /// is now remembered in `file` and expected from then on.
     NewServer {
@@ -101,6 +108,12 @@ pub(crate) fn peer_outcome(outcome: Outcome) -> Outcome {
     }
 }
 
+/// Name of a path below the root for events, from bytes not checked as a
+/// wire path (what a receiver found in its own tree).
+pub(crate) fn display_bytes(label: &str, path: &[u8]) -> String {
+    format!("{label}/{}", ferry_proto::path::escape(path))
+}
+
 /// Name of an entry for events: the root's label, then the wire path.
 pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
     if path.is_root() {
@@ -138,6 +151,12 @@ pub struct TransferReport {
     pub bytes_held: u64,
     /// Attempts that failed and were retried.
     pub retries: u32,
+    /// Entries `--delete` deleted.
+    pub deleted: u64,
+    /// (path, reason) of each entry `--delete` could not delete.
+    pub delete_failed: Vec<(String, String)>,
+    /// Why `--delete` deleted nothing, if it was held back.
+    pub held_back: Option<HeldBack>,
     /// File bytes moved (raw, before compression).
     pub file_bytes: u64,
     /// Bytes that crossed the connection, both ways, framing included.
@@ -243,7 +262,9 @@ impl Tally {
             | Event::Skipped { .. }
             | Event::Unchanged { .. }
             | Event::FileIncomplete { .. }
-            | Event::Vanished { .. } => p.made(),
+            | Event::Vanished { .. }
+            | Event::Deleted { .. }
+            | Event::DeleteFailed { .. } => p.made(),
             // The held chunks the sender hashes before it sends the rest.
             Event::Resumed { bytes, .. } => {
                 p.allow(*bytes);
@@ -252,6 +273,7 @@ impl Tally {
             Event::Totals { .. }
             | Event::FileStarted { .. }
             | Event::Retry { .. }
+            | Event::HeldBack(_)
             | Event::NewServer { .. } => {}
         }
     }
@@ -307,6 +329,12 @@ impl EventSink for Tally {
                     n,
                     pair(path, reason),
                 ),
+                Event::Deleted { .. } => r.deleted += 1,
+                Event::DeleteFailed { path, reason } => {
+                    let mut unlisted = 0;
+                    list(&mut r.delete_failed, &mut unlisted, n, pair(path, reason))
+                }
+                Event::HeldBack(why) => r.held_back = Some(why.clone()),
                 Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }

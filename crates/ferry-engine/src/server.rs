@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_proto::limits::MAX_STREAMS;
-use ferry_proto::message::{Compression, ErrorCode, Message};
+use ferry_proto::message::{Compression, ErrorCode, Message, Mirror};
 use ferry_proto::path::{WirePath, escape};
 use ferry_proto::preface::{MAGIC, Preface};
 use tokio::net::{TcpListener, TcpStream};
@@ -48,7 +48,7 @@ use crate::events::{Event, EventSink, SERVER_LISTED, Tally};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
-use crate::receiver::{Destination, run_receiver};
+use crate::receiver::{Destination, Pruning, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle::{self, AuthThrottle};
 use crate::tls::ServerTls;
@@ -903,7 +903,7 @@ async fn transfer(
         Accepted::Receive(dest) => {
             info!("upload to {}", dest.label);
             let tally = tally("received");
-            let result = run_receiver(reader, writer, dest, tally.clone(), watched, joins).await;
+            let result = run_receiver(reader, writer, *dest, tally.clone(), watched, joins).await;
             ("upload", result, tally)
         }
         Accepted::Send(mut job, _held) => {
@@ -959,7 +959,8 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
 
 /// What an accepted request runs.
 enum Accepted {
-    Receive(Destination),
+    /// Boxed: a mirror carries its filter's compiled globs too.
+    Receive(Box<Destination>),
     /// With what it holds of the server's budgets for as long as it runs;
     /// boxed: a job carries its filter's compiled globs.
     Send(Box<SendJob>, (SessionBudget, Charge)),
@@ -978,10 +979,17 @@ fn accept_request(
     // even create an upload's parent directories.
     check_access(&request, shared.access)?;
     match request {
-        Message::Upload { dest, ignore_times } => {
+        Message::Upload {
+            dest,
+            ignore_times,
+            mirror,
+        } => {
+            let label = escape(dest.as_bytes());
+            let pruning = mirror.map(|m| pruning_of(m, label)).transpose()?;
             let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), ignore_times);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
                 dest.budget = budget;
+                dest.pruning = pruning;
             }
             accepted
         }
@@ -1022,8 +1030,33 @@ fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
             source.as_bytes(),
             RefusalReason::WriteOnly,
         )),
+        (
+            Message::Upload {
+                dest,
+                mirror: Some(_),
+                ..
+            },
+            Access::WriteOnly,
+        ) => Err(Refusal::of_path(
+            dest.as_bytes(),
+            RefusalReason::WriteOnlyMirror,
+        )),
         _ => Ok(()),
     }
+}
+
+/// What an upload's `mirror` asks of this server's receiver: its deletions
+/// are told to the client, where the user is.
+fn pruning_of(mirror: Mirror, label: String) -> Result<Pruning, Refusal> {
+    let filter =
+        Filter::new(&mirror.filters, mirror.gitignore).map_err(|e| Refusal::new(e.into()))?;
+    Ok(Pruning {
+        max_delete: mirror.max_delete,
+        delete_excluded: mirror.delete_excluded,
+        filter,
+        tell_sender: true,
+        label,
+    })
 }
 
 fn parse_remote(bytes: &[u8]) -> Result<WirePath, Refusal> {
@@ -1053,7 +1086,7 @@ fn accept_upload(
         let op = Op::Create;
         Refusal::of_path(&parents.join(&b'/'), RefusalReason::Io { op, error })
     })?;
-    Ok(Accepted::Receive(Destination {
+    Ok(Accepted::Receive(Box::new(Destination {
         base,
         prefix,
         label: path.display(),
@@ -1062,7 +1095,8 @@ fn accept_upload(
         owners: fsx::may_chown(),
         devices: devices && fsx::may_chown(),
         budget: SessionBudget::unlimited(),
-    }))
+        pruning: None,
+    })))
 }
 
 /// A download of `source`, confined to the root.
@@ -1094,6 +1128,8 @@ fn accept_download(
         owners,
         filter,
         bwlimit: None,
+        // A downloading client mirrors on its own, after `done`.
+        mirror: None,
     })
 }
 

@@ -101,4 +101,4 @@ pub mod limits {
 ///
 /// 6: an `error` may name the path it is about (`path`), so that a
 /// failure reads "server: photos/2024: permission denied".
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;

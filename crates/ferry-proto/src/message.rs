@@ -171,6 +171,10 @@ pub enum Message {
         /// same size and mtime. Absent means false.
         #[serde(default, skip_serializing_if = "is_false")]
         ignore_times: bool,
+        /// Make the destination equal to the source: the receiver deletes
+        /// what the source does not have (`--delete`). Absent means keep.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mirror: Option<Mirror>,
     },
     /// Client → server: send the file or tree at `source`.
     Download {
@@ -254,6 +258,24 @@ pub enum Message {
     Fresh { id: u64 },
     /// Either way: still working (a long local verification), not stalled.
     Keepalive,
+    /// Receiver → sender, after `end` and every outcome, when the request
+    /// asked for a mirror: an entry of the destination that the source
+    /// does not have was deleted (`dir`: a directory, emptied first).
+    /// `error` says why an entry that should go could not be deleted.
+    Deleted {
+        path: WireBytes,
+        #[serde(default, skip_serializing_if = "is_false")]
+        dir: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// Receiver → sender, after the `deleted` messages and before `done`:
+    /// how many entries were deleted, or why none were.
+    Deletions {
+        deleted: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held_back: Option<HeldBack>,
+    },
     /// Receiver → sender: everything up to `end` is settled.
     Done,
     /// Either way: the session cannot go on. `path` names what failed
@@ -269,6 +291,38 @@ pub enum Message {
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+/// What a mirror (`--delete`) asks of the receiver: once every entry is
+/// in place, delete what the source does not have, within the transfer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mirror {
+    /// Delete nothing if more than this many entries would go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delete: Option<u64>,
+    /// Also delete what the filters leave out (which is otherwise kept).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delete_excluded: bool,
+    /// The transfer's filter rules and `.gitignore` switch, as the sender
+    /// applies them: what they leave out of the destination is kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<FilterRule>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub gitignore: bool,
+}
+
+/// Why a receiver deleted nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "reason")]
+pub enum HeldBack {
+    /// `count` entries failed or are incomplete: the source was not seen
+    /// whole, so nothing is deleted.
+    Failures { count: u64 },
+    /// `would` entries would have been deleted, more than `max`.
+    MaxDelete { would: u64, max: u64 },
+    /// The receiver could not remember the source's entries within its
+    /// memory budget.
+    Memory,
 }
 
 /// One filter rule: a gitignore-style glob (PROTOCOL.md §4.2) and whether
@@ -321,6 +375,8 @@ impl Message {
             Message::Planned { .. } => "planned",
             Message::Fresh { .. } => "fresh",
             Message::Keepalive => "keepalive",
+            Message::Deleted { .. } => "deleted",
+            Message::Deletions { .. } => "deletions",
             Message::Done => "done",
             Message::Error { .. } => "error",
         }
@@ -530,6 +586,7 @@ mod tests {
                 Message::Upload {
                     dest: "backup/photos".into(),
                     ignore_times: false,
+                    mirror: None,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -537,8 +594,35 @@ mod tests {
                 Message::Upload {
                     dest: "b".into(),
                     ignore_times: true,
+                    mirror: None,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
+            ),
+            (
+                Message::Upload {
+                    dest: "w".into(),
+                    ignore_times: false,
+                    mirror: Some(Mirror {
+                        max_delete: Some(10),
+                        ..Mirror::default()
+                    }),
+                },
+                r#"{"type":"upload","dest":"w","mirror":{"max_delete":10}}"#,
+            ),
+            (
+                Message::Deleted {
+                    path: "old/page.html".into(),
+                    dir: false,
+                    error: None,
+                },
+                r#"{"type":"deleted","path":"old/page.html"}"#,
+            ),
+            (
+                Message::Deletions {
+                    deleted: 0,
+                    held_back: Some(HeldBack::MaxDelete { would: 12, max: 10 }),
+                },
+                r#"{"type":"deletions","deleted":0,"held_back":{"reason":"max_delete","would":12,"max":10}}"#,
             ),
             (
                 Message::Download {
@@ -681,6 +765,16 @@ mod tests {
             Message::Upload {
                 dest: "d".into(),
                 ignore_times: true,
+                mirror: Some(Mirror::default()),
+            },
+            Message::Deleted {
+                path: "d/x".into(),
+                dir: true,
+                error: Some("permission denied".into()),
+            },
+            Message::Deletions {
+                deleted: 3,
+                held_back: Some(HeldBack::Failures { count: 1 }),
             },
             Message::Download {
                 source: "".into(),

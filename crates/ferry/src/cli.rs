@@ -157,7 +157,8 @@ pub struct TransferOpts {
     #[arg(long, short = 'v')]
     pub verbose: bool,
     /// Print NDJSON events on stdout, one object per line: start, file_done, file_unchanged,
-    /// resumed, file_incomplete, file_failed, skipped, vanished, retry, progress, summary, error.
+    /// resumed, file_incomplete, file_failed, skipped, vanished, deleted, delete_failed,
+    /// deletions_held_back, retry, progress, summary, error.
     #[arg(long)]
     pub json: bool,
     /// Parallel connections for the transfer (1-16) [default: one per core, at most 8].
@@ -220,6 +221,20 @@ pub struct TransferOpts {
     /// itself: the server, for a download.
     #[arg(long, value_name = "RATE", value_parser = ferry_engine::pace::parse_rate)]
     pub bwlimit: Option<u64>,
+    /// Make the destination equal to the source: once every entry is in place, delete what the
+    /// destination has and the source does not, within the transferred tree only. Nothing is
+    /// deleted if any entry failed. A deletion never follows a symlink (it removes the link) and
+    /// never leaves the destination. What the filters leave out of the destination is kept (see
+    /// --delete-excluded). Shown with -v as `deleting PATH`, and as `deleted` JSON events.
+    #[arg(long)]
+    pub delete: bool,
+    /// With --delete: delete nothing, and exit with status 25, if more than N entries would go
+    /// (a directory counts with everything in it).
+    #[arg(long, value_name = "N", requires = "delete")]
+    pub max_delete: Option<u64>,
+    /// With --delete: also delete what the filters leave out (otherwise kept in the destination).
+    #[arg(long, requires = "delete")]
+    pub delete_excluded: bool,
     /// The --include, --exclude and --exclude-from rules in command-line order (see `order_filters`).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,

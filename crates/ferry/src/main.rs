@@ -20,10 +20,10 @@ use std::time::Duration;
 
 use ferry_engine::auth::Token;
 use ferry_engine::client::{self, ClientConfig};
-use ferry_engine::events::TransferSummary;
+use ferry_engine::events::{TransferReport, TransferSummary};
 use ferry_engine::server::{self, ServerConfig};
 use ferry_engine::tls::{ClientTls, ServerTls};
-use ferry_engine::{CancellationToken, EngineError, escape};
+use ferry_engine::{CancellationToken, EngineError, HeldBack, Mirror, escape};
 use tokio::net::TcpListener;
 
 use crate::cli::{Cli, Command, ServerArgs, TransferOpts};
@@ -36,6 +36,7 @@ mod exit {
     pub const FAILURE: u8 = 1;
     pub const USAGE: u8 = 2;
     pub const VANISHED: u8 = 24;
+    pub const MAX_DELETE: u8 = 25;
     pub const INTERRUPTED: u8 = 130;
 }
 
@@ -361,6 +362,11 @@ fn client_config(
         filters: opts.filters.clone(),
         gitignore: opts.gitignore,
         bwlimit: opts.bwlimit,
+        mirror: opts.delete.then(|| Mirror {
+            max_delete: opts.max_delete,
+            delete_excluded: opts.delete_excluded,
+            ..Mirror::default()
+        }),
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })
@@ -405,13 +411,7 @@ fn finish(
     match outcome {
         Ok(summary) => {
             ui.summary(&summary, from, to);
-            if !summary.report.failed.is_empty() {
-                ExitCode::from(exit::FAILURE)
-            } else if !summary.report.vanished.is_empty() {
-                ExitCode::from(exit::VANISHED)
-            } else {
-                ExitCode::SUCCESS
-            }
+            ExitCode::from(exit_status(&summary.report))
         }
         Err(EngineError::Cancelled) => {
             ui.fatal(
@@ -424,6 +424,19 @@ fn finish(
             ui.fatal(&e.to_string());
             ExitCode::from(exit::FAILURE)
         }
+    }
+}
+
+/// The exit status of a transfer that ran to its end.
+fn exit_status(report: &TransferReport) -> u8 {
+    if !report.failed.is_empty() || !report.delete_failed.is_empty() {
+        exit::FAILURE
+    } else if let Some(HeldBack::MaxDelete { .. }) = report.held_back {
+        exit::MAX_DELETE
+    } else if !report.vanished.is_empty() {
+        exit::VANISHED
+    } else {
+        0
     }
 }
 

@@ -6,6 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use ferry_engine::HeldBack;
 use ferry_engine::events::{Event, EventSink, TransferSummary};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -140,6 +141,8 @@ impl Ui {
                 "files_failed": r.failed.len(),
                 "files_skipped": r.skipped.len(),
                 "vanished": r.vanished,
+                "deleted": r.deleted,
+                "delete_failed": r.delete_failed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
                 "files_unchanged": r.files_unchanged,
                 "bytes_held": r.bytes_held,
                 "retries": r.retries,
@@ -174,6 +177,9 @@ impl Ui {
                     format!("  - average:  {}/s", human_bytes(rate as u64)),
                     format!("  - elapsed:  {secs:.2} s{}", retried(r.retries)),
                 ];
+                if r.deleted > 0 || !r.delete_failed.is_empty() {
+                    lines.push(format!("  - deleted:  {} ({} could not be)", r.deleted, r.delete_failed.len()));
+                }
                 if !r.vanished.is_empty() {
                     lines.push(format!("Vanished from the source while it was read: {}", r.vanished.len()));
                 }
@@ -205,6 +211,9 @@ impl EventSink for Ui {
             Event::Unchanged { path, size } => self.unchanged(&path, size),
             Event::Resumed { path, bytes } => self.resumed(&path, bytes),
             Event::FileIncomplete { path, reason } => self.file_incomplete(&path, &reason),
+            Event::Deleted { path, dir } => self.deleted(&path, dir),
+            Event::DeleteFailed { path, reason } => self.delete_failed(&path, &reason),
+            Event::HeldBack(why) => self.held_back(&why),
             Event::Retry {
                 attempt,
                 delay,
@@ -363,6 +372,52 @@ impl Ui {
             )),
             _ => {}
         }
+    }
+
+    fn deleted(&self, path: &str, dir: bool) {
+        match self.mode {
+            Mode::Json => self.json(json!({"event": "deleted", "path": path, "dir": dir})),
+            Mode::Human if self.verbose => {
+                let slash = if dir { "/" } else { "" };
+                self.out(&format!("deleting {path}{slash}"))
+            }
+            _ => {}
+        }
+    }
+
+    fn delete_failed(&self, path: &str, reason: &str) {
+        if self.mode == Mode::Json {
+            self.json(json!({"event": "delete_failed", "path": path, "reason": reason}));
+        }
+        self.err(&format!("ferry: {path}: {reason}"));
+    }
+
+    /// Said even with --quiet: the user asked for deletions that did not
+    /// happen.
+    fn held_back(&self, why: &HeldBack) {
+        let (reason, text) = match why {
+            HeldBack::Failures { count } => (
+                "failures",
+                format!(
+                    "{count} {} failed, so the source was not seen whole",
+                    if *count == 1 { "entry" } else { "entries" }
+                ),
+            ),
+            HeldBack::MaxDelete { would, max } => (
+                "max_delete",
+                format!("{would} entries would go, more than --max-delete {max}"),
+            ),
+            HeldBack::Memory => (
+                "memory",
+                "the receiver could not remember every entry of the source within its memory \
+                 budget"
+                    .to_string(),
+            ),
+        };
+        if self.mode == Mode::Json {
+            self.json(json!({"event": "deletions_held_back", "reason": reason, "message": text}));
+        }
+        self.err(&format!("ferry: --delete deleted nothing: {text}"));
     }
 
     fn retry(&self, attempt: u32, delay: Duration, reason: &str) {

@@ -19,6 +19,8 @@ mod resume;
 mod changing;
 // --include, --exclude, --exclude-from and --gitignore, both ways.
 mod filters;
+// --delete: the destination made equal to the source, held back after failures, never via symlinks.
+mod mirror;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

@@ -31,7 +31,9 @@
 //! arrive), and a `dir_end` may come while files below are still open (the
 //! directory's metadata waits until every child is settled).
 
+mod mirror;
 mod place;
+mod prune;
 pub(crate) mod rules;
 mod worker;
 
@@ -45,6 +47,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+pub(crate) use prune::Pruning;
 pub(crate) use worker::Worker;
 
 use crate::budget::SessionBudget;
@@ -75,6 +78,9 @@ pub(crate) struct Destination {
     pub(crate) devices: bool,
     /// What the session may take of its server's descriptors and memory.
     pub(crate) budget: SessionBudget,
+    /// `--delete`: once everything is in place, delete what the source
+    /// does not have.
+    pub(crate) pruning: Option<Pruning>,
 }
 
 /// Lets the worker hold the data connections' readers back.

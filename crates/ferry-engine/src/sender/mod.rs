@@ -22,6 +22,8 @@ mod producer;
 mod rules;
 mod walk;
 
+pub(crate) use walk::gitignore_of;
+
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -72,6 +74,9 @@ pub(crate) struct SendJob {
     pub(crate) filter: Filter,
     /// `--bwlimit`: bytes per second, all connections together.
     pub(crate) bwlimit: Option<u64>,
+    /// The receiver was asked to mirror (`--delete`): it tells of its
+    /// deletions before `done`, in the destination named so.
+    pub(crate) mirror: Option<String>,
 }
 
 /// What passes from the reader of the receiver's replies to the producer
@@ -144,6 +149,11 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
     let (data_tx, data) = async_channel::bounded::<Bytes>(DATA_QUEUE);
     let inbox = Arc::new(Inbox::default());
     let (done_tx, done) = oneshot::channel();
+    let replies = Replies {
+        inbox: inbox.clone(),
+        peer,
+        mirror: job.mirror.clone(),
+    };
     let producer = Producer::new(
         Output::new(control_tx, data_tx, job.bwlimit),
         Chunks::new(job.compression, job.local_peer, tally.clone())?,
@@ -165,7 +175,7 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
     Ok(Started {
         control,
         data,
-        replies: Replies { inbox, peer },
+        replies,
         done,
     })
 }
@@ -175,6 +185,9 @@ pub(crate) struct Replies {
     inbox: Arc<Inbox>,
     /// The receiver's side: who speaks in an `error` among the replies.
     peer: Side,
+    /// The receiver mirrors, telling of its deletions in the destination
+    /// named so.
+    mirror: Option<String>,
 }
 
 impl Replies {
@@ -198,7 +211,12 @@ impl Replies {
                         break;
                     }
                     // It may be checking the journal of a file we sent.
-                    Message::Keepalive => tally.kept_alive(state.largest_announced()),
+                    Message::Keepalive => tally.kept_alive(state.peer_work(self.mirror.is_some())),
+                    msg @ (Message::Deleted { .. } | Message::Deletions { .. })
+                        if let Some(label) = &self.mirror =>
+                    {
+                        events.extend(rules::deletion_event(label, msg)?);
+                    }
                     Message::Outcome { .. } => {
                         tally.settled();
                         events.extend(state.take_in(msg)?);

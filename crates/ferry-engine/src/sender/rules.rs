@@ -25,10 +25,10 @@ use ferry_proto::limits::{
     DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS,
 };
 use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
-use ferry_proto::path::WireBytes;
+use ferry_proto::path::{WireBytes, WirePath};
 
 use crate::error::{EngineError, Role, Violation};
-use crate::events::{Event, peer_outcome};
+use crate::events::{Event, display_name, peer_outcome, peer_text};
 
 /// Entries sent and not answered yet, at most, in all: each is remembered
 /// (its name, for the report) until its outcome comes. A receiver answers
@@ -175,10 +175,16 @@ impl InboxState {
         self.announced = id;
     }
 
-    /// The size of the largest file announced: the most a receiver may
-    /// be checking a journal of while it only keeps alive.
-    pub(super) fn largest_announced(&self) -> u64 {
-        self.largest_file
+    /// The most local work (in bytes of [`crate::progress::KEEPALIVE_RATE`])
+    /// a receiver may do for us while it only keeps alive: checking the
+    /// journal of the largest file and, when it mirrors, judging each entry
+    /// of the destination.
+    pub(super) fn peer_work(&self, mirror: bool) -> u64 {
+        let scan = match mirror {
+            true => self.announced.saturating_mul(MIRROR_WORK_PER_ENTRY),
+            false => 0,
+        };
+        self.largest_file.max(scan)
     }
 
     /// File `id` no longer waits for its plan: a `have` for it from now on
@@ -275,6 +281,34 @@ impl InboxState {
             return Ok(None);
         }
         Ok(Some(Event::of_outcome(path, &peer_outcome(outcome), size)))
+    }
+}
+
+/// The time a mirroring receiver may take to judge one entry of its
+/// destination while it only keeps alive, in bytes of
+/// [`crate::progress::KEEPALIVE_RATE`]: 4 ms, a cold directory on a disk.
+const MIRROR_WORK_PER_ENTRY: u64 = 256 * 1024;
+
+/// What a mirroring receiver says of its deletions, as an event; `label`
+/// names the root of the transfer.
+pub(super) fn deletion_event(label: &str, msg: Message) -> Result<Option<Event>, EngineError> {
+    match msg {
+        Message::Deleted { path, dir, error } => {
+            let path = display_name(label, &WirePath::from_wire(path)?);
+            Ok(Some(match error {
+                None => Event::Deleted { path, dir },
+                Some(why) => Event::DeleteFailed {
+                    path,
+                    reason: peer_text(&why),
+                },
+            }))
+        }
+        Message::Deletions { held_back, .. } => Ok(held_back.map(Event::HeldBack)),
+        other => Err(Violation::UnexpectedMessage {
+            from: Role::Receiver,
+            message: other.name(),
+        }
+        .into()),
     }
 }
 

@@ -96,7 +96,7 @@ impl Lazy<'_, Vec<u8>> {
 
 /// The contents of `dir`'s `.gitignore` for `filter`, when it reads them
 /// (up to a bound); none if there is no such regular file.
-pub(super) fn gitignore_of(filter: &Filter, dir: &OwnedFd) -> Option<Vec<u8>> {
+pub(crate) fn gitignore_of(filter: &Filter, dir: &OwnedFd) -> Option<Vec<u8>> {
     if !filter.reads_gitignore() {
         return None;
     }

@@ -53,6 +53,8 @@ pub(super) struct Receiving {
     pub(super) answers: Vec<Message>,
     /// The worker said `done`.
     pub(super) done: bool,
+    /// It mirrors, telling the sender of its deletions.
+    mirrors: bool,
 }
 
 impl Receiving {
@@ -70,6 +72,7 @@ impl Receiving {
             owners: false,
             devices: false,
             budget: crate::budget::SessionBudget::unlimited(),
+            pruning: None,
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.
@@ -78,8 +81,10 @@ impl Receiving {
         let tally = Arc::new(Tally::new(events.clone()));
         let gate = Arc::new(DataGate::default());
         // As in an upload: the server receives from the client.
+        let mirrors = dest.pruning.as_ref().is_some_and(|p| p.tell_sender);
         let worker = Worker::new(gate, dest, tally.clone(), reply_tx, Side::Client).unwrap();
         Receiving {
+            mirrors,
             tmp,
             worker,
             replies,
@@ -88,6 +93,11 @@ impl Receiving {
             answers: Vec::new(),
             done: false,
         }
+    }
+
+    /// Whether the sender should expect word of deletions.
+    pub(super) fn mirrors(&self) -> bool {
+        self.mirrors
     }
 
     pub(super) fn dst(&self) -> PathBuf {
