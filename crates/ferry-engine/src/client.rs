@@ -68,6 +68,11 @@ pub struct ClientConfig {
     /// `--delete`: the receiver deletes what the source does not have
     /// (the filters of the transfer are filled in from `filters`).
     pub mirror: Option<Mirror>,
+    /// `--itemize`: report what each entry changes in the destination.
+    pub itemize: bool,
+    /// `--dry-run`: change nothing on either side; report what would
+    /// change (as `itemize` does) and what would be deleted.
+    pub dry_run: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -472,6 +477,8 @@ async fn upload_once(
             gitignore: config.gitignore,
             ..m
         }),
+        itemize: config.itemize || config.dry_run,
+        dry_run: config.dry_run,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -483,7 +490,9 @@ async fn upload_once(
         owners: config.owners,
         filter,
         bwlimit: config.bwlimit,
-        mirror: config.mirror.as_ref().map(|_| escape(remote)),
+        mirror: config.mirror.is_some(),
+        itemize: config.itemize || config.dry_run,
+        dest_label: escape(remote),
     };
     let result = session
         .watched(config.timeout, async |cancel| {
@@ -512,7 +521,9 @@ async fn download_once(
     // The server checks the rules too; a wrong one is the user's to fix
     // before anything connects.
     let filter = Filter::new(&config.filters, config.gitignore)?;
-    let mut dest = local_destination(local, escape(remote))?;
+    let mut dest = local_destination(local, escape(remote), config.dry_run)?;
+    dest.itemize = config.itemize || config.dry_run;
+    dest.dry_run = config.dry_run;
     dest.pruning = config.mirror.as_ref().map(|m| Pruning {
         max_delete: m.max_delete,
         delete_excluded: m.delete_excluded,
@@ -700,18 +711,38 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// The local destination `path`: its parent directory (created if
-/// missing, the user's own path, so followed as given) and its name.
-fn local_destination(path: &Path, label: String) -> Result<Destination, EngineError> {
+/// missing, the user's own path, so followed as given) and its name. A dry
+/// run creates nothing: the nearest existing ancestor is the base, and the
+/// rest of the path its prefix.
+fn local_destination(
+    path: &Path,
+    label: String,
+    dry_run: bool,
+) -> Result<Destination, EngineError> {
     let local_error =
         |op, cause: LocalCause| EngineError::local(escape(path.as_os_str().as_bytes()), op, cause);
     let name = path
         .file_name()
         .ok_or_else(|| local_error(Op::Create, LocalCause::NoName))?;
-    let parent = match path.parent() {
+    let mut parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(parent).map_err(|e| local_error(Op::Create, e.into()))?;
+    let mut prefix = vec![name.as_bytes().to_vec()];
+    if dry_run {
+        while !parent.is_dir()
+            && let (Some(up), Some(missing)) = (parent.parent(), parent.file_name())
+        {
+            prefix.insert(0, missing.as_bytes().to_vec());
+            parent = if up.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                up
+            };
+        }
+    } else {
+        std::fs::create_dir_all(parent).map_err(|e| local_error(Op::Create, e.into()))?;
+    }
     let base: OwnedFd = rustix::fs::open(
         parent,
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
@@ -720,12 +751,16 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
     .map_err(|e| local_error(Op::Open, std::io::Error::from(e).into()))?;
     Ok(Destination {
         base,
-        prefix: vec![name.as_bytes().to_vec()],
+        prefix,
         label,
+        dest_label: escape(path.as_os_str().as_bytes()),
         ignore_times: false,
         owners: false,
         devices: false,
         budget: SessionBudget::unlimited(),
         pruning: None,
+        itemize: false,
+        tell_sender: false,
+        dry_run: false,
     })
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::limits::MAX_REASON_LEN;
-use ferry_proto::message::{HeldBack, Outcome};
+use ferry_proto::message::{Change, HeldBack, Outcome};
 use ferry_proto::path::{WirePath, escape};
 
 use crate::progress::Progress;
@@ -46,6 +46,14 @@ pub enum Event {
         attempt: u32,
         delay: Duration,
         reason: String,
+    },
+    /// Placing this entry changed (or, in a dry run, would change) what
+    /// the destination had: `what` differs. `size`: a file's.
+    Changed {
+        path: String,
+        what: Vec<Change>,
+        dir: bool,
+        size: u64,
     },
     /// An entry of the destination that the source does not have was
     /// deleted (`--delete`); `dir`: a directory, emptied first.
@@ -108,6 +116,13 @@ pub(crate) fn peer_outcome(outcome: Outcome) -> Outcome {
     }
 }
 
+/// An event's name of an entry (`path`, under the root's name `from`), as
+/// named under `to` instead: what changes in a destination is shown under
+/// the destination's name.
+pub(crate) fn rebase(path: &str, from: &str, to: &str) -> String {
+    format!("{to}{}", path.strip_prefix(from).unwrap_or(path))
+}
+
 /// Name of a path below the root for events, from bytes not checked as a
 /// wire path (what a receiver found in its own tree).
 pub(crate) fn display_bytes(label: &str, path: &[u8]) -> String {
@@ -153,6 +168,12 @@ pub struct TransferReport {
     pub retries: u32,
     /// Entries `--delete` deleted.
     pub deleted: u64,
+    /// With `--itemize` or `--dry-run`: entries created and updated, and
+    /// the bytes of the files among them whose content is (or would be)
+    /// sent.
+    pub created: u64,
+    pub updated: u64,
+    pub bytes_changed: u64,
     /// (path, reason) of each entry `--delete` could not delete.
     pub delete_failed: Vec<(String, String)>,
     /// Why `--delete` deleted nothing, if it was held back.
@@ -274,6 +295,7 @@ impl Tally {
             | Event::FileStarted { .. }
             | Event::Retry { .. }
             | Event::HeldBack(_)
+            | Event::Changed { .. }
             | Event::NewServer { .. } => {}
         }
     }
@@ -330,6 +352,17 @@ impl EventSink for Tally {
                     pair(path, reason),
                 ),
                 Event::Deleted { .. } => r.deleted += 1,
+                Event::Changed {
+                    what, size, dir, ..
+                } => {
+                    match what.first() {
+                        Some(Change::Created) => r.created += 1,
+                        _ => r.updated += 1,
+                    }
+                    if !dir && !what.iter().all(|c| c.is_metadata()) {
+                        r.bytes_changed += size;
+                    }
+                }
                 Event::DeleteFailed { path, reason } => {
                     let mut unlisted = 0;
                     list(&mut r.delete_failed, &mut unlisted, n, pair(path, reason))

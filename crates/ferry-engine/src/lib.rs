@@ -56,7 +56,7 @@ mod throttle;
 pub mod tls;
 
 pub use error::EngineError;
-pub use ferry_proto::message::{Compression, FilterRule, HeldBack, Mirror, RuleKind};
+pub use ferry_proto::message::{Change, Compression, FilterRule, HeldBack, Mirror, RuleKind};
 pub use ferry_proto::path::escape;
 pub use tokio_util::sync::CancellationToken;
 

@@ -983,13 +983,18 @@ fn accept_request(
             dest,
             ignore_times,
             mirror,
+            itemize,
+            dry_run,
         } => {
             let label = escape(dest.as_bytes());
             let pruning = mirror.map(|m| pruning_of(m, label)).transpose()?;
-            let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), ignore_times);
+            let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), dry_run);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
                 dest.budget = budget;
                 dest.pruning = pruning;
+                dest.ignore_times = ignore_times;
+                dest.itemize = itemize || dry_run;
+                dest.dry_run = dry_run;
             }
             accepted
         }
@@ -1063,13 +1068,14 @@ fn parse_remote(bytes: &[u8]) -> Result<WirePath, Refusal> {
     WirePath::parse(bytes).map_err(|e| Refusal::of_path(bytes, RefusalReason::BadPath(e)))
 }
 
-/// An upload to `dest`: its parent directories are made now, so that the
-/// receiver only ever works beneath them.
+/// An upload to `dest`: its parent directories are made now (unless in a
+/// dry run, which changes nothing), so that the receiver only ever works
+/// beneath them.
 fn accept_upload(
     root: &OwnedFd,
     devices: bool,
     dest: &[u8],
-    ignore_times: bool,
+    dry_run: bool,
 ) -> Result<Accepted, Refusal> {
     let path = parse_remote(dest)?;
     if path.is_root() {
@@ -1082,20 +1088,26 @@ fn accept_upload(
         .collect();
     let base = fsx::open_dir_beneath(root.as_fd(), &[])
         .map_err(|e| Refusal::new(RefusalReason::RootUnavailable(e)))?;
-    fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755).map_err(|error| {
-        let op = Op::Create;
-        Refusal::of_path(&parents.join(&b'/'), RefusalReason::Io { op, error })
-    })?;
+    if !dry_run {
+        fsx::create_dirs_beneath(root.as_fd(), &parents, 0o755).map_err(|error| {
+            let op = Op::Create;
+            Refusal::of_path(&parents.join(&b'/'), RefusalReason::Io { op, error })
+        })?;
+    }
     Ok(Accepted::Receive(Box::new(Destination {
         base,
         prefix,
         label: path.display(),
-        ignore_times,
+        dest_label: path.display(),
+        ignore_times: false,
         // Entries carry owners unless the client said --no-owner.
         owners: fsx::may_chown(),
         devices: devices && fsx::may_chown(),
         budget: SessionBudget::unlimited(),
         pruning: None,
+        itemize: false,
+        tell_sender: true,
+        dry_run: false,
     })))
 }
 
@@ -1129,7 +1141,9 @@ fn accept_download(
         filter,
         bwlimit: None,
         // A downloading client mirrors on its own, after `done`.
-        mirror: None,
+        mirror: false,
+        itemize: false,
+        dest_label: String::new(),
     })
 }
 

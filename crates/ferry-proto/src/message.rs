@@ -175,6 +175,13 @@ pub enum Message {
         /// what the source does not have (`--delete`). Absent means keep.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mirror: Option<Mirror>,
+        /// Tell what changes, entry by entry (`changes`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        itemize: bool,
+        /// Change nothing: the receiver says what it would do (`changes`,
+        /// outcomes, `deleted`), and plans no file.
+        #[serde(default, skip_serializing_if = "is_false")]
+        dry_run: bool,
     },
     /// Client → server: send the file or tree at `source`.
     Download {
@@ -258,6 +265,10 @@ pub enum Message {
     Fresh { id: u64 },
     /// Either way: still working (a long local verification), not stalled.
     Keepalive,
+    /// Receiver → sender, just before the outcome of entry `id`, when the
+    /// request asked to itemize or for a dry run: what placing the entry
+    /// changes (or would) in the destination.
+    Changes { id: u64, what: Vec<Change> },
     /// Receiver → sender, after `end` and every outcome, when the request
     /// asked for a mirror: an entry of the destination that the source
     /// does not have was deleted (`dir`: a directory, emptied first).
@@ -309,6 +320,31 @@ pub struct Mirror {
     pub filters: Vec<FilterRule>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub gitignore: bool,
+}
+
+/// One way an entry placed differs from what the destination had there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Change {
+    /// Nothing was there.
+    Created,
+    /// Something of another kind was there (a file where a directory is).
+    Kind,
+    Size,
+    Mtime,
+    /// Permission bits.
+    Mode,
+    Owner,
+    /// A symlink's target, or the file a hard link names.
+    Target,
+}
+
+impl Change {
+    /// Whether this change leaves the content alone (a file that passes
+    /// the quick check keeps its content and gets only these).
+    pub fn is_metadata(self) -> bool {
+        matches!(self, Change::Mode | Change::Owner)
+    }
 }
 
 /// Why a receiver deleted nothing.
@@ -375,6 +411,7 @@ impl Message {
             Message::Planned { .. } => "planned",
             Message::Fresh { .. } => "fresh",
             Message::Keepalive => "keepalive",
+            Message::Changes { .. } => "changes",
             Message::Deleted { .. } => "deleted",
             Message::Deletions { .. } => "deletions",
             Message::Done => "done",
@@ -587,6 +624,8 @@ mod tests {
                     dest: "backup/photos".into(),
                     ignore_times: false,
                     mirror: None,
+                    itemize: false,
+                    dry_run: false,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -595,6 +634,8 @@ mod tests {
                     dest: "b".into(),
                     ignore_times: true,
                     mirror: None,
+                    itemize: false,
+                    dry_run: false,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
@@ -606,8 +647,17 @@ mod tests {
                         max_delete: Some(10),
                         ..Mirror::default()
                     }),
+                    itemize: false,
+                    dry_run: true,
                 },
-                r#"{"type":"upload","dest":"w","mirror":{"max_delete":10}}"#,
+                r#"{"type":"upload","dest":"w","mirror":{"max_delete":10},"dry_run":true}"#,
+            ),
+            (
+                Message::Changes {
+                    id: 4,
+                    what: vec![Change::Size, Change::Mtime],
+                },
+                r#"{"type":"changes","id":4,"what":["size","mtime"]}"#,
             ),
             (
                 Message::Deleted {
@@ -766,6 +816,12 @@ mod tests {
                 dest: "d".into(),
                 ignore_times: true,
                 mirror: Some(Mirror::default()),
+                itemize: true,
+                dry_run: true,
+            },
+            Message::Changes {
+                id: 9,
+                what: vec![Change::Created],
             },
             Message::Deleted {
                 path: "d/x".into(),

@@ -157,7 +157,7 @@ pub struct TransferOpts {
     #[arg(long, short = 'v')]
     pub verbose: bool,
     /// Print NDJSON events on stdout, one object per line: start, file_done, file_unchanged,
-    /// resumed, file_incomplete, file_failed, skipped, vanished, deleted, delete_failed,
+    /// resumed, file_incomplete, file_failed, skipped, vanished, changed, deleted, delete_failed,
     /// deletions_held_back, retry, progress, summary, error.
     #[arg(long)]
     pub json: bool,
@@ -235,6 +235,16 @@ pub struct TransferOpts {
     /// With --delete: also delete what the filters leave out (otherwise kept in the destination).
     #[arg(long, requires = "delete")]
     pub delete_excluded: bool,
+    /// Change nothing, on either side: print what the same command would do, one line per entry
+    /// that would change (as --itemize), the deletions --delete would make, and the bytes that
+    /// would be sent. No file data crosses the wire.
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    /// Print one line per entry that changes in the destination: `created PATH`, `updated PATH
+    /// (what differs: size, mtime, mode, owner, target, kind)`, `deleted PATH`; in --json,
+    /// `changed` and `deleted` events. Entries already equal are not listed.
+    #[arg(long, short = 'i')]
+    pub itemize: bool,
     /// The --include, --exclude and --exclude-from rules in command-line order (see `order_filters`).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,

@@ -229,7 +229,7 @@ fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
 }
 
 async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
-    let ui = Arc::new(Ui::new(ui_mode(opts), opts.verbose));
+    let ui = Arc::new(Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run));
     let cancel = CancellationToken::new();
     tokio::spawn(interrupt_handler(cancel.clone()));
 
@@ -367,6 +367,8 @@ fn client_config(
             delete_excluded: opts.delete_excluded,
             ..Mirror::default()
         }),
+        itemize: opts.itemize,
+        dry_run: opts.dry_run,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })

@@ -6,8 +6,8 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_engine::HeldBack;
-use ferry_engine::events::{Event, EventSink, TransferSummary};
+use ferry_engine::events::{Event, EventSink, TransferReport, TransferSummary};
+use ferry_engine::{Change, HeldBack};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -30,6 +30,10 @@ const FAILURES_LISTED: usize = 20;
 pub struct Ui {
     mode: Mode,
     verbose: bool,
+    /// A line for each entry that changes (`--itemize`, `--dry-run`).
+    itemize: bool,
+    /// Nothing changes: the summary says what would have.
+    dry_run: bool,
     bar: Option<ProgressBar>,
     state: Mutex<State>,
 }
@@ -59,9 +63,19 @@ impl Ui {
         Ui {
             mode,
             verbose,
+            itemize: false,
+            dry_run: false,
             bar,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// The same, with a line for each entry that changes; in a `dry_run`,
+    /// what would change.
+    pub fn itemizing(mut self, itemize: bool, dry_run: bool) -> Ui {
+        self.itemize = itemize || dry_run;
+        self.dry_run = dry_run;
+        self
     }
 
     /// Whether anyone sees progress (a bar, or NDJSON progress events):
@@ -142,6 +156,10 @@ impl Ui {
                 "files_skipped": r.skipped.len(),
                 "vanished": r.vanished,
                 "deleted": r.deleted,
+                "dry_run": self.dry_run,
+                "created": r.created,
+                "updated": r.updated,
+                "bytes_changed": r.bytes_changed,
                 "delete_failed": r.delete_failed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
                 "files_unchanged": r.files_unchanged,
                 "bytes_held": r.bytes_held,
@@ -152,48 +170,8 @@ impl Ui {
                 "bytes_per_sec": rate,
                 "failed": r.failed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
             })),
-            Mode::Human => {
-                let heading = if r.failed.is_empty() {
-                    "Transfer complete"
-                } else {
-                    "Transfer finished with failures"
-                };
-                let percent = if r.files_total > 0 {
-                    100.0 * r.files_ok as f64 / r.files_total as f64
-                } else {
-                    100.0
-                };
-                let mut lines = vec![
-                    format!("{heading}: {from} -> {to}"),
-                    format!(
-                        "  - files:    {} total, {} ok ({percent:.1}%), {} failed, {} skipped",
-                        r.files_total,
-                        r.files_ok,
-                        r.failed.len(),
-                        r.skipped.len()
-                    ),
-                    format!("  - size:     {}{}", human_bytes(r.file_bytes), held(r.files_unchanged, r.bytes_held)),
-                    format!("  - on wire:  {}{}", human_bytes(r.wire_bytes), ratio(r.file_bytes, r.wire_bytes)),
-                    format!("  - average:  {}/s", human_bytes(rate as u64)),
-                    format!("  - elapsed:  {secs:.2} s{}", retried(r.retries)),
-                ];
-                if r.deleted > 0 || !r.delete_failed.is_empty() {
-                    lines.push(format!("  - deleted:  {} ({} could not be)", r.deleted, r.delete_failed.len()));
-                }
-                if !r.vanished.is_empty() {
-                    lines.push(format!("Vanished from the source while it was read: {}", r.vanished.len()));
-                }
-                if !r.failed.is_empty() {
-                    lines.push("Failed:".to_string());
-                    for (path, why) in r.failed.iter().take(FAILURES_LISTED) {
-                        lines.push(format!("  - {path}: {why}"));
-                    }
-                    if r.failed.len() > FAILURES_LISTED {
-                        lines.push(format!("  … and {} more", r.failed.len() - FAILURES_LISTED));
-                    }
-                }
-                self.out(&lines.join("\n"));
-            }
+            Mode::Human if self.dry_run => self.out(&dry_run_summary(r, from, to)),
+            Mode::Human => self.out(&human_summary(r, from, to, secs)),
         }
     }
 }
@@ -211,6 +189,9 @@ impl EventSink for Ui {
             Event::Unchanged { path, size } => self.unchanged(&path, size),
             Event::Resumed { path, bytes } => self.resumed(&path, bytes),
             Event::FileIncomplete { path, reason } => self.file_incomplete(&path, &reason),
+            Event::Changed {
+                path, what, dir, ..
+            } => self.changed(&path, &what, dir),
             Event::Deleted { path, dir } => self.deleted(&path, dir),
             Event::DeleteFailed { path, reason } => self.delete_failed(&path, &reason),
             Event::HeldBack(why) => self.held_back(&why),
@@ -290,6 +271,10 @@ impl Ui {
 
     fn file_done(&self, path: &str, size: u64) {
         let settled = self.settle();
+        if self.dry_run {
+            // Nothing was done: its `changed` line says what would be.
+            return;
+        }
         match self.mode {
             Mode::Json => self.json(json!({"event": "file_done", "path": path, "bytes": size})),
             Mode::Human if self.verbose => self.out(&format!(
@@ -374,13 +359,37 @@ impl Ui {
         }
     }
 
+    fn changed(&self, path: &str, what: &[Change], dir: bool) {
+        if !self.itemize {
+            return;
+        }
+        let action = match what.first() {
+            Some(Change::Created) => "created",
+            _ => "updated",
+        };
+        let details: Vec<&str> = what.iter().filter_map(|c| change_name(*c)).collect();
+        match self.mode {
+            Mode::Json => self.json(json!({
+                "event": "changed", "path": path, "action": action, "what": details, "dir": dir
+            })),
+            Mode::Human => {
+                let slash = if dir { "/" } else { "" };
+                let details = match details.is_empty() {
+                    true => String::new(),
+                    false => format!(" ({})", details.join(", ")),
+                };
+                self.out(&format!("{action:<8} {path}{slash}{details}"))
+            }
+            Mode::Quiet => {}
+        }
+    }
+
     fn deleted(&self, path: &str, dir: bool) {
+        let slash = if dir { "/" } else { "" };
         match self.mode {
             Mode::Json => self.json(json!({"event": "deleted", "path": path, "dir": dir})),
-            Mode::Human if self.verbose => {
-                let slash = if dir { "/" } else { "" };
-                self.out(&format!("deleting {path}{slash}"))
-            }
+            Mode::Human if self.itemize => self.out(&format!("{:<8} {path}{slash}", "deleted")),
+            Mode::Human if self.verbose => self.out(&format!("deleting {path}{slash}")),
             _ => {}
         }
     }
@@ -441,6 +450,100 @@ impl Ui {
             Mode::Quiet => {}
         }
     }
+}
+
+/// The closing summary for people (the seed's shape).
+fn human_summary(r: &TransferReport, from: &str, to: &str, secs: f64) -> String {
+    let rate = if secs > 0.0 {
+        r.file_bytes as f64 / secs
+    } else {
+        0.0
+    };
+    let heading = if r.failed.is_empty() {
+        "Transfer complete"
+    } else {
+        "Transfer finished with failures"
+    };
+    let percent = if r.files_total > 0 {
+        100.0 * r.files_ok as f64 / r.files_total as f64
+    } else {
+        100.0
+    };
+    let mut lines = vec![
+        format!("{heading}: {from} -> {to}"),
+        format!(
+            "  - files:    {} total, {} ok ({percent:.1}%), {} failed, {} skipped",
+            r.files_total,
+            r.files_ok,
+            r.failed.len(),
+            r.skipped.len()
+        ),
+        format!(
+            "  - size:     {}{}",
+            human_bytes(r.file_bytes),
+            held(r.files_unchanged, r.bytes_held)
+        ),
+        format!(
+            "  - on wire:  {}{}",
+            human_bytes(r.wire_bytes),
+            ratio(r.file_bytes, r.wire_bytes)
+        ),
+        format!("  - average:  {}/s", human_bytes(rate as u64)),
+        format!("  - elapsed:  {secs:.2} s{}", retried(r.retries)),
+    ];
+    if r.deleted > 0 || !r.delete_failed.is_empty() {
+        lines.push(format!(
+            "  - deleted:  {} ({} could not be)",
+            r.deleted,
+            r.delete_failed.len()
+        ));
+    }
+    if !r.vanished.is_empty() {
+        lines.push(format!(
+            "Vanished from the source while it was read: {}",
+            r.vanished.len()
+        ));
+    }
+    if !r.failed.is_empty() {
+        lines.push("Failed:".to_string());
+        for (path, why) in r.failed.iter().take(FAILURES_LISTED) {
+            lines.push(format!("  - {path}: {why}"));
+        }
+        if r.failed.len() > FAILURES_LISTED {
+            lines.push(format!("  … and {} more", r.failed.len() - FAILURES_LISTED));
+        }
+    }
+    lines.join("\n")
+}
+
+/// A dry run's summary: what the same command would have done.
+fn dry_run_summary(r: &TransferReport, from: &str, to: &str) -> String {
+    let mut lines = vec![
+        format!("Dry run, nothing changed: {from} -> {to}"),
+        format!(
+            "  - would create {}, update {}, delete {}; {} files' content already there",
+            r.created, r.updated, r.deleted, r.files_unchanged
+        ),
+        format!("  - would send:  {}", human_bytes(r.bytes_changed)),
+    ];
+    if !r.failed.is_empty() {
+        lines.push(format!("  - would fail:  {}", r.failed.len()));
+    }
+    lines.join("\n")
+}
+
+/// How a change is named in `--itemize` lines and `changed` events;
+/// `created` is the action itself.
+fn change_name(change: Change) -> Option<&'static str> {
+    Some(match change {
+        Change::Created => return None,
+        Change::Kind => "kind",
+        Change::Size => "size",
+        Change::Mtime => "mtime",
+        Change::Mode => "mode",
+        Change::Owner => "owner",
+        Change::Target => "target",
+    })
 }
 
 /// What the receiver already had, for the summary's size line.

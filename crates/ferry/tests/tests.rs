@@ -21,6 +21,8 @@ mod changing;
 mod filters;
 // --delete: the destination made equal to the source, held back after failures, never via symlinks.
 mod mirror;
+// --dry-run and --itemize: nothing changes, and what is said is what the real run does.
+mod dry_run;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

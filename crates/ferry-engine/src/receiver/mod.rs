@@ -31,8 +31,11 @@
 //! arrive), and a `dir_end` may come while files below are still open (the
 //! directory's metadata waits until every child is settled).
 
+mod deletions;
+mod itemize;
 mod mirror;
 mod place;
+mod preview;
 mod prune;
 pub(crate) mod rules;
 mod worker;
@@ -68,6 +71,9 @@ pub(crate) struct Destination {
     pub(crate) prefix: Vec<Vec<u8>>,
     /// How the root is named in events and messages.
     pub(crate) label: String,
+    /// How the destination itself is named where what changes in it is
+    /// shown (`--itemize`, `--delete`): for a download, the local path.
+    pub(crate) dest_label: String,
     /// Receive every file, even one already here with the same size and
     /// mtime.
     pub(crate) ignore_times: bool,
@@ -81,6 +87,13 @@ pub(crate) struct Destination {
     /// `--delete`: once everything is in place, delete what the source
     /// does not have.
     pub(crate) pruning: Option<Pruning>,
+    /// Judge what placing each entry changes: an event here and, when
+    /// `tell_sender`, a `changes` to the sender.
+    pub(crate) itemize: bool,
+    /// The user is at the sender (an upload): what changes is told to it.
+    pub(crate) tell_sender: bool,
+    /// Change nothing; tell what would change.
+    pub(crate) dry_run: bool,
 }
 
 /// Lets the worker hold the data connections' readers back.
@@ -167,8 +180,16 @@ where
     // what the data connections hold).
     let budget = dest.budget.clone();
     reader.charge_to(&budget.control);
-    let worker = Worker::new(gate.clone(), dest, tally, reply_tx, reader.peer())?;
-    let done_rx = spawn_worker(worker, frame_rx)?;
+    let done_rx = match dest.dry_run {
+        true => {
+            let preview = preview::Preview::new(dest, tally, reply_tx, reader.peer())?;
+            spawn_worker(move |frames| preview.run(frames), frame_rx)?
+        }
+        false => {
+            let worker = Worker::new(gate.clone(), dest, tally, reply_tx, reader.peer())?;
+            spawn_worker(move |frames| worker.run(frames), frame_rx)?
+        }
+    };
     let read_data = for_each_data_conn(&mut joins, |mut conn| {
         conn.reader.charge_to(&budget.data);
         read_data_conn(conn, frame_tx.clone(), gate.clone())
@@ -196,17 +217,18 @@ where
     }
 }
 
-/// Start the worker on a thread of its own: it does blocking file I/O for
-/// the whole transfer. Its verdict comes on the returned channel.
+/// Start the worker (or a dry run's preview) on a thread of its own: it
+/// does blocking file I/O for the whole transfer. Its verdict comes on the
+/// returned channel.
 fn spawn_worker(
-    worker: Worker,
+    run: impl FnOnce(mpsc::Receiver<Vec<Inbound>>) -> Result<(), EngineError> + Send + 'static,
     frames: mpsc::Receiver<Vec<Inbound>>,
 ) -> Result<oneshot::Receiver<Result<(), EngineError>>, EngineError> {
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
         .name("ferry-receive".into())
         .spawn(move || {
-            let _ = done_tx.send(worker.run(frames));
+            let _ = done_tx.send(run(frames));
         })
         .map_err(EngineError::from)?;
     Ok(done_rx)

@@ -14,16 +14,19 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use ferry_proto::message::{Mtime, Owner};
+use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode};
 
+use super::Destination;
+use super::itemize::{Existing, ExistingKind};
 use super::rules::{MetadataFix, PartPlan};
 use crate::codec::Decoded;
 use crate::error::reason;
-use crate::fsx;
+use crate::fsx::{self, Kind};
 use crate::journal::{self, ChunkRecord, Journal, SourceStamp};
 use crate::names;
 
@@ -576,4 +579,39 @@ pub(super) fn hard_link(
     name: &[u8],
 ) -> io::Result<()> {
     fsx::hard_link(target_dir.as_fd(), target_name, dir.as_fd(), name)
+}
+
+/// What `name` in `parent` is, without following a symlink; `None` if
+/// there is nothing (or it cannot be looked at).
+pub(super) fn existing(parent: BorrowedFd<'_>, name: &[u8]) -> Option<Existing> {
+    let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    let kind = match fsx::kind_of(&stat) {
+        Kind::File => ExistingKind::File,
+        Kind::Dir => ExistingKind::Dir,
+        Kind::Symlink => {
+            let target = rustix::fs::readlinkat(parent, name, Vec::new()).ok()?;
+            ExistingKind::Symlink(target.into_bytes())
+        }
+        Kind::Node if FileType::from_raw_mode(stat.st_mode) == FileType::Fifo => ExistingKind::Fifo,
+        Kind::Node => ExistingKind::Device,
+        Kind::Special(_) => ExistingKind::Other,
+    };
+    Some(Existing {
+        kind,
+        size: stat.st_size as u64,
+        mtime: fsx::mtime_of(&stat),
+        mode: stat.st_mode & 0o7777,
+        owner: fsx::owner_of(&stat),
+        inode: (stat.st_dev, stat.st_ino),
+    })
+}
+
+/// What the destination has at `path` (relative to the root of the
+/// transfer), looked at below its base without following symlinks.
+pub(super) fn look(dest: &Destination, path: &WirePath) -> Option<Existing> {
+    let mut components: Vec<&[u8]> = dest.prefix.iter().map(Vec::as_slice).collect();
+    components.extend(path.components());
+    let (name, parents) = components.split_last()?;
+    let parent = fsx::open_dir_beneath(dest.base.as_fd(), parents).ok()?;
+    existing(parent.as_fd(), name)
 }

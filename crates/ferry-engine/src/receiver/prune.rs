@@ -174,6 +174,25 @@ pub(crate) fn remove_all(
     }
 }
 
+/// Report every entry deleting the victims would remove, innermost
+/// first, as [`remove_all`] would: a dry run.
+pub(crate) fn list_all(
+    tree: &Tree<'_>,
+    victims: &[Victim],
+    each: &mut dyn FnMut(&[u8], bool),
+    trouble: &mut dyn FnMut(Trouble),
+) {
+    for victim in victims {
+        let listed = post_order(tree, victim, &mut |_, _, path, dir| {
+            each(path, dir);
+            Ok(())
+        });
+        if let Err(e) = listed {
+            trouble(e);
+        }
+    }
+}
+
 /// A directory, open, and the mtime it is to keep.
 type KeptMtime = (OwnedFd, Mtime);
 

@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::digest::FileDigest;
-use ferry_proto::message::{EntryKind, HeldBack, Message, Mtime, Outcome, Owner};
+use ferry_proto::message::{Change, EntryKind, Message, Mtime, Outcome, Owner};
 use ferry_proto::path::{WireBytes, WirePath};
 use tokio::sync::mpsc;
 
-use super::mirror::{self, SEEN_CHARGE_EVERY, SEEN_ENTRY_MEMORY, Seen};
+use super::deletions::{self, Deletions, Teller};
+use super::itemize;
 use super::place::{self, Node, ParentCache, Part, Target};
-use super::prune::{self, Pruning, Tree, Victim};
 use super::rules::{
     self, Arrival, Dirs, EntryOrder, Flow, Links, MAX_OPEN_FILES, MetadataFix, Next, OpenDir,
     Parking, PartPlan, PlanWindow,
@@ -25,7 +25,7 @@ use super::{DataGate, Destination, Inbound};
 use crate::budget::{self, HELD_ENTRY_MEMORY, Held};
 use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
-use crate::events::{Event, EventSink, Tally, display_bytes, display_name, peer_text};
+use crate::events::{Event, EventSink, Tally, display_name, peer_text, rebase};
 use crate::journal::ChunkRecord;
 
 /// During a long local job (checking a big journal against its part
@@ -84,21 +84,6 @@ struct Landing {
     owner: Option<Owner>,
 }
 
-/// What `--delete` keeps track of while the transfer runs.
-struct MirrorState {
-    pruning: Pruning,
-    /// Every path the sender announced; `None` once it outgrew the
-    /// session's memory (then nothing is deleted).
-    seen: Option<Seen>,
-    /// The memory `seen` holds.
-    charges: Vec<Held>,
-    /// Entries that failed or are incomplete: the source was not seen
-    /// whole, so nothing may be deleted.
-    failures: u64,
-    /// Only a directory's contents are mirrored.
-    root_is_dir: bool,
-}
-
 pub(crate) struct Worker {
     gate: Arc<DataGate>,
     dest: Destination,
@@ -120,7 +105,11 @@ pub(crate) struct Worker {
     /// The path of the entry whose handling ended the session, for the
     /// `error` that tells the sender.
     failed_at: Option<WireBytes>,
-    mirror: Option<MirrorState>,
+    /// `--delete`: what the source has, remembered.
+    deletions: Option<Deletions>,
+    /// `--itemize`: what placing each open entry changes, and whether it
+    /// is a directory, until it is answered.
+    changes: HashMap<u64, (Vec<Change>, bool)>,
 }
 
 impl Worker {
@@ -131,14 +120,7 @@ impl Worker {
         replies: mpsc::Sender<Vec<Message>>,
         peer: Side,
     ) -> Result<Self, EngineError> {
-        let key = session_key()?;
-        let mirror = dest.pruning.take().map(|pruning| MirrorState {
-            pruning,
-            seen: Some(Seen::new(key)),
-            charges: Vec::new(),
-            failures: 0,
-            root_is_dir: false,
-        });
+        let deletions = dest.pruning.take().map(Deletions::new).transpose()?;
         Ok(Worker {
             gate,
             dest,
@@ -156,7 +138,8 @@ impl Worker {
             plans: PlanWindow::default(),
             peer,
             failed_at: None,
-            mirror,
+            deletions,
+            changes: HashMap::new(),
         })
     }
 
@@ -318,12 +301,60 @@ impl Worker {
         outcome: Outcome,
         size: u64,
     ) -> Result<(), EngineError> {
-        if let (Some(m), Outcome::Failed(_) | Outcome::Incomplete(_)) = (&mut self.mirror, &outcome)
-        {
-            m.failures += 1;
+        if let Some(deletions) = &mut self.deletions {
+            deletions.answered(&outcome);
         }
+        self.tell_changes(id, &display, &outcome, size)?;
         self.tally.event(Event::of_outcome(display, &outcome, size));
         self.reply(Message::Outcome { id, outcome })
+    }
+
+    /// With `--itemize`: what placing entry `id` changed, told before its
+    /// outcome (only if it is in place).
+    fn tell_changes(
+        &mut self,
+        id: u64,
+        display: &str,
+        outcome: &Outcome,
+        size: u64,
+    ) -> Result<(), EngineError> {
+        match self.changes.remove(&id) {
+            Some((what, dir)) if outcome.is_ok() => {
+                let path = rebase(display, &self.dest.label, &self.dest.dest_label);
+                self.tally.event(Event::Changed {
+                    path,
+                    what: what.clone(),
+                    dir,
+                    size,
+                });
+                match self.dest.tell_sender {
+                    true => self.reply(Message::Changes { id, what }),
+                    false => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// With `--itemize`: judge what placing this entry will change, before
+    /// it is placed.
+    fn judge_change(&mut self, at: &Landing, kind: &EntryKind) {
+        if !self.dest.itemize {
+            return;
+        }
+        let existing = place::existing(at.parent.as_fd(), &at.name);
+        let what = match kind {
+            EntryKind::Hardlink { target, .. } => {
+                let target = WirePath::parse(target.as_bytes()).ok();
+                let file = target.and_then(|t| place::look(&self.dest, &t));
+                itemize::link_change(existing.as_ref(), file.as_ref())
+            }
+            _ => itemize::change_of(existing.as_ref(), kind, at.owner),
+        };
+        if !what.is_empty() {
+            let dir = matches!(kind, EntryKind::Dir { .. });
+            self.changes.insert(at.id, (what, dir));
+        }
     }
 
     /// Answer a directory entry: only failures are events.
@@ -335,6 +366,7 @@ impl Worker {
     ) -> Result<(), EngineError> {
         match failure {
             None => {
+                self.tell_changes(id, &display, &Outcome::Ok, 0)?;
                 self.tally.settled();
                 self.reply(Message::Outcome {
                     id,
@@ -359,7 +391,9 @@ impl Worker {
         // Owners are applied only by a root receiver (the only one that can).
         let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
-        self.remember(&path, &kind);
+        if let Some(deletions) = &mut self.deletions {
+            deletions.remember(&path, &kind, &self.dest.budget);
+        }
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.dirs.parent_of(&path);
         let name = self.name_of(&path);
@@ -390,6 +424,7 @@ impl Worker {
             name,
             owner,
         };
+        self.judge_change(&at, &kind);
         self.place_entry(at, &path, kind)
             .inspect_err(|_| self.failed_at = Some(WireBytes(path.as_bytes().to_vec())))
     }
@@ -878,228 +913,36 @@ impl Worker {
     }
 }
 
-/// `--delete`: remembering what the source has, and deleting the rest.
-impl Worker {
-    /// Remember an announced entry, charging its memory in steps.
-    fn remember(&mut self, path: &WirePath, kind: &EntryKind) {
-        let Some(m) = &mut self.mirror else {
-            return;
-        };
-        if path.is_root() {
-            m.root_is_dir = matches!(kind, EntryKind::Dir { .. });
-        }
-        let Some(seen) = &mut m.seen else {
-            return;
-        };
-        if seen.note(path.as_bytes()) {
-            let step = SEEN_CHARGE_EVERY as u64 * SEEN_ENTRY_MEMORY;
-            match self.dest.budget.hold(0, step) {
-                Some(held) => m.charges.push(held),
-                None => {
-                    m.seen = None;
-                    m.charges.clear();
-                }
-            }
-        }
+/// `--delete`: what the worker tells of its deletions goes where its
+/// replies go.
+impl Teller for Worker {
+    fn tally(&self) -> &Tally {
+        &self.tally
     }
 
-    /// The transfer is over: say `done`, and mirror. A receiver that
-    /// tells the sender of its deletions (a server) deletes first; one
-    /// whose user is here (a downloading client) lets the server go first.
-    fn finish(&mut self) -> Result<(), EngineError> {
-        let mut mirror = self.mirror.take();
-        let tell = mirror.as_ref().is_some_and(|m| m.pruning.tell_sender);
-        if let (Some(m), true) = (&mut mirror, tell) {
-            self.prune(m)?;
-        }
+    fn reply(&mut self, msg: Message) -> Result<(), EngineError> {
+        Worker::reply(self, msg)
+    }
+
+    fn keepalive(&mut self) -> Result<(), EngineError> {
+        self.reply(Message::Keepalive)?;
+        self.flush_replies()
+    }
+
+    fn done(&mut self) -> Result<(), EngineError> {
         self.reply(Message::Done)?;
-        self.flush_replies()?;
-        if let (Some(m), false) = (&mut mirror, tell) {
-            self.prune(m)?;
-        }
-        Ok(())
-    }
-
-    /// Delete what the source does not have, unless something holds that
-    /// back; report it all.
-    fn prune(&mut self, m: &mut MirrorState) -> Result<(), EngineError> {
-        if !m.root_is_dir {
-            return self.tell_deletions(m, 0, None);
-        }
-        let held_back = match m.seen.take() {
-            None => Some(HeldBack::Memory),
-            Some(_) if m.failures > 0 => mirror::hold_back(m.failures, 0, None),
-            Some(seen) => {
-                let tree = self.tree()?;
-                let victims = self.scan(&tree.0, &tree.1, m, &seen)?;
-                let would = self.would_delete(&tree.0, &tree.1, m, &victims);
-                match mirror::hold_back(0, would, m.pruning.max_delete) {
-                    None => return self.delete(&tree.0, &tree.1, m, &victims),
-                    held => held,
-                }
-            }
-        };
-        if let Some(held) = &held_back {
-            self.tally.event(Event::HeldBack(held.clone()));
-        }
-        self.tell_deletions(m, 0, held_back)
-    }
-
-    /// The destination as `prune` walks it: a descriptor of its own, so
-    /// the worker stays free to reply meanwhile.
-    fn tree(&self) -> Result<(OwnedFd, Vec<Vec<u8>>), EngineError> {
-        let base = self.dest.base.try_clone().map_err(EngineError::from)?;
-        Ok((base, self.dest.prefix.clone()))
-    }
-
-    fn scan(
-        &mut self,
-        base: &OwnedFd,
-        root: &[Vec<u8>],
-        m: &mut MirrorState,
-        seen: &Seen,
-    ) -> Result<Vec<Victim>, EngineError> {
-        let tree = Tree {
-            base: base.as_fd(),
-            root,
-        };
-        let mut troubles = Vec::new();
-        let mut last_sign = Instant::now();
-        let tell = m.pruning.tell_sender;
-        let mut replies = Ok(());
-        let victims = prune::scan(
-            &tree,
-            seen,
-            &mut m.pruning,
-            &mut |t| troubles.push(t),
-            &mut || {
-                if last_sign.elapsed() >= KEEPALIVE_EVERY {
-                    last_sign = Instant::now();
-                    self.tally.working();
-                    if tell && replies.is_ok() {
-                        replies = self.replies.blocking_send(vec![Message::Keepalive]);
-                    }
-                }
-            },
-        );
-        replies.map_err(|_| EngineError::Closed)?;
-        for (path, e) in troubles {
-            self.deletion_failed(m, &path, &e)?;
-        }
-        Ok(victims)
-    }
-
-    /// How many entries deleting `victims` takes, as far as it matters:
-    /// counted one by one only under `--max-delete`.
-    fn would_delete(
-        &self,
-        base: &OwnedFd,
-        root: &[Vec<u8>],
-        m: &MirrorState,
-        victims: &[Victim],
-    ) -> u64 {
-        let Some(max) = m.pruning.max_delete else {
-            return victims.len() as u64;
-        };
-        let tree = Tree {
-            base: base.as_fd(),
-            root,
-        };
-        let mut would = 0;
-        for victim in victims {
-            would += prune::count(&tree, victim);
-            if would > max {
-                break;
-            }
-        }
-        would
-    }
-
-    fn delete(
-        &mut self,
-        base: &OwnedFd,
-        root: &[Vec<u8>],
-        m: &mut MirrorState,
-        victims: &[Victim],
-    ) -> Result<(), EngineError> {
-        let tree = Tree {
-            base: base.as_fd(),
-            root,
-        };
-        let mut deleted = 0;
-        let mut result = Ok(());
-        let mut troubles = Vec::new();
-        prune::remove_all(
-            &tree,
-            victims,
-            &mut |path, dir| {
-                deleted += 1;
-                if result.is_ok() {
-                    result = self.deleted(m, path, dir);
-                }
-            },
-            &mut |t| troubles.push(t),
-        );
-        result?;
-        for (path, e) in troubles {
-            self.deletion_failed(m, &path, &e)?;
-        }
-        self.tell_deletions(m, deleted, None)
-    }
-
-    /// One entry deleted: an event here, and a word to the sender.
-    fn deleted(&mut self, m: &MirrorState, path: &[u8], dir: bool) -> Result<(), EngineError> {
-        let shown = display_bytes(&m.pruning.label, path);
-        self.tally.event(Event::Deleted { path: shown, dir });
-        match m.pruning.tell_sender {
-            true => self.reply(Message::Deleted {
-                path: WireBytes(path.to_vec()),
-                dir,
-                error: None,
-            }),
-            false => Ok(()),
-        }
-    }
-
-    fn deletion_failed(
-        &mut self,
-        m: &MirrorState,
-        path: &[u8],
-        e: &io::Error,
-    ) -> Result<(), EngineError> {
-        let shown = display_bytes(&m.pruning.label, path);
-        let why = format!("cannot delete: {}", reason(e));
-        self.tally.event(Event::DeleteFailed {
-            path: shown,
-            reason: why.clone(),
-        });
-        match m.pruning.tell_sender {
-            true => self.reply(Message::Deleted {
-                path: WireBytes(path.to_vec()),
-                dir: false,
-                error: Some(why),
-            }),
-            false => Ok(()),
-        }
-    }
-
-    fn tell_deletions(
-        &mut self,
-        m: &MirrorState,
-        deleted: u64,
-        held_back: Option<HeldBack>,
-    ) -> Result<(), EngineError> {
-        match m.pruning.tell_sender {
-            true => self.reply(Message::Deletions { deleted, held_back }),
-            false => Ok(()),
-        }
+        self.flush_replies()
     }
 }
 
-/// A random key for the hashes of the paths a mirror remembers.
-fn session_key() -> Result<u64, EngineError> {
-    let bytes = crate::auth::random_bytes(8)?;
-    Ok(u64::from_le_bytes(bytes.try_into().unwrap_or_default()))
+impl Worker {
+    /// The transfer is over: say `done`, and mirror.
+    fn finish(&mut self) -> Result<(), EngineError> {
+        let base = self.dest.base.try_clone().map_err(EngineError::from)?;
+        let root = self.dest.prefix.clone();
+        let deletions = self.deletions.take();
+        deletions::finish(self, deletions, &base, &root, false)
+    }
 }
 
 fn outcome_of(done: io::Result<()>) -> Outcome {

@@ -75,8 +75,12 @@ pub(crate) struct SendJob {
     /// `--bwlimit`: bytes per second, all connections together.
     pub(crate) bwlimit: Option<u64>,
     /// The receiver was asked to mirror (`--delete`): it tells of its
-    /// deletions before `done`, in the destination named so.
-    pub(crate) mirror: Option<String>,
+    /// deletions before `done`. With `itemize`, it tells what each entry
+    /// changes. Both name the destination so (its changes are shown
+    /// under that name, not the source's).
+    pub(crate) mirror: bool,
+    pub(crate) itemize: bool,
+    pub(crate) dest_label: String,
 }
 
 /// What passes from the reader of the receiver's replies to the producer
@@ -152,7 +156,9 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
     let replies = Replies {
         inbox: inbox.clone(),
         peer,
-        mirror: job.mirror.clone(),
+        mirror: job.mirror,
+        itemize: job.itemize,
+        labels: (job.label.clone(), job.dest_label.clone()),
     };
     let producer = Producer::new(
         Output::new(control_tx, data_tx, job.bwlimit),
@@ -185,9 +191,13 @@ pub(crate) struct Replies {
     inbox: Arc<Inbox>,
     /// The receiver's side: who speaks in an `error` among the replies.
     peer: Side,
-    /// The receiver mirrors, telling of its deletions in the destination
-    /// named so.
-    mirror: Option<String>,
+    /// The receiver mirrors: it tells of its deletions.
+    mirror: bool,
+    /// The receiver tells what each entry changes.
+    itemize: bool,
+    /// How the root of the transfer is named in the sender's events, and
+    /// in the destination (where changes and deletions happen).
+    labels: (String, String),
 }
 
 impl Replies {
@@ -211,11 +221,13 @@ impl Replies {
                         break;
                     }
                     // It may be checking the journal of a file we sent.
-                    Message::Keepalive => tally.kept_alive(state.peer_work(self.mirror.is_some())),
-                    msg @ (Message::Deleted { .. } | Message::Deletions { .. })
-                        if let Some(label) = &self.mirror =>
-                    {
-                        events.extend(rules::deletion_event(label, msg)?);
+                    Message::Keepalive => tally.kept_alive(state.peer_work(self.mirror)),
+                    Message::Changes { id, what } if self.itemize => {
+                        let (from, to) = &self.labels;
+                        events.push(state.changed(id, what, (from, to))?);
+                    }
+                    msg @ (Message::Deleted { .. } | Message::Deletions { .. }) if self.mirror => {
+                        events.extend(rules::deletion_event(&self.labels.1, msg)?);
                     }
                     Message::Outcome { .. } => {
                         tally.settled();

@@ -24,11 +24,11 @@ use std::sync::Arc;
 use ferry_proto::limits::{
     DEFAULT_CHUNK_LEN, MAX_CHUNK_LEN, MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS,
 };
-use ferry_proto::message::{EntryKind, Message, Mtime, Outcome};
+use ferry_proto::message::{Change, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WireBytes, WirePath};
 
 use crate::error::{EngineError, Role, Violation};
-use crate::events::{Event, display_name, peer_outcome, peer_text};
+use crate::events::{Event, display_name, peer_outcome, peer_text, rebase};
 
 /// Entries sent and not answered yet, at most, in all: each is remembered
 /// (its name, for the report) until its outcome comes. A receiver answers
@@ -261,6 +261,30 @@ impl InboxState {
             }
         }
         Ok(None)
+    }
+
+    /// What the receiver says placing entry `id` changes, as an event,
+    /// named in the destination: `labels` are how the root is named in the
+    /// sender's events and in the destination.
+    pub(super) fn changed(
+        &self,
+        id: u64,
+        what: Vec<Change>,
+        (from, to): (&str, &str),
+    ) -> Result<Event, EngineError> {
+        match self.unanswered.get(&id) {
+            Some(e) => Ok(Event::Changed {
+                path: rebase(&e.path, from, to),
+                what,
+                dir: e.is_dir,
+                size: e.size,
+            }),
+            None => Err(Violation::NeverAnnounced {
+                message: "changes",
+                id,
+            }
+            .into()),
+        }
     }
 
     /// Forget entry `id`, answered; a file's outcome is its event.

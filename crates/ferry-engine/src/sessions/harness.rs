@@ -68,11 +68,15 @@ impl Receiving {
             base: open_dir(tmp.path()),
             prefix: vec![b"dst".to_vec()],
             label: "dst".into(),
+            dest_label: "dst".into(),
             ignore_times: false,
             owners: false,
             devices: false,
             budget: crate::budget::SessionBudget::unlimited(),
             pruning: None,
+            itemize: false,
+            tell_sender: true,
+            dry_run: false,
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.

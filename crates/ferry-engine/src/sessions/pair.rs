@@ -73,7 +73,9 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         owners: false,
         filter: Default::default(),
         bwlimit: None,
-        mirror: rx.mirrors().then(|| "dst".to_string()),
+        mirror: rx.mirrors(),
+        itemize: false,
+        dest_label: "dst".into(),
     };
     // As in an upload: the client sends to the server.
     let mut started = sender::start(job, tally.clone(), Side::Server).unwrap();

@@ -1,0 +1,307 @@
+//! `--dry-run`: a receiver that changes nothing and says what it would do.
+//!
+//! It takes the sender's entries as the real worker does, looks at what
+//! the destination has at each (never creating, opening for writing or
+//! following anything), and answers at once: what would change
+//! (`changes`, judged as the real worker judges it, in `itemize.rs`), and
+//! an outcome. It plans no file, so no data is sent; a chunk that comes
+//! anyway breaks the protocol. With `--delete`, the deletions are scanned
+//! as for real and listed, not made.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ferry_proto::limits::MAX_OPEN_DIRS;
+use ferry_proto::message::{Change, EntryKind, Message, Outcome, Owner};
+use ferry_proto::path::{WireBytes, WirePath};
+use tokio::sync::mpsc;
+
+use super::deletions::{self, Deletions, Teller};
+use super::itemize::{self, Existing};
+use super::rules::{self, EntryOrder};
+use super::{Destination, Inbound, place};
+use crate::error::{EngineError, PeerFailure, Role, Side, Violation};
+use crate::events::{Event, EventSink, Tally, display_name, peer_text, rebase};
+
+pub(crate) struct Preview {
+    dest: Destination,
+    tally: Arc<Tally>,
+    replies: mpsc::Sender<Vec<Message>>,
+    unsent: Vec<Message>,
+    order: EntryOrder,
+    /// Directories whose `dir_end` has not come: answered then, with what
+    /// would change.
+    open_dirs: HashMap<u64, (String, Vec<Change>)>,
+    deletions: Option<Deletions>,
+    end_seen: bool,
+    /// The sender's side: who speaks in an `error` it sends.
+    peer: Side,
+}
+
+impl Preview {
+    pub(crate) fn new(
+        mut dest: Destination,
+        tally: Arc<Tally>,
+        replies: mpsc::Sender<Vec<Message>>,
+        peer: Side,
+    ) -> Result<Self, EngineError> {
+        let deletions = dest.pruning.take().map(Deletions::new).transpose()?;
+        Ok(Preview {
+            dest,
+            tally,
+            replies,
+            unsent: Vec::new(),
+            order: EntryOrder::default(),
+            open_dirs: HashMap::new(),
+            deletions,
+            end_seen: false,
+            peer,
+        })
+    }
+
+    /// The thread's body: answer until the sender has said `end` and every
+    /// directory has ended.
+    pub(super) fn run(
+        mut self,
+        mut frames: mpsc::Receiver<Vec<Inbound>>,
+    ) -> Result<(), EngineError> {
+        let result = self.receive(&mut frames);
+        if let Err(e) = &result
+            && e.is_for_the_peer()
+        {
+            self.unsent.push(Message::error(e.code(), e.to_string()));
+            let _ = self.flush();
+        }
+        result
+    }
+
+    fn receive(&mut self, frames: &mut mpsc::Receiver<Vec<Inbound>>) -> Result<(), EngineError> {
+        loop {
+            let batch = frames.blocking_recv().ok_or(EngineError::Closed)?;
+            for frame in batch {
+                match frame {
+                    // No file was planned: no data may come.
+                    Inbound::Data(_) => return Err(Violation::UnexpectedData.into()),
+                    Inbound::Control(msg) => self.message(msg)?,
+                }
+            }
+            if self.end_seen && self.open_dirs.is_empty() {
+                let base = self.dest.base.try_clone().map_err(EngineError::from)?;
+                let root = self.dest.prefix.clone();
+                let deletions = self.deletions.take();
+                return deletions::finish(self, deletions, &base, &root, true);
+            }
+            self.flush()?;
+        }
+    }
+
+    fn message(&mut self, msg: Message) -> Result<(), EngineError> {
+        match msg {
+            Message::Entry {
+                id,
+                path,
+                kind,
+                owner,
+            } => self.entry(id, path, kind, owner),
+            Message::DirEnd { id } => match self.open_dirs.remove(&id) {
+                Some((display, what)) => self.answer(id, display, Outcome::Ok, what, (0, true)),
+                None => Err(Violation::NeverAnnounced {
+                    message: "dir_end",
+                    id,
+                }
+                .into()),
+            },
+            Message::Abort { id, reason, .. } => match self.open_dirs.remove(&id) {
+                Some((display, _)) => {
+                    let failed = Outcome::Failed(peer_text(&reason));
+                    self.answer(id, display, failed, Vec::new(), (0, true))
+                }
+                // A file, answered already: nothing of it was to come.
+                None => Ok(()),
+            },
+            Message::Totals { files, bytes } => {
+                self.tally.event(Event::Totals { files, bytes });
+                Ok(())
+            }
+            Message::Vanished { path } => {
+                let path = display_name(&self.dest.label, &WirePath::from_wire(path)?);
+                self.tally.event(Event::Vanished { path });
+                Ok(())
+            }
+            Message::Keepalive => Ok(()),
+            Message::End => {
+                self.end_seen = true;
+                Ok(())
+            }
+            Message::Error {
+                code,
+                message,
+                path,
+            } => Err(EngineError::Remote(PeerFailure::received(
+                self.peer,
+                code,
+                &message,
+                path.as_ref(),
+            ))),
+            other => Err(Violation::UnexpectedMessage {
+                from: Role::Sender,
+                message: other.name(),
+            }
+            .into()),
+        }
+    }
+
+    fn entry(
+        &mut self,
+        id: u64,
+        path: WireBytes,
+        kind: EntryKind,
+        owner: Option<Owner>,
+    ) -> Result<(), EngineError> {
+        self.order.admit(id, owner)?;
+        let owner = owner.filter(|_| self.dest.owners);
+        let path = WirePath::from_wire(path)?;
+        if let Some(deletions) = &mut self.deletions {
+            deletions.remember(&path, &kind, &self.dest.budget);
+        }
+        let display = display_name(&self.dest.label, &path);
+        let name = match path.components().last() {
+            Some(last) => last.to_vec(),
+            None => self.dest.prefix.last().cloned().unwrap_or_default(),
+        };
+        if let Some(refusal) = rules::name_refusal(&name) {
+            let dir = matches!(kind, EntryKind::Dir { .. });
+            return self.answer(id, display, refusal, Vec::new(), (0, dir));
+        }
+        let existing = place::look(&self.dest, &path);
+        match self.judge(&kind, existing.as_ref(), owner) {
+            Judged::Dir(what) => {
+                if self.open_dirs.len() >= MAX_OPEN_DIRS {
+                    let limit = MAX_OPEN_DIRS;
+                    let what = "directories open";
+                    return Err(Violation::OverLimit { what, limit }.into());
+                }
+                self.open_dirs.insert(id, (display, what));
+                Ok(())
+            }
+            Judged::Now(outcome, what, size) => {
+                self.answer(id, display, outcome, what, (size, false))
+            }
+        }
+    }
+
+    /// What placing `kind` over `existing` would do, as the real worker
+    /// would answer it.
+    fn judge(&self, kind: &EntryKind, existing: Option<&Existing>, owner: Option<Owner>) -> Judged {
+        let ok = |what| Judged::Now(Outcome::Ok, what, 0);
+        match kind {
+            EntryKind::Dir { .. } => Judged::Dir(itemize::change_of(existing, kind, owner)),
+            EntryKind::File { size, .. } => {
+                let what = itemize::change_of(existing, kind, owner);
+                let quick = !self.dest.ignore_times && itemize::metadata_only(&what);
+                let outcome = if quick {
+                    Outcome::Unchanged
+                } else {
+                    Outcome::Ok
+                };
+                Judged::Now(outcome, what, *size)
+            }
+            EntryKind::Special { what } => {
+                let why = format!("special file ({}), not transferred", peer_text(what));
+                Judged::Now(Outcome::Skipped(why), Vec::new(), 0)
+            }
+            EntryKind::Device { block, .. } => {
+                match rules::device_refusal(self.dest.devices, *block) {
+                    Some(refusal) => Judged::Now(refusal, Vec::new(), 0),
+                    None => ok(itemize::change_of(existing, kind, owner)),
+                }
+            }
+            EntryKind::Hardlink { target, .. } => {
+                let target = WirePath::parse(target.as_bytes()).ok();
+                let file = target.and_then(|t| place::look(&self.dest, &t));
+                ok(itemize::link_change(existing, file.as_ref()))
+            }
+            EntryKind::Symlink { .. } | EntryKind::Fifo { .. } => {
+                ok(itemize::change_of(existing, kind, owner))
+            }
+        }
+    }
+
+    /// Answer entry `id` (`of`: a file's size, and whether a directory).
+    fn answer(
+        &mut self,
+        id: u64,
+        display: String,
+        outcome: Outcome,
+        what: Vec<Change>,
+        (size, dir): (u64, bool),
+    ) -> Result<(), EngineError> {
+        if let Some(deletions) = &mut self.deletions {
+            deletions.answered(&outcome);
+        }
+        if outcome.is_ok() && !what.is_empty() {
+            let path = rebase(&display, &self.dest.label, &self.dest.dest_label);
+            let changed = Event::Changed {
+                path,
+                what: what.clone(),
+                dir,
+                size,
+            };
+            self.tally.event(changed);
+            if self.dest.tell_sender {
+                self.push(Message::Changes { id, what })?;
+            }
+        }
+        match (dir, &outcome) {
+            (true, Outcome::Ok) => self.tally.settled(),
+            _ => self.tally.event(Event::of_outcome(display, &outcome, size)),
+        }
+        self.push(Message::Outcome { id, outcome })
+    }
+
+    fn push(&mut self, msg: Message) -> Result<(), EngineError> {
+        self.unsent.push(msg);
+        if self.unsent.len() >= 256 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.unsent);
+        self.replies
+            .blocking_send(batch)
+            .map_err(|_| EngineError::Closed)
+    }
+}
+
+/// What the preview makes of an entry.
+enum Judged {
+    /// A directory: answered at its `dir_end`, with these changes.
+    Dir(Vec<Change>),
+    /// Answered now: its outcome, its changes, a file's size.
+    Now(Outcome, Vec<Change>, u64),
+}
+
+impl Teller for Preview {
+    fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
+    fn reply(&mut self, msg: Message) -> Result<(), EngineError> {
+        self.push(msg)
+    }
+
+    fn keepalive(&mut self) -> Result<(), EngineError> {
+        self.push(Message::Keepalive)?;
+        self.flush()
+    }
+
+    fn done(&mut self) -> Result<(), EngineError> {
+        self.push(Message::Done)?;
+        self.flush()
+    }
+}
