@@ -29,7 +29,7 @@ use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
-use crate::receiver::{Destination, Pruning, run_receiver};
+use crate::receiver::{Destination, Pruning, Publish, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle;
 use crate::tls::ClientTls;
@@ -73,6 +73,9 @@ pub struct ClientConfig {
     /// `--dry-run`: change nothing on either side; report what would
     /// change (as `itemize` does) and what would be deleted.
     pub dry_run: bool,
+    /// `--atomic`: the new version is assembled beside the live tree and
+    /// switched in by one rename once whole (it mirrors the source).
+    pub atomic: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -87,6 +90,18 @@ pub struct ClientConfig {
     /// that server, known by its certificate. Without TLS nothing tells
     /// which server answered, so it is offered to none.
     pub own_token: Option<Token>,
+}
+
+impl ClientConfig {
+    /// What the receiver mirrors: `--delete`'s, or an atomic publish's
+    /// (the new version is the source, exactly).
+    fn mirrored(&self) -> Option<Mirror> {
+        match (&self.mirror, self.atomic) {
+            (Some(m), _) => Some(m.clone()),
+            (None, true) => Some(Mirror::default()),
+            (None, false) => None,
+        }
+    }
 }
 
 /// The first pause between attempts; it doubles after each attempt that
@@ -443,6 +458,41 @@ pub async fn upload(
     .await
 }
 
+/// Switch back the previous version an atomic publish kept of `remote`
+/// (the live one takes its place, so a second rollback undoes the first).
+pub async fn rollback(
+    config: &ClientConfig,
+    remote: &[u8],
+    events: Arc<dyn EventSink>,
+    cancel: &CancellationToken,
+) -> Result<TransferSummary, EngineError> {
+    let single = ClientConfig {
+        streams: 1,
+        ..config.clone()
+    };
+    let request = Message::Rollback {
+        dest: WireBytes(remote.to_vec()),
+    };
+    with_retries(&single, events, cancel, |tally, session| {
+        let (single, request) = (&single, &request);
+        async move {
+            let mut conn = Connection::open(single, session.meter.clone(), &*tally).await?;
+            conn.request(request).await?;
+            conn.finish(Ok(())).await
+        }
+    })
+    .await
+}
+
+/// Switch back the previous version an atomic publish kept of the local
+/// tree at `path`.
+pub fn rollback_local(path: &Path) -> Result<(), EngineError> {
+    let shown = || escape(path.as_os_str().as_bytes());
+    let dest = local_destination(path, shown(), true)?;
+    crate::receiver::publish::roll_back(std::os::fd::AsFd::as_fd(&dest.base), &dest.prefix)
+        .map_err(|e| EngineError::local(shown(), Op::Rename, LocalCause::Io(e)))
+}
+
 /// Fetch the remote file or tree at `remote` into `local` (the copy itself;
 /// missing parent directories are created).
 pub async fn download(
@@ -472,13 +522,14 @@ async fn upload_once(
     let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
-        mirror: config.mirror.clone().map(|m| Mirror {
+        mirror: config.mirrored().map(|m| Mirror {
             filters: config.filters.clone(),
             gitignore: config.gitignore,
             ..m
         }),
         itemize: config.itemize || config.dry_run,
         dry_run: config.dry_run,
+        atomic: config.atomic,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -490,8 +541,9 @@ async fn upload_once(
         owners: config.owners,
         filter,
         bwlimit: config.bwlimit,
-        mirror: config.mirror.is_some(),
+        mirror: config.mirrored().is_some(),
         itemize: config.itemize || config.dry_run,
+        atomic: config.atomic && !config.dry_run,
         dest_label: escape(remote),
     };
     let result = session
@@ -524,7 +576,12 @@ async fn download_once(
     let mut dest = local_destination(local, escape(remote), config.dry_run)?;
     dest.itemize = config.itemize || config.dry_run;
     dest.dry_run = config.dry_run;
-    dest.pruning = config.mirror.as_ref().map(|m| Pruning {
+    if config.atomic && !config.dry_run {
+        let (staging, publish) = Publish::of(&dest.prefix).ok_or(EngineError::Closed)?;
+        dest.prefix = staging;
+        dest.publish = Some(publish);
+    }
+    dest.pruning = config.mirrored().map(|m| Pruning {
         max_delete: m.max_delete,
         delete_excluded: m.delete_excluded,
         filter,
@@ -762,5 +819,6 @@ fn local_destination(
         itemize: false,
         tell_sender: false,
         dry_run: false,
+        publish: None,
     })
 }

@@ -366,6 +366,7 @@ pub enum Op {
     Write,
     /// Reading a value (a token, a fingerprint) out of text.
     Parse,
+    Rename,
 }
 
 impl std::fmt::Display for Op {
@@ -376,6 +377,7 @@ impl std::fmt::Display for Op {
             Op::Read => "read",
             Op::Write => "write",
             Op::Parse => "parse",
+            Op::Rename => "rename",
         })
     }
 }

@@ -62,6 +62,14 @@ pub enum Event {
     DeleteFailed { path: String, reason: String },
     /// `--delete` deleted nothing, and this is why.
     HeldBack(HeldBack),
+    /// `--atomic`: the new version of `path` was switched in (`previous`:
+    /// the one it replaced is kept), or, with `refused`, why it was not
+    /// (the live tree is untouched; the next run resumes the staging).
+    Published {
+        path: String,
+        previous: bool,
+        refused: Option<String>,
+    },
     /// A server seen for the first time: its certificate's fingerprint
     /// is now remembered in `file` and expected from then on.
     NewServer {
@@ -178,6 +186,8 @@ pub struct TransferReport {
     pub delete_failed: Vec<(String, String)>,
     /// Why `--delete` deleted nothing, if it was held back.
     pub held_back: Option<HeldBack>,
+    /// `--atomic`: whether the new version was published.
+    pub published: Option<bool>,
     /// File bytes moved (raw, before compression).
     pub file_bytes: u64,
     /// Bytes that crossed the connection, both ways, framing included.
@@ -296,6 +306,7 @@ impl Tally {
             | Event::Retry { .. }
             | Event::HeldBack(_)
             | Event::Changed { .. }
+            | Event::Published { .. }
             | Event::NewServer { .. } => {}
         }
     }
@@ -368,6 +379,7 @@ impl EventSink for Tally {
                     list(&mut r.delete_failed, &mut unlisted, n, pair(path, reason))
                 }
                 Event::HeldBack(why) => r.held_back = Some(why.clone()),
+                Event::Published { refused, .. } => r.published = Some(refused.is_none()),
                 Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }

@@ -10,7 +10,10 @@
 //!   it gets its metadata): created exclusively under a name no other
 //!   transfer uses, looks for or removes;
 //! - `.ferry-probe.…`: a moment's name, to learn whether unnamed files can
-//!   be named here.
+//!   be named here;
+//! - `.NAME.ferry-next` and `.NAME.ferry-prev`: the directory where the
+//!   next version of `NAME` is assembled (`--atomic`), and the previous
+//!   version, kept for `ferry rollback`.
 //!
 //! A peer never gets an entry made under one of these names: a part file
 //! or a journal that a client could create (a hard link to a file it may
@@ -23,6 +26,12 @@
 pub(crate) const PART_SUFFIX: &[u8] = b".ferry-part";
 /// What a journal's name ends with.
 pub(crate) const JOURNAL_SUFFIX: &[u8] = b".ferry-journal";
+/// What an atomic publish's staging directory ends with: the new version
+/// of `NAME` is assembled in `.NAME.ferry-next` beside it.
+pub(crate) const NEXT_SUFFIX: &[u8] = b".ferry-next";
+/// What the previous version of an atomically published `NAME` is kept
+/// as: `.NAME.ferry-prev`, until the next publish.
+pub(crate) const PREV_SUFFIX: &[u8] = b".ferry-prev";
 /// What a probe's name starts with.
 pub(crate) const PROBE_PREFIX: &[u8] = b".ferry-probe.";
 /// What a fresh working name starts with.
@@ -47,6 +56,16 @@ pub(crate) fn part_name(name: &[u8]) -> Vec<u8> {
 /// `.NAME.ferry-journal`: the part file's name with its own suffix.
 pub(crate) fn journal_name(name: &[u8]) -> Vec<u8> {
     hidden_sibling(name, JOURNAL_SUFFIX)
+}
+
+/// `.NAME.ferry-next`: where the new version of `NAME` is assembled.
+pub(crate) fn staging_name(name: &[u8]) -> Vec<u8> {
+    hidden_sibling(name, NEXT_SUFFIX)
+}
+
+/// `.NAME.ferry-prev`: the previous version of `NAME`, kept.
+pub(crate) fn previous_name(name: &[u8]) -> Vec<u8> {
+    hidden_sibling(name, PREV_SUFFIX)
 }
 
 /// `.NAME` + `suffix`. Names too long to leave room for the longest
@@ -84,6 +103,8 @@ pub(crate) fn sibling(stem: &[u8], suffix: &[u8]) -> Vec<u8> {
 pub(crate) fn is_working_name(name: &[u8]) -> bool {
     stem(name, PART_SUFFIX).is_some()
         || stem(name, JOURNAL_SUFFIX).is_some()
+        || stem(name, NEXT_SUFFIX).is_some()
+        || stem(name, PREV_SUFFIX).is_some()
         || name.starts_with(PROBE_PREFIX)
         || name.starts_with(NEW_PREFIX)
 }
@@ -127,6 +148,13 @@ mod tests {
     }
 
     #[test]
+    fn an_atomic_publish_has_its_two_siblings() {
+        assert_eq!(staging_name(b"www"), b".www.ferry-next");
+        assert_eq!(previous_name(b"www"), b".www.ferry-prev");
+        assert!(staging_name(&[b'x'; 255]).len() <= 255);
+    }
+
+    #[test]
     fn stems_are_what_lies_between_the_dot_and_the_suffix() {
         assert_eq!(stem(b".a.ferry-part", PART_SUFFIX), Some(&b"a"[..]));
         assert_eq!(stem(b"..ferry-part", PART_SUFFIX), None);
@@ -146,6 +174,8 @@ mod tests {
             b".ferry-probe.12.34",
             b".ferry-new.0123456789abcdef",
             b".ferry-new.x",
+            b".www.ferry-next",
+            b".www.ferry-prev",
         ] {
             assert!(is_working_name(name), "{}", String::from_utf8_lossy(name));
             assert!(is_working_name(&part_name(name)));

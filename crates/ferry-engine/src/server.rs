@@ -48,7 +48,7 @@ use crate::events::{Event, EventSink, SERVER_LISTED, Tally};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
-use crate::receiver::{Destination, Pruning, run_receiver};
+use crate::receiver::{Destination, Pruning, Publish, publish, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle::{self, AuthThrottle};
 use crate::tls::ServerTls;
@@ -913,6 +913,7 @@ async fn transfer(
             let result = run_sender(reader, writer, *job, tally.clone(), watched, joins).await;
             ("download", result, tally)
         }
+        Accepted::RolledBack => ("rollback", Ok(()), tally("rolled back")),
     }
 }
 
@@ -964,6 +965,8 @@ enum Accepted {
     /// With what it holds of the server's budgets for as long as it runs;
     /// boxed: a job carries its filter's compiled globs.
     Send(Box<SendJob>, (SessionBudget, Charge)),
+    /// A rollback, done: nothing more to run.
+    RolledBack,
 }
 
 /// Check a request against the server's access and root, and prepare what
@@ -985,8 +988,11 @@ fn accept_request(
             mirror,
             itemize,
             dry_run,
+            atomic,
         } => {
             let label = escape(dest.as_bytes());
+            // An atomic publish mirrors: the new version is the source.
+            let mirror = mirror.or_else(|| atomic.then(Mirror::default));
             let pruning = mirror.map(|m| pruning_of(m, label)).transpose()?;
             let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), dry_run);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
@@ -995,8 +1001,21 @@ fn accept_request(
                 dest.ignore_times = ignore_times;
                 dest.itemize = itemize || dry_run;
                 dest.dry_run = dry_run;
+                // A dry run looks at the live tree itself.
+                if atomic && !dry_run {
+                    stage(dest);
+                }
             }
             accepted
+        }
+        Message::Rollback { dest } => {
+            let path = parse_remote(dest.as_bytes())?;
+            let live: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
+            publish::roll_back(root.as_fd(), &live).map_err(|error| {
+                let op = Op::Rename;
+                Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
+            })?;
+            Ok(Accepted::RolledBack)
         }
         // The client receives, and applies `ignore_times` itself.
         Message::Download {
@@ -1028,7 +1047,7 @@ fn accept_request(
 /// Refuse the direction a read-only or write-only server does not serve.
 fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
     match (request, access) {
-        (Message::Upload { dest, .. }, Access::ReadOnly) => {
+        (Message::Upload { dest, .. } | Message::Rollback { dest }, Access::ReadOnly) => {
             Err(Refusal::of_path(dest.as_bytes(), RefusalReason::ReadOnly))
         }
         (Message::Download { source, .. }, Access::WriteOnly) => Err(Refusal::of_path(
@@ -1047,6 +1066,14 @@ fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
             RefusalReason::WriteOnlyMirror,
         )),
         _ => Ok(()),
+    }
+}
+
+/// An atomic publish: the upload lands in the live tree's staging sibling.
+fn stage(dest: &mut Destination) {
+    if let Some((staging, publish)) = Publish::of(&dest.prefix) {
+        dest.prefix = staging;
+        dest.publish = Some(publish);
     }
 }
 
@@ -1108,6 +1135,7 @@ fn accept_upload(
         itemize: false,
         tell_sender: true,
         dry_run: false,
+        publish: None,
     })))
 }
 
@@ -1143,6 +1171,7 @@ fn accept_download(
         // A downloading client mirrors on its own, after `done`.
         mirror: false,
         itemize: false,
+        atomic: false,
         dest_label: String::new(),
     })
 }

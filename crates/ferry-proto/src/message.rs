@@ -182,7 +182,15 @@ pub enum Message {
         /// outcomes, `deleted`), and plans no file.
         #[serde(default, skip_serializing_if = "is_false")]
         dry_run: bool,
+        /// Assemble the new version beside the live tree and switch it in
+        /// with one rename once it is whole (`published`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        atomic: bool,
     },
+    /// Client → server: switch the previous version kept by an atomic
+    /// publish of `dest` back in (the live one is kept in its place).
+    /// Answered `ready`, or `error`.
+    Rollback { dest: WireBytes },
     /// Client → server: send the file or tree at `source`.
     Download {
         source: WireBytes,
@@ -286,6 +294,16 @@ pub enum Message {
         deleted: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         held_back: Option<HeldBack>,
+    },
+    /// Receiver → sender, before `done`, when the upload asked for an
+    /// atomic publish: whether the new version was switched in for the
+    /// live tree (and a previous one is kept), or why not.
+    Published {
+        published: bool,
+        #[serde(default, skip_serializing_if = "is_false")]
+        previous_kept: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// Receiver → sender: everything up to `end` is settled.
     Done,
@@ -413,6 +431,8 @@ impl Message {
             Message::Keepalive => "keepalive",
             Message::Changes { .. } => "changes",
             Message::Deleted { .. } => "deleted",
+            Message::Published { .. } => "published",
+            Message::Rollback { .. } => "rollback",
             Message::Deletions { .. } => "deletions",
             Message::Done => "done",
             Message::Error { .. } => "error",
@@ -626,6 +646,7 @@ mod tests {
                     mirror: None,
                     itemize: false,
                     dry_run: false,
+                    atomic: false,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -636,6 +657,7 @@ mod tests {
                     mirror: None,
                     itemize: false,
                     dry_run: false,
+                    atomic: false,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
@@ -649,6 +671,7 @@ mod tests {
                     }),
                     itemize: false,
                     dry_run: true,
+                    atomic: false,
                 },
                 r#"{"type":"upload","dest":"w","mirror":{"max_delete":10},"dry_run":true}"#,
             ),
@@ -818,6 +841,13 @@ mod tests {
                 mirror: Some(Mirror::default()),
                 itemize: true,
                 dry_run: true,
+                atomic: true,
+            },
+            Message::Rollback { dest: "w".into() },
+            Message::Published {
+                published: false,
+                previous_kept: false,
+                reason: Some("2 entries failed".into()),
             },
             Message::Changes {
                 id: 9,

@@ -47,6 +47,33 @@ pub enum Command {
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
     #[command(visible_alias = "cp")]
     Copy(CopyArgs),
+    /// Switch a destination published with --atomic back to the version its last publish replaced
+    /// (that one is kept in its place: run it again to switch forward).
+    Rollback(RollbackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The destination of the atomic publish: a path on the server, relative to its root; with
+    /// --local, a local directory (the destination of an atomic download or local copy).
+    pub path: OsString,
+    /// PATH is local: switch it back here, without a server.
+    #[arg(long, conflicts_with_all = ["host", "port"])]
+    pub local: bool,
+    #[command(flatten)]
+    pub remote_opts: RemoteOpts,
+    /// Trust only the server whose certificate has this fingerprint (see `ferry upload --help`).
+    #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
+    pub fingerprint: Option<String>,
+    /// Where known_hosts and this user's server token are kept (see `ferry upload --help`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Talk plain TCP to a server run with --no-tls.
+    #[arg(long)]
+    pub no_tls: bool,
+    /// Read the server's token from FILE (see `ferry upload --help`).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +267,15 @@ pub struct TransferOpts {
     /// would be sent. No file data crosses the wire.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Publish a directory all at once: the new version is assembled beside the live one
+    /// (`.NAME.ferry-next`; unchanged files hard-linked from the live tree, never sent again) and
+    /// switched in with one rename, so a reader of the destination sees the old tree or the new
+    /// one, never a mix. The new version is exactly the source (as with --delete; what leaves
+    /// the live tree is listed with -v/-i). The version it replaces is kept as `.NAME.ferry-prev`
+    /// until the next publish; `ferry rollback` switches back. Nothing is switched if any entry
+    /// failed: the live tree stays as it was, and the same command resumes the publish.
+    #[arg(long)]
+    pub atomic: bool,
     /// Print one line per entry that changes in the destination: `created PATH`, `updated PATH
     /// (what differs: size, mtime, mode, owner, target, kind)`, `deleted PATH`; in --json,
     /// `changed` and `deleted` events. Entries already equal are not listed.
@@ -262,7 +298,7 @@ pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> 
         Command::Upload(a) => &mut a.transfer,
         Command::Download(a) => &mut a.transfer,
         Command::Copy(a) => &mut a.transfer,
-        Command::Server(_) => return Ok(()),
+        Command::Server(_) | Command::Rollback(_) => return Ok(()),
     };
     opts.filters = ordered_rules(sub)?;
     Ok(())

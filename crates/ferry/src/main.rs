@@ -26,9 +26,10 @@ use ferry_engine::tls::{ClientTls, ServerTls};
 use ferry_engine::{CancellationToken, EngineError, HeldBack, Mirror, escape};
 use tokio::net::TcpListener;
 
-use crate::cli::{Cli, Command, ServerArgs, TransferOpts};
+use crate::cli::{Cli, Command, RollbackArgs, ServerArgs, TransferOpts};
 use crate::paths::Spec;
 use crate::ui::{Mode, Ui};
+use clap::{Args, FromArgMatches};
 
 /// Exit statuses (see README): 0 ok, 1 failure, 2 usage, 24 some source
 /// entries vanished (as rsync's), 130 interrupted.
@@ -81,6 +82,7 @@ fn main() -> ExitCode {
         .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
         Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port)
             .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        Command::Rollback(args) => runtime.block_on(run_rollback(args)),
     };
     match result {
         Ok(code) => code,
@@ -229,6 +231,7 @@ fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
 }
 
 async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
+    check_atomic(opts)?;
     let ui = Arc::new(Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run));
     let cancel = CancellationToken::new();
     tokio::spawn(interrupt_handler(cancel.clone()));
@@ -254,6 +257,51 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         server.stop().await;
     }
     Ok(finish(&ui, outcome, &from, &to))
+}
+
+/// An atomic publish carries over nothing of the live tree: what the
+/// filters leave out of it would be lost, so that must be asked for.
+fn check_atomic(opts: &TransferOpts) -> Result<(), Fatal> {
+    let filtered = !opts.filters.is_empty() || opts.gitignore;
+    if opts.atomic && filtered && !opts.delete_excluded {
+        return Err(Fatal::Usage(
+            "--atomic publishes exactly the source: what --exclude or --gitignore leave out of \
+             the live tree would not be in the new version; add --delete --delete-excluded to \
+             accept that"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `ferry rollback`: switch back, on the server or here.
+async fn run_rollback(args: RollbackArgs) -> Result<ExitCode, Fatal> {
+    let shown = escape(args.path.as_bytes());
+    if args.local {
+        client::rollback_local(Path::new(&args.path)).map_err(|e| Fatal::Failed(e.to_string()))?;
+    } else {
+        let addr = address(&args.remote_opts.host, args.remote_opts.port);
+        let mut opts = TransferOpts::from_arg_matches(
+            &TransferOpts::augment_args(clap::Command::new("rollback"))
+                .get_matches_from(["rollback"]),
+        )
+        .map_err(|e| Fatal::Failed(e.to_string()))?;
+        opts.fingerprint = args.fingerprint;
+        opts.state_dir = args.state_dir;
+        opts.no_tls = args.no_tls;
+        opts.token_file = args.token_file;
+        opts.quiet = true;
+        let config = client_config(&Target::Remote(addr.clone()), addr, None, &opts, false)?;
+        let ui = Arc::new(Ui::new(Mode::Quiet, false));
+        let cancel = CancellationToken::new();
+        client::rollback(&config, args.path.as_bytes(), ui, &cancel)
+            .await
+            .map_err(|e| Fatal::Failed(e.to_string()))?;
+    }
+    println!(
+        "rolled back {shown}: the version it replaced is kept; run the same command again to switch forward"
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ui_mode(opts: &TransferOpts) -> Mode {
@@ -369,6 +417,7 @@ fn client_config(
         }),
         itemize: opts.itemize,
         dry_run: opts.dry_run,
+        atomic: opts.atomic,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })
@@ -435,6 +484,8 @@ fn exit_status(report: &TransferReport) -> u8 {
         exit::FAILURE
     } else if let Some(HeldBack::MaxDelete { .. }) = report.held_back {
         exit::MAX_DELETE
+    } else if report.published == Some(false) {
+        exit::FAILURE
     } else if !report.vanished.is_empty() {
         exit::VANISHED
     } else {

@@ -195,6 +195,11 @@ impl EventSink for Ui {
             Event::Deleted { path, dir } => self.deleted(&path, dir),
             Event::DeleteFailed { path, reason } => self.delete_failed(&path, &reason),
             Event::HeldBack(why) => self.held_back(&why),
+            Event::Published {
+                path,
+                previous,
+                refused,
+            } => self.published(&path, previous, refused.as_deref()),
             Event::Retry {
                 attempt,
                 delay,
@@ -427,6 +432,32 @@ impl Ui {
             self.json(json!({"event": "deletions_held_back", "reason": reason, "message": text}));
         }
         self.err(&format!("ferry: --delete deleted nothing: {text}"));
+    }
+
+    /// Said in every mode but --quiet: whether the live tree changed.
+    fn published(&self, path: &str, previous: bool, refused: Option<&str>) {
+        match (self.mode, refused) {
+            (Mode::Json, None) => self.json(json!({
+                "event": "published", "path": path, "previous_kept": previous
+            })),
+            (Mode::Json, Some(why)) => self.json(json!({
+                "event": "not_published", "path": path, "reason": why
+            })),
+            (Mode::Human, None) => {
+                let kept = match previous {
+                    true => "; the version it replaced is kept (`ferry rollback` switches back)",
+                    false => "",
+                };
+                self.out(&format!("published {path}{kept}"))
+            }
+            _ => {}
+        }
+        if let Some(why) = refused {
+            self.err(&format!(
+                "ferry: {path}: not published: {why}. The live tree is as it was; run the same \
+                 command again to resume the publish."
+            ));
+        }
     }
 
     fn retry(&self, attempt: u32, delay: Duration, reason: &str) {

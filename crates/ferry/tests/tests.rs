@@ -23,6 +23,8 @@ mod filters;
 mod mirror;
 // --dry-run and --itemize: nothing changes, and what is said is what the real run does.
 mod dry_run;
+// --atomic and rollback: switched whole, the previous version kept, readers never see a mix.
+mod atomic;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

@@ -45,17 +45,33 @@ pub(super) fn finish(
     let Some(mut deletions) = deletions else {
         return out.done();
     };
+    let how = if dry_run { How::List } else { How::Delete };
     if deletions.tells_sender() {
-        deletions.run(base, root, dry_run, out)?;
+        deletions.run(base, root, how, out)?;
         out.done()
     } else {
         out.done()?;
-        deletions.run(base, root, dry_run, out)
+        deletions.run(base, root, how, out).map(drop)
     }
+}
+
+/// What a run of the deletions does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum How {
+    /// Delete, and tell each deletion (`--delete`).
+    Delete,
+    /// Tell what would be deleted, and delete nothing (a dry run; what
+    /// leaves the live tree in an atomic publish).
+    List,
+    /// Delete without a word, nor `--max-delete`: an atomic publish's
+    /// staging directory made equal to the source.
+    Quietly,
 }
 
 /// What `--delete` keeps track of while the transfer runs.
 pub(super) struct Deletions {
+    /// What the current run does.
+    how: How,
     pruning: Pruning,
     /// Every path the sender announced; `None` once it outgrew the
     /// session's memory (then nothing is deleted).
@@ -74,6 +90,7 @@ impl Deletions {
         let bytes = crate::auth::random_bytes(8)?;
         let key = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
         Ok(Deletions {
+            how: How::Delete,
             pruning,
             seen: Some(Seen::new(key)),
             charges: Vec::new(),
@@ -116,38 +133,51 @@ impl Deletions {
     }
 
     /// Delete what the source does not have below `root` (components
-    /// below `base`), unless something holds that back; with `dry_run`,
-    /// only tell what would go. Everything is reported through `out`.
+    /// below `base`), unless something holds that back, as `how` says.
+    /// What held the deletions back, if anything did.
     pub(super) fn run(
         &mut self,
         base: &OwnedFd,
         root: &[Vec<u8>],
-        dry_run: bool,
+        how: How,
         out: &mut dyn Teller,
-    ) -> Result<(), EngineError> {
+    ) -> Result<Option<HeldBack>, EngineError> {
         let base = base.try_clone().map_err(EngineError::from)?;
         let tree = Tree {
             base: base.as_fd(),
             root,
         };
+        self.how = how;
         if !self.root_is_dir {
-            return self.tell_count(out, 0, None);
+            self.tell_count(out, 0, None)?;
+            return Ok(None);
         }
         let held_back = match self.seen.take() {
             None => Some(HeldBack::Memory),
-            Some(_) if self.failures > 0 => mirror::hold_back(self.failures, 0, None),
+            Some(seen) if self.failures > 0 => {
+                self.seen = Some(seen);
+                mirror::hold_back(self.failures, 0, None)
+            }
             Some(seen) => {
-                let victims = self.scan(&tree, &seen, out)?;
-                match mirror::hold_back(0, self.would_delete(&tree, &victims), self.max()) {
-                    None => return self.delete(&tree, &victims, dry_run, out),
+                let victims = self.scan(&tree, &seen, out);
+                self.seen = Some(seen);
+                let would = self.would_delete(&tree, &victims?);
+                match mirror::hold_back(0, would.1, self.max()) {
+                    None => return self.delete(&tree, &would.0, out).map(|()| None),
                     held => held,
                 }
             }
         };
-        if let Some(held) = &held_back {
-            out.tally().event(Event::HeldBack(held.clone()));
+        if let Some(held) = held_back.clone().filter(|_| self.how != How::Quietly) {
+            out.tally().event(Event::HeldBack(held));
         }
-        self.tell_count(out, 0, held_back)
+        self.tell_count(out, 0, held_back.clone())?;
+        Ok(held_back)
+    }
+
+    /// The failures seen: a publish waits for none.
+    pub(super) fn failures(&self) -> u64 {
+        self.failures
     }
 
     fn max(&self) -> Option<u64> {
@@ -186,11 +216,11 @@ impl Deletions {
         Ok(victims)
     }
 
-    /// How many entries deleting `victims` takes, as far as it matters:
-    /// counted one by one only under `--max-delete`.
-    fn would_delete(&self, tree: &Tree<'_>, victims: &[Victim]) -> u64 {
-        let Some(max) = self.max() else {
-            return victims.len() as u64;
+    /// `victims`, and how many entries deleting them takes, as far as it
+    /// matters: counted one by one only under `--max-delete`.
+    fn would_delete(&self, tree: &Tree<'_>, victims: &[Victim]) -> (Vec<Victim>, u64) {
+        let Some(max) = self.max().filter(|_| self.how != How::Quietly) else {
+            return (victims.to_vec(), victims.len() as u64);
         };
         let mut would = 0;
         for victim in victims {
@@ -199,14 +229,13 @@ impl Deletions {
                 break;
             }
         }
-        would
+        (victims.to_vec(), would)
     }
 
     fn delete(
         &mut self,
         tree: &Tree<'_>,
         victims: &[Victim],
-        dry_run: bool,
         out: &mut dyn Teller,
     ) -> Result<(), EngineError> {
         let mut deleted = 0;
@@ -218,9 +247,11 @@ impl Deletions {
                 told = self.deleted(out, path, dir);
             }
         };
-        match dry_run {
-            true => prune::list_all(tree, victims, &mut each, &mut |t| troubles.push(t)),
-            false => prune::remove_all(tree, victims, &mut each, &mut |t| troubles.push(t)),
+        match self.how {
+            How::List => prune::list_all(tree, victims, &mut each, &mut |t| troubles.push(t)),
+            How::Delete | How::Quietly => {
+                prune::remove_all(tree, victims, &mut each, &mut |t| troubles.push(t))
+            }
         }
         told?;
         for (path, e) in troubles {
@@ -231,6 +262,9 @@ impl Deletions {
 
     /// One entry deleted: an event here, and a word to the sender.
     fn deleted(&self, out: &mut dyn Teller, path: &[u8], dir: bool) -> Result<(), EngineError> {
+        if self.how == How::Quietly {
+            return Ok(());
+        }
         let shown = display_bytes(&self.pruning.label, path);
         out.tally().event(Event::Deleted { path: shown, dir });
         match self.tells_sender() {
@@ -266,7 +300,7 @@ impl Deletions {
         deleted: u64,
         held_back: Option<HeldBack>,
     ) -> Result<(), EngineError> {
-        match self.tells_sender() {
+        match self.tells_sender() && self.how != How::Quietly {
             true => out.reply(Message::Deletions { deleted, held_back }),
             false => Ok(()),
         }

@@ -37,6 +37,7 @@ mod mirror;
 mod place;
 mod preview;
 mod prune;
+pub(crate) mod publish;
 pub(crate) mod rules;
 mod worker;
 
@@ -94,6 +95,40 @@ pub(crate) struct Destination {
     pub(crate) tell_sender: bool,
     /// Change nothing; tell what would change.
     pub(crate) dry_run: bool,
+    /// `--atomic`: the transfer lands in a staging directory (`prefix`)
+    /// and is switched in for the live tree once it is whole.
+    pub(crate) publish: Option<Publish>,
+}
+
+/// An atomic publish: the live tree is `name` in the directory `parent`
+/// (components below the destination's base); the transfer lands in its
+/// sibling `names::staging_name(name)`, unchanged files hard-linked from
+/// the live tree, and the two are exchanged by one rename at the end.
+pub(crate) struct Publish {
+    pub(crate) parent: Vec<Vec<u8>>,
+    pub(crate) name: Vec<u8>,
+}
+
+impl Publish {
+    /// The publish of `components` (at least one): where its transfer
+    /// lands instead, and the publish.
+    pub(crate) fn of(components: &[Vec<u8>]) -> Option<(Vec<Vec<u8>>, Publish)> {
+        let (name, parent) = components.split_last()?;
+        let mut staging = parent.to_vec();
+        staging.push(crate::names::staging_name(name));
+        let publish = Publish {
+            parent: parent.to_vec(),
+            name: name.clone(),
+        };
+        Some((staging, publish))
+    }
+
+    /// The live tree's components.
+    pub(crate) fn live(&self) -> Vec<Vec<u8>> {
+        let mut live = self.parent.clone();
+        live.push(self.name.clone());
+        live
+    }
 }
 
 /// Lets the worker hold the data connections' readers back.

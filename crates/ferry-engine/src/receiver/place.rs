@@ -607,9 +607,14 @@ pub(super) fn existing(parent: BorrowedFd<'_>, name: &[u8]) -> Option<Existing> 
 }
 
 /// What the destination has at `path` (relative to the root of the
-/// transfer), looked at below its base without following symlinks.
+/// transfer; in the live tree, for an atomic publish), looked at below its
+/// base without following symlinks.
 pub(super) fn look(dest: &Destination, path: &WirePath) -> Option<Existing> {
-    let mut components: Vec<&[u8]> = dest.prefix.iter().map(Vec::as_slice).collect();
+    let root = match &dest.publish {
+        Some(publish) => publish.live(),
+        None => dest.prefix.clone(),
+    };
+    let mut components: Vec<&[u8]> = root.iter().map(Vec::as_slice).collect();
     components.extend(path.components());
     let (name, parents) = components.split_last()?;
     let parent = fsx::open_dir_beneath(dest.base.as_fd(), parents).ok()?;

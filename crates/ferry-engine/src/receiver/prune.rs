@@ -78,6 +78,9 @@ pub(crate) fn scan(
             alive();
             match judge_dir(tree, &path, seen, pruning, &mut victims) {
                 Ok(inside) => levels.push(inside.into_iter()),
+                // Gone (or never there: the live tree of a first publish):
+                // nothing in it to delete.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => trouble((path, e)),
             }
         }

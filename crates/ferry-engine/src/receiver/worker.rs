@@ -10,18 +10,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::digest::FileDigest;
-use ferry_proto::message::{Change, EntryKind, Message, Mtime, Outcome, Owner};
+use ferry_proto::message::{Change, EntryKind, HeldBack, Message, Mtime, Outcome, Owner};
 use ferry_proto::path::{WireBytes, WirePath};
 use tokio::sync::mpsc;
 
-use super::deletions::{self, Deletions, Teller};
+use super::deletions::{self, Deletions, How, Teller};
 use super::itemize;
 use super::place::{self, Node, ParentCache, Part, Target};
+use super::publish::{self, Switched};
 use super::rules::{
     self, Arrival, Dirs, EntryOrder, Flow, Links, MAX_OPEN_FILES, MetadataFix, Next, OpenDir,
     Parking, PartPlan, PlanWindow,
 };
-use super::{DataGate, Destination, Inbound};
+use super::{DataGate, Destination, Inbound, Publish};
 use crate::budget::{self, HELD_ENTRY_MEMORY, Held};
 use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
@@ -336,13 +337,44 @@ impl Worker {
         }
     }
 
+    /// With `--atomic`: take the file from the live tree, hard-linked, if
+    /// it is there unchanged (size, mtime, mode and owner): it is never
+    /// sent again. Whether it was.
+    fn link_from_live(
+        &self,
+        at: &Landing,
+        path: &WirePath,
+        (size, mode, mtime): (u64, u32, Mtime),
+    ) -> bool {
+        let Some(publish) = &self.dest.publish else {
+            return false;
+        };
+        let mut live = publish.live();
+        live.extend(path.components().map(<[u8]>::to_vec));
+        let Some((name, parent)) = live.split_last() else {
+            return false;
+        };
+        let parent: Vec<&[u8]> = parent.iter().map(Vec::as_slice).collect();
+        let Ok(dir) = crate::fsx::open_dir_beneath(self.dest.base.as_fd(), &parent) else {
+            return false;
+        };
+        let Some(found) = place::find_unchanged(&dir, name, size, mtime) else {
+            return false;
+        };
+        MetadataFix::between(found.mode, found.owner, mode, at.owner).is_empty()
+            && crate::fsx::hard_link(dir.as_fd(), name, at.parent.as_fd(), &at.name).is_ok()
+    }
+
     /// With `--itemize`: judge what placing this entry will change, before
-    /// it is placed.
-    fn judge_change(&mut self, at: &Landing, kind: &EntryKind) {
+    /// it is placed (against the live tree, for an atomic publish).
+    fn judge_change(&mut self, at: &Landing, path: &WirePath, kind: &EntryKind) {
         if !self.dest.itemize {
             return;
         }
-        let existing = place::existing(at.parent.as_fd(), &at.name);
+        let existing = match self.dest.publish {
+            Some(_) => place::look(&self.dest, path),
+            None => place::existing(at.parent.as_fd(), &at.name),
+        };
         let what = match kind {
             EntryKind::Hardlink { target, .. } => {
                 let target = WirePath::parse(target.as_bytes()).ok();
@@ -397,7 +429,7 @@ impl Worker {
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.dirs.parent_of(&path);
         let name = self.name_of(&path);
-        let landing = match rules::name_refusal(&name) {
+        let landing = match rules::name_refusal(self.chosen_name(&path, &name)) {
             Some(refusal) => Err(refusal),
             None => self.land(&path, parent_dir).map_err(|e| {
                 let why = format!("cannot open its directory: {}", reason(&e));
@@ -424,9 +456,19 @@ impl Worker {
             name,
             owner,
         };
-        self.judge_change(&at, &kind);
+        self.judge_change(&at, &path, &kind);
         self.place_entry(at, &path, kind)
             .inspect_err(|_| self.failed_at = Some(WireBytes(path.as_bytes().to_vec())))
+    }
+
+    /// The name of an entry as the peer chose it: an atomic publish's root
+    /// lands under a working name of ours, but was asked for as the live
+    /// tree's.
+    fn chosen_name<'a>(&'a self, path: &WirePath, name: &'a [u8]) -> &'a [u8] {
+        match &self.dest.publish {
+            Some(publish) if path.is_root() => &publish.name,
+            _ => name,
+        }
     }
 
     /// The name an entry takes in its directory: the root's is the last
@@ -458,7 +500,7 @@ impl Worker {
     ) -> Result<(), EngineError> {
         match kind {
             EntryKind::Dir { mode, mtime } => self.dir_entry(at, path, mode, mtime),
-            EntryKind::File { size, mode, mtime } => self.file_entry(at, size, mode, mtime),
+            EntryKind::File { size, mode, mtime } => self.file_entry(at, path, size, mode, mtime),
             EntryKind::Symlink { target, mtime } => {
                 let made =
                     place::make_symlink(&at.parent, &at.name, target.as_bytes(), mtime, at.owner);
@@ -514,7 +556,9 @@ impl Worker {
             let why = budget::PUT_OFF.to_string();
             return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
         };
-        if handle.created && !parent_fresh {
+        // An atomic publish takes unchanged files from the live tree: the
+        // sender must wait for their plans even in a new directory.
+        if handle.created && !parent_fresh && self.dest.publish.is_none() {
             // The top of a new subtree: the sender need not wait for the
             // plans of the files below it.
             self.reply(Message::Fresh { id: at.id })?;
@@ -537,6 +581,7 @@ impl Worker {
     fn file_entry(
         &mut self,
         at: Landing,
+        path: &WirePath,
         size: u64,
         mode: u32,
         mtime: Mtime,
@@ -555,9 +600,18 @@ impl Worker {
             && let Some(found) = place::find_unchanged(&at.parent, &at.name, size, mtime)
         {
             let fix = MetadataFix::between(found.mode, found.owner, mode, at.owner);
-            if !fix.is_empty() {
+            // A staged file may share its inode with the live tree: its
+            // metadata is never changed in place.
+            let in_place = fix.is_empty() || self.dest.publish.is_none();
+            if !fix.is_empty() && in_place {
                 place::fix_metadata(&at.parent, &at.name, &fix);
             }
+            if in_place {
+                self.discard_parked(at.id);
+                return self.verdict(at.id, at.display, Outcome::Unchanged, size);
+            }
+        }
+        if !self.dest.ignore_times && self.link_from_live(&at, path, (size, mode, mtime)) {
             self.discard_parked(at.id);
             return self.verdict(at.id, at.display, Outcome::Unchanged, size);
         }
@@ -936,12 +990,76 @@ impl Teller for Worker {
 }
 
 impl Worker {
-    /// The transfer is over: say `done`, and mirror.
+    /// The transfer is over: say `done`, and mirror, or publish.
     fn finish(&mut self) -> Result<(), EngineError> {
         let base = self.dest.base.try_clone().map_err(EngineError::from)?;
         let root = self.dest.prefix.clone();
         let deletions = self.deletions.take();
-        deletions::finish(self, deletions, &base, &root, false)
+        let Some(publish) = self.dest.publish.take() else {
+            return deletions::finish(self, deletions, &base, &root, false);
+        };
+        // As with deletions: the sender hears of it before `done`; a
+        // downloading client publishes after.
+        if self.dest.tell_sender {
+            self.publish(&publish, deletions, &base, &root)?;
+            self.done()
+        } else {
+            self.done()?;
+            self.publish(&publish, deletions, &base, &root)
+        }
+    }
+
+    /// `--atomic`: tell what leaves the live tree, make the staged tree
+    /// equal to the source, and switch it in, unless an entry failed or
+    /// more would go than `--max-delete` allows. Either way, say so.
+    fn publish(
+        &mut self,
+        publish: &Publish,
+        deletions: Option<Deletions>,
+        base: &OwnedFd,
+        staging: &[Vec<u8>],
+    ) -> Result<(), EngineError> {
+        let refused = match deletions {
+            Some(d) if d.failures() > 0 => Some(format!("{} entries failed", d.failures())),
+            Some(mut d) => match d.run(base, &publish.live(), How::List, self)? {
+                Some(held) => Some(refusal_of(&held)),
+                None => d
+                    .run(base, staging, How::Quietly, self)?
+                    .map(|h| refusal_of(&h)),
+            },
+            None => None,
+        };
+        let switched = match refused {
+            Some(why) => Err(why),
+            None => publish::switch(base.as_fd(), publish)
+                .map_err(|e| format!("cannot switch it in: {}", reason(&e))),
+        };
+        let previous = switched == Ok(Switched::Replaced);
+        let refused = switched.err();
+        self.tally.event(Event::Published {
+            path: self.dest.dest_label.clone(),
+            previous,
+            refused: refused.clone(),
+        });
+        match self.dest.tell_sender {
+            true => self.reply(Message::Published {
+                published: refused.is_none(),
+                previous_kept: previous,
+                reason: refused,
+            }),
+            false => Ok(()),
+        }
+    }
+}
+
+/// Why a publish waits, in the words of what held its deletions back.
+fn refusal_of(held: &HeldBack) -> String {
+    match held {
+        HeldBack::Failures { count } => format!("{count} entries failed"),
+        HeldBack::MaxDelete { would, max } => {
+            format!("{would} entries would leave the live tree, more than --max-delete {max}")
+        }
+        HeldBack::Memory => "the source's entries could not all be remembered".into(),
     }
 }
 

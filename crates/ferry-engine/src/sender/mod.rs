@@ -40,7 +40,7 @@ use crate::conn::{
     DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
 };
 use crate::error::{EngineError, PeerFailure, Side, Violation};
-use crate::events::{EventSink, Tally};
+use crate::events::{Event, EventSink, Tally, peer_text};
 use crate::filter::Filter;
 use crate::fsx::Root;
 
@@ -80,6 +80,8 @@ pub(crate) struct SendJob {
     /// under that name, not the source's).
     pub(crate) mirror: bool,
     pub(crate) itemize: bool,
+    /// The receiver publishes atomically: it says whether it did.
+    pub(crate) atomic: bool,
     pub(crate) dest_label: String,
 }
 
@@ -158,6 +160,7 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
         peer,
         mirror: job.mirror,
         itemize: job.itemize,
+        atomic: job.atomic,
         labels: (job.label.clone(), job.dest_label.clone()),
     };
     let producer = Producer::new(
@@ -195,6 +198,8 @@ pub(crate) struct Replies {
     mirror: bool,
     /// The receiver tells what each entry changes.
     itemize: bool,
+    /// The receiver publishes atomically.
+    atomic: bool,
     /// How the root of the transfer is named in the sender's events, and
     /// in the destination (where changes and deletions happen).
     labels: (String, String),
@@ -226,6 +231,18 @@ impl Replies {
                         let (from, to) = &self.labels;
                         events.push(state.changed(id, what, (from, to))?);
                     }
+                    Message::Published {
+                        published,
+                        previous_kept,
+                        reason,
+                    } if self.atomic => events.push(Event::Published {
+                        path: self.labels.1.clone(),
+                        previous: previous_kept,
+                        refused: match published {
+                            true => None,
+                            false => Some(peer_text(&reason.unwrap_or_default())),
+                        },
+                    }),
                     msg @ (Message::Deleted { .. } | Message::Deletions { .. }) if self.mirror => {
                         events.extend(rules::deletion_event(&self.labels.1, msg)?);
                     }

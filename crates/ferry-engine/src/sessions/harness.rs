@@ -77,6 +77,7 @@ impl Receiving {
             itemize: false,
             tell_sender: true,
             dry_run: false,
+            publish: None,
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.

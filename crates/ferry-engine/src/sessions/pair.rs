@@ -75,6 +75,7 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         bwlimit: None,
         mirror: rx.mirrors(),
         itemize: false,
+        atomic: false,
         dest_label: "dst".into(),
     };
     // As in an upload: the client sends to the server.
