@@ -21,6 +21,7 @@ use std::time::Duration;
 use ferry_engine::auth::Token;
 use ferry_engine::client::{self, ClientConfig};
 use ferry_engine::events::TransferSummary;
+use ferry_engine::policy::{GrantSpec, LivePolicy, Policy};
 use ferry_engine::server::{self, ServerConfig};
 use ferry_engine::tls::{ClientTls, ServerTls};
 use ferry_engine::{CancellationToken, EngineError, escape};
@@ -286,18 +287,25 @@ impl LocalServer {
         let stop = CancellationToken::new();
         let token = Token::random()
             .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
-        let config = ServerConfig {
+        // Other local users can reach the port: only the copy's own
+        // client, which holds the token, is served.
+        let spec = GrantSpec {
+            name: "copy".into(),
+            root_name: "destination".into(),
             root: root.to_path_buf(),
+            access: server::Access::ReadWrite,
+        };
+        let policy = Policy::tokens(vec![(token.clone(), spec)])
+            .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
+        let config = ServerConfig {
+            policy: LivePolicy::new(policy),
             idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
             // The user's own directory: leftovers are theirs to keep.
             part_max_age: None,
-            access: server::Access::ReadWrite,
             // The user's own copy: as asked.
             devices,
-            // Both ends in this process: nothing to hide from the
-            // network, but other local users can reach the port.
+            // Both ends in this process: nothing to hide from the network.
             tls: None,
-            auth: Some(token.clone()),
             max_memory: ferry_engine::budget::DEFAULT_MAX_MEMORY,
             handshake_timeout: server::DEFAULT_HANDSHAKE_TIMEOUT,
         };
@@ -456,18 +464,26 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let shutdown = shutdown_signal()?;
     announce(local, &root, tls.as_ref(), &auth);
     log_setup(local, &root, tls.as_ref(), &auth);
-    let config = ServerConfig {
+    let spec = GrantSpec {
+        name: "default".into(),
+        root_name: "root".into(),
         root,
-        idle_timeout: Duration::from_secs(args.timeout),
-        part_max_age: (!args.keep_parts.is_zero()).then_some(args.keep_parts),
         access: match (args.read_only, args.write_only) {
             (true, _) => server::Access::ReadOnly,
             (_, true) => server::Access::WriteOnly,
             _ => server::Access::ReadWrite,
         },
+    };
+    let policy = match auth {
+        Some((token, _)) => Policy::tokens(vec![(token, spec)]),
+        None => Policy::anyone(spec),
+    };
+    let config = ServerConfig {
+        policy: LivePolicy::new(policy.map_err(|e| Fatal::Failed(e.to_string()))?),
+        idle_timeout: Duration::from_secs(args.timeout),
+        part_max_age: (!args.keep_parts.is_zero()).then_some(args.keep_parts),
         devices: args.devices,
         tls,
-        auth: auth.map(|(token, _)| token),
         max_memory: args.max_memory,
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
     };
