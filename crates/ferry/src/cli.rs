@@ -49,29 +49,40 @@ pub enum Command {
     Copy(CopyArgs),
 }
 
+/// The server's settings as typed. Those that a configuration file may
+/// set too are options here without clap defaults, so that `main` can tell
+/// one given on the command line (which wins) from one left out (the
+/// file's, else the default named in its help).
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Address to listen on. Use 0.0.0.0 to accept connections from the network.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on; 0 picks a free port (the address is printed).
-    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    /// Read settings, roots and tokens from this TOML file (see the README): each token gets its
+    /// own root and mode. SIGHUP reloads its roots and tokens; sessions already running keep
+    /// what they started with. Options given here override the file's [server] settings; the
+    /// per-token ones (--root, --read-only, --write-only, --token-file, --no-auth) cannot be
+    /// combined with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["root", "read_only", "write_only", "token_file", "no_auth"])]
+    pub config: Option<PathBuf>,
+    /// Address to listen on. Use 0.0.0.0 to accept connections from the network [default: 127.0.0.1].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free port (the address is printed) [default: 8834].
+    #[arg(long, short = 'p')]
+    pub port: Option<u16>,
     /// Directory served: every remote path is relative to it and confined to it [default: current directory].
     #[arg(long)]
     pub root: Option<PathBuf>,
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// End a session that makes no progress (no file data verified, no entry settled) for this many seconds; its resumable part files stay.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub timeout: u64,
-    /// Drop a connection that has not finished its handshake (TLS and authentication included) within this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub handshake_timeout: u64,
-    /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly.
-    #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_age)]
-    pub keep_parts: std::time::Duration,
+    /// End a session that makes no progress (no file data verified, no entry settled) for this many seconds; its resumable part files stay [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT))]
+    pub timeout: Option<u64>,
+    /// Drop a connection that has not finished its handshake (TLS and authentication included) within this many seconds [default: 15].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_HANDSHAKE_TIMEOUT))]
+    pub handshake_timeout: Option<u64>,
+    /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly [default: 7d].
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub keep_parts: Option<std::time::Duration>,
     /// Serve downloads only: uploads are refused, nothing below the root is changed.
     #[arg(long, conflicts_with = "write_only")]
     pub read_only: bool,
@@ -83,7 +94,7 @@ pub struct ServerArgs {
     /// allowed to upload could hand local users raw access to this machine's disks.
     #[arg(long)]
     pub devices: bool,
-    /// Where the server keeps its TLS key and certificate and its client token (made on first start; clients of the same user find the token there) [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    /// Where the server keeps its TLS key and certificate and its client token (made on first start; clients of the same user find the token there) [default: $STATE_DIRECTORY (as systemd sets it), else $XDG_CONFIG_HOME/ferry or ~/.config/ferry, else /var/lib/ferry for root].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Serve plain TCP, without TLS: only on a network you trust; clients must use --no-tls too.
@@ -96,10 +107,16 @@ pub struct ServerArgs {
     #[arg(long, conflicts_with = "token_file")]
     pub no_auth: bool,
     /// Memory the sessions may hold at once (e.g. 256M, 2G; at least 32M). A session that would
-    /// need more waits (its data connections pause) or is refused as busy until others end.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    pub max_memory: u64,
+    /// need more waits (its data connections pause) or is refused as busy until others end
+    /// [default: 512M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
 }
+
+/// The longest `--timeout`, in seconds.
+pub const MAX_TIMEOUT: u64 = 86_400;
+/// The longest `--handshake-timeout`, in seconds.
+pub const MAX_HANDSHAKE_TIMEOUT: u64 = 600;
 
 #[derive(Debug, Args)]
 pub struct UploadArgs {
@@ -184,12 +201,12 @@ pub struct TransferOpts {
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
     /// Consider the transfer stalled after this many seconds without progress (no file data sent or verified, no entry settled).
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT))]
     pub timeout: u64,
     /// Trust only the server whose certificate has this fingerprint (as `ferry server` prints it), instead of known_hosts.
     #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
     pub fingerprint: Option<String>,
-    /// Where known_hosts (the fingerprints of servers seen before) is kept, and where this user's own `ferry server` keeps the token this client proves to it [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    /// Where known_hosts (the fingerprints of servers seen before) is kept, and where this user's own `ferry server` keeps the token this client proves to it [default: $STATE_DIRECTORY, else $XDG_CONFIG_HOME/ferry or ~/.config/ferry, else /var/lib/ferry for root].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Talk plain TCP, without TLS, to a server run with --no-tls: only on a network you trust.
@@ -285,7 +302,7 @@ fn ordered_rules(m: &ArgMatches) -> Result<Vec<FilterRule>, String> {
 
 /// An age like `90s`, `30m`, `36h`, `7d` (a bare number is seconds); zero
 /// means never.
-fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse_age(s: &str) -> Result<std::time::Duration, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits
         .parse()
@@ -302,7 +319,7 @@ fn parse_age(s: &str) -> Result<std::time::Duration, String> {
 
 /// A size like `512M`, `2G`, `65536K` or a bare number of bytes (binary
 /// units), at least `MIN_MAX_MEMORY`.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits
         .parse()

@@ -30,6 +30,8 @@ mod tls;
 mod owners;
 // Token authentication: challenge and response, never the token on the wire.
 mod auth;
+// The server as a service: a configuration file with a root and mode per token, SIGHUP, no home.
+mod service;
 // Budgets: descriptors, memory, slots and time that hostile clients cannot take from the others.
 mod budgets;
 // The source's shape: no function over 80 lines, no import cycle between modules.
