@@ -287,11 +287,15 @@ fn sighup_gives_new_sessions_the_new_policy_while_a_running_one_completes() {
     slow.wait(DEFAULT_TIMEOUT).assert_success();
     assert_files_equal(&big, &site.a.join("slow.bin"));
     assert!(!site.b.join("slow.bin").exists());
+    // The server logs its summary a moment after the client has exited.
+    assert!(
+        server.wait_for_log("upload complete: 1 ok", ERROR_TIMEOUT),
+        "{}",
+        server.stderr()
+    );
     let log = server.stderr();
     let reloaded = log.find("reloaded").unwrap();
-    let completed = log
-        .find("upload complete: 1 ok")
-        .unwrap_or_else(|| panic!("{log}"));
+    let completed = log.find("upload complete: 1 ok").unwrap();
     assert!(reloaded < completed, "the upload spanned the reload\n{log}");
 }
 
