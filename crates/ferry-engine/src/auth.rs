@@ -111,14 +111,14 @@ pub fn configured_token(
             .map(Some)
             .map_err(|e| EngineError::local(TOKEN_ENV, Op::Parse, e));
     }
-    file.map(read_private).transpose()
+    file.map(read_token_file).transpose()
 }
 
 /// The token this user's own server keeps in `state_dir`, if it has made
 /// one: what a client of the same user proves to that server without being
 /// told (`client::ClientConfig::own_token`).
 pub fn own_token(state_dir: &Path) -> Result<Option<Token>, EngineError> {
-    match read_private(&state_dir.join(TOKEN_FILE)) {
+    match read_token_file(&state_dir.join(TOKEN_FILE)) {
         Ok(token) => Ok(Some(token)),
         Err(EngineError::Local {
             cause: LocalCause::Io(e),
@@ -131,7 +131,7 @@ pub fn own_token(state_dir: &Path) -> Result<Option<Token>, EngineError> {
 /// The token in the file at `path`, which only its owner may read or
 /// write: a token others can read is no secret, so it is refused (as ssh
 /// refuses a private key others can read), checked on the open file.
-fn read_private(path: &Path) -> Result<Token, EngineError> {
+pub fn read_token_file(path: &Path) -> Result<Token, EngineError> {
     let local = |op, cause: LocalCause| EngineError::local(path.display().to_string(), op, cause);
     let mut file = std::fs::File::open(path).map_err(|e| local(Op::Open, e.into()))?;
     let mode = file

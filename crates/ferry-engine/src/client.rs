@@ -76,6 +76,9 @@ pub struct ClientConfig {
     /// `--atomic`: the new version is assembled beside the live tree and
     /// switched in by one rename once whole (it mirrors the source).
     pub atomic: bool,
+    /// `--checksum`: a file is unchanged when its content is the same,
+    /// whatever its mtime; both sides read every file of the same size.
+    pub checksum: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -530,6 +533,7 @@ async fn upload_once(
         itemize: config.itemize || config.dry_run,
         dry_run: config.dry_run,
         atomic: config.atomic,
+        checksum: config.checksum,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -544,6 +548,7 @@ async fn upload_once(
         mirror: config.mirrored().is_some(),
         itemize: config.itemize || config.dry_run,
         atomic: config.atomic && !config.dry_run,
+        checksum: config.checksum,
         dest_label: escape(remote),
     };
     let result = session
@@ -576,6 +581,7 @@ async fn download_once(
     let mut dest = local_destination(local, escape(remote), config.dry_run)?;
     dest.itemize = config.itemize || config.dry_run;
     dest.dry_run = config.dry_run;
+    dest.checksum = config.checksum;
     if config.atomic && !config.dry_run {
         let (staging, publish) = Publish::of(&dest.prefix).ok_or(EngineError::Closed)?;
         dest.prefix = staging;
@@ -599,6 +605,7 @@ async fn download_once(
         filters: config.filters.clone(),
         gitignore: config.gitignore,
         bwlimit: config.bwlimit,
+        checksum: config.checksum,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let result = session
@@ -820,5 +827,6 @@ fn local_destination(
         tell_sender: false,
         dry_run: false,
         publish: None,
+        checksum: false,
     })
 }

@@ -421,6 +421,28 @@ impl From<io::Error> for LocalCause {
     }
 }
 
+/// Why a server's policy (which token gets which root, and how) cannot be
+/// used; each names the token or root it is about.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    #[error("root {name}: {}: {}", .path.display(), reason(.error))]
+    Root {
+        name: String,
+        path: std::path::PathBuf,
+        #[source]
+        error: io::Error,
+    },
+    #[error(
+        "tokens {first} and {second} are the same token: each must be different, since the \
+         token is what tells their clients apart"
+    )]
+    SameToken { first: String, second: String },
+    #[error("two tokens are named {0}")]
+    SameName(String),
+    #[error("no token is configured")]
+    NoTokens,
+}
+
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum TokenError {

@@ -15,6 +15,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
+use ferry_proto::digest::{DigestBuilder, FileDigest, chunk_hash};
 use ferry_proto::message::{Mtime, Owner};
 use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat, Timespec, Timestamps};
@@ -58,6 +59,28 @@ pub(crate) fn read_full_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> i
         }
     }
     Ok(true)
+}
+
+/// The whole-file digest of the `size` bytes of `fd`, as a sender makes
+/// it from its chunks: what `--checksum` compares. An error if the file
+/// is shorter than `size`.
+pub(crate) fn file_digest(fd: BorrowedFd<'_>, size: u64) -> io::Result<FileDigest> {
+    let chunk = u64::from(ferry_proto::limits::DEFAULT_CHUNK_LEN);
+    let mut builder = DigestBuilder::new(size);
+    let mut buf = vec![0u8; chunk.min(size) as usize];
+    let mut offset = 0;
+    while offset < size {
+        let len = chunk.min(size - offset) as usize;
+        if !read_full_at(fd, &mut buf[..len], offset)? {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank",
+            ));
+        }
+        builder.push(chunk_hash(&buf[..len]));
+        offset += len as u64;
+    }
+    Ok(builder.finish())
 }
 
 /// Write all of `buf` to `fd` at `offset` (see [`read_full_at`]).

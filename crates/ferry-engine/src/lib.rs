@@ -10,7 +10,8 @@
 //! - [`client`]: connect, handshake, request; [`client::upload`] and
 //!   [`client::download`].
 //! - [`server`]: [`server::serve`] takes a bound listener and a shutdown
-//!   future.
+//!   future; [`policy`]: which token gets which root, and which way files
+//!   may move there.
 //! - `sender` / `receiver`: the two halves of a transfer, each split into
 //!   `rules` (pure decisions over messages and metadata) and the I/O that
 //!   carries them out (`walk`, `producer`, `frames`; `worker`, `place`).
@@ -45,6 +46,7 @@ mod fsx;
 mod journal;
 mod names;
 pub mod pace;
+pub mod policy;
 mod progress;
 mod receiver;
 mod sender;

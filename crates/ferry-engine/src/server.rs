@@ -23,7 +23,6 @@ use std::future::Future;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
+use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN};
 use crate::budget::{self, Addresses, Budget, Busy, Charge, FromAddress, SessionBudget, Split};
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
@@ -47,6 +46,7 @@ use crate::error::{EngineError, Op, Refusal, RefusalReason, Side, TlsError, reas
 use crate::events::{Event, EventSink, SERVER_LISTED, Tally};
 use crate::filter::Filter;
 use crate::fsx;
+use crate::policy::{Grant, LivePolicy, Policy};
 use crate::progress::Progress;
 use crate::receiver::{Destination, Pruning, Publish, publish, run_receiver};
 use crate::sender::{SendJob, run_sender};
@@ -65,45 +65,33 @@ const MAX_PENDING: usize = 64;
 /// How long sessions get to wind down after a shutdown request.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+pub use crate::policy::Access;
+
 /// What the server serves.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Every remote path is resolved below this directory, and only below it.
-    pub root: PathBuf,
+    /// Which client gets which root, and which way files may move there:
+    /// every remote path of a session is resolved below its root, and only
+    /// below it. Consulted as each session starts, so it may be replaced
+    /// while the server runs.
+    pub policy: LivePolicy,
     /// A session that makes no progress for this long is ended (its
     /// journaled part files stay for the client's retry).
     pub idle_timeout: Duration,
     /// Part files nobody has touched for this long are removed (at start
     /// and then every hour); `None` keeps them forever.
     pub part_max_age: Option<Duration>,
-    /// Which requests are served: uploads, downloads, or both.
-    pub access: Access,
     /// Make the device nodes that uploads hold (when running as root);
     /// otherwise they are skipped.
     pub devices: bool,
     /// The server's TLS identity; `None` serves plain TCP (`--no-tls`).
     pub tls: Option<ServerTls>,
-    /// The token a client must prove before a session starts; `None`
-    /// serves every client (loopback, or `--no-auth`).
-    pub auth: Option<Token>,
     /// The memory the sessions share, in bytes (`--max-memory`; see
     /// [`budget::DEFAULT_MAX_MEMORY`]).
     pub max_memory: u64,
     /// How long a connection has for its whole handshake, TLS and
     /// authentication included (`--handshake-timeout`).
     pub handshake_timeout: Duration,
-}
-
-/// Which way files may move through a server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Access {
-    /// Uploads and downloads.
-    #[default]
-    ReadWrite,
-    /// Downloads only: nothing below the root is ever created or changed.
-    ReadOnly,
-    /// Uploads only: nothing below the root is ever sent out.
-    WriteOnly,
 }
 
 /// The server's default stall timeout, the client's too: after a network
@@ -121,13 +109,13 @@ pub async fn serve(
     config: ServerConfig,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let root = Arc::new(open_root(&config.root)?);
     let cancel = CancellationToken::new();
     if let Some(max_age) = config.part_max_age {
-        tokio::spawn(sweep_every_hour(root.clone(), max_age, cancel.clone()));
+        let policy = config.policy.clone();
+        tokio::spawn(sweep_every_hour(policy, max_age, cancel.clone()));
     }
     let shared = Arc::new(Shared {
-        root,
+        policy: config.policy,
         descriptors: descriptor_budget(),
         memory: memory_budget(config.max_memory),
         registry: Registry::default(),
@@ -135,10 +123,8 @@ pub async fn serve(
         idle_timeout: config.idle_timeout,
         handshake_timeout: config.handshake_timeout,
         addresses: Arc::default(),
-        access: config.access,
         devices: config.devices,
         tls: config.tls,
-        auth: config.auth,
         throttle: Mutex::default(),
     });
     let pending = Pending::default();
@@ -215,22 +201,6 @@ fn memory_budget(max_memory: u64) -> Arc<Budget> {
     Budget::new(split)
 }
 
-/// The directory a server serves, held open for its lifetime: every path
-/// is resolved beneath this handle, not by name.
-fn open_root(root: &Path) -> std::io::Result<OwnedFd> {
-    rustix::fs::open(
-        root,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("{}: {}", root.display(), reason(&e.into())),
-        )
-    })
-}
-
 /// Cancel the sessions in flight and give them `SHUTDOWN_GRACE` to end.
 async fn wind_down(sessions: TaskTracker, cancel: CancellationToken) {
     info!(
@@ -252,7 +222,8 @@ async fn wind_down(sessions: TaskTracker, cancel: CancellationToken) {
 
 /// What every connection of a server shares.
 struct Shared {
-    root: Arc<OwnedFd>,
+    /// Who gets which grant: read as each session starts.
+    policy: LivePolicy,
     /// What sessions may hold open.
     descriptors: Arc<Budget>,
     /// What sessions may hold in memory.
@@ -264,10 +235,8 @@ struct Shared {
     handshake_timeout: Duration,
     /// The sessions and slot-holding connections of each client address.
     addresses: Arc<Mutex<Addresses>>,
-    access: Access,
     devices: bool,
     tls: Option<ServerTls>,
-    auth: Option<Token>,
     /// Recent authentication failures by address: what slows a guesser
     /// down whichever connection it guesses on.
     throttle: Mutex<AuthThrottle>,
@@ -352,11 +321,13 @@ enum Outcome {
 
 /// What a connection asked for in its handshake.
 enum Opened {
-    /// `hello`: a new session, with this as its control connection.
+    /// `hello`: a new session, with this as its control connection, and
+    /// what its client may do (kept for the whole session).
     Session {
         reader: FrameReader<BoxRead>,
         writer: FrameWriter<BoxWrite>,
         software: String,
+        grant: Arc<Grant>,
     },
     /// `join`: a data connection for a session in progress.
     Join {
@@ -405,7 +376,11 @@ async fn connection(
             reader,
             writer,
             software,
-        } => session(reader, writer, &software, peer.ip(), shared, cancel).await,
+            grant,
+        } => {
+            let client = (software.as_str(), grant, peer.ip());
+            session(reader, writer, client, shared, cancel).await
+        }
         Opened::Join {
             reader,
             writer,
@@ -457,14 +432,21 @@ async fn open(
     }
     match hello {
         Message::Hello { software } => {
-            if let Some(token) = &shared.auth {
-                let proof = (token, exporter.as_slice(), deadline);
-                authenticate(&mut reader, &mut writer, proof, peer, shared).await?;
-            }
+            // The policy as it is now: a reload after this point is for
+            // the sessions that start after it.
+            let policy = shared.policy.current();
+            let grant = match policy.open_grant() {
+                Some(grant) => grant,
+                None => {
+                    let proof = (&*policy, exporter.as_slice(), deadline);
+                    authenticate(&mut reader, &mut writer, proof, peer, shared).await?
+                }
+            };
             Ok(Opened::Session {
                 reader,
                 writer,
                 software,
+                grant,
             })
         }
         Message::Join { session_id, secret } => Ok(Opened::Join {
@@ -539,7 +521,8 @@ async fn transport(
     })
 }
 
-/// Have the client prove the token: `challenge`, `auth`.
+/// Have the client prove a token: `challenge`, `auth`. The token it
+/// proves selects its grant.
 ///
 /// A failure is logged once, with the peer's address and why, and counted
 /// against the address: its answer waits the longer the more recent
@@ -552,10 +535,10 @@ async fn transport(
 async fn authenticate(
     reader: &mut FrameReader<BoxRead>,
     writer: &mut FrameWriter<BoxWrite>,
-    (token, exporter, deadline): (&Token, &[u8], Deadline),
+    (policy, exporter, deadline): (&Policy, &[u8], Deadline),
     peer: SocketAddr,
     shared: &Shared,
-) -> Result<(), EngineError> {
+) -> Result<Arc<Grant>, EngineError> {
     let nonce = match auth::random_bytes(32) {
         Ok(n) => n,
         Err(error) => {
@@ -576,12 +559,14 @@ async fn authenticate(
     // (or says nothing). That is a failed attempt too, or a guesser could
     // probe for free by hanging up.
     let (why, gone) = match &answer {
-        Ok(Ok(Message::Auth { mac })) if token.verify(&nonce, exporter, mac) => {
-            lock_throttle(shared).success(peer.ip());
-            info!(%peer, "authenticated");
-            return Ok(());
-        }
-        Ok(Ok(Message::Auth { .. })) => ("wrong token".to_string(), false),
+        Ok(Ok(Message::Auth { mac })) => match policy.grant_for(&nonce, exporter, mac) {
+            Some(grant) => {
+                lock_throttle(shared).success(peer.ip());
+                info!(%peer, token = %grant.name(), "authenticated");
+                return Ok(grant);
+            }
+            None => ("wrong token".to_string(), false),
+        },
         Ok(Ok(_)) => (
             "answered the challenge with another message than auth".into(),
             false,
@@ -651,22 +636,25 @@ async fn tls_client_refused<T>(mut stream: TcpStream) -> Result<T, EngineError> 
 
 /// Remove abandoned part files now and then every hour, off the async
 /// threads (it walks the whole tree), until the server stops.
-async fn sweep_every_hour(root: Arc<OwnedFd>, max_age: Duration, stop: CancellationToken) {
+async fn sweep_every_hour(policy: LivePolicy, max_age: Duration, stop: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(3600);
     loop {
-        let root = root.clone();
-        let swept = tokio::task::spawn_blocking(move || {
-            crate::sweep::sweep_stale_parts(root.as_fd(), max_age, std::time::SystemTime::now())
-        })
-        .await;
-        match swept {
-            Ok(Ok(r)) if r.parts_removed + r.journals_removed > 0 => info!(
-                "removed {} abandoned part file(s) and {} journal(s), {} bytes",
-                r.parts_removed, r.journals_removed, r.bytes_freed
-            ),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!("sweeping abandoned part files: {}", reason(&e)),
-            Err(e) => warn!("sweeping abandoned part files: {e}"),
+        // The roots of the policy in force: a reload may have named others.
+        for (path, root) in policy.current().roots() {
+            let swept = tokio::task::spawn_blocking(move || {
+                crate::sweep::sweep_stale_parts(root.as_fd(), max_age, std::time::SystemTime::now())
+            })
+            .await;
+            let root = path.display();
+            match swept {
+                Ok(Ok(r)) if r.parts_removed + r.journals_removed > 0 => info!(
+                    "removed {} abandoned part file(s) and {} journal(s), {} bytes, below {root}",
+                    r.parts_removed, r.journals_removed, r.bytes_freed
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!("sweeping abandoned part files below {root}: {}", reason(&e)),
+                Err(e) => warn!("sweeping abandoned part files below {root}: {e}"),
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -737,8 +725,7 @@ fn same_secret(a: &str, b: &str) -> bool {
 async fn session(
     mut reader: FrameReader<BoxRead>,
     mut writer: FrameWriter<BoxWrite>,
-    software: &str,
-    from: IpAddr,
+    (software, grant, from): (&str, Arc<Grant>, IpAddr),
     shared: &Shared,
     cancel: &CancellationToken,
 ) -> Result<(), EngineError> {
@@ -756,7 +743,12 @@ async fn session(
             return refuse(&mut writer, Refusal::new(reason)).await;
         }
     };
-    info!(session = %session_id, client = %escape(software.as_bytes()), "handshake");
+    info!(
+        session = %session_id,
+        client = %escape(software.as_bytes()),
+        token = %grant.name(),
+        "handshake"
+    );
     let (joins, _registered) = register(&shared.registry, &session_id, &secret);
     writer
         .send_now(&Message::Welcome {
@@ -771,7 +763,7 @@ async fn session(
         .await
         .map_err(|_| EngineError::Timeout(HANDSHAKE_TIMEOUT.as_secs()))??;
     let started = Instant::now();
-    let accepted = match accept_request(shared, budget, request) {
+    let accepted = match accept_request(shared, &grant, budget, request) {
         Ok(a) => a,
         Err(refusal) => return refuse(&mut writer, refusal).await,
     };
@@ -969,18 +961,19 @@ enum Accepted {
     RolledBack,
 }
 
-/// Check a request against the server's access and root, and prepare what
-/// it will run. Every path is validated here, whatever the client already
-/// checked.
+/// Check a request against the session's grant (its access and root),
+/// and prepare what it will run. Every path is validated here, whatever the
+/// client already checked.
 fn accept_request(
     shared: &Shared,
+    grant: &Grant,
     budget: SessionBudget,
     request: Message,
 ) -> Result<Accepted, Refusal> {
-    let root = &shared.root;
+    let root = &grant.root;
     // Before anything touches the filesystem: a read-only server must not
     // even create an upload's parent directories.
-    check_access(&request, shared.access)?;
+    check_access(&request, grant.access)?;
     match request {
         Message::Upload {
             dest,
@@ -989,6 +982,7 @@ fn accept_request(
             itemize,
             dry_run,
             atomic,
+            checksum,
         } => {
             let label = escape(dest.as_bytes());
             // An atomic publish mirrors: the new version is the source.
@@ -1001,6 +995,7 @@ fn accept_request(
                 dest.ignore_times = ignore_times;
                 dest.itemize = itemize || dry_run;
                 dest.dry_run = dry_run;
+                dest.checksum = checksum;
                 // A dry run looks at the live tree itself.
                 if atomic && !dry_run {
                     stage(dest);
@@ -1026,6 +1021,7 @@ fn accept_request(
             filters,
             gitignore,
             bwlimit,
+            checksum,
         } => {
             let filter = Filter::new(&filters, gitignore).map_err(|e| Refusal::new(e.into()))?;
             // A compressor beyond the reserves, or none while memory is
@@ -1038,6 +1034,7 @@ fn accept_request(
             let mut job = accept_download(root, source.as_bytes(), compression, owners, filter)?;
             // Never below the slowest rate: a trickle would hold a slot.
             job.bwlimit = bwlimit.map(|rate| rate.max(crate::pace::MIN_RATE));
+            job.checksum = checksum;
             Ok(Accepted::Send(Box::new(job), (budget, memory)))
         }
         other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
@@ -1057,11 +1054,12 @@ fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
         (
             Message::Upload {
                 dest,
-                mirror: Some(_),
+                mirror,
+                atomic,
                 ..
             },
             Access::WriteOnly,
-        ) => Err(Refusal::of_path(
+        ) if mirror.is_some() || *atomic => Err(Refusal::of_path(
             dest.as_bytes(),
             RefusalReason::WriteOnlyMirror,
         )),
@@ -1136,6 +1134,7 @@ fn accept_upload(
         tell_sender: true,
         dry_run: false,
         publish: None,
+        checksum: false,
     })))
 }
 
@@ -1172,6 +1171,7 @@ fn accept_download(
         mirror: false,
         itemize: false,
         atomic: false,
+        checksum: false,
         dest_label: String::new(),
     })
 }

@@ -94,19 +94,6 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The default state directory: `$XDG_CONFIG_HOME/ferry`, else
-/// `~/.config/ferry`.
-pub fn default_state_dir() -> Option<PathBuf> {
-    let from = |var: &str| {
-        std::env::var_os(var)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    from("XDG_CONFIG_HOME")
-        .or_else(|| from("HOME").map(|h| h.join(".config")))
-        .map(|base| base.join("ferry"))
-}
-
 fn local_error(path: &Path, op: Op, cause: impl Into<LocalCause>) -> EngineError {
     EngineError::local(path.display().to_string(), op, cause)
 }

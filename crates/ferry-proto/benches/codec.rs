@@ -105,6 +105,7 @@ fn file_entry() -> Message {
             uid: 1000,
             gid: 1000,
         }),
+        digest: None,
     }
 }
 

@@ -27,11 +27,13 @@ use crate::path::WireBytes;
 /// return false.
 pub(crate) fn write(msg: &Message, out: &mut BytesMut) -> bool {
     match msg {
+        // An entry with a digest (`checksum`) goes through serde.
         Message::Entry {
             id,
             path,
             kind,
             owner,
+            digest: None,
         } => {
             let Some(path) = plain(path.as_bytes()) else {
                 return false;
@@ -185,6 +187,7 @@ fn entry(c: &mut Cursor<'_>) -> Option<Message> {
         path,
         kind,
         owner,
+        digest: None,
     })
 }
 
@@ -293,6 +296,7 @@ mod tests {
                 mtime: Mtime { sec, nsec: 0 },
             },
             owner: None,
+            digest: None,
         };
         let owned = |owner| Message::Entry {
             id: 2,
@@ -302,6 +306,7 @@ mod tests {
                 mtime: Mtime { sec: 1, nsec: 2 },
             },
             owner: Some(owner),
+            digest: None,
         };
         for msg in [
             owned(Owner { uid: 0, gid: 0 }),
@@ -354,6 +359,7 @@ mod tests {
                     },
                 },
                 owner: None,
+                digest: None,
             },
             Message::Entry {
                 id: 8,
@@ -367,6 +373,7 @@ mod tests {
                     uid: 1000,
                     gid: 4_294_967_295,
                 }),
+                digest: None,
             },
             Message::Entry {
                 id: 1,
@@ -376,6 +383,7 @@ mod tests {
                     mtime: Mtime { sec: 0, nsec: 0 },
                 },
                 owner: None,
+                digest: None,
             },
             Message::FileEnd {
                 id: u64::MAX,
@@ -473,7 +481,7 @@ mod tests {
                 EntryKind::Dir { mode, mtime }
             };
             let owner = owner.map(|(uid, gid)| Owner { uid, gid });
-            let msg = Message::Entry { id, path: path.as_str().into(), kind, owner };
+            let msg = Message::Entry { id, path: path.as_str().into(), kind, owner, digest: None };
             let body = serde_json::to_vec(&msg).unwrap();
             prop_assert_eq!(written(&msg), Some(body.clone()));
             prop_assert_eq!(parse(&body), Some(msg));
@@ -491,8 +499,8 @@ mod tests {
         ) {
             let mtime = Mtime { sec, nsec: 7 };
             let msg = match which {
-                0 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::File { size, mode: 0o644, mtime }, owner: None },
-                1 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::Dir { mode: 0o755, mtime }, owner: Some(Owner { uid: size as u32, gid: 0 }) },
+                0 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::File { size, mode: 0o644, mtime }, owner: None, digest: None },
+                1 => Message::Entry { id, path: WireBytes(text), kind: EntryKind::Dir { mode: 0o755, mtime }, owner: Some(Owner { uid: size as u32, gid: 0 }), digest: None },
                 2 => Message::FileEnd { id, digest: String::from_utf8_lossy(&text).into_owned() },
                 3 => Message::Outcome { id, outcome: Outcome::Ok },
                 _ => Message::Outcome { id, outcome: Outcome::Skipped(String::from_utf8_lossy(&text).into_owned()) },

@@ -186,6 +186,10 @@ pub enum Message {
         /// with one rename once it is whole (`published`).
         #[serde(default, skip_serializing_if = "is_false")]
         atomic: bool,
+        /// Files are unchanged when their content is (`digest` in each
+        /// file's entry), not when size and mtime are.
+        #[serde(default, skip_serializing_if = "is_false")]
+        checksum: bool,
     },
     /// Client → server: switch the previous version kept by an atomic
     /// publish of `dest` back in (the live one is kept in its place).
@@ -213,6 +217,10 @@ pub enum Message {
         /// connections together. Absent means none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bwlimit: Option<u64>,
+        /// Send each file's digest in its entry (the client compares
+        /// content).
+        #[serde(default, skip_serializing_if = "is_false")]
+        checksum: bool,
     },
     /// The request was accepted; the transfer starts.
     Ready,
@@ -233,6 +241,11 @@ pub enum Message {
         /// that is not root ignores it.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         owner: Option<Owner>,
+        /// A file's whole-file digest (hex), sent when the request asked
+        /// for `checksum`: the receiver compares content, not size and
+        /// mtime.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
     },
     /// Sender → receiver: every chunk of file `id` has been sent.
     FileEnd { id: u64, digest: String },
@@ -350,6 +363,8 @@ pub enum Change {
     Kind,
     Size,
     Mtime,
+    /// Content of the same size (`checksum`).
+    Content,
     /// Permission bits.
     Mode,
     Owner,
@@ -475,6 +490,7 @@ mod tests {
                 filters: vec![],
                 gitignore: false,
                 bwlimit: None,
+                checksum: false,
             }),
             r#"{"type":"download","source":"a/b","compression":{"mode":"level","level":3}}"#
         );
@@ -487,6 +503,7 @@ mod tests {
                 filters: vec![],
                 gitignore: false,
                 bwlimit: None,
+                checksum: false,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"auto"}}"#
         );
@@ -500,6 +517,7 @@ mod tests {
                     mtime: Mtime { sec: 1, nsec: 2 }
                 },
                 owner: None,
+                digest: None,
             }),
             r#"{"type":"entry","id":3,"path":{"b64":"ZC//"},"kind":"file","size":5,"mode":420,"mtime":{"sec":1,"nsec":2}}"#
         );
@@ -513,6 +531,7 @@ mod tests {
                     mtime: Mtime::default()
                 },
                 owner: Some(Owner { uid: 1000, gid: 33 }),
+                digest: None,
             }),
             r#"{"type":"entry","id":6,"path":"f","kind":"file","size":0,"mode":384,"mtime":{"sec":0,"nsec":0},"owner":{"uid":1000,"gid":33}}"#
         );
@@ -525,6 +544,7 @@ mod tests {
                     target: "f".into()
                 },
                 owner: None,
+                digest: None,
             }),
             r#"{"type":"entry","id":7,"path":"b/f","kind":"hardlink","first":6,"target":"f"}"#
         );
@@ -537,6 +557,7 @@ mod tests {
                     mtime: Mtime::default()
                 },
                 owner: None,
+                digest: None,
             }),
             r#"{"type":"entry","id":8,"path":"p","kind":"fifo","mode":420,"mtime":{"sec":0,"nsec":0}}"#
         );
@@ -552,6 +573,7 @@ mod tests {
                     mtime: Mtime::default()
                 },
                 owner: None,
+                digest: None,
             }),
             r#"{"type":"entry","id":9,"path":"null","kind":"device","block":false,"major":1,"minor":3,"mode":438,"mtime":{"sec":0,"nsec":0}}"#
         );
@@ -564,6 +586,7 @@ mod tests {
                 filters: vec![],
                 gitignore: false,
                 bwlimit: None,
+                checksum: false,
             }),
             r#"{"type":"download","source":"x","compression":{"mode":"off"},"owners":true}"#
         );
@@ -576,6 +599,7 @@ mod tests {
                     mtime: Mtime::default()
                 },
                 owner: None,
+                digest: None,
             }),
             r#"{"type":"entry","id":4,"path":"l","kind":"symlink","target":"../t","mtime":{"sec":0,"nsec":0}}"#
         );
@@ -647,6 +671,7 @@ mod tests {
                     itemize: false,
                     dry_run: false,
                     atomic: false,
+                    checksum: false,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -658,6 +683,7 @@ mod tests {
                     itemize: false,
                     dry_run: false,
                     atomic: false,
+                    checksum: false,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
@@ -672,6 +698,7 @@ mod tests {
                     itemize: false,
                     dry_run: true,
                     atomic: false,
+                    checksum: false,
                 },
                 r#"{"type":"upload","dest":"w","mirror":{"max_delete":10},"dry_run":true}"#,
             ),
@@ -706,6 +733,7 @@ mod tests {
                     filters: vec![],
                     gitignore: false,
                     bwlimit: None,
+                    checksum: false,
                 },
                 r#"{"type":"download","source":"","compression":{"mode":"off"}}"#,
             ),
@@ -726,6 +754,7 @@ mod tests {
                         },
                     },
                     owner: None,
+                    digest: None,
                 },
                 r#"{"type":"entry","id":1,"path":"","kind":"dir","mode":493,"mtime":{"sec":1700000000,"nsec":123456789}}"#,
             ),
@@ -737,6 +766,7 @@ mod tests {
                         what: "socket".into(),
                     },
                     owner: None,
+                    digest: None,
                 },
                 r#"{"type":"entry","id":5,"path":"p","kind":"special","what":"socket"}"#,
             ),
@@ -842,6 +872,7 @@ mod tests {
                 itemize: true,
                 dry_run: true,
                 atomic: true,
+                checksum: false,
             },
             Message::Rollback { dest: "w".into() },
             Message::Published {
@@ -870,6 +901,7 @@ mod tests {
                 filters: vec![],
                 gitignore: false,
                 bwlimit: None,
+                checksum: false,
             },
             Message::Ready,
             Message::Totals { files: 1, bytes: 2 },
@@ -884,6 +916,7 @@ mod tests {
                     mtime: Mtime { sec: -5, nsec: 9 },
                 },
                 owner: None,
+                digest: None,
             },
             Message::Entry {
                 id: 2,
@@ -892,6 +925,7 @@ mod tests {
                     what: "fifo".into(),
                 },
                 owner: None,
+                digest: None,
             },
             Message::FileEnd {
                 id: 1,

@@ -27,7 +27,8 @@ pub const DEFAULT_PORT: u16 = 8834;
         ferry cp ./a ./b                      # local copy through the same pipeline\n\n\
         Exit status: 0 all arrived; 1 some file failed or the transfer could not run; 2 usage \
         error; 24 some source entries vanished while the tree was read (the rest arrived); \
-        130 interrupted."
+        25 --delete deleted nothing (or --atomic published nothing) because more than \
+        --max-delete entries would have gone; 130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -47,9 +48,47 @@ pub enum Command {
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
     #[command(visible_alias = "cp")]
     Copy(CopyArgs),
+    /// Compare two trees by content, without changing or sending anything: either side may be
+    /// HOST:PATH. Lists what is missing from DST, what differs (content, size, mtime, mode, owner,
+    /// link target) and what DST has extra; exits 1 if anything differs, 0 if the trees are the
+    /// same. The way to verify a backup or a deploy.
+    Check(CheckArgs),
     /// Switch a destination published with --atomic back to the version its last publish replaced
     /// (that one is kept in its place: run it again to switch forward).
     Rollback(RollbackArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The tree as it should be: a local path or HOST:PATH.
+    pub src: OsString,
+    /// The tree to check against it: a local path or HOST:PATH.
+    pub dst: OsString,
+    /// Server port for a HOST:PATH side.
+    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// Print NDJSON events: a `changed` (action `created`: missing from DST, `updated`: differs)
+    /// or `deleted` (extra in DST) event for each difference, then `summary`.
+    #[arg(long)]
+    pub json: bool,
+    /// Print nothing; the exit status says whether the trees are the same.
+    #[arg(long, short = 'q', conflicts_with = "json")]
+    pub quiet: bool,
+    /// Leave out what PATTERN matches, on both sides (see `ferry upload --help`).
+    #[arg(long, value_name = "PATTERN")]
+    pub exclude: Vec<String>,
+    /// Trust only the server whose certificate has this fingerprint (see `ferry upload --help`).
+    #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
+    pub fingerprint: Option<String>,
+    /// Where known_hosts and this user's server token are kept (see `ferry upload --help`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Talk plain TCP to a server run with --no-tls.
+    #[arg(long)]
+    pub no_tls: bool,
+    /// Read the server's token from FILE (see `ferry upload --help`).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -76,29 +115,40 @@ pub struct RollbackArgs {
     pub token_file: Option<PathBuf>,
 }
 
+/// The server's settings as typed. Those that a configuration file may
+/// set too are options here without clap defaults, so that `main` can tell
+/// one given on the command line (which wins) from one left out (the
+/// file's, else the default named in its help).
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Address to listen on. Use 0.0.0.0 to accept connections from the network.
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port to listen on; 0 picks a free port (the address is printed).
-    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    /// Read settings, roots and tokens from this TOML file (see the README): each token gets its
+    /// own root and mode. SIGHUP reloads its roots and tokens; sessions already running keep
+    /// what they started with. Options given here override the file's [server] settings; the
+    /// per-token ones (--root, --read-only, --write-only, --token-file, --no-auth) cannot be
+    /// combined with it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["root", "read_only", "write_only", "token_file", "no_auth"])]
+    pub config: Option<PathBuf>,
+    /// Address to listen on. Use 0.0.0.0 to accept connections from the network [default: 127.0.0.1].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free port (the address is printed) [default: 8834].
+    #[arg(long, short = 'p')]
+    pub port: Option<u16>,
     /// Directory served: every remote path is relative to it and confined to it [default: current directory].
     #[arg(long)]
     pub root: Option<PathBuf>,
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
-    /// End a session that makes no progress (no file data verified, no entry settled) for this many seconds; its resumable part files stay.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-    pub timeout: u64,
-    /// Drop a connection that has not finished its handshake (TLS and authentication included) within this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=600))]
-    pub handshake_timeout: u64,
-    /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly.
-    #[arg(long, value_name = "AGE", default_value = "7d", value_parser = parse_age)]
-    pub keep_parts: std::time::Duration,
+    /// End a session that makes no progress (no file data verified, no entry settled) for this many seconds; its resumable part files stay [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT))]
+    pub timeout: Option<u64>,
+    /// Drop a connection that has not finished its handshake (TLS and authentication included) within this many seconds [default: 15].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_HANDSHAKE_TIMEOUT))]
+    pub handshake_timeout: Option<u64>,
+    /// Remove part files of interrupted uploads once untouched for this long (e.g. 36h, 7d, 0 = never); checked at start and hourly [default: 7d].
+    #[arg(long, value_name = "AGE", value_parser = parse_age)]
+    pub keep_parts: Option<std::time::Duration>,
     /// Serve downloads only: uploads are refused, nothing below the root is changed.
     #[arg(long, conflicts_with = "write_only")]
     pub read_only: bool,
@@ -110,7 +160,7 @@ pub struct ServerArgs {
     /// allowed to upload could hand local users raw access to this machine's disks.
     #[arg(long)]
     pub devices: bool,
-    /// Where the server keeps its TLS key and certificate and its client token (made on first start; clients of the same user find the token there) [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    /// Where the server keeps its TLS key and certificate and its client token (made on first start; clients of the same user find the token there) [default: $STATE_DIRECTORY (as systemd sets it), else $XDG_CONFIG_HOME/ferry or ~/.config/ferry, else /var/lib/ferry for root].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Serve plain TCP, without TLS: only on a network you trust; clients must use --no-tls too.
@@ -123,10 +173,16 @@ pub struct ServerArgs {
     #[arg(long, conflicts_with = "token_file")]
     pub no_auth: bool,
     /// Memory the sessions may hold at once (e.g. 256M, 2G; at least 32M). A session that would
-    /// need more waits (its data connections pause) or is refused as busy until others end.
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
-    pub max_memory: u64,
+    /// need more waits (its data connections pause) or is refused as busy until others end
+    /// [default: 512M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
 }
+
+/// The longest `--timeout`, in seconds.
+pub const MAX_TIMEOUT: u64 = 86_400;
+/// The longest `--handshake-timeout`, in seconds.
+pub const MAX_HANDSHAKE_TIMEOUT: u64 = 600;
 
 #[derive(Debug, Args)]
 pub struct UploadArgs {
@@ -185,7 +241,7 @@ pub struct TransferOpts {
     pub verbose: bool,
     /// Print NDJSON events on stdout, one object per line: start, file_done, file_unchanged,
     /// resumed, file_incomplete, file_failed, skipped, vanished, changed, deleted, delete_failed,
-    /// deletions_held_back, retry, progress, summary, error.
+    /// deletions_held_back, published, not_published, retry, progress, summary, error.
     #[arg(long)]
     pub json: bool,
     /// Parallel connections for the transfer (1-16) [default: one per core, at most 8].
@@ -196,8 +252,13 @@ pub struct TransferOpts {
     #[arg(long, default_value = "auto", value_parser = parse_compression, value_name = "auto|off|LEVEL")]
     pub compress: Compression,
     /// Send every file, even those the receiver already has with the same size and mtime.
-    #[arg(long, short = 'I')]
+    #[arg(long, short = 'I', conflicts_with = "checksum")]
     pub ignore_times: bool,
+    /// Decide "unchanged" by content instead of size and mtime: both sides read each file of
+    /// the same size and compare whole-file digests (each on its own thread, at once). A file
+    /// whose content is the same is not sent, and gets the sender's mtime.
+    #[arg(long, short = 'c')]
+    pub checksum: bool,
     /// Do not preserve owners. By default a receiver running as root (the server for an upload,
     /// this client for a download) gives each file the user and group ids it has on the sending
     /// side, by number, as `rsync -a --numeric-ids` does; other receivers keep their own.
@@ -212,12 +273,12 @@ pub struct TransferOpts {
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
     /// Consider the transfer stalled after this many seconds without progress (no file data sent or verified, no entry settled).
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT))]
     pub timeout: u64,
     /// Trust only the server whose certificate has this fingerprint (as `ferry server` prints it), instead of known_hosts.
     #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
     pub fingerprint: Option<String>,
-    /// Where known_hosts (the fingerprints of servers seen before) is kept, and where this user's own `ferry server` keeps the token this client proves to it [default: $XDG_CONFIG_HOME/ferry or ~/.config/ferry].
+    /// Where known_hosts (the fingerprints of servers seen before) is kept, and where this user's own `ferry server` keeps the token this client proves to it [default: $STATE_DIRECTORY, else $XDG_CONFIG_HOME/ferry or ~/.config/ferry, else /var/lib/ferry for root].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Talk plain TCP, without TLS, to a server run with --no-tls: only on a network you trust.
@@ -281,6 +342,10 @@ pub struct TransferOpts {
     /// `changed` and `deleted` events. Entries already equal are not listed.
     #[arg(long, short = 'i')]
     pub itemize: bool,
+    /// Set by `ferry check`: the dry run reports differences, and its exit status says whether
+    /// there were any.
+    #[arg(skip)]
+    pub check: bool,
     /// The --include, --exclude and --exclude-from rules in command-line order (see `order_filters`).
     #[arg(skip)]
     pub filters: Vec<FilterRule>,
@@ -298,7 +363,7 @@ pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> 
         Command::Upload(a) => &mut a.transfer,
         Command::Download(a) => &mut a.transfer,
         Command::Copy(a) => &mut a.transfer,
-        Command::Server(_) | Command::Rollback(_) => return Ok(()),
+        Command::Server(_) | Command::Rollback(_) | Command::Check(_) => return Ok(()),
     };
     opts.filters = ordered_rules(sub)?;
     Ok(())
@@ -346,7 +411,7 @@ fn ordered_rules(m: &ArgMatches) -> Result<Vec<FilterRule>, String> {
 
 /// An age like `90s`, `30m`, `36h`, `7d` (a bare number is seconds); zero
 /// means never.
-fn parse_age(s: &str) -> Result<std::time::Duration, String> {
+pub fn parse_age(s: &str) -> Result<std::time::Duration, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits
         .parse()
@@ -363,7 +428,7 @@ fn parse_age(s: &str) -> Result<std::time::Duration, String> {
 
 /// A size like `512M`, `2G`, `65536K` or a bare number of bytes (binary
 /// units), at least `MIN_MAX_MEMORY`.
-fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, String> {
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = digits
         .parse()

@@ -5,6 +5,7 @@
 //! maps outcomes to exit codes.
 
 mod cli;
+mod config;
 mod logbuf;
 mod paths;
 mod ui;
@@ -21,12 +22,14 @@ use std::time::Duration;
 use ferry_engine::auth::Token;
 use ferry_engine::client::{self, ClientConfig};
 use ferry_engine::events::{TransferReport, TransferSummary};
+use ferry_engine::policy::{GrantSpec, LivePolicy, Policy};
 use ferry_engine::server::{self, ServerConfig};
 use ferry_engine::tls::{ClientTls, ServerTls};
 use ferry_engine::{CancellationToken, EngineError, HeldBack, Mirror, escape};
 use tokio::net::TcpListener;
 
-use crate::cli::{Cli, Command, RollbackArgs, ServerArgs, TransferOpts};
+use crate::cli::{CheckArgs, Cli, Command, RollbackArgs, ServerArgs, TransferOpts};
+use crate::config::{Config, ConfigError, Settings};
 use crate::paths::Spec;
 use crate::ui::{Mode, Ui};
 use clap::{Args, FromArgMatches};
@@ -83,6 +86,9 @@ fn main() -> ExitCode {
         Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port)
             .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
         Command::Rollback(args) => runtime.block_on(run_rollback(args)),
+        Command::Check(args) => {
+            plan_check(&args).and_then(|(plan, opts)| runtime.block_on(run_transfer(plan, &opts)))
+        }
     };
     match result {
         Ok(code) => code,
@@ -232,7 +238,8 @@ fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
 
 async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
     check_atomic(opts)?;
-    let ui = Arc::new(Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run));
+    let ui = Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run);
+    let ui = Arc::new(if opts.check { ui.checking() } else { ui });
     let cancel = CancellationToken::new();
     tokio::spawn(interrupt_handler(cancel.clone()));
 
@@ -272,6 +279,43 @@ fn check_atomic(opts: &TransferOpts) -> Result<(), Fatal> {
         ));
     }
     Ok(())
+}
+
+/// `ferry check`: a dry run that compares by content and mirrors, so that
+/// every difference is listed (what is missing, what differs, what is
+/// extra); nothing is created, on either side.
+fn plan_check(args: &CheckArgs) -> Result<(Plan, TransferOpts), Fatal> {
+    let both_local = [&args.src, &args.dst]
+        .iter()
+        .all(|p| matches!(paths::parse_spec(p), Spec::Local(_)));
+    if both_local && !Path::new(&args.dst).exists() {
+        let shown = escape(args.dst.as_bytes());
+        return Err(Fatal::Failed(format!("{shown}: no such file or directory")));
+    }
+    let plan = plan_copy(&args.src, &args.dst, args.port)?;
+    let mut opts = default_transfer_opts()?;
+    (opts.dry_run, opts.checksum, opts.delete, opts.check) = (true, true, true, true);
+    (opts.json, opts.quiet) = (args.json, args.quiet);
+    opts.filters = args
+        .exclude
+        .iter()
+        .map(|pattern| ferry_engine::FilterRule {
+            rule: ferry_engine::RuleKind::Exclude,
+            pattern: pattern.clone(),
+        })
+        .collect();
+    opts.fingerprint = args.fingerprint.clone();
+    opts.state_dir = args.state_dir.clone();
+    opts.no_tls = args.no_tls;
+    opts.token_file = args.token_file.clone();
+    Ok((plan, opts))
+}
+
+/// The transfer options as if none were given on the command line.
+fn default_transfer_opts() -> Result<TransferOpts, Fatal> {
+    let matches =
+        TransferOpts::augment_args(clap::Command::new("ferry")).get_matches_from(["ferry"]);
+    TransferOpts::from_arg_matches(&matches).map_err(|e| Fatal::Failed(e.to_string()))
 }
 
 /// `ferry rollback`: switch back, on the server or here.
@@ -335,18 +379,25 @@ impl LocalServer {
         let stop = CancellationToken::new();
         let token = Token::random()
             .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
-        let config = ServerConfig {
+        // Other local users can reach the port: only the copy's own
+        // client, which holds the token, is served.
+        let spec = GrantSpec {
+            name: "copy".into(),
+            root_name: "destination".into(),
             root: root.to_path_buf(),
+            access: server::Access::ReadWrite,
+        };
+        let policy = Policy::tokens(vec![(token.clone(), spec)])
+            .map_err(|e| Fatal::Failed(format!("cannot start the local copy server: {e}")))?;
+        let config = ServerConfig {
+            policy: LivePolicy::new(policy),
             idle_timeout: server::DEFAULT_IDLE_TIMEOUT,
             // The user's own directory: leftovers are theirs to keep.
             part_max_age: None,
-            access: server::Access::ReadWrite,
             // The user's own copy: as asked.
             devices,
-            // Both ends in this process: nothing to hide from the
-            // network, but other local users can reach the port.
+            // Both ends in this process: nothing to hide from the network.
             tls: None,
-            auth: Some(token.clone()),
             max_memory: ferry_engine::budget::DEFAULT_MAX_MEMORY,
             handshake_timeout: server::DEFAULT_HANDSHAKE_TIMEOUT,
         };
@@ -418,6 +469,7 @@ fn client_config(
         itemize: opts.itemize,
         dry_run: opts.dry_run,
         atomic: opts.atomic,
+        checksum: opts.checksum,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })
@@ -462,7 +514,10 @@ fn finish(
     match outcome {
         Ok(summary) => {
             ui.summary(&summary, from, to);
-            ExitCode::from(exit_status(&summary.report))
+            match ui.is_checking() {
+                true => ExitCode::from(check_status(&summary.report)),
+                false => ExitCode::from(exit_status(&summary.report)),
+            }
         }
         Err(EngineError::Cancelled) => {
             ui.fatal(
@@ -493,6 +548,15 @@ fn exit_status(report: &TransferReport) -> u8 {
     }
 }
 
+/// `ferry check`'s exit status: 1 if the trees differ at all.
+fn check_status(report: &TransferReport) -> u8 {
+    let differences = report.created + report.updated + report.deleted;
+    match exit_status(report) {
+        0 if differences > 0 => exit::FAILURE,
+        status => status,
+    }
+}
+
 /// First ^C: stop cleanly (small files' parts are removed, large files'
 /// verified parts are kept for a resume). Second: leave now.
 async fn interrupt_handler(cancel: CancellationToken) {
@@ -505,9 +569,16 @@ async fn interrupt_handler(cancel: CancellationToken) {
 }
 
 async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
-    let root = server_root(args.root.as_deref())?;
-    let logs = init_server_logging(args.log_file.as_deref())?;
-    let addr = address(&args.host, args.port);
+    let config = args.config.as_deref().map(load_config).transpose()?;
+    let settings = Settings::new(&args, config.as_ref().map(|c| &c.server));
+    // The roots and the token files before anything else: a mistake in
+    // them is the most likely one, and is said before the server starts.
+    let (policy, clients) = match config {
+        Some(config) => (config_policy(&config)?, Clients::Config(config)),
+        None => flag_policy(&args, &settings)?,
+    };
+    let logs = init_server_logging(settings.log_file.as_deref())?;
+    let addr = address(&settings.host, settings.port);
     let listener = TcpListener::bind(&addr).await.map_err(|e| {
         Fatal::Failed(format!(
             "cannot listen on {addr}: {}",
@@ -517,25 +588,24 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     let local = listener
         .local_addr()
         .map_err(|e| Fatal::Failed(e.to_string()))?;
-    let tls = server_tls(&args)?;
-    let auth = server_auth(&args)?;
+    let tls = server_tls(&settings)?;
     let shutdown = shutdown_signal()?;
-    announce(local, &root, tls.as_ref(), &auth);
-    log_setup(local, &root, tls.as_ref(), &auth);
+    let live = LivePolicy::new(policy);
+    if let Clients::Config(config) = &clients {
+        // Installed before the server announces itself: a SIGHUP from then
+        // on reloads, never kills.
+        tokio::spawn(reload_on_hangup(config, live.clone())?);
+    }
+    announce(local, tls.as_ref(), &clients, &live);
+    log_setup(local, tls.as_ref(), &clients, &live);
     let config = ServerConfig {
-        root,
-        idle_timeout: Duration::from_secs(args.timeout),
-        part_max_age: (!args.keep_parts.is_zero()).then_some(args.keep_parts),
-        access: match (args.read_only, args.write_only) {
-            (true, _) => server::Access::ReadOnly,
-            (_, true) => server::Access::WriteOnly,
-            _ => server::Access::ReadWrite,
-        },
-        devices: args.devices,
+        policy: live,
+        idle_timeout: settings.timeout,
+        part_max_age: settings.keep_parts,
+        devices: settings.devices,
         tls,
-        auth: auth.map(|(token, _)| token),
-        max_memory: args.max_memory,
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        max_memory: settings.max_memory,
+        handshake_timeout: settings.handshake_timeout,
     };
     let served = server::serve(listener, config, shutdown).await;
     match &served {
@@ -546,6 +616,128 @@ async fn run_server(args: ServerArgs) -> Result<ExitCode, Fatal> {
     logs.iter().for_each(logbuf::BufferedLog::flush);
     served.map_err(|e| Fatal::Failed(e.to_string()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whom a server serves, as its operator is told.
+enum Clients {
+    /// The command line's: one root, for the token the server was given or
+    /// made (or, with `--no-auth`, for anyone).
+    Flags { root: PathBuf, auth: ServerAuth },
+    /// A configuration file's tokens, each with its root and mode.
+    Config(Config),
+}
+
+/// The configuration file at `path`, checked.
+fn load_config(path: &Path) -> Result<Config, Fatal> {
+    config::load(path).map_err(config_error)
+}
+
+/// A configuration file's policy: its token files read, its roots opened.
+fn config_policy(config: &Config) -> Result<Policy, Fatal> {
+    if std::env::var_os(ferry_engine::auth::TOKEN_ENV).is_some() {
+        // Not an error: the variable may be there for a client.
+        eprintln!(
+            "ferry: {} is ignored by this server: its tokens come from {}",
+            ferry_engine::auth::TOKEN_ENV,
+            config.path.display()
+        );
+    }
+    config::policy(config).map_err(config_error)
+}
+
+fn config_error(e: ConfigError) -> Fatal {
+    if e.is_usage() {
+        Fatal::Usage(e.to_string())
+    } else {
+        Fatal::Failed(e.to_string())
+    }
+}
+
+/// The policy of a server run without a configuration file: the root of
+/// `--root` (else the current directory), with the access the flags give,
+/// for the server's token.
+fn flag_policy(args: &ServerArgs, settings: &Settings) -> Result<(Policy, Clients), Fatal> {
+    let root = server_root(args.root.as_deref())?;
+    let auth = server_auth(args, settings)?;
+    let spec = GrantSpec {
+        name: "default".into(),
+        root_name: "root".into(),
+        root: root.clone(),
+        access: match (args.read_only, args.write_only) {
+            (true, _) => server::Access::ReadOnly,
+            (_, true) => server::Access::WriteOnly,
+            _ => server::Access::ReadWrite,
+        },
+    };
+    let policy = match &auth {
+        Some((token, _)) => Policy::tokens(vec![(token.clone(), spec)]),
+        None => Policy::anyone(spec),
+    };
+    let policy = policy.map_err(|e| Fatal::Failed(e.to_string()))?;
+    Ok((policy, Clients::Flags { root, auth }))
+}
+
+/// On each SIGHUP, read the configuration file again and give the
+/// sessions that start from then on its roots and tokens. A file that
+/// cannot be used is logged, in one line, and the policy in force stays.
+/// The handler is installed when this returns.
+fn reload_on_hangup(
+    config: &Config,
+    live: LivePolicy,
+) -> Result<impl std::future::Future<Output = ()> + use<>, Fatal> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())
+        .map_err(|e| Fatal::Failed(format!("cannot install signal handlers: {e}")))?;
+    let (path, started) = (config.path.clone(), config.server.clone());
+    Ok(async move {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading {}", path.display());
+            let file = path.clone();
+            let loaded = tokio::task::spawn_blocking(move || {
+                let config = config::load(&file)?;
+                Ok::<_, ConfigError>((config::policy(&config)?, config))
+            })
+            .await;
+            match loaded {
+                Ok(Ok((policy, config))) => {
+                    tracing::info!("reloaded {}: {}", path.display(), describe(&policy));
+                    live.replace(policy);
+                    if config.server != started {
+                        tracing::warn!(
+                            "{}: [server] has changed; its settings take effect when the server \
+                             restarts (a reload applies [roots] and [[token]])",
+                            path.display()
+                        );
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(
+                    "reload failed: {e}; the configuration loaded before stays in force"
+                ),
+                Err(e) => tracing::error!(
+                    "reload of {} failed: {e}; the configuration loaded before stays in force",
+                    path.display()
+                ),
+            }
+        }
+    })
+}
+
+/// Each grant of `policy`, on one line.
+fn describe(policy: &Policy) -> String {
+    let grants: Vec<String> = policy
+        .grants()
+        .iter()
+        .map(|grant| {
+            let (root_name, root) = grant.root();
+            format!(
+                "token {}: root {root_name} ({}), {}",
+                grant.name(),
+                root.display(),
+                grant.access().name()
+            )
+        })
+        .collect();
+    grants.join("; ")
 }
 
 /// The directory to serve (`--root`, else the current one), absolute.
@@ -573,11 +765,11 @@ fn server_root(given: Option<&Path>) -> Result<PathBuf, Fatal> {
 }
 
 /// The server's TLS identity, made on first use; none with `--no-tls`.
-fn server_tls(args: &ServerArgs) -> Result<Option<ServerTls>, Fatal> {
-    if args.no_tls {
+fn server_tls(settings: &Settings) -> Result<Option<ServerTls>, Fatal> {
+    if !settings.tls {
         return Ok(None);
     }
-    let dir = state_dir(args.state_dir.as_deref())?;
+    let dir = state_dir(settings.state_dir.as_deref())?;
     let (tls, created) =
         ServerTls::load_or_create(&dir).map_err(|e| Fatal::Failed(e.to_string()))?;
     if created {
@@ -594,14 +786,14 @@ type ServerAuth = Option<(Token, Option<(PathBuf, bool)>)>;
 /// directory (made on first use), which clients of the same user find
 /// there; none with `--no-auth`. Loopback is no exception: every local
 /// user can reach it, and the server may read and write what they may not.
-fn server_auth(args: &ServerArgs) -> Result<ServerAuth, Fatal> {
+fn server_auth(args: &ServerArgs, settings: &Settings) -> Result<ServerAuth, Fatal> {
     if args.no_auth {
         return Ok(None);
     }
     Ok(match configured_token(args.token_file.as_deref())? {
         Some(token) => Some((token, None)),
         None => {
-            let dir = state_dir(args.state_dir.as_deref())?;
+            let dir = state_dir(settings.state_dir.as_deref())?;
             let (token, path, created) = ferry_engine::auth::load_or_create_token(&dir)
                 .map_err(|e| Fatal::Failed(e.to_string()))?;
             Some((token, Some((path, created))))
@@ -611,15 +803,36 @@ fn server_auth(args: &ServerArgs) -> Result<ServerAuth, Fatal> {
 
 /// Tell the operator, on stdout, where the server listens and what clients
 /// need to reach it.
-fn announce(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &ServerAuth) {
-    println!(
-        "ferry server listening on {local} (root: {})",
-        root.display()
-    );
+fn announce(local: SocketAddr, tls: Option<&ServerTls>, clients: &Clients, live: &LivePolicy) {
+    match clients {
+        Clients::Flags { root, .. } => println!(
+            "ferry server listening on {local} (root: {})",
+            root.display()
+        ),
+        Clients::Config(config) => println!(
+            "ferry server listening on {local} (config: {})",
+            config.path.display()
+        ),
+    }
     match tls {
         Some(tls) => println!("ferry server fingerprint {}", tls.fingerprint()),
         None => println!("ferry server: TLS is off (--no-tls): sessions travel in plaintext"),
     }
+    let auth = match clients {
+        Clients::Flags { auth, .. } => auth,
+        Clients::Config(_) => {
+            for grant in live.current().grants() {
+                let (root_name, root) = grant.root();
+                println!(
+                    "ferry server token {}: root {root_name} ({}), {}",
+                    grant.name(),
+                    root.display(),
+                    grant.access().name()
+                );
+            }
+            &None
+        }
+    };
     match auth {
         Some((token, Some((path, true)))) => println!(
             "ferry server token: {} (stored in {}; clients of this user on this machine find it \
@@ -639,18 +852,29 @@ fn announce(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &Serv
 }
 
 /// The same, for the log.
-fn log_setup(local: SocketAddr, root: &Path, tls: Option<&ServerTls>, auth: &ServerAuth) {
-    tracing::info!("listening on {local}, root {}", root.display());
+fn log_setup(local: SocketAddr, tls: Option<&ServerTls>, clients: &Clients, live: &LivePolicy) {
+    match clients {
+        Clients::Flags { root, .. } => {
+            tracing::info!("listening on {local}, root {}", root.display())
+        }
+        Clients::Config(config) => tracing::info!(
+            "listening on {local}, configured by {}: {}",
+            config.path.display(),
+            describe(&live.current())
+        ),
+    }
     match tls {
         Some(tls) => tracing::info!("TLS 1.3, certificate fingerprint {}", tls.fingerprint()),
         None => tracing::warn!("TLS is off (--no-tls): sessions travel in plaintext"),
     }
-    match auth {
-        Some((_, Some((path, true)))) => {
-            tracing::info!("made a new client token in {}", path.display())
-        }
-        Some(_) => tracing::info!("clients must prove the token"),
-        None => tracing::warn!(
+    match clients {
+        Clients::Flags {
+            auth: Some((_, Some((path, true)))),
+            ..
+        } => tracing::info!("made a new client token in {}", path.display()),
+        Clients::Flags { auth: Some(_), .. } => tracing::info!("clients must prove the token"),
+        Clients::Config(_) => tracing::info!("clients must prove one of the tokens"),
+        Clients::Flags { auth: None, .. } => tracing::warn!(
             "authentication is off (--no-auth): any client that can connect is served, \
              every local user included"
         ),
@@ -665,16 +889,56 @@ fn configured_token(file: Option<&Path>) -> Result<Option<Token>, Fatal> {
         .map_err(|e| Fatal::Failed(e.to_string()))
 }
 
-/// The state directory given, or the default one.
+/// The state directory: `given` (`--state-dir`), else the default for
+/// this process's environment (see [`default_state_dir`]).
 fn state_dir(given: Option<&Path>) -> Result<PathBuf, Fatal> {
+    let env = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty());
+    let defaults = StateEnv {
+        state_directory: env("STATE_DIRECTORY"),
+        xdg_config_home: env("XDG_CONFIG_HOME"),
+        home: env("HOME"),
+        root: rustix::process::geteuid().is_root(),
+    };
     given
         .map(Path::to_path_buf)
-        .or_else(ferry_engine::tls::default_state_dir)
+        .or_else(|| default_state_dir(&defaults))
         .ok_or_else(|| {
             Fatal::Failed(
-                "no state directory: set HOME or XDG_CONFIG_HOME, or pass --state-dir".into(),
+                "no state directory: pass --state-dir DIR (none of STATE_DIRECTORY, \
+                 XDG_CONFIG_HOME and HOME is set, and /var/lib/ferry is root's)"
+                    .into(),
             )
         })
+}
+
+/// What the default state directory depends on.
+struct StateEnv {
+    state_directory: Option<std::ffi::OsString>,
+    xdg_config_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+    root: bool,
+}
+
+/// `$STATE_DIRECTORY` (the first, if systemd lists several), else
+/// `$XDG_CONFIG_HOME/ferry`, else `~/.config/ferry`, else, for root,
+/// `/var/lib/ferry`: a service's user may have no home.
+fn default_state_dir(env: &StateEnv) -> Option<PathBuf> {
+    let systemd = env.state_directory.as_ref().and_then(|dirs| {
+        let first = dirs.as_bytes().split(|&b| b == b':').next()?;
+        (!first.is_empty()).then(|| PathBuf::from(OsStr::from_bytes(first)))
+    });
+    systemd
+        .or_else(|| {
+            env.xdg_config_home
+                .as_ref()
+                .map(|x| Path::new(x).join("ferry"))
+        })
+        .or_else(|| {
+            env.home
+                .as_ref()
+                .map(|h| Path::new(h).join(".config/ferry"))
+        })
+        .or_else(|| env.root.then(|| PathBuf::from("/var/lib/ferry")))
 }
 
 /// Lift the soft limit on open files to the hard limit (as Go programs
@@ -806,6 +1070,29 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(&got).unwrap(), b"root's\n");
         server.stop().await;
+    }
+
+    #[test]
+    fn the_state_directory_of_a_service_without_a_home() {
+        let env = |state: Option<&str>, xdg: Option<&str>, home: Option<&str>, root| StateEnv {
+            state_directory: state.map(Into::into),
+            xdg_config_home: xdg.map(Into::into),
+            home: home.map(Into::into),
+            root,
+        };
+        let dir = |e: &StateEnv| default_state_dir(e).map(|p| p.display().to_string());
+        let all = env(Some("/var/lib/ferry-svc"), Some("/x"), Some("/h"), true);
+        assert_eq!(dir(&all).as_deref(), Some("/var/lib/ferry-svc"));
+        // systemd joins several StateDirectory= with colons: the first is ours.
+        let many = env(Some("/var/lib/a:/var/lib/b"), None, None, false);
+        assert_eq!(dir(&many).as_deref(), Some("/var/lib/a"));
+        let xdg = env(None, Some("/x"), Some("/h"), false);
+        assert_eq!(dir(&xdg).as_deref(), Some("/x/ferry"));
+        let home = env(None, None, Some("/h"), false);
+        assert_eq!(dir(&home).as_deref(), Some("/h/.config/ferry"));
+        let root = env(None, None, None, true);
+        assert_eq!(dir(&root).as_deref(), Some("/var/lib/ferry"));
+        assert_eq!(dir(&env(None, None, None, false)), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub struct Ui {
     itemize: bool,
     /// Nothing changes: the summary says what would have.
     dry_run: bool,
+    /// `ferry check`: the changes are differences between two trees.
+    check: bool,
     bar: Option<ProgressBar>,
     state: Mutex<State>,
 }
@@ -65,6 +67,7 @@ impl Ui {
             verbose,
             itemize: false,
             dry_run: false,
+            check: false,
             bar,
             state: Mutex::new(State::default()),
         }
@@ -76,6 +79,16 @@ impl Ui {
         self.itemize = itemize || dry_run;
         self.dry_run = dry_run;
         self
+    }
+
+    /// The same, for `ferry check`: each change is a difference.
+    pub fn checking(mut self) -> Ui {
+        (self.itemize, self.dry_run, self.check) = (true, true, true);
+        self
+    }
+
+    pub fn is_checking(&self) -> bool {
+        self.check
     }
 
     /// Whether anyone sees progress (a bar, or NDJSON progress events):
@@ -170,6 +183,7 @@ impl Ui {
                 "bytes_per_sec": rate,
                 "failed": r.failed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
             })),
+            Mode::Human if self.check => self.out(&check_summary(r, from, to)),
             Mode::Human if self.dry_run => self.out(&dry_run_summary(r, from, to)),
             Mode::Human => self.out(&human_summary(r, from, to, secs)),
         }
@@ -372,6 +386,11 @@ impl Ui {
             Some(Change::Created) => "created",
             _ => "updated",
         };
+        let shown = match (self.check, action) {
+            (true, "created") => "missing",
+            (true, _) => "differs",
+            (false, _) => action,
+        };
         let details: Vec<&str> = what.iter().filter_map(|c| change_name(*c)).collect();
         match self.mode {
             Mode::Json => self.json(json!({
@@ -383,7 +402,7 @@ impl Ui {
                     true => String::new(),
                     false => format!(" ({})", details.join(", ")),
                 };
-                self.out(&format!("{action:<8} {path}{slash}{details}"))
+                self.out(&format!("{shown:<8} {path}{slash}{details}"))
             }
             Mode::Quiet => {}
         }
@@ -393,7 +412,10 @@ impl Ui {
         let slash = if dir { "/" } else { "" };
         match self.mode {
             Mode::Json => self.json(json!({"event": "deleted", "path": path, "dir": dir})),
-            Mode::Human if self.itemize => self.out(&format!("{:<8} {path}{slash}", "deleted")),
+            Mode::Human if self.itemize => {
+                let word = if self.check { "extra" } else { "deleted" };
+                self.out(&format!("{word:<8} {path}{slash}"))
+            }
             Mode::Human if self.verbose => self.out(&format!("deleting {path}{slash}")),
             _ => {}
         }
@@ -547,6 +569,21 @@ fn human_summary(r: &TransferReport, from: &str, to: &str, secs: f64) -> String 
     lines.join("\n")
 }
 
+/// `ferry check`'s summary: whether the trees are the same.
+fn check_summary(r: &TransferReport, from: &str, to: &str) -> String {
+    let differences = r.created + r.updated + r.deleted;
+    match differences {
+        0 => format!(
+            "Same: {to} holds what {from} holds ({} files compared by content)",
+            r.files_total
+        ),
+        n => format!(
+            "Different: {n} differences between {from} and {to}: {} missing, {} differ, {} extra",
+            r.created, r.updated, r.deleted
+        ),
+    }
+}
+
 /// A dry run's summary: what the same command would have done.
 fn dry_run_summary(r: &TransferReport, from: &str, to: &str) -> String {
     let mut lines = vec![
@@ -570,6 +607,7 @@ fn change_name(change: Change) -> Option<&'static str> {
         Change::Created => return None,
         Change::Kind => "kind",
         Change::Size => "size",
+        Change::Content => "content",
         Change::Mtime => "mtime",
         Change::Mode => "mode",
         Change::Owner => "owner",

@@ -25,6 +25,8 @@ mod mirror;
 mod dry_run;
 // --atomic and rollback: switched whole, the previous version kept, readers never see a mix.
 mod atomic;
+// --checksum and `ferry check`: content, not size and mtime.
+mod checksum;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.
@@ -36,6 +38,8 @@ mod tls;
 mod owners;
 // Token authentication: challenge and response, never the token on the wire.
 mod auth;
+// The server as a service: a configuration file with a root and mode per token, SIGHUP, no home.
+mod service;
 // Budgets: descriptors, memory, slots and time that hostile clients cannot take from the others.
 mod budgets;
 // The source's shape: no function over 80 lines, no import cycle between modules.

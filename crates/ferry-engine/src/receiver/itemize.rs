@@ -89,6 +89,18 @@ pub(crate) fn link_change(existing: Option<&Existing>, target: Option<&Existing>
     }
 }
 
+/// `what` with the content's verdict (`--checksum`): `Some(false)`, a
+/// file of the same size whose content differs.
+pub(crate) fn with_content(mut what: Vec<Change>, same: Option<bool>) -> Vec<Change> {
+    let judged_already = what
+        .iter()
+        .any(|c| matches!(c, Change::Created | Change::Kind | Change::Size));
+    if same == Some(false) && !judged_already {
+        what.insert(0, Change::Content);
+    }
+    what
+}
+
 /// Whether a change is of metadata only: the file's content stays, as a
 /// file that passes the quick check keeps it.
 pub(crate) fn metadata_only(what: &[Change]) -> bool {

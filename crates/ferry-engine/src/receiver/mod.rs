@@ -95,6 +95,9 @@ pub(crate) struct Destination {
     pub(crate) tell_sender: bool,
     /// Change nothing; tell what would change.
     pub(crate) dry_run: bool,
+    /// `--checksum`: a file is unchanged when its content is (the entry's
+    /// digest against this side's), whatever its mtime.
+    pub(crate) checksum: bool,
     /// `--atomic`: the transfer lands in a staging directory (`prefix`)
     /// and is switched in for the live tree once it is whole.
     pub(crate) publish: Option<Publish>,

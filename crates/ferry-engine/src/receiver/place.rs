@@ -17,6 +17,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use ferry_proto::digest::FileDigest;
 use ferry_proto::message::{Mtime, Owner};
 use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode};
@@ -119,6 +120,7 @@ pub(super) fn set_dir_metadata(
 pub(super) struct Found {
     pub(super) mode: u32,
     pub(super) owner: Owner,
+    pub(super) mtime: Mtime,
 }
 
 /// The regular file `name` in `parent`, if it has this size and mtime.
@@ -129,10 +131,64 @@ pub(super) fn find_unchanged(
     mtime: Mtime,
 ) -> Option<Found> {
     let stat = fsx::unchanged(parent.as_fd(), name, size, mtime)?;
-    Some(Found {
-        mode: fsx::mode_of(&stat),
-        owner: fsx::owner_of(&stat),
-    })
+    Some(found(&stat))
+}
+
+fn found(stat: &rustix::fs::Stat) -> Found {
+    Found {
+        mode: fsx::mode_of(stat),
+        owner: fsx::owner_of(stat),
+        mtime: fsx::mtime_of(stat),
+    }
+}
+
+/// The regular file `name` in `parent`, if it has this size and its
+/// content has this digest (`--checksum`): looked at without following a
+/// symlink, and read through that look.
+pub(super) fn find_same_content(
+    parent: &OwnedFd,
+    name: &[u8],
+    size: u64,
+    digest: FileDigest,
+) -> Option<Found> {
+    let looked = fsx::look(parent.as_fd(), name).ok().flatten()?;
+    if fsx::kind_of(&looked.stat) != Kind::File || looked.stat.st_size as u64 != size {
+        return None;
+    }
+    let file = looked.open_regular(rustix::fs::OFlags::RDONLY)?;
+    let same = fsx::file_digest(file.as_fd(), size).ok()? == digest;
+    same.then(|| found(&looked.stat))
+}
+
+/// Whether the destination's file at `path` (see [`look`]) has the
+/// content `digest` names; `None` if it is not a regular file of `size`.
+pub(super) fn content_same(
+    dest: &Destination,
+    path: &WirePath,
+    size: u64,
+    digest: FileDigest,
+) -> Option<bool> {
+    let root = match &dest.publish {
+        Some(publish) => publish.live(),
+        None => dest.prefix.clone(),
+    };
+    let mut components: Vec<&[u8]> = root.iter().map(Vec::as_slice).collect();
+    components.extend(path.components());
+    let (name, parents) = components.split_last()?;
+    let parent = fsx::open_dir_beneath(dest.base.as_fd(), parents).ok()?;
+    let looked = fsx::look(parent.as_fd(), name).ok().flatten()?;
+    if fsx::kind_of(&looked.stat) != Kind::File || looked.stat.st_size as u64 != size {
+        return None;
+    }
+    let file = looked.open_regular(rustix::fs::OFlags::RDONLY)?;
+    Some(fsx::file_digest(file.as_fd(), size).ok()? == digest)
+}
+
+/// Give the file `name` in `parent` this mtime (its content is the
+/// sender's already), never following a symlink. Best effort.
+pub(super) fn set_mtime(parent: &OwnedFd, name: &[u8], mtime: Mtime) {
+    let nofollow = AtFlags::SYMLINK_NOFOLLOW;
+    let _ = rustix::fs::utimensat(parent, name, &fsx::mtime_only(mtime), nofollow);
 }
 
 /// Give an unchanged file the sender's mode and owner: looked at before

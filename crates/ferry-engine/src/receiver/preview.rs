@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use ferry_proto::digest::FileDigest;
 use ferry_proto::limits::MAX_OPEN_DIRS;
 use ferry_proto::message::{Change, EntryKind, Message, Outcome, Owner};
 use ferry_proto::path::{WireBytes, WirePath};
@@ -102,7 +103,11 @@ impl Preview {
                 path,
                 kind,
                 owner,
-            } => self.entry(id, path, kind, owner),
+                digest,
+            } => {
+                let digest = rules::entry_digest(id, digest.as_deref())?;
+                self.entry(id, path, kind, owner, digest)
+            }
             Message::DirEnd { id } => match self.open_dirs.remove(&id) {
                 Some((display, what)) => self.answer(id, display, Outcome::Ok, what, (0, true)),
                 None => Err(Violation::NeverAnnounced {
@@ -157,6 +162,7 @@ impl Preview {
         path: WireBytes,
         kind: EntryKind,
         owner: Option<Owner>,
+        digest: Option<FileDigest>,
     ) -> Result<(), EngineError> {
         self.order.admit(id, owner)?;
         let owner = owner.filter(|_| self.dest.owners);
@@ -174,7 +180,13 @@ impl Preview {
             return self.answer(id, display, refusal, Vec::new(), (0, dir));
         }
         let existing = place::look(&self.dest, &path);
-        match self.judge(&kind, existing.as_ref(), owner) {
+        let same = match (&kind, digest) {
+            (EntryKind::File { size, .. }, Some(d)) if self.dest.checksum => {
+                place::content_same(&self.dest, &path, *size, d)
+            }
+            _ => None,
+        };
+        match self.judge(&kind, existing.as_ref(), owner, same) {
             Judged::Dir(what) => {
                 if self.open_dirs.len() >= MAX_OPEN_DIRS {
                     let limit = MAX_OPEN_DIRS;
@@ -191,15 +203,25 @@ impl Preview {
     }
 
     /// What placing `kind` over `existing` would do, as the real worker
-    /// would answer it.
-    fn judge(&self, kind: &EntryKind, existing: Option<&Existing>, owner: Option<Owner>) -> Judged {
+    /// would answer it (`same`: with `--checksum`, whether its content is
+    /// the sender's).
+    fn judge(
+        &self,
+        kind: &EntryKind,
+        existing: Option<&Existing>,
+        owner: Option<Owner>,
+        same: Option<bool>,
+    ) -> Judged {
         let ok = |what| Judged::Now(Outcome::Ok, what, 0);
         match kind {
             EntryKind::Dir { .. } => Judged::Dir(itemize::change_of(existing, kind, owner)),
             EntryKind::File { size, .. } => {
-                let what = itemize::change_of(existing, kind, owner);
-                let quick = !self.dest.ignore_times && itemize::metadata_only(&what);
-                let outcome = if quick {
+                let what = itemize::with_content(itemize::change_of(existing, kind, owner), same);
+                let unchanged = match self.dest.checksum {
+                    true => same == Some(true),
+                    false => !self.dest.ignore_times && itemize::metadata_only(&what),
+                };
+                let outcome = if unchanged {
                     Outcome::Unchanged
                 } else {
                     Outcome::Ok

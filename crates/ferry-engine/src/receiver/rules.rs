@@ -92,6 +92,16 @@ pub(super) fn link_target_refusal(target_name: &[u8]) -> Option<Outcome> {
         .then(|| Outcome::Failed("it links to a name ferry keeps for its own working files".into()))
 }
 
+/// The digest an entry carries (`--checksum`), checked.
+pub(super) fn entry_digest(id: u64, hex: Option<&str>) -> Result<Option<FileDigest>, Violation> {
+    match hex {
+        None => Ok(None),
+        Some(hex) => FileDigest::from_hex(hex)
+            .map(Some)
+            .ok_or(Violation::MalformedDigest { id }),
+    }
+}
+
 /// Never setuid, setgid or sticky from a peer: the receiver may run as root.
 pub(super) fn file_mode(mode: u32) -> u32 {
     mode & 0o777

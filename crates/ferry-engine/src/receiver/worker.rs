@@ -83,6 +83,8 @@ struct Landing {
     name: Vec<u8>,
     /// The owner to give it, when owners are applied.
     owner: Option<Owner>,
+    /// A file's digest, sent for `--checksum`.
+    digest: Option<FileDigest>,
 }
 
 pub(crate) struct Worker {
@@ -219,7 +221,11 @@ impl Worker {
                 path,
                 kind,
                 owner,
-            } => self.entry(id, path, kind, owner),
+                digest,
+            } => {
+                let digest = rules::entry_digest(id, digest.as_deref())?;
+                self.entry(id, path, kind, owner, digest)
+            }
             Message::FileEnd { id, digest } => self.file_end(id, &digest),
             Message::Abort {
                 id,
@@ -337,6 +343,20 @@ impl Worker {
         }
     }
 
+    /// The file in place, if it passes as unchanged: same size and mtime,
+    /// or with `--checksum` same content (its mtime is then made the
+    /// sender's).
+    fn find_unchanged(&self, at: &Landing, size: u64, mtime: Mtime) -> Option<place::Found> {
+        if !self.dest.checksum {
+            return place::find_unchanged(&at.parent, &at.name, size, mtime);
+        }
+        let found = place::find_same_content(&at.parent, &at.name, size, at.digest?)?;
+        if found.mtime != mtime && self.dest.publish.is_none() {
+            place::set_mtime(&at.parent, &at.name, mtime);
+        }
+        Some(found)
+    }
+
     /// With `--atomic`: take the file from the live tree, hard-linked, if
     /// it is there unchanged (size, mtime, mode and owner): it is never
     /// sent again. Whether it was.
@@ -375,13 +395,22 @@ impl Worker {
             Some(_) => place::look(&self.dest, path),
             None => place::existing(at.parent.as_fd(), &at.name),
         };
+        let same = match (self.dest.checksum, at.digest) {
+            (true, Some(digest)) => match kind {
+                EntryKind::File { size, .. } => {
+                    place::content_same(&self.dest, path, *size, digest)
+                }
+                _ => None,
+            },
+            _ => None,
+        };
         let what = match kind {
             EntryKind::Hardlink { target, .. } => {
                 let target = WirePath::parse(target.as_bytes()).ok();
                 let file = target.and_then(|t| place::look(&self.dest, &t));
                 itemize::link_change(existing.as_ref(), file.as_ref())
             }
-            _ => itemize::change_of(existing.as_ref(), kind, at.owner),
+            _ => itemize::with_content(itemize::change_of(existing.as_ref(), kind, at.owner), same),
         };
         if !what.is_empty() {
             let dir = matches!(kind, EntryKind::Dir { .. });
@@ -415,6 +444,7 @@ impl Worker {
         path: WireBytes,
         kind: EntryKind,
         owner: Option<Owner>,
+        digest: Option<FileDigest>,
     ) -> Result<(), EngineError> {
         if let Err(e) = self.order.admit(id, owner) {
             self.failed_at = Some(path);
@@ -455,6 +485,7 @@ impl Worker {
             parent,
             name,
             owner,
+            digest,
         };
         self.judge_change(&at, &path, &kind);
         self.place_entry(at, &path, kind)
@@ -597,7 +628,7 @@ impl Worker {
         let mode = rules::file_mode(mode);
         let fresh_dir = self.dirs.is_fresh(at.parent_dir);
         if rules::worth_looking(self.dest.ignore_times, fresh_dir)
-            && let Some(found) = place::find_unchanged(&at.parent, &at.name, size, mtime)
+            && let Some(found) = self.find_unchanged(&at, size, mtime)
         {
             let fix = MetadataFix::between(found.mode, found.owner, mode, at.owner);
             // A staged file may share its inode with the live tree: its

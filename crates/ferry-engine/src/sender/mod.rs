@@ -82,6 +82,8 @@ pub(crate) struct SendJob {
     pub(crate) itemize: bool,
     /// The receiver publishes atomically: it says whether it did.
     pub(crate) atomic: bool,
+    /// Announce each file with its digest (`--checksum`).
+    pub(crate) checksum: bool,
     pub(crate) dest_label: String,
 }
 
@@ -171,7 +173,8 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
         job.label,
         job.owners,
         job.filter,
-    );
+    )
+    .checksumming(job.checksum);
     // A thread of its own (not the blocking pool): it does blocking file
     // I/O for the whole transfer, and recursion needs a roomy stack.
     std::thread::Builder::new()

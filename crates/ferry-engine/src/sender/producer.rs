@@ -38,6 +38,8 @@ pub(super) struct Producer {
     owners: bool,
     /// What is left out of the tree.
     filter: Filter,
+    /// Announce each file with its digest (`--checksum`).
+    checksum: bool,
 }
 
 /// What sending a file announced and waiting for its plan takes.
@@ -110,7 +112,14 @@ impl Producer {
             label,
             owners,
             filter,
+            checksum: false,
         }
+    }
+
+    /// The same, announcing each file with its digest (`--checksum`).
+    pub(super) fn checksumming(mut self, checksum: bool) -> Self {
+        self.checksum = checksum;
+        self
     }
 
     pub(super) fn run(mut self, root: Root, early_totals: bool) -> Result<(), EngineError> {
@@ -162,6 +171,17 @@ impl Producer {
         kind: EntryKind,
         stat: Option<&Stat>,
     ) -> Result<u64, EngineError> {
+        self.entry_with(path, kind, stat, None)
+    }
+
+    /// [`Self::entry`], a file with its digest.
+    fn entry_with(
+        &mut self,
+        path: &WirePath,
+        kind: EntryKind,
+        stat: Option<&Stat>,
+        digest: Option<String>,
+    ) -> Result<u64, EngineError> {
         self.poll_totals()?;
         self.send_planned(false)?;
         let unanswered = Unanswered::new(display_name(&self.label, path), &kind);
@@ -179,6 +199,7 @@ impl Producer {
             path: path.to_wire(),
             kind,
             owner,
+            digest,
         })?;
         Ok(id)
     }
@@ -377,7 +398,15 @@ impl Visitor for Producer {
             mode: fsx::mode_of(&stat),
             mtime: fsx::mtime_of(&stat),
         };
-        let id = self.entry(path, kind, Some(&stat))?;
+        // `--checksum`: read once to be judged by content (both sides hash
+        // at once, each on its own thread), and again if it is sent.
+        let digest = match (&opened, self.checksum) {
+            (Ok(file), true) => fsx::file_digest(std::os::fd::AsFd::as_fd(file), size)
+                .ok()
+                .map(|d| d.to_hex()),
+            _ => None,
+        };
+        let id = self.entry_with(path, kind, Some(&stat), digest)?;
         match opened {
             Ok(file) => {
                 if let Some(inode) = inode {

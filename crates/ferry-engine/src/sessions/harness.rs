@@ -78,6 +78,7 @@ impl Receiving {
             tell_sender: true,
             dry_run: false,
             publish: None,
+            checksum: false,
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.
@@ -200,6 +201,7 @@ pub(super) fn entry(id: u64, path: &str, kind: EntryKind) -> Inbound {
         path: WireBytes(path.as_bytes().to_vec()),
         kind,
         owner: None,
+        digest: None,
     })
 }
 

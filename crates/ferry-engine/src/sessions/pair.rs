@@ -76,6 +76,7 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         mirror: rx.mirrors(),
         itemize: false,
         atomic: false,
+        checksum: false,
         dest_label: "dst".into(),
     };
     // As in an upload: the client sends to the server.

@@ -528,6 +528,7 @@ fn an_owner_of_minus_one_ends_the_session() {
                 uid: u32::MAX,
                 gid: 0,
             }),
+            digest: None,
         })])
         .unwrap_err();
     assert!(e.to_string().contains("invalid owner 4294967295:0"), "{e}");

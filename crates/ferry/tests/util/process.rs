@@ -70,6 +70,9 @@ pub struct RunOptions {
     /// Run as this uid/gid (needs root); supplementary groups are dropped.
     pub user: Option<(u32, u32)>,
     pub env: Vec<(OsString, OsString)>,
+    /// Variables the process does not inherit (e.g. `HOME`, for a service
+    /// without one). `XDG_CONFIG_HOME` among them: no state home is set.
+    pub unset: Vec<OsString>,
     pub current_dir: Option<PathBuf>,
     /// Run this copy of the binary instead of `ferry_bin()` (an unprivileged
     /// user may not be able to reach the build directory).
@@ -85,6 +88,7 @@ impl Default for RunOptions {
             timeout: DEFAULT_TIMEOUT,
             user: None,
             env: Vec::new(),
+            unset: Vec::new(),
             current_dir: None,
             program: None,
             nofile: None,
@@ -112,8 +116,13 @@ impl RunOptions {
             None => Command::new(program),
         };
         cmd.args(args);
-        if !self.env.iter().any(|(key, _)| key == "XDG_CONFIG_HOME") {
+        let own_home = self.env.iter().any(|(key, _)| key == "XDG_CONFIG_HOME")
+            || self.unset.iter().any(|key| key == "XDG_CONFIG_HOME");
+        if !own_home {
             cmd.env("XDG_CONFIG_HOME", state_home(args));
+        }
+        for key in &self.unset {
+            cmd.env_remove(key);
         }
         for (key, value) in &self.env {
             cmd.env(key, value);
@@ -131,6 +140,10 @@ impl RunOptions {
         }
         if let Some((uid, gid)) = self.user {
             shown.push_str(&format!("  (as uid {uid}, gid {gid})"));
+        }
+        if !self.unset.is_empty() {
+            let unset: Vec<_> = self.unset.iter().map(|k| k.to_string_lossy()).collect();
+            shown.push_str(&format!("  (without {})", unset.join(", ")));
         }
         if let Some(n) = self.nofile {
             shown.push_str(&format!("  (at most {n} open files)"));
@@ -401,7 +414,8 @@ impl Drain {
 /// one restarted on the same root keeps its key, as a real one would; a
 /// client gets a fresh one per run, so it trusts on first use and never
 /// meets a port that another test's server held before. A test that needs
-/// something else sets XDG_CONFIG_HOME or passes --state-dir itself.
+/// something else sets XDG_CONFIG_HOME or passes --state-dir itself. A
+/// server run with `--config` gets one per configuration file.
 pub(super) fn state_home(args: &[OsString]) -> PathBuf {
     use std::hash::{Hash, Hasher};
     use std::sync::OnceLock;
@@ -419,11 +433,10 @@ pub(super) fn state_home(args: &[OsString]) -> PathBuf {
         dir
     });
     let name = if args.first().is_some_and(|a| a == "server") {
-        let root = args
-            .iter()
-            .skip_while(|a| *a != "--root")
-            .nth(1)
-            .cloned()
+        // A server configured by a file is known by the file.
+        let after = |flag: &str| args.iter().skip_while(|a| *a != flag).nth(1).cloned();
+        let root = after("--root")
+            .or_else(|| after("--config"))
             .unwrap_or_default();
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         root.hash(&mut hasher);

@@ -72,6 +72,28 @@ impl Server {
             .collect();
         args.push(root.as_os_str().to_os_string());
         args.extend(to_os_args(extra));
+        Server::launch(args, root, opts)
+    }
+
+    /// Starts `ferry server --config CONFIG` with extra arguments on any
+    /// free port. Its [`Server::root`] is the file's directory; its clients
+    /// are handed a token of the file's (`FERRY_TOKEN`).
+    pub fn start_config(config: &Path, extra: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Server {
+        let mut args: Vec<OsString> = ["server", "--host", "127.0.0.1", "--port", "0", "--config"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        args.push(config.as_os_str().to_os_string());
+        args.extend(to_os_args(extra));
+        let dir = config
+            .parent()
+            .expect("a configuration file has a directory");
+        Server::launch(args, dir, opts)
+    }
+
+    /// Runs `ferry ARGS` as a server and waits until it says where it
+    /// listens; panics with its output if it does not.
+    fn launch(args: Vec<OsString>, root: &Path, opts: &RunOptions) -> Server {
         let state_dir = state_dir_of(&args, opts);
         let tls = !args.iter().any(|a| a == "--no-tls");
         let Running {
@@ -274,6 +296,12 @@ impl Server {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("server running").id()
+    }
+
+    /// Sends `signal` and returns at once (SIGHUP: reload the configuration).
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.pid() as i32).expect("a child has a positive pid");
+        rustix::process::kill_process(pid, signal).expect("signal the server");
     }
 
     /// How many file descriptors the server holds now.
