@@ -79,6 +79,8 @@ pub struct ClientConfig {
     /// `--checksum`: a file is unchanged when its content is the same,
     /// whatever its mtime; both sides read every file of the same size.
     pub checksum: bool,
+    /// `ferry ls`: a download that only lists what it is sent.
+    pub listing: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -496,6 +498,31 @@ pub fn rollback_local(path: &Path) -> Result<(), EngineError> {
         .map_err(|e| EngineError::local(shown(), Op::Rename, LocalCause::Io(e)))
 }
 
+/// List the remote file or tree at `remote`: each entry is an
+/// [`Event::Listed`]; nothing is written here, and no file data is sent.
+pub async fn list(
+    config: &ClientConfig,
+    remote: &[u8],
+    events: Arc<dyn EventSink>,
+    cancel: &CancellationToken,
+) -> Result<TransferSummary, EngineError> {
+    let listing = ClientConfig {
+        dry_run: true,
+        listing: true,
+        owners: false,
+        mirror: None,
+        atomic: false,
+        checksum: false,
+        ..config.clone()
+    };
+    // A name no listing ever creates or looks at.
+    let nowhere = Path::new(".ferry-listing");
+    with_retries(&listing, events, cancel, |tally, session| {
+        download_once(&listing, remote, nowhere, tally, session)
+    })
+    .await
+}
+
 /// Fetch the remote file or tree at `remote` into `local` (the copy itself;
 /// missing parent directories are created).
 pub async fn download(
@@ -582,6 +609,7 @@ async fn download_once(
     dest.itemize = config.itemize || config.dry_run;
     dest.dry_run = config.dry_run;
     dest.checksum = config.checksum;
+    dest.listing = config.listing;
     if config.atomic && !config.dry_run {
         let (staging, publish) = Publish::of(&dest.prefix).ok_or(EngineError::Closed)?;
         dest.prefix = staging;
@@ -828,5 +856,6 @@ fn local_destination(
         dry_run: false,
         publish: None,
         checksum: false,
+        listing: false,
     })
 }

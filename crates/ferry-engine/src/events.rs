@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_proto::limits::MAX_REASON_LEN;
-use ferry_proto::message::{Change, HeldBack, Outcome};
+use ferry_proto::message::{Change, EntryKind, HeldBack, Outcome};
 use ferry_proto::path::{WirePath, escape};
 
 use crate::progress::Progress;
@@ -55,6 +55,8 @@ pub enum Event {
         dir: bool,
         size: u64,
     },
+    /// `ferry ls`: an entry of the tree listed, as the sender announced it.
+    Listed { path: String, kind: EntryKind },
     /// An entry of the destination that the source does not have was
     /// deleted (`--delete`); `dir`: a directory, emptied first.
     Deleted { path: String, dir: bool },
@@ -308,6 +310,7 @@ impl Tally {
             | Event::Changed { .. }
             | Event::Published { .. }
             | Event::NewServer { .. } => {}
+            Event::Listed { .. } => p.made(),
         }
     }
 }
@@ -380,6 +383,7 @@ impl EventSink for Tally {
                 }
                 Event::HeldBack(why) => r.held_back = Some(why.clone()),
                 Event::Published { refused, .. } => r.published = Some(refused.is_none()),
+                Event::Listed { .. } => r.files_total += 1,
                 Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
             }
         }

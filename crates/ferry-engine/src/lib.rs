@@ -58,7 +58,9 @@ mod throttle;
 pub mod tls;
 
 pub use error::EngineError;
-pub use ferry_proto::message::{Change, Compression, FilterRule, HeldBack, Mirror, RuleKind};
+pub use ferry_proto::message::{
+    Change, Compression, EntryKind, FilterRule, HeldBack, Mirror, Mtime, RuleKind,
+};
 pub use ferry_proto::path::escape;
 pub use tokio_util::sync::CancellationToken;
 

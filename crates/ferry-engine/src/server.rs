@@ -1135,6 +1135,7 @@ fn accept_upload(
         dry_run: false,
         publish: None,
         checksum: false,
+        listing: false,
     })))
 }
 

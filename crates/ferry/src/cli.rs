@@ -48,6 +48,8 @@ pub enum Command {
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
     #[command(visible_alias = "cp")]
     Copy(CopyArgs),
+    /// List a file or tree on a server: each entry's mode, size, mtime and path, recursively.
+    Ls(LsArgs),
     /// Compare two trees by content, without changing or sending anything: either side may be
     /// HOST:PATH. Lists what is missing from DST, what differs (content, size, mtime, mode, owner,
     /// link target) and what DST has extra; exits 1 if anything differs, 0 if the trees are the
@@ -56,6 +58,47 @@ pub enum Command {
     /// Switch a destination published with --atomic back to the version its last publish replaced
     /// (that one is kept in its place: run it again to switch forward).
     Rollback(RollbackArgs),
+}
+
+/// How a command that only talks to a server reaches it and trusts it.
+#[derive(Debug, Args)]
+pub struct ConnectOpts {
+    /// Trust only the server whose certificate has this fingerprint (see `ferry upload --help`).
+    #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
+    pub fingerprint: Option<String>,
+    /// Where known_hosts and this user's server token are kept (see `ferry upload --help`).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Talk plain TCP to a server run with --no-tls.
+    #[arg(long)]
+    pub no_tls: bool,
+    /// Read the server's token from FILE (see `ferry upload --help`).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ConnectOpts {
+    /// Into the options of a transfer (which carry the same).
+    pub fn apply(&self, opts: &mut TransferOpts) {
+        opts.fingerprint = self.fingerprint.clone();
+        opts.state_dir = self.state_dir.clone();
+        opts.no_tls = self.no_tls;
+        opts.token_file = self.token_file.clone();
+    }
+}
+
+/// `ferry ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Path on the server, relative to its root (a directory is listed with everything in it).
+    pub remote: OsString,
+    #[command(flatten)]
+    pub remote_opts: RemoteOpts,
+    /// Print NDJSON: an `entry` event (path, kind, size, mode, mtime, target) for each entry.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
 }
 
 #[derive(Debug, Args)]
@@ -77,18 +120,8 @@ pub struct CheckArgs {
     /// Leave out what PATTERN matches, on both sides (see `ferry upload --help`).
     #[arg(long, value_name = "PATTERN")]
     pub exclude: Vec<String>,
-    /// Trust only the server whose certificate has this fingerprint (see `ferry upload --help`).
-    #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
-    pub fingerprint: Option<String>,
-    /// Where known_hosts and this user's server token are kept (see `ferry upload --help`).
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Talk plain TCP to a server run with --no-tls.
-    #[arg(long)]
-    pub no_tls: bool,
-    /// Read the server's token from FILE (see `ferry upload --help`).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
 }
 
 #[derive(Debug, Args)]
@@ -101,18 +134,8 @@ pub struct RollbackArgs {
     pub local: bool,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,
-    /// Trust only the server whose certificate has this fingerprint (see `ferry upload --help`).
-    #[arg(long, value_name = "SHA256:...", conflicts_with = "no_tls")]
-    pub fingerprint: Option<String>,
-    /// Where known_hosts and this user's server token are kept (see `ferry upload --help`).
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Talk plain TCP to a server run with --no-tls.
-    #[arg(long)]
-    pub no_tls: bool,
-    /// Read the server's token from FILE (see `ferry upload --help`).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
 }
 
 /// The server's settings as typed. Those that a configuration file may
@@ -363,7 +386,9 @@ pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> 
         Command::Upload(a) => &mut a.transfer,
         Command::Download(a) => &mut a.transfer,
         Command::Copy(a) => &mut a.transfer,
-        Command::Server(_) | Command::Rollback(_) | Command::Check(_) => return Ok(()),
+        Command::Server(_) | Command::Rollback(_) | Command::Check(_) | Command::Ls(_) => {
+            return Ok(());
+        }
     };
     opts.filters = ordered_rules(sub)?;
     Ok(())

@@ -6,6 +6,7 @@
 
 mod cli;
 mod config;
+mod listing;
 mod logbuf;
 mod paths;
 mod ui;
@@ -28,7 +29,7 @@ use ferry_engine::tls::{ClientTls, ServerTls};
 use ferry_engine::{CancellationToken, EngineError, HeldBack, Mirror, escape};
 use tokio::net::TcpListener;
 
-use crate::cli::{CheckArgs, Cli, Command, RollbackArgs, ServerArgs, TransferOpts};
+use crate::cli::{CheckArgs, Cli, Command, LsArgs, RollbackArgs, ServerArgs, TransferOpts};
 use crate::config::{Config, ConfigError, Settings};
 use crate::paths::Spec;
 use crate::ui::{Mode, Ui};
@@ -86,6 +87,7 @@ fn main() -> ExitCode {
         Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port)
             .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
         Command::Rollback(args) => runtime.block_on(run_rollback(args)),
+        Command::Ls(args) => runtime.block_on(run_ls(args)),
         Command::Check(args) => {
             plan_check(&args).and_then(|(plan, opts)| runtime.block_on(run_transfer(plan, &opts)))
         }
@@ -304,10 +306,7 @@ fn plan_check(args: &CheckArgs) -> Result<(Plan, TransferOpts), Fatal> {
             pattern: pattern.clone(),
         })
         .collect();
-    opts.fingerprint = args.fingerprint.clone();
-    opts.state_dir = args.state_dir.clone();
-    opts.no_tls = args.no_tls;
-    opts.token_file = args.token_file.clone();
+    args.connect.apply(&mut opts);
     Ok((plan, opts))
 }
 
@@ -316,6 +315,29 @@ fn default_transfer_opts() -> Result<TransferOpts, Fatal> {
     let matches =
         TransferOpts::augment_args(clap::Command::new("ferry")).get_matches_from(["ferry"]);
     TransferOpts::from_arg_matches(&matches).map_err(|e| Fatal::Failed(e.to_string()))
+}
+
+/// `ferry ls`: the server sends the tree's entries to a listing receiver,
+/// which keeps nothing and plans no file: no data crosses.
+async fn run_ls(args: LsArgs) -> Result<ExitCode, Fatal> {
+    let addr = address(&args.remote_opts.host, args.remote_opts.port);
+    let mut opts = default_transfer_opts()?;
+    args.connect.apply(&mut opts);
+    opts.json = args.json;
+    let mut config = client_config(&Target::Remote(addr.clone()), addr, None, &opts, false)?;
+    config.streams = 1;
+    let mode = if args.json { Mode::Json } else { Mode::Human };
+    let ui = Arc::new(Ui::new(mode, false).listing());
+    let cancel = CancellationToken::new();
+    tokio::spawn(interrupt_handler(cancel.clone()));
+    let remote = paths::tidy_remote(args.remote.as_bytes());
+    match client::list(&config, &remote, ui.clone(), &cancel).await {
+        Ok(summary) => Ok(ExitCode::from(exit_status(&summary.report))),
+        Err(e) => {
+            ui.fatal(&e.to_string());
+            Ok(ExitCode::from(exit::FAILURE))
+        }
+    }
 }
 
 /// `ferry rollback`: switch back, on the server or here.
@@ -330,10 +352,7 @@ async fn run_rollback(args: RollbackArgs) -> Result<ExitCode, Fatal> {
                 .get_matches_from(["rollback"]),
         )
         .map_err(|e| Fatal::Failed(e.to_string()))?;
-        opts.fingerprint = args.fingerprint;
-        opts.state_dir = args.state_dir;
-        opts.no_tls = args.no_tls;
-        opts.token_file = args.token_file;
+        args.connect.apply(&mut opts);
         opts.quiet = true;
         let config = client_config(&Target::Remote(addr.clone()), addr, None, &opts, false)?;
         let ui = Arc::new(Ui::new(Mode::Quiet, false));
@@ -470,6 +489,7 @@ fn client_config(
         dry_run: opts.dry_run,
         atomic: opts.atomic,
         checksum: opts.checksum,
+        listing: false,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })

@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferry_engine::events::{Event, EventSink, TransferReport, TransferSummary};
-use ferry_engine::{Change, HeldBack};
+use ferry_engine::{Change, EntryKind, HeldBack};
+
+use crate::listing;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -36,6 +38,8 @@ pub struct Ui {
     dry_run: bool,
     /// `ferry check`: the changes are differences between two trees.
     check: bool,
+    /// `ferry ls`: a line for each entry listed, and no summary.
+    listing: bool,
     bar: Option<ProgressBar>,
     state: Mutex<State>,
 }
@@ -68,6 +72,7 @@ impl Ui {
             itemize: false,
             dry_run: false,
             check: false,
+            listing: false,
             bar,
             state: Mutex::new(State::default()),
         }
@@ -78,6 +83,15 @@ impl Ui {
     pub fn itemizing(mut self, itemize: bool, dry_run: bool) -> Ui {
         self.itemize = itemize || dry_run;
         self.dry_run = dry_run;
+        self
+    }
+
+    /// The same, for `ferry ls`.
+    pub fn listing(mut self) -> Ui {
+        self.listing = true;
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
         self
     }
 
@@ -158,6 +172,7 @@ impl Ui {
             0.0
         };
         match self.mode {
+            _ if self.listing => {}
             Mode::Quiet => {}
             Mode::Json => self.json(json!({
                 "event": "summary",
@@ -207,6 +222,7 @@ impl EventSink for Ui {
                 path, what, dir, ..
             } => self.changed(&path, &what, dir),
             Event::Deleted { path, dir } => self.deleted(&path, dir),
+            Event::Listed { path, kind } => self.listed(&path, &kind),
             Event::DeleteFailed { path, reason } => self.delete_failed(&path, &reason),
             Event::HeldBack(why) => self.held_back(&why),
             Event::Published {
@@ -404,6 +420,18 @@ impl Ui {
                 };
                 self.out(&format!("{shown:<8} {path}{slash}{details}"))
             }
+            Mode::Quiet => {}
+        }
+    }
+
+    fn listed(&self, path: &str, kind: &EntryKind) {
+        let entry = listing::Entry::of(kind);
+        match self.mode {
+            Mode::Json => self.json(json!({
+                "event": "entry", "path": path, "kind": entry.kind, "size": entry.size,
+                "mode": entry.mode, "mtime": entry.mtime.map(|t| t.sec), "target": entry.target,
+            })),
+            Mode::Human => self.out(&entry.line(path)),
             Mode::Quiet => {}
         }
     }

@@ -27,6 +27,8 @@ mod dry_run;
 mod atomic;
 // --checksum and `ferry check`: content, not size and mtime.
 mod checksum;
+// `ferry ls`: a remote tree listed, nothing written here.
+mod ls;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

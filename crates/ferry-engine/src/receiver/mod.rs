@@ -95,6 +95,9 @@ pub(crate) struct Destination {
     pub(crate) tell_sender: bool,
     /// Change nothing; tell what would change.
     pub(crate) dry_run: bool,
+    /// `ferry ls` (with `dry_run`): each entry is only listed, and nothing
+    /// here is looked at.
+    pub(crate) listing: bool,
     /// `--checksum`: a file is unchanged when its content is (the entry's
     /// digest against this side's), whatever its mtime.
     pub(crate) checksum: bool,

@@ -171,6 +171,9 @@ impl Preview {
             deletions.remember(&path, &kind, &self.dest.budget);
         }
         let display = display_name(&self.dest.label, &path);
+        if self.dest.listing {
+            return self.list(id, display, kind);
+        }
         let name = match path.components().last() {
             Some(last) => last.to_vec(),
             None => self.dest.prefix.last().cloned().unwrap_or_default(),
@@ -199,6 +202,29 @@ impl Preview {
             Judged::Now(outcome, what, size) => {
                 self.answer(id, display, outcome, what, (size, false))
             }
+        }
+    }
+
+    /// `ferry ls`: tell of the entry, and answer it as in place.
+    fn list(&mut self, id: u64, display: String, kind: EntryKind) -> Result<(), EngineError> {
+        let dir = matches!(kind, EntryKind::Dir { .. });
+        self.tally.event(Event::Listed {
+            path: display.clone(),
+            kind,
+        });
+        match dir {
+            true if self.open_dirs.len() >= MAX_OPEN_DIRS => {
+                let (what, limit) = ("directories open", MAX_OPEN_DIRS);
+                Err(Violation::OverLimit { what, limit }.into())
+            }
+            true => {
+                self.open_dirs.insert(id, (display, Vec::new()));
+                Ok(())
+            }
+            false => self.push(Message::Outcome {
+                id,
+                outcome: Outcome::Unchanged,
+            }),
         }
     }
 

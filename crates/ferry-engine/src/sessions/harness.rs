@@ -79,6 +79,7 @@ impl Receiving {
             dry_run: false,
             publish: None,
             checksum: false,
+            listing: false,
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.
