@@ -9,6 +9,17 @@ use ferry_engine::{Compression, FilterRule, RuleKind};
 
 pub const DEFAULT_PORT: u16 = 8834;
 
+/// Which side of `ferry cp` is where (see `spec.rs`).
+const COPY_FORMS: &str = "Where each side is:\n  \
+    /x, ./x, ../x, .      a local path, always (a local name with a colon: ./a:b)\n  \
+    dir/a:b, plain        a local path (no colon before the first slash)\n  \
+    HOST:PATH             PATH on the server HOST (a name or IPv4 address), port from --port\n  \
+    [IPV6]:PATH           the same with an IPv6 address\n  \
+    ferry://HOST:PORT/PATH, ferry://[IPV6]:PORT/PATH   with the port (optional) in the URL\n\n\
+    A remote PATH is relative to the server's root (there is no ~), and ferry has no users (no \
+    user@). Anything that could be read two ways (::1:x, host:8834:x, host::x) is refused, \
+    never guessed.";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry",
@@ -45,7 +56,7 @@ pub enum Command {
     #[command(visible_alias = "down")]
     Download(DownloadArgs),
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
-    #[command(visible_alias = "cp")]
+    #[command(visible_alias = "cp", after_help = COPY_FORMS)]
     Copy(CopyArgs),
 }
 
@@ -127,13 +138,13 @@ pub struct DownloadArgs {
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
-    /// Source: a local path or HOST:PATH.
+    /// Source: a local path, HOST:PATH, [IPV6]:PATH or ferry://HOST[:PORT]/PATH.
     pub src: OsString,
-    /// Destination: a local path or HOST:PATH.
+    /// Destination: the same forms.
     pub dst: OsString,
-    /// Server port for a HOST:PATH side.
-    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    /// Server port for a HOST:PATH side [default: 8834]. A port in a ferry:// URL must agree with it.
+    #[arg(long, short = 'p')]
+    pub port: Option<u16>,
     #[command(flatten)]
     pub transfer: TransferOpts,
 }
