@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::message::{Compression, ErrorCode, FilterRule, Message};
-use ferry_proto::path::{WireBytes, escape};
+use ferry_proto::path::{WireBytes, WirePath, escape};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -464,6 +464,8 @@ async fn upload_once(
     let request = Message::Upload {
         dest: WireBytes(remote.to_vec()),
         ignore_times: config.ignore_times,
+        // A file goes inside `remote` if that is a directory already.
+        source_name: local.file_name().map(|n| WireBytes(n.as_bytes().to_vec())),
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -504,6 +506,10 @@ async fn download_once(
     // before anything connects.
     Filter::new(&config.filters, config.gitignore)?;
     let mut dest = local_destination(local, escape(remote))?;
+    // A file goes inside `local` if that is a directory already.
+    dest.inside = WirePath::parse(remote)
+        .ok()
+        .and_then(|path| path.components().last().map(<[u8]>::to_vec));
     dest.ignore_times = config.ignore_times;
     dest.owners = config.owners && fsx::may_chown();
     dest.devices = config.devices && fsx::may_chown();
@@ -706,6 +712,7 @@ fn local_destination(path: &Path, label: String) -> Result<Destination, EngineEr
         base,
         prefix: vec![name.as_bytes().to_vec()],
         label,
+        inside: None,
         ignore_times: false,
         owners: false,
         devices: false,

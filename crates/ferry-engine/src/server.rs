@@ -978,10 +978,19 @@ fn accept_request(
     // even create an upload's parent directories.
     check_access(&request, shared.access)?;
     match request {
-        Message::Upload { dest, ignore_times } => {
+        Message::Upload {
+            dest,
+            ignore_times,
+            source_name,
+        } => {
+            // Checked before anything is made for the upload.
+            let inside = source_name
+                .map(|name| one_name(name.as_bytes()))
+                .transpose()?;
             let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), ignore_times);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
                 dest.budget = budget;
+                dest.inside = inside;
             }
             accepted
         }
@@ -1057,12 +1066,25 @@ fn accept_upload(
         base,
         prefix,
         label: path.display(),
+        inside: None,
         ignore_times,
         // Entries carry owners unless the client said --no-owner.
         owners: fsx::may_chown(),
         devices: devices && fsx::may_chown(),
         budget: SessionBudget::unlimited(),
     }))
+}
+
+/// An upload's `source_name`: one component, as an entry's name would
+/// be (under it, a root that is not a directory goes inside an existing
+/// directory at `dest`).
+fn one_name(name: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let path = parse_remote(name)?;
+    let mut components = path.components();
+    match (components.next(), components.next()) {
+        (Some(one), None) => Ok(one.to_vec()),
+        _ => Err(Refusal::of_path(name, RefusalReason::SourceName)),
+    }
 }
 
 /// A download of `source`, confined to the root.
@@ -1144,4 +1166,19 @@ fn random_hex() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_names_its_source_in_one_component() {
+        assert_eq!(one_name(b"f.txt").ok(), Some(b"f.txt".to_vec()));
+        assert_eq!(one_name(b".f").ok(), Some(b".f".to_vec()));
+        for bad in [&b"a/b"[..], b"", b"..", b"/x", b"a/", b"a\0b"] {
+            let refused = one_name(bad).err().map(|r| r.code());
+            assert_eq!(refused, Some(ErrorCode::BadPath), "{}", escape(bad));
+        }
+    }
 }

@@ -171,6 +171,12 @@ pub enum Message {
         /// same size and mtime. Absent means false.
         #[serde(default, skip_serializing_if = "is_false")]
         ignore_times: bool,
+        /// The source's own name (one component): a root that is not a
+        /// directory, sent to a `dest` that is an existing directory, lands
+        /// inside it under this name, as cp puts a file into a directory.
+        /// Absent: the root becomes `dest`, whatever is there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_name: Option<WireBytes>,
     },
     /// Client → server: send the file or tree at `source`.
     Download {
@@ -530,6 +536,7 @@ mod tests {
                 Message::Upload {
                     dest: "backup/photos".into(),
                     ignore_times: false,
+                    source_name: None,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -537,8 +544,17 @@ mod tests {
                 Message::Upload {
                     dest: "b".into(),
                     ignore_times: true,
+                    source_name: None,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
+            ),
+            (
+                Message::Upload {
+                    dest: "www".into(),
+                    ignore_times: false,
+                    source_name: Some("index.html".into()),
+                },
+                r#"{"type":"upload","dest":"www","source_name":"index.html"}"#,
             ),
             (
                 Message::Download {
@@ -681,6 +697,7 @@ mod tests {
             Message::Upload {
                 dest: "d".into(),
                 ignore_times: true,
+                source_name: Some("n".into()),
             },
             Message::Download {
                 source: "".into(),

@@ -65,6 +65,11 @@ pub(crate) struct Destination {
     pub(crate) prefix: Vec<Vec<u8>>,
     /// How the root is named in events and messages.
     pub(crate) label: String,
+    /// The source's own name, under which a root that is not a directory
+    /// goes inside the destination if that is a directory already
+    /// (`rules::root_goes_inside`); taken when the first entry arrives.
+    /// `None`: the root becomes the destination, whatever is there.
+    pub(crate) inside: Option<Vec<u8>>,
     /// Receive every file, even one already here with the same size and
     /// mtime.
     pub(crate) ignore_times: bool,

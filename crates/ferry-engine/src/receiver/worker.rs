@@ -329,6 +329,7 @@ impl Worker {
         // Owners are applied only by a root receiver (the only one that can).
         let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
+        place::settle_root(&mut self.dest, &mut self.parents, &path, &kind);
         let display = display_name(&self.dest.label, &path);
         let parent_dir = self.dirs.parent_of(&path);
         let name = self.name_of(&path);

@@ -66,6 +66,7 @@ impl Receiving {
             base: open_dir(tmp.path()),
             prefix: vec![b"dst".to_vec()],
             label: "dst".into(),
+            inside: None,
             ignore_times: false,
             owners: false,
             devices: false,
