@@ -9,16 +9,36 @@ use ferry_engine::{Compression, FilterRule, RuleKind};
 
 pub const DEFAULT_PORT: u16 = 8834;
 
+/// What the copy is called: the rule for upload, download and cp (README).
+macro_rules! placement {
+    () => {
+        "What the copy is called (SRC is the source's name):\n  \
+        any source  -> DEST/, DEST/. or .           DEST/SRC, inside it\n  \
+        a file      -> DEST, an existing directory  DEST/SRC, inside it (as cp and scp)\n  \
+        a file      -> DEST, anything else          DEST itself (a symlink there is replaced, \
+        not followed)\n  \
+        a directory -> DEST, new or existing        DEST itself (an existing one receives the \
+        tree, merged)"
+    };
+}
+
 /// Which side of `ferry cp` is where (see `spec.rs`).
-const COPY_FORMS: &str = "Where each side is:\n  \
-    /x, ./x, ../x, .      a local path, always (a local name with a colon: ./a:b)\n  \
-    dir/a:b, plain        a local path (no colon before the first slash)\n  \
-    HOST:PATH             PATH on the server HOST (a name or IPv4 address), port from --port\n  \
-    [IPV6]:PATH           the same with an IPv6 address\n  \
-    ferry://HOST:PORT/PATH, ferry://[IPV6]:PORT/PATH   with the port (optional) in the URL\n\n\
-    A remote PATH is relative to the server's root (there is no ~), and ferry has no users (no \
-    user@). Anything that could be read two ways (::1:x, host:8834:x, host::x) is refused, \
-    never guessed.";
+macro_rules! copy_forms {
+    () => {
+        "Where each side is:\n  \
+        /x, ./x, ../x, .      a local path, always (a local name with a colon: ./a:b)\n  \
+        dir/a:b, plain        a local path (no colon before the first slash)\n  \
+        HOST:PATH             PATH on the server HOST (a name or IPv4 address), port from --port\n  \
+        [IPV6]:PATH           the same with an IPv6 address\n  \
+        ferry://HOST:PORT/PATH, ferry://[IPV6]:PORT/PATH   with the port (optional) in the URL\n\n\
+        A remote PATH is relative to the server's root (there is no ~), and ferry has no users \
+        (no user@). Anything that could be read two ways (::1:x, host:8834:x, host::x) is \
+        refused, never guessed."
+    };
+}
+
+const PLACEMENT: &str = placement!();
+const COPY_HELP: &str = concat!(copy_forms!(), "\n\n", placement!());
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,13 +70,13 @@ pub enum Command {
     /// Serve uploads and downloads below a root directory.
     Server(ServerArgs),
     /// Send a local file or directory to a server.
-    #[command(visible_alias = "up")]
+    #[command(visible_alias = "up", after_help = PLACEMENT)]
     Upload(UploadArgs),
     /// Fetch a file or directory from a server.
-    #[command(visible_alias = "down")]
+    #[command(visible_alias = "down", after_help = PLACEMENT)]
     Download(DownloadArgs),
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
-    #[command(visible_alias = "cp", after_help = COPY_FORMS)]
+    #[command(visible_alias = "cp", after_help = COPY_HELP)]
     Copy(CopyArgs),
 }
 
@@ -116,7 +136,7 @@ pub struct ServerArgs {
 pub struct UploadArgs {
     /// Local file or directory to send.
     pub local: OsString,
-    /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`) puts the copy inside that directory.
+    /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`), or an existing directory for a file, puts the copy inside it (see below).
     pub remote: OsString,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,
@@ -128,7 +148,7 @@ pub struct UploadArgs {
 pub struct DownloadArgs {
     /// Path on the server, relative to its root.
     pub remote: OsString,
-    /// Local path of the copy. Ending in `/` (or `.`) puts the copy inside that directory.
+    /// Local path of the copy. Ending in `/` (or `.`), or an existing directory for a file, puts the copy inside it (see below).
     pub local: OsString,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,

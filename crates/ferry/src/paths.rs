@@ -2,9 +2,13 @@
 //! what the copy is called (which side is where is `spec`'s).
 //!
 //! The destination names the copy itself (`up ./site production/website`
-//! makes `production/website` a copy of `site`), except when it ends with
-//! `/` or is `.`: then the copy goes inside it, under the source's name,
-//! as scp and cp users expect.
+//! makes `production/website` a copy of `site`, merged into it if it is a
+//! directory already), except when it ends with `/` or is `.`: then the
+//! copy goes inside it, under the source's name, as scp and cp users
+//! expect. The one other case, a source that is not a directory sent to
+//! an existing directory, goes inside it too; only the receiver can tell
+//! (the server, for an upload), so it decides that itself when the first
+//! entry arrives (the engine's `receiver::rules::root_goes_inside`).
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
