@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_proto::message::{Compression, ErrorCode, FilterRule, Message, Mirror};
-use ferry_proto::path::{WireBytes, escape};
+use ferry_proto::path::{WireBytes, WirePath, escape};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -561,6 +561,8 @@ async fn upload_once(
         dry_run: config.dry_run,
         atomic: config.atomic,
         checksum: config.checksum,
+        // A file goes inside `remote` if that is a directory already.
+        source_name: local.file_name().map(|n| WireBytes(n.as_bytes().to_vec())),
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -622,6 +624,10 @@ async fn download_once(
         tell_sender: false,
         label: escape(local.as_os_str().as_bytes()),
     });
+    // A file goes inside `local` if that is a directory already.
+    dest.inside = WirePath::parse(remote)
+        .ok()
+        .and_then(|path| path.components().last().map(<[u8]>::to_vec));
     dest.ignore_times = config.ignore_times;
     dest.owners = config.owners && fsx::may_chown();
     dest.devices = config.devices && fsx::may_chown();
@@ -846,6 +852,7 @@ fn local_destination(
         prefix,
         label,
         dest_label: escape(path.as_os_str().as_bytes()),
+        inside: None,
         ignore_times: false,
         owners: false,
         devices: false,

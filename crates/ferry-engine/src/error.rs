@@ -246,6 +246,9 @@ pub enum RefusalReason {
     BadPath(PathError),
     #[error("the remote path must name a file or directory below the server's root")]
     RootPath,
+    /// An upload's `source_name` is not one path component.
+    #[error("the source's name must be a single path component")]
+    SourceName,
     /// The request's path could not be opened or its parents made.
     #[error("{}", reason(.error))]
     Io {
@@ -307,7 +310,9 @@ impl Refusal {
             | RefusalReason::WriteOnly
             | RefusalReason::WriteOnlyMirror
             | RefusalReason::Unauthenticated => ErrorCode::PermissionDenied,
-            RefusalReason::BadPath(_) | RefusalReason::RootPath => ErrorCode::BadPath,
+            RefusalReason::BadPath(_) | RefusalReason::RootPath | RefusalReason::SourceName => {
+                ErrorCode::BadPath
+            }
             RefusalReason::Io { error, .. } | RefusalReason::RootUnavailable(error) => {
                 code_for(error)
             }

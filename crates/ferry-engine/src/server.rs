@@ -983,7 +983,12 @@ fn accept_request(
             dry_run,
             atomic,
             checksum,
+            source_name,
         } => {
+            // Checked before anything is made for the upload.
+            let inside = source_name
+                .map(|name| one_name(name.as_bytes()))
+                .transpose()?;
             let label = escape(dest.as_bytes());
             // An atomic publish mirrors: the new version is the source.
             let mirror = mirror.or_else(|| atomic.then(Mirror::default));
@@ -991,6 +996,7 @@ fn accept_request(
             let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), dry_run);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
                 dest.budget = budget;
+                dest.inside = inside;
                 dest.pruning = pruning;
                 dest.ignore_times = ignore_times;
                 dest.itemize = itemize || dry_run;
@@ -1124,6 +1130,7 @@ fn accept_upload(
         prefix,
         label: path.display(),
         dest_label: path.display(),
+        inside: None,
         ignore_times: false,
         // Entries carry owners unless the client said --no-owner.
         owners: fsx::may_chown(),
@@ -1137,6 +1144,18 @@ fn accept_upload(
         checksum: false,
         listing: false,
     })))
+}
+
+/// An upload's `source_name`: one component, as an entry's name would
+/// be (under it, a root that is not a directory goes inside an existing
+/// directory at `dest`).
+fn one_name(name: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let path = parse_remote(name)?;
+    let mut components = path.components();
+    match (components.next(), components.next()) {
+        (Some(one), None) => Ok(one.to_vec()),
+        _ => Err(Refusal::of_path(name, RefusalReason::SourceName)),
+    }
 }
 
 /// A download of `source`, confined to the root.
@@ -1224,4 +1243,19 @@ fn random_hex() -> std::io::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_names_its_source_in_one_component() {
+        assert_eq!(one_name(b"f.txt").ok(), Some(b"f.txt".to_vec()));
+        assert_eq!(one_name(b".f").ok(), Some(b".f".to_vec()));
+        for bad in [&b"a/b"[..], b"", b"..", b"/x", b"a/", b"a\0b"] {
+            let refused = one_name(bad).err().map(|r| r.code());
+            assert_eq!(refused, Some(ErrorCode::BadPath), "{}", escape(bad));
+        }
+    }
 }

@@ -190,6 +190,12 @@ pub enum Message {
         /// file's entry), not when size and mtime are.
         #[serde(default, skip_serializing_if = "is_false")]
         checksum: bool,
+        /// The source's own name (one component): a root that is not a
+        /// directory, sent to a `dest` that is an existing directory, lands
+        /// inside it under this name, as cp puts a file into a directory.
+        /// Absent: the root becomes `dest`, whatever is there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_name: Option<WireBytes>,
     },
     /// Client → server: switch the previous version kept by an atomic
     /// publish of `dest` back in (the live one is kept in its place).
@@ -672,6 +678,7 @@ mod tests {
                     dry_run: false,
                     atomic: false,
                     checksum: false,
+                    source_name: None,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -684,6 +691,7 @@ mod tests {
                     dry_run: false,
                     atomic: false,
                     checksum: false,
+                    source_name: None,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
@@ -699,6 +707,7 @@ mod tests {
                     dry_run: true,
                     atomic: false,
                     checksum: false,
+                    source_name: None,
                 },
                 r#"{"type":"upload","dest":"w","mirror":{"max_delete":10},"dry_run":true}"#,
             ),
@@ -723,6 +732,19 @@ mod tests {
                     held_back: Some(HeldBack::MaxDelete { would: 12, max: 10 }),
                 },
                 r#"{"type":"deletions","deleted":0,"held_back":{"reason":"max_delete","would":12,"max":10}}"#,
+            ),
+            (
+                Message::Upload {
+                    dest: "www".into(),
+                    ignore_times: false,
+                    mirror: None,
+                    itemize: false,
+                    dry_run: false,
+                    atomic: false,
+                    checksum: false,
+                    source_name: Some("index.html".into()),
+                },
+                r#"{"type":"upload","dest":"www","source_name":"index.html"}"#,
             ),
             (
                 Message::Download {
@@ -873,6 +895,7 @@ mod tests {
                 dry_run: true,
                 atomic: true,
                 checksum: false,
+                source_name: Some("n".into()),
             },
             Message::Rollback { dest: "w".into() },
             Message::Published {

@@ -9,6 +9,37 @@ use ferry_engine::{Compression, FilterRule, RuleKind};
 
 pub const DEFAULT_PORT: u16 = 8834;
 
+/// What the copy is called: the rule for upload, download and cp (README).
+macro_rules! placement {
+    () => {
+        "What the copy is called (SRC is the source's name):\n  \
+        any source  -> DEST/, DEST/. or .           DEST/SRC, inside it\n  \
+        a file      -> DEST, an existing directory  DEST/SRC, inside it (as cp and scp)\n  \
+        a file      -> DEST, anything else          DEST itself (a symlink there is replaced, \
+        not followed)\n  \
+        a directory -> DEST, new or existing        DEST itself (an existing one receives the \
+        tree, merged)"
+    };
+}
+
+/// Which side of `ferry cp` is where (see `spec.rs`).
+macro_rules! copy_forms {
+    () => {
+        "Where each side is:\n  \
+        /x, ./x, ../x, .      a local path, always (a local name with a colon: ./a:b)\n  \
+        dir/a:b, plain        a local path (no colon before the first slash)\n  \
+        HOST:PATH             PATH on the server HOST (a name or IPv4 address), port from --port\n  \
+        [IPV6]:PATH           the same with an IPv6 address\n  \
+        ferry://HOST:PORT/PATH, ferry://[IPV6]:PORT/PATH   with the port (optional) in the URL\n\n\
+        A remote PATH is relative to the server's root (there is no ~), and ferry has no users \
+        (no user@). Anything that could be read two ways (::1:x, host:8834:x, host::x) is \
+        refused, never guessed."
+    };
+}
+
+const PLACEMENT: &str = placement!();
+const COPY_HELP: &str = concat!(copy_forms!(), "\n\n", placement!());
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ferry",
@@ -40,13 +71,13 @@ pub enum Command {
     /// Serve uploads and downloads below a root directory.
     Server(ServerArgs),
     /// Send a local file or directory to a server.
-    #[command(visible_alias = "up")]
+    #[command(visible_alias = "up", after_help = PLACEMENT)]
     Upload(UploadArgs),
     /// Fetch a file or directory from a server.
-    #[command(visible_alias = "down")]
+    #[command(visible_alias = "down", after_help = PLACEMENT)]
     Download(DownloadArgs),
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
-    #[command(visible_alias = "cp")]
+    #[command(visible_alias = "cp", after_help = COPY_HELP)]
     Copy(CopyArgs),
     /// List a file or tree on a server: each entry's mode, size, mtime and path, recursively.
     Ls(LsArgs),
@@ -107,9 +138,9 @@ pub struct CheckArgs {
     pub src: OsString,
     /// The tree to check against it: a local path or HOST:PATH.
     pub dst: OsString,
-    /// Server port for a HOST:PATH side.
-    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    /// Server port for a HOST:PATH side [default: 8834]. A port in a ferry:// URL must agree with it.
+    #[arg(long, short = 'p')]
+    pub port: Option<u16>,
     /// Print NDJSON events: a `changed` (action `created`: missing from DST, `updated`: differs)
     /// or `deleted` (extra in DST) event for each difference, then `summary`.
     #[arg(long)]
@@ -211,7 +242,7 @@ pub const MAX_HANDSHAKE_TIMEOUT: u64 = 600;
 pub struct UploadArgs {
     /// Local file or directory to send.
     pub local: OsString,
-    /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`) puts the copy inside that directory.
+    /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`), or an existing directory for a file, puts the copy inside it (see below).
     pub remote: OsString,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,
@@ -223,7 +254,7 @@ pub struct UploadArgs {
 pub struct DownloadArgs {
     /// Path on the server, relative to its root.
     pub remote: OsString,
-    /// Local path of the copy. Ending in `/` (or `.`) puts the copy inside that directory.
+    /// Local path of the copy. Ending in `/` (or `.`), or an existing directory for a file, puts the copy inside it (see below).
     pub local: OsString,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,
@@ -233,13 +264,13 @@ pub struct DownloadArgs {
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
-    /// Source: a local path or HOST:PATH.
+    /// Source: a local path, HOST:PATH, [IPV6]:PATH or ferry://HOST[:PORT]/PATH.
     pub src: OsString,
-    /// Destination: a local path or HOST:PATH.
+    /// Destination: the same forms.
     pub dst: OsString,
-    /// Server port for a HOST:PATH side.
-    #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
-    pub port: u16,
+    /// Server port for a HOST:PATH side [default: 8834]. A port in a ferry:// URL must agree with it.
+    #[arg(long, short = 'p')]
+    pub port: Option<u16>,
     #[command(flatten)]
     pub transfer: TransferOpts,
 }

@@ -9,6 +9,7 @@ mod config;
 mod listing;
 mod logbuf;
 mod paths;
+mod spec;
 mod ui;
 
 use std::ffi::OsStr;
@@ -31,7 +32,7 @@ use tokio::net::TcpListener;
 
 use crate::cli::{CheckArgs, Cli, Command, LsArgs, RollbackArgs, ServerArgs, TransferOpts};
 use crate::config::{Config, ConfigError, Settings};
-use crate::paths::Spec;
+use crate::spec::Spec;
 use crate::ui::{Mode, Ui};
 use clap::{Args, FromArgMatches};
 
@@ -163,6 +164,7 @@ enum Target {
 }
 
 fn plan_upload(local: &Path, remote: &[u8], addr: String) -> Result<Plan, Fatal> {
+    let remote = checked_remote(remote)?;
     let name = paths::local_name(local).map_err(Fatal::Failed)?;
     Ok(Plan {
         direction: Direction::Upload {
@@ -174,6 +176,7 @@ fn plan_upload(local: &Path, remote: &[u8], addr: String) -> Result<Plan, Fatal>
 }
 
 fn plan_download(remote: &[u8], local: &Path, addr: String) -> Result<Plan, Fatal> {
+    let remote = checked_remote(remote)?;
     let local_bytes = local.as_os_str().as_bytes();
     let local = if local_bytes.is_empty()
         || local_bytes.ends_with(b"/")
@@ -194,48 +197,64 @@ fn plan_download(remote: &[u8], local: &Path, addr: String) -> Result<Plan, Fata
     })
 }
 
-fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
-    match (paths::parse_spec(src), paths::parse_spec(dst)) {
-        (Spec::Local(local), Spec::Remote { host, path }) => {
-            plan_upload(&local, &path, address(&host, port))
+/// A remote path as typed, if it means what it seems to (no `~`).
+fn checked_remote(path: &[u8]) -> Result<&[u8], Fatal> {
+    spec::remote_path(path)
+        .map_err(|why| Fatal::Usage(format!("{}: {}", escape(path), why.reason())))
+}
+
+fn plan_copy(src: &OsStr, dst: &OsStr, port: Option<u16>) -> Result<Plan, Fatal> {
+    let side = |arg: &OsStr| {
+        spec::parse(arg).map_err(|why| Fatal::Usage(format!("{}: {why}", escape(arg.as_bytes()))))
+    };
+    let address = |remote: &spec::Remote| {
+        spec::port(remote, port, cli::DEFAULT_PORT)
+            .map(|port| address(&remote.host, port))
+            .map_err(|why| Fatal::Usage(why.to_string()))
+    };
+    match (side(src)?, side(dst)?) {
+        (Spec::Local(local), Spec::Remote(remote)) => {
+            plan_upload(&local, &remote.path, address(&remote)?)
         }
-        (Spec::Remote { host, path }, Spec::Local(local)) => {
-            plan_download(&path, &local, address(&host, port))
+        (Spec::Remote(remote), Spec::Local(local)) => {
+            plan_download(&remote.path, &local, address(&remote)?)
         }
-        (Spec::Remote { .. }, Spec::Remote { .. }) => Err(Fatal::Usage(
+        (Spec::Remote(_), Spec::Remote(_)) => Err(Fatal::Usage(
             "copying between two remote hosts is not supported; one side must be local".into(),
         )),
-        (Spec::Local(src), Spec::Local(dst)) => {
-            // A local copy runs through the same pipeline, against a server
-            // on loopback whose root is the destination's parent.
-            let name = paths::local_name(&src).map_err(Fatal::Failed)?;
-            let copy = PathBuf::from(paths::os(paths::copy_path(
-                dst.as_os_str().as_bytes(),
-                &name,
-            )));
-            let copy_name = copy
-                .file_name()
-                .ok_or_else(|| Fatal::Usage(format!("{}: name the copy", copy.display())))?;
-            let parent = match copy.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            std::fs::create_dir_all(&parent).map_err(|e| {
-                Fatal::Failed(format!(
-                    "{}: {}",
-                    parent.display(),
-                    ferry_engine::error::reason(&e)
-                ))
-            })?;
-            Ok(Plan {
-                direction: Direction::Upload {
-                    local: src,
-                    remote: copy_name.as_bytes().to_vec(),
-                },
-                server: Target::InProcess { root: parent },
-            })
-        }
+        (Spec::Local(src), Spec::Local(dst)) => plan_local_copy(src, &dst),
     }
+}
+
+/// A local copy runs through the same pipeline, against a server on
+/// loopback whose root is the destination's parent.
+fn plan_local_copy(src: PathBuf, dst: &Path) -> Result<Plan, Fatal> {
+    let name = paths::local_name(&src).map_err(Fatal::Failed)?;
+    let copy = PathBuf::from(paths::os(paths::copy_path(
+        dst.as_os_str().as_bytes(),
+        &name,
+    )));
+    let copy_name = copy
+        .file_name()
+        .ok_or_else(|| Fatal::Usage(format!("{}: name the copy", copy.display())))?;
+    let parent = match copy.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| {
+        Fatal::Failed(format!(
+            "{}: {}",
+            parent.display(),
+            ferry_engine::error::reason(&e)
+        ))
+    })?;
+    Ok(Plan {
+        direction: Direction::Upload {
+            local: src,
+            remote: copy_name.as_bytes().to_vec(),
+        },
+        server: Target::InProcess { root: parent },
+    })
 }
 
 async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
@@ -289,7 +308,7 @@ fn check_atomic(opts: &TransferOpts) -> Result<(), Fatal> {
 fn plan_check(args: &CheckArgs) -> Result<(Plan, TransferOpts), Fatal> {
     let both_local = [&args.src, &args.dst]
         .iter()
-        .all(|p| matches!(paths::parse_spec(p), Spec::Local(_)));
+        .all(|p| matches!(spec::parse(p), Ok(Spec::Local(_))));
     if both_local && !Path::new(&args.dst).exists() {
         let shown = escape(args.dst.as_bytes());
         return Err(Fatal::Failed(format!("{shown}: no such file or directory")));

@@ -1,49 +1,18 @@
-//! What the user typed, turned into exact paths: `HOST:PATH` specs, and
-//! the rule that decides what the copy is called.
+//! What the user typed, turned into exact paths: the rule that decides
+//! what the copy is called (which side is where is `spec`'s).
 //!
 //! The destination names the copy itself (`up ./site production/website`
-//! makes `production/website` a copy of `site`), except when it ends with
-//! `/` or is `.`: then the copy goes inside it, under the source's name,
-//! as scp and cp users expect.
+//! makes `production/website` a copy of `site`, merged into it if it is a
+//! directory already), except when it ends with `/` or is `.`: then the
+//! copy goes inside it, under the source's name, as scp and cp users
+//! expect. The one other case, a source that is not a directory sent to
+//! an existing directory, goes inside it too; only the receiver can tell
+//! (the server, for an upload), so it decides that itself when the first
+//! entry arrives (the engine's `receiver::rules::root_goes_inside`).
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::path::{Path, PathBuf};
-
-/// One side of `ferry cp`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Spec {
-    Local(PathBuf),
-    Remote { host: String, path: Vec<u8> },
-}
-
-/// scp's rule: a colon before any slash makes `HOST:PATH`; `[v6addr]:PATH`
-/// for IPv6. Anything else (`./a:b`, `/x:y`) is a local path.
-pub fn parse_spec(arg: &OsStr) -> Spec {
-    let bytes = arg.as_bytes();
-    if let Some(rest) = bytes.strip_prefix(b"[")
-        && let Some(close) = rest.iter().position(|&b| b == b']')
-        && rest.get(close + 1) == Some(&b':')
-        && let Ok(host) = std::str::from_utf8(&rest[..close])
-    {
-        return Spec::Remote {
-            host: format!("[{host}]"),
-            path: rest[close + 2..].to_vec(),
-        };
-    }
-    let colon = bytes.iter().position(|&b| b == b':');
-    let slash = bytes.iter().position(|&b| b == b'/');
-    match colon {
-        Some(c) if c > 0 && slash.is_none_or(|s| c < s) => match std::str::from_utf8(&bytes[..c]) {
-            Ok(host) => Spec::Remote {
-                host: host.to_string(),
-                path: bytes[c + 1..].to_vec(),
-            },
-            Err(_) => Spec::Local(PathBuf::from(arg)),
-        },
-        _ => Spec::Local(PathBuf::from(arg)),
-    }
-}
+use std::path::Path;
 
 /// Does this destination mean "inside this directory"?
 fn names_a_directory(dest: &[u8]) -> bool {
@@ -129,39 +98,6 @@ pub fn os(bytes: Vec<u8>) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(s: &str) -> Spec {
-        parse_spec(OsStr::new(s))
-    }
-
-    #[test]
-    fn specs_follow_scp() {
-        assert_eq!(
-            spec("host:dir/f"),
-            Spec::Remote {
-                host: "host".into(),
-                path: b"dir/f".to_vec()
-            }
-        );
-        assert_eq!(
-            spec("10.0.0.1:"),
-            Spec::Remote {
-                host: "10.0.0.1".into(),
-                path: vec![]
-            }
-        );
-        assert_eq!(
-            spec("[::1]:x"),
-            Spec::Remote {
-                host: "[::1]".into(),
-                path: b"x".to_vec()
-            }
-        );
-        assert_eq!(spec("./a:b"), Spec::Local("./a:b".into()));
-        assert_eq!(spec("/abs/x:y"), Spec::Local("/abs/x:y".into()));
-        assert_eq!(spec("plain"), Spec::Local("plain".into()));
-        assert_eq!(spec(":x"), Spec::Local(":x".into()));
-    }
 
     #[test]
     fn destination_names_the_copy_unless_it_is_a_directory() {

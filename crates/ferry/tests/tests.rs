@@ -7,6 +7,10 @@ mod util;
 mod transfer;
 // Every failure exits non-zero quickly, with one clear line and no panic.
 mod errors;
+// Where each side of `ferry cp` is: HOST:PATH, [IPV6]:PATH, ferry:// URLs; ambiguous forms refused.
+mod forms;
+// What the copy is called, for upload, download and cp alike: into an existing directory, `/`, `/.`.
+mod placement;
 // The server process: address, logs, signals, and peers that are not ferry.
 mod server;
 // Parallel connections: trees and large files arrive whole with 1 to 8 streams.

@@ -75,6 +75,11 @@ pub(crate) struct Destination {
     /// How the destination itself is named where what changes in it is
     /// shown (`--itemize`, `--delete`): for a download, the local path.
     pub(crate) dest_label: String,
+    /// The source's own name, under which a root that is not a directory
+    /// goes inside the destination if that is a directory already
+    /// (`rules::root_goes_inside`); taken when the first entry arrives.
+    /// `None`: the root becomes the destination, whatever is there.
+    pub(crate) inside: Option<Vec<u8>>,
     /// Receive every file, even one already here with the same size and
     /// mtime.
     pub(crate) ignore_times: bool,

@@ -18,13 +18,13 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use ferry_proto::digest::FileDigest;
-use ferry_proto::message::{Mtime, Owner};
+use ferry_proto::message::{EntryKind, Mtime, Owner};
 use ferry_proto::path::WirePath;
 use rustix::fs::{AtFlags, FileType, Mode};
 
 use super::Destination;
 use super::itemize::{Existing, ExistingKind};
-use super::rules::{MetadataFix, PartPlan};
+use super::rules::{self, MetadataFix, PartPlan};
 use crate::codec::Decoded;
 use crate::error::reason;
 use crate::fsx::{self, Kind};
@@ -56,6 +56,31 @@ impl ParentCache {
         let fd = Arc::new(fsx::open_dir_beneath(base.as_fd(), &refs)?);
         self.cached = Some((parents.to_vec(), fd.clone()));
         Ok(fd)
+    }
+}
+
+/// The first entry has arrived: if it is the root and the rules say so,
+/// the root goes inside the destination under the source's name (a file
+/// into an existing directory). What is at the destination is looked at
+/// beneath `dest.base` without following a symlink. Decided once.
+pub(super) fn settle_root(
+    dest: &mut Destination,
+    parents: &mut ParentCache,
+    path: &WirePath,
+    kind: &EntryKind,
+) {
+    let Some(name) = dest.inside.take() else {
+        return;
+    };
+    let Some(last) = dest.prefix.last().filter(|_| path.is_root()) else {
+        return;
+    };
+    let is_dir = parents.open(&dest.base, &dest.prefix).is_ok_and(|parent| {
+        rustix::fs::statat(&*parent, last.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|stat| fsx::kind_of(&stat) == fsx::Kind::Dir)
+    });
+    if rules::root_goes_inside(kind, is_dir) {
+        dest.prefix.push(name);
     }
 }
 

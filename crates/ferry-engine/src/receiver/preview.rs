@@ -167,6 +167,13 @@ impl Preview {
         self.order.admit(id, owner)?;
         let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
+        // A file into an existing directory, as the real worker decides it.
+        place::settle_root(
+            &mut self.dest,
+            &mut place::ParentCache::default(),
+            &path,
+            &kind,
+        );
         if let Some(deletions) = &mut self.deletions {
             deletions.remember(&path, &kind, &self.dest.budget);
         }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use ferry_proto::digest::{ChunkLedger, FileDigest, LedgerError};
 use ferry_proto::limits::{MAX_FILES_AHEAD, MAX_HAVE_RUNS, MAX_OPEN_DIRS, MAX_WAITING_LINKS};
-use ferry_proto::message::{Outcome, Owner};
+use ferry_proto::message::{EntryKind, Outcome, Owner};
 use ferry_proto::path::WirePath;
 
 use crate::error::Violation;
@@ -100,6 +100,18 @@ pub(super) fn entry_digest(id: u64, hex: Option<&str>) -> Result<Option<FileDige
             .map(Some)
             .ok_or(Violation::MalformedDigest { id }),
     }
+}
+
+/// Where the root entry lands, as cp and scp decide it: a root that is
+/// not a directory, sent to a destination that is a directory already,
+/// goes inside it under the source's name. Every other root becomes the
+/// destination itself: a directory onto an existing one merges into it
+/// (`up ./site production/website` keeps publishing into
+/// `production/website`), and anything else replaces what is there unless
+/// a directory is in the way. `destination_is_dir` is about the directory
+/// itself: a symlink to one is not followed, and is replaced.
+pub(super) fn root_goes_inside(root: &EntryKind, destination_is_dir: bool) -> bool {
+    destination_is_dir && !matches!(root, EntryKind::Dir { .. })
 }
 
 /// Never setuid, setgid or sticky from a peer: the receiver may run as root.
@@ -622,6 +634,34 @@ pub(super) fn transfer_over(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_root_that_is_not_a_directory_goes_inside_an_existing_directory() {
+        use ferry_proto::message::Mtime;
+        let mtime = Mtime::default();
+        let not_dirs = [
+            EntryKind::File {
+                size: 1,
+                mode: 0o644,
+                mtime,
+            },
+            EntryKind::Symlink {
+                target: "t".into(),
+                mtime,
+            },
+            EntryKind::Fifo { mode: 0o644, mtime },
+            EntryKind::Special {
+                what: "socket".into(),
+            },
+        ];
+        for root in &not_dirs {
+            assert!(root_goes_inside(root, true), "{root:?}");
+            assert!(!root_goes_inside(root, false), "{root:?}");
+        }
+        let dir = EntryKind::Dir { mode: 0o755, mtime };
+        assert!(!root_goes_inside(&dir, true), "a directory merges");
+        assert!(!root_goes_inside(&dir, false));
+    }
 
     #[test]
     fn working_names_are_refused_as_entries_and_as_link_targets() {

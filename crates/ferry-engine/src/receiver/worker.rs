@@ -453,6 +453,7 @@ impl Worker {
         // Owners are applied only by a root receiver (the only one that can).
         let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
+        place::settle_root(&mut self.dest, &mut self.parents, &path, &kind);
         if let Some(deletions) = &mut self.deletions {
             deletions.remember(&path, &kind, &self.dest.budget);
         }

@@ -69,6 +69,7 @@ impl Receiving {
             prefix: vec![b"dst".to_vec()],
             label: "dst".into(),
             dest_label: "dst".into(),
+            inside: None,
             ignore_times: false,
             owners: false,
             devices: false,

@@ -86,6 +86,79 @@ fn a_file_as_the_root_takes_the_destination_name() {
     assert_eq!(std::fs::read(r.dst()).unwrap(), data);
 }
 
+/// A receiver told the source's name (`f.txt`), into `dst` as `make`
+/// leaves it.
+fn receiver_told_the_name(make: impl FnOnce(&std::path::Path)) -> Receiving {
+    let tmp = tempfile::tempdir().unwrap();
+    make(&tmp.path().join("dst"));
+    Receiving::in_dir(tmp, |d| d.inside = Some(b"f.txt".to_vec()))
+}
+
+#[test]
+fn a_file_as_the_root_goes_inside_an_existing_directory() {
+    let mut r = receiver_told_the_name(|dst| std::fs::create_dir(dst).unwrap());
+    let data = content(10, 3);
+    let mut frames = whole_file(1, "", &data);
+    frames.push(end());
+    r.take(frames).unwrap();
+    assert!(r.done);
+    assert_eq!(r.outcome(1), Some(&Outcome::Ok));
+    assert_eq!(std::fs::read(r.dst().join("f.txt")).unwrap(), data);
+}
+
+#[test]
+fn a_file_as_the_root_replaces_a_file_and_takes_a_free_name_as_before() {
+    for existing in [true, false] {
+        let mut r = receiver_told_the_name(|dst| {
+            if existing {
+                std::fs::write(dst, b"old").unwrap();
+            }
+        });
+        let data = content(10, 4);
+        let mut frames = whole_file(1, "", &data);
+        frames.push(end());
+        r.take(frames).unwrap();
+        assert_eq!(
+            std::fs::read(r.dst()).unwrap(),
+            data,
+            "existing: {existing}"
+        );
+    }
+}
+
+/// A symlink to a directory at the destination is not followed: the file
+/// replaces the link, and nothing arrives in the directory it points to.
+#[test]
+fn a_file_as_the_root_replaces_a_symlink_to_a_directory() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().to_path_buf();
+    let mut r = receiver_told_the_name(|dst| std::os::unix::fs::symlink(&target, dst).unwrap());
+    let data = content(10, 5);
+    let mut frames = whole_file(1, "", &data);
+    frames.push(end());
+    r.take(frames).unwrap();
+    assert_eq!(r.outcome(1), Some(&Outcome::Ok));
+    assert!(std::fs::symlink_metadata(r.dst()).unwrap().is_file());
+    assert_eq!(std::fs::read(r.dst()).unwrap(), data);
+    assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+}
+
+/// A directory root onto an existing directory is that directory: the
+/// tree merges into it, as before.
+#[test]
+fn a_directory_as_the_root_merges_into_an_existing_directory() {
+    let mut r = receiver_told_the_name(|dst| {
+        std::fs::create_dir(dst).unwrap();
+        std::fs::write(dst.join("kept"), b"kept").unwrap();
+    });
+    let data = content(10, 6);
+    r.take(in_root(whole_file(2, "a", &data))).unwrap();
+    assert!(r.done);
+    assert_eq!(std::fs::read(r.dst().join("a")).unwrap(), data);
+    assert_eq!(std::fs::read(r.dst().join("kept")).unwrap(), b"kept");
+    assert!(!r.dst().join("f.txt").exists());
+}
+
 #[test]
 fn an_empty_file_needs_no_chunk() {
     let mut r = Receiving::new();

@@ -22,7 +22,8 @@ pub const PROTOCOL_VERSION: u16 = 7;
 /// The 6 magic bytes that open every ferry connection.
 pub const MAGIC: &[u8; 6] = b"FERRY\0";
 
-/// A `ferry server` on 127.0.0.1 with an ephemeral port; killed on drop.
+/// A `ferry server` on 127.0.0.1 (or another loopback address) with an
+/// ephemeral port; killed on drop.
 ///
 /// Its clients are, by default, its own user's on this machine: they share
 /// its state directory, where they find its token, as a user's clients do
@@ -31,6 +32,8 @@ pub const MAGIC: &[u8; 6] = b"FERRY\0";
 pub struct Server {
     child: Option<Child>,
     addr: String,
+    /// The address it listens on, as `--host` takes it.
+    host: String,
     port: u16,
     root: PathBuf,
     /// Where the server keeps its key, certificate and token.
@@ -65,14 +68,25 @@ impl Server {
         extra: &[&dyn AsRef<OsStr>],
         opts: &RunOptions,
     ) -> Server {
+        Server::start_at(root, "127.0.0.1", port, extra, opts)
+    }
+
+    /// Starts listening on `host` (e.g. `::1`), on `port` (0: any free one).
+    pub fn start_at(
+        root: &Path,
+        host: &str,
+        port: u16,
+        extra: &[&dyn AsRef<OsStr>],
+        opts: &RunOptions,
+    ) -> Server {
         let port = port.to_string();
-        let mut args: Vec<OsString> = ["server", "--host", "127.0.0.1", "--port", &port, "--root"]
+        let mut args: Vec<OsString> = ["server", "--host", host, "--port", &port, "--root"]
             .iter()
             .map(OsString::from)
             .collect();
         args.push(root.as_os_str().to_os_string());
         args.extend(to_os_args(extra));
-        Server::launch(args, root, opts)
+        Server::launch(args, host, root, opts)
     }
 
     /// Starts `ferry server --config CONFIG` with extra arguments on any
@@ -88,12 +102,12 @@ impl Server {
         let dir = config
             .parent()
             .expect("a configuration file has a directory");
-        Server::launch(args, dir, opts)
+        Server::launch(args, "127.0.0.1", dir, opts)
     }
 
     /// Runs `ferry ARGS` as a server and waits until it says where it
     /// listens; panics with its output if it does not.
-    fn launch(args: Vec<OsString>, root: &Path, opts: &RunOptions) -> Server {
+    fn launch(args: Vec<OsString>, host: &str, root: &Path, opts: &RunOptions) -> Server {
         let state_dir = state_dir_of(&args, opts);
         let tls = !args.iter().any(|a| a == "--no-tls");
         let Running {
@@ -139,6 +153,7 @@ impl Server {
         Server {
             child: Some(child),
             addr,
+            host: host.to_string(),
             port,
             root: root.to_path_buf(),
             state_dir,
@@ -240,7 +255,7 @@ impl Server {
         stream
     }
 
-    /// `--host 127.0.0.1 --port PORT`, and what a client of the server's
+    /// `--host HOST --port PORT`, and what a client of the server's
     /// own user needs ([`Server::own_user_args`]), for commands that take them.
     pub fn client_args(&self) -> Vec<OsString> {
         let mut args = self.address_args();
@@ -251,7 +266,7 @@ impl Server {
     fn address_args(&self) -> Vec<OsString> {
         vec![
             "--host".into(),
-            "127.0.0.1".into(),
+            self.host.clone().into(),
             "--port".into(),
             self.port.to_string().into(),
         ]
@@ -271,7 +286,7 @@ impl Server {
         args
     }
 
-    /// Runs `ferry ARGS --host 127.0.0.1 --port PORT` (upload/download) as
+    /// Runs `ferry ARGS --host HOST --port PORT` (upload/download) as
     /// a client of the server's own user.
     pub fn run(&self, args: &[&dyn AsRef<OsStr>]) -> Output {
         self.run_with(args, &RunOptions::default())
