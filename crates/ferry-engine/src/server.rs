@@ -1009,15 +1009,7 @@ fn accept_request(
             }
             accepted
         }
-        Message::Rollback { dest } => {
-            let path = parse_remote(dest.as_bytes())?;
-            let live: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
-            publish::roll_back(root.as_fd(), &live).map_err(|error| {
-                let op = Op::Rename;
-                Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
-            })?;
-            Ok(Accepted::RolledBack)
-        }
+        Message::Rollback { dest } => accept_rollback(root, dest.as_bytes()),
         // The client receives, and applies `ignore_times` itself.
         Message::Download {
             source,
@@ -1045,6 +1037,17 @@ fn accept_request(
         }
         other => Err(Refusal::new(RefusalReason::NotARequest(other.name()))),
     }
+}
+
+/// `ferry rollback`: the previous version of `dest` switched back in.
+fn accept_rollback(root: &OwnedFd, dest: &[u8]) -> Result<Accepted, Refusal> {
+    let path = parse_remote(dest)?;
+    let live: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
+    publish::roll_back(root.as_fd(), &live).map_err(|error| {
+        let op = Op::Rename;
+        Refusal::of_path(path.as_bytes(), RefusalReason::Io { op, error })
+    })?;
+    Ok(Accepted::RolledBack)
 }
 
 /// Refuse the direction a read-only or write-only server does not serve.
