@@ -472,6 +472,8 @@ pub enum Busy {
     SessionsFromAddress { limit: u32 },
     #[error("{limit} connections from this address are open already")]
     ConnectionsFromAddress { limit: u32 },
+    #[error("a snapshot of this backup was taken this very second")]
+    SnapshotTaken,
 }
 
 /// The sessions and slot-holding connections of each client address.

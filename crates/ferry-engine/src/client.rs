@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::message::{Compression, ErrorCode, FilterRule, Message, Mirror};
+use ferry_proto::message::{Compression, ErrorCode, FilterRule, Keep, Message, Mirror};
 use ferry_proto::path::{WireBytes, WirePath, escape};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -29,7 +29,7 @@ use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
-use crate::receiver::{Destination, Pruning, Publish, run_receiver};
+use crate::receiver::{Destination, LinkDest, Pruning, Publish, run_receiver};
 use crate::sender::{SendJob, run_sender};
 use crate::throttle;
 use crate::tls::ClientTls;
@@ -81,6 +81,13 @@ pub struct ClientConfig {
     pub checksum: bool,
     /// `ferry ls`: a download that only lists what it is sent.
     pub listing: bool,
+    /// `ferry backup`: the remote path is a directory of snapshots, and the
+    /// upload makes a new one (published atomically), keeping these.
+    pub backup: Option<Keep>,
+    /// `--link-dest`: trees whose unchanged files the receiver hard-links
+    /// instead of receiving: paths on the server for an upload, local
+    /// paths for a download.
+    pub link_dest: Vec<Vec<u8>>,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -101,11 +108,16 @@ impl ClientConfig {
     /// What the receiver mirrors: `--delete`'s, or an atomic publish's
     /// (the new version is the source, exactly).
     fn mirrored(&self) -> Option<Mirror> {
-        match (&self.mirror, self.atomic) {
+        match (&self.mirror, self.publishes()) {
             (Some(m), _) => Some(m.clone()),
             (None, true) => Some(Mirror::default()),
             (None, false) => None,
         }
+    }
+
+    /// Whether the receiver publishes atomically (`--atomic`, a backup).
+    fn publishes(&self) -> bool {
+        self.atomic || self.backup.is_some()
     }
 }
 
@@ -563,6 +575,8 @@ async fn upload_once(
         checksum: config.checksum,
         // A file goes inside `remote` if that is a directory already.
         source_name: local.file_name().map(|n| WireBytes(n.as_bytes().to_vec())),
+        link_dest: config.link_dest.iter().cloned().map(WireBytes).collect(),
+        backup: config.backup,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -576,7 +590,7 @@ async fn upload_once(
         bwlimit: config.bwlimit,
         mirror: config.mirrored().is_some(),
         itemize: config.itemize || config.dry_run,
-        atomic: config.atomic && !config.dry_run,
+        atomic: config.publishes() && !config.dry_run,
         checksum: config.checksum,
         dest_label: escape(remote),
     };
@@ -612,8 +626,14 @@ async fn download_once(
     dest.dry_run = config.dry_run;
     dest.checksum = config.checksum;
     dest.listing = config.listing;
+    dest.link_dests = local_link_dests(&config.link_dest)?;
     if config.atomic && !config.dry_run {
         let (staging, publish) = Publish::of(&dest.prefix).ok_or(EngineError::Closed)?;
+        let live = LinkDest {
+            base: dest.base.try_clone().map_err(EngineError::from)?,
+            prefix: publish.live(),
+        };
+        dest.link_dests.insert(0, live);
         dest.prefix = staging;
         dest.publish = Some(publish);
     }
@@ -808,6 +828,25 @@ fn backoff(failures: u32) -> Duration {
     base.mul_f64(0.75 + 0.5 * spread)
 }
 
+/// A download's `--link-dest` trees: local directories, each opened (a
+/// missing one is the user's to fix).
+fn local_link_dests(dirs: &[Vec<u8>]) -> Result<Vec<LinkDest>, EngineError> {
+    dirs.iter()
+        .map(|dir| {
+            let path = Path::new(std::ffi::OsStr::from_bytes(dir));
+            let flags = rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::CLOEXEC;
+            let base = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
+                .map_err(|e| EngineError::local(escape(dir), Op::Open, LocalCause::Io(e.into())))?;
+            Ok(LinkDest {
+                base,
+                prefix: Vec::new(),
+            })
+        })
+        .collect()
+}
+
 /// The local destination `path`: its parent directory (created if
 /// missing, the user's own path, so followed as given) and its name. A dry
 /// run creates nothing: the nearest existing ancestor is the base, and the
@@ -864,5 +903,8 @@ fn local_destination(
         publish: None,
         checksum: false,
         listing: false,
+        link_dests: Vec::new(),
+        backup: None,
+        append_only: false,
     })
 }

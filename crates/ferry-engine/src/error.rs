@@ -234,9 +234,14 @@ pub enum RefusalReason {
     #[error("this server is write-only: it accepts uploads, not downloads")]
     WriteOnly,
     #[error(
-        "this server is write-only: --delete would tell what the destination holds, so it is refused"
+        "this server is write-only: --delete, --atomic and --link-dest would tell what it holds, \
+         so they are refused"
     )]
     WriteOnlyMirror,
+    #[error("this server is append-only: it never overwrites or deletes, so {0} is refused")]
+    AppendOnly(&'static str),
+    #[error("{0} --link-dest trees; at most 20 are taken")]
+    TooManyLinkDests(usize),
     #[error("compression level {0} is outside 1..=19")]
     CompressionLevel(i32),
     #[error(transparent)]
@@ -309,6 +314,7 @@ impl Refusal {
             RefusalReason::ReadOnly
             | RefusalReason::WriteOnly
             | RefusalReason::WriteOnlyMirror
+            | RefusalReason::AppendOnly(_)
             | RefusalReason::Unauthenticated => ErrorCode::PermissionDenied,
             RefusalReason::BadPath(_) | RefusalReason::RootPath | RefusalReason::SourceName => {
                 ErrorCode::BadPath
@@ -320,6 +326,7 @@ impl Refusal {
             // `io`: a client tries again after a while.
             RefusalReason::NoRandom { .. } | RefusalReason::Busy(_) => ErrorCode::Io,
             RefusalReason::CompressionLevel(_)
+            | RefusalReason::TooManyLinkDests(_)
             | RefusalReason::Filter(_)
             | RefusalReason::NotARequest(_)
             | RefusalReason::NeedsTls

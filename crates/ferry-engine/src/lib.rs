@@ -53,15 +53,17 @@ mod sender;
 pub mod server;
 #[cfg(test)]
 mod sessions;
+pub mod snapshots;
 mod sweep;
 mod throttle;
 pub mod tls;
 
 pub use error::EngineError;
 pub use ferry_proto::message::{
-    Change, Compression, EntryKind, FilterRule, HeldBack, Mirror, Mtime, RuleKind,
+    Change, Compression, EntryKind, FilterRule, HeldBack, Keep, Mirror, Mtime, RuleKind,
 };
 pub use ferry_proto::path::escape;
+pub use receiver::MAX_LINK_DESTS;
 pub use tokio_util::sync::CancellationToken;
 
 /// This build's name and version, sent in the handshake for logs.

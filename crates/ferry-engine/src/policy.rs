@@ -35,6 +35,10 @@ pub enum Access {
     ReadOnly,
     /// Uploads only: nothing below the root is ever sent out.
     WriteOnly,
+    /// Uploads and downloads, but nothing that exists is ever overwritten,
+    /// truncated or deleted: new files and directories only (a backup
+    /// target a compromised client cannot destroy).
+    AppendOnly,
 }
 
 impl Access {
@@ -44,6 +48,7 @@ impl Access {
             Access::ReadWrite => "read-write",
             Access::ReadOnly => "read-only",
             Access::WriteOnly => "write-only",
+            Access::AppendOnly => "append-only",
         }
     }
 }

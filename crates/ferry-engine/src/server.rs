@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_proto::limits::MAX_STREAMS;
-use ferry_proto::message::{Compression, ErrorCode, Message, Mirror};
-use ferry_proto::path::{WirePath, escape};
+use ferry_proto::message::{Compression, ErrorCode, Keep, Message, Mirror};
+use ferry_proto::path::{WireBytes, WirePath, escape};
 use ferry_proto::preface::{MAGIC, Preface};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -48,8 +48,11 @@ use crate::filter::Filter;
 use crate::fsx;
 use crate::policy::{Grant, LivePolicy, Policy};
 use crate::progress::Progress;
-use crate::receiver::{Destination, Pruning, Publish, publish, run_receiver};
+use crate::receiver::{
+    BackupPlan, Destination, LinkDest, MAX_LINK_DESTS, Pruning, Publish, publish, run_receiver,
+};
 use crate::sender::{SendJob, run_sender};
+use crate::snapshots;
 use crate::throttle::{self, AuthThrottle};
 use crate::tls::ServerTls;
 
@@ -975,37 +978,11 @@ fn accept_request(
     // even create an upload's parent directories.
     check_access(&request, grant.access)?;
     match request {
-        Message::Upload {
-            dest,
-            ignore_times,
-            mirror,
-            itemize,
-            dry_run,
-            atomic,
-            checksum,
-            source_name,
-        } => {
-            // Checked before anything is made for the upload.
-            let inside = source_name
-                .map(|name| one_name(name.as_bytes()))
-                .transpose()?;
-            let label = escape(dest.as_bytes());
-            // An atomic publish mirrors: the new version is the source.
-            let mirror = mirror.or_else(|| atomic.then(Mirror::default));
-            let pruning = mirror.map(|m| pruning_of(m, label)).transpose()?;
-            let mut accepted = accept_upload(root, shared.devices, dest.as_bytes(), dry_run);
+        upload @ Message::Upload { .. } => {
+            let append_only = grant.access == Access::AppendOnly;
+            let mut accepted = accept_upload_request(root, shared.devices, budget, upload);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
-                dest.budget = budget;
-                dest.inside = inside;
-                dest.pruning = pruning;
-                dest.ignore_times = ignore_times;
-                dest.itemize = itemize || dry_run;
-                dest.dry_run = dry_run;
-                dest.checksum = checksum;
-                // A dry run looks at the live tree itself.
-                if atomic && !dry_run {
-                    stage(dest);
-                }
+                dest.append_only = append_only;
             }
             accepted
         }
@@ -1039,6 +1016,126 @@ fn accept_request(
     }
 }
 
+/// An upload: where it lands, and what the receiver is to do beyond
+/// receiving (mirror, itemize, dry run, atomic publish, backup, checksum,
+/// link-dest), all checked before anything is made for it.
+fn accept_upload_request(
+    root: &OwnedFd,
+    devices: bool,
+    budget: SessionBudget,
+    request: Message,
+) -> Result<Accepted, Refusal> {
+    let Message::Upload {
+        dest,
+        ignore_times,
+        mirror,
+        itemize,
+        dry_run,
+        atomic,
+        checksum,
+        source_name,
+        mut link_dest,
+        backup,
+    } = request
+    else {
+        return Err(Refusal::new(RefusalReason::NotARequest(request.name())));
+    };
+    let inside = source_name
+        .map(|name| one_name(name.as_bytes()))
+        .transpose()?;
+    let (dest, plan) = match backup {
+        Some(keep) => {
+            let (snapshot, plan) = backup_target(root, dest.as_bytes(), keep)?;
+            link_dest.extend(plan.newest.clone());
+            (snapshot, Some(plan))
+        }
+        None => (dest, None),
+    };
+    let atomic = atomic || plan.is_some();
+    let link_dests = link_dests_of(root, &link_dest)?;
+    // An atomic publish mirrors: the new version is the source.
+    let mirror = mirror.or_else(|| atomic.then(Mirror::default));
+    let label = escape(dest.as_bytes());
+    let pruning = mirror.map(|m| pruning_of(m, label)).transpose()?;
+    let mut accepted = accept_upload(root, devices, dest.as_bytes(), dry_run);
+    if let Ok(Accepted::Receive(dest)) = &mut accepted {
+        dest.budget = budget;
+        dest.inside = inside;
+        dest.pruning = pruning;
+        dest.ignore_times = ignore_times;
+        dest.itemize = itemize || dry_run;
+        dest.dry_run = dry_run;
+        dest.checksum = checksum;
+        dest.link_dests = link_dests;
+        dest.backup = plan;
+        // A dry run looks at the live tree itself.
+        if atomic && !dry_run {
+            stage(dest);
+        }
+    }
+    accepted
+}
+
+/// A backup into the directory `dir`: the snapshot it makes (the path of
+/// the upload), and the plan. An interrupted snapshot (a staging directory
+/// left there) is resumed under its own name; otherwise the name is now.
+fn backup_target(
+    root: &OwnedFd,
+    dir: &[u8],
+    keep: Keep,
+) -> Result<(WireBytes, BackupPlan), Refusal> {
+    let path = parse_remote(dir)?;
+    if path.is_root() {
+        return Err(Refusal::new(RefusalReason::RootPath));
+    }
+    let components: Vec<Vec<u8>> = path.components().map(<[u8]>::to_vec).collect();
+    let parts: Vec<&[u8]> = components.iter().map(Vec::as_slice).collect();
+    let listed = match fsx::open_dir_beneath(root.as_fd(), &parts) {
+        Ok(fd) => fsx::list_dir(fd.as_fd()).map_err(|error| {
+            Refusal::of_path(
+                dir,
+                RefusalReason::Io {
+                    op: Op::Read,
+                    error,
+                },
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => {
+            return Err(Refusal::of_path(
+                dir,
+                RefusalReason::Io {
+                    op: Op::Open,
+                    error,
+                },
+            ));
+        }
+    };
+    let (complete, pending) = snapshots::sort_listing(&listed);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let name = pending
+        .last()
+        .cloned()
+        .unwrap_or_else(|| snapshots::name_at(now));
+    if complete.contains(&name) {
+        return Err(Refusal::new(RefusalReason::Busy(
+            crate::budget::Busy::SnapshotTaken,
+        )));
+    }
+    let newest = complete
+        .last()
+        .map(|n| WireBytes([dir, b"/", n.as_bytes()].concat()));
+    let snapshot = WireBytes([dir, b"/", name.as_bytes()].concat());
+    let plan = BackupPlan {
+        dir: components,
+        keep,
+        newest,
+    };
+    Ok((snapshot, plan))
+}
+
 /// `ferry rollback`: the previous version of `dest` switched back in.
 fn accept_rollback(root: &OwnedFd, dest: &[u8]) -> Result<Accepted, Refusal> {
     let path = parse_remote(dest)?;
@@ -1065,23 +1162,83 @@ fn check_access(request: &Message, access: Access) -> Result<(), Refusal> {
                 dest,
                 mirror,
                 atomic,
+                link_dest,
                 ..
             },
             Access::WriteOnly,
-        ) if mirror.is_some() || *atomic => Err(Refusal::of_path(
+        ) if mirror.is_some() || *atomic || !link_dest.is_empty() => Err(Refusal::of_path(
             dest.as_bytes(),
             RefusalReason::WriteOnlyMirror,
         )),
+        (request, Access::AppendOnly) => refuse_destruction(request),
         _ => Ok(()),
     }
 }
 
-/// An atomic publish: the upload lands in the live tree's staging sibling.
+/// What an append-only server refuses: whatever would overwrite or delete
+/// what exists (a backup's new snapshot is new; its rotation is not).
+fn refuse_destruction(request: &Message) -> Result<(), Refusal> {
+    let refused = |dest: &WireBytes, what| {
+        Err(Refusal::of_path(
+            dest.as_bytes(),
+            RefusalReason::AppendOnly(what),
+        ))
+    };
+    match request {
+        Message::Rollback { dest } => refused(dest, "ferry rollback"),
+        // A new snapshot is new (its mirror only cleans its own staging).
+        Message::Upload {
+            dest,
+            backup: Some(keep),
+            ..
+        } => match *keep == Keep::default() {
+            true => Ok(()),
+            false => refused(dest, "a backup's --keep-*"),
+        },
+        Message::Upload {
+            dest,
+            mirror: Some(_),
+            ..
+        } => refused(dest, "--delete"),
+        Message::Upload {
+            dest, atomic: true, ..
+        } => refused(dest, "--atomic"),
+        _ => Ok(()),
+    }
+}
+
+/// An atomic publish: the upload lands in the live tree's staging sibling,
+/// and takes unchanged files from the live tree before any other.
 fn stage(dest: &mut Destination) {
     if let Some((staging, publish)) = Publish::of(&dest.prefix) {
+        if let Ok(base) = dest.base.try_clone() {
+            let live = LinkDest {
+                base,
+                prefix: publish.live(),
+            };
+            dest.link_dests.insert(0, live);
+        }
         dest.prefix = staging;
         dest.publish = Some(publish);
     }
+}
+
+/// An upload's `--link-dest` trees, each confined to the root like any
+/// remote path (a tree that is not there is simply never found).
+fn link_dests_of(root: &OwnedFd, dirs: &[WireBytes]) -> Result<Vec<LinkDest>, Refusal> {
+    if dirs.len() > MAX_LINK_DESTS {
+        return Err(Refusal::new(RefusalReason::TooManyLinkDests(dirs.len())));
+    }
+    dirs.iter()
+        .map(|dir| {
+            let path = parse_remote(dir.as_bytes())?;
+            let base = root
+                .try_clone()
+                .map_err(|e| Refusal::new(RefusalReason::RootUnavailable(e)))?;
+            let prefix = path.components().map(<[u8]>::to_vec).collect();
+            Ok(LinkDest { base, prefix })
+        })
+        .collect()
 }
 
 /// What an upload's `mirror` asks of this server's receiver: its deletions
@@ -1146,6 +1303,9 @@ fn accept_upload(
         publish: None,
         checksum: false,
         listing: false,
+        link_dests: Vec::new(),
+        backup: None,
+        append_only: false,
     })))
 }
 

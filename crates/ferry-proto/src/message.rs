@@ -196,6 +196,16 @@ pub enum Message {
         /// Absent: the root becomes `dest`, whatever is there.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source_name: Option<WireBytes>,
+        /// Trees below the server's root whose unchanged files the server
+        /// hard-links instead of receiving (`--link-dest`, at most 20).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        link_dest: Vec<WireBytes>,
+        /// `ferry backup`: `dest` is a directory of snapshots; the upload
+        /// becomes a new one (published atomically, unchanged files linked
+        /// from the newest one), `latest` names it, and older ones are
+        /// kept as this says.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backup: Option<Keep>,
     },
     /// Client → server: switch the previous version kept by an atomic
     /// publish of `dest` back in (the live one is kept in its place).
@@ -323,6 +333,9 @@ pub enum Message {
         previous_kept: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
+        /// A backup's snapshot: its name in the backup directory.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<WireBytes>,
     },
     /// Receiver → sender: everything up to `end` is settled.
     Done,
@@ -384,6 +397,19 @@ impl Change {
     pub fn is_metadata(self) -> bool {
         matches!(self, Change::Mode | Change::Owner)
     }
+}
+
+/// Which snapshots a backup keeps: the newest of each of the last `daily`
+/// days, `weekly` weeks and `monthly` months that have one. None at all:
+/// every snapshot is kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Keep {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weekly: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monthly: Option<u32>,
 }
 
 /// Why a receiver deleted nothing.
@@ -679,6 +705,8 @@ mod tests {
                     atomic: false,
                     checksum: false,
                     source_name: None,
+                    link_dest: vec![],
+                    backup: None,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -692,6 +720,8 @@ mod tests {
                     atomic: false,
                     checksum: false,
                     source_name: None,
+                    link_dest: vec![],
+                    backup: None,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
@@ -708,6 +738,8 @@ mod tests {
                     atomic: false,
                     checksum: false,
                     source_name: None,
+                    link_dest: vec![],
+                    backup: None,
                 },
                 r#"{"type":"upload","dest":"w","mirror":{"max_delete":10},"dry_run":true}"#,
             ),
@@ -743,6 +775,8 @@ mod tests {
                     atomic: false,
                     checksum: false,
                     source_name: Some("index.html".into()),
+                    link_dest: vec![],
+                    backup: None,
                 },
                 r#"{"type":"upload","dest":"www","source_name":"index.html"}"#,
             ),
@@ -896,12 +930,15 @@ mod tests {
                 atomic: true,
                 checksum: false,
                 source_name: Some("n".into()),
+                link_dest: vec![],
+                backup: None,
             },
             Message::Rollback { dest: "w".into() },
             Message::Published {
                 published: false,
                 previous_kept: false,
                 reason: Some("2 entries failed".into()),
+                snapshot: None,
             },
             Message::Changes {
                 id: 9,

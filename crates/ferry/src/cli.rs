@@ -79,6 +79,11 @@ pub enum Command {
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
     #[command(visible_alias = "cp", after_help = COPY_HELP)]
     Copy(CopyArgs),
+    /// Back up a directory as a dated snapshot in a directory of snapshots on a server: files
+    /// unchanged since the newest snapshot are hard-linked from it (a snapshot costs what
+    /// changed), the snapshot appears only once it is whole (an interrupted one is resumed by the
+    /// next run), `latest` names the newest, and --keep-* prune the old ones.
+    Backup(BackupArgs),
     /// List a file or tree on a server: each entry's mode, size, mtime and path, recursively.
     Ls(LsArgs),
     /// Compare two trees by content, without changing or sending anything: either side may be
@@ -116,6 +121,38 @@ impl ConnectOpts {
         opts.no_tls = self.no_tls;
         opts.token_file = self.token_file.clone();
     }
+}
+
+/// `ferry backup`.
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    ferry backup /var/www/html backup.example.com:backups/www --keep-daily 7 --keep-weekly 4\n  \
+    ferry backup --list backup.example.com:backups/www\n  \
+    ferry download backups/www/2026-12-06T031500Z ./restore --host backup.example.com")]
+pub struct BackupArgs {
+    /// SRC HOST:PATH: the local directory to back up, and the directory of snapshots on the
+    /// server (made if missing). With --list, only HOST:PATH.
+    #[arg(num_args = 1..=2, required = true, value_name = "PATHS")]
+    pub paths: Vec<OsString>,
+    /// List the snapshots (name, files, size) instead of making one.
+    #[arg(long)]
+    pub list: bool,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one. Without any
+    /// --keep-*, every snapshot is kept; with some, the others are deleted after each backup
+    /// (the newest is always kept).
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Server port [default: 8834]. A port in a ferry:// URL must agree with it.
+    #[arg(long, short = 'p')]
+    pub port: Option<u16>,
+    #[command(flatten)]
+    pub transfer: TransferOpts,
 }
 
 /// `ferry ls`.
@@ -180,7 +217,7 @@ pub struct ServerArgs {
     /// what they started with. Options given here override the file's [server] settings; the
     /// per-token ones (--root, --read-only, --write-only, --token-file, --no-auth) cannot be
     /// combined with it.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["root", "read_only", "write_only", "token_file", "no_auth"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["root", "read_only", "write_only", "append_only", "token_file", "no_auth"])]
     pub config: Option<PathBuf>,
     /// Address to listen on. Use 0.0.0.0 to accept connections from the network [default: 127.0.0.1].
     #[arg(long)]
@@ -209,6 +246,12 @@ pub struct ServerArgs {
     /// Accept uploads only: downloads are refused, nothing below the root is sent out.
     #[arg(long)]
     pub write_only: bool,
+    /// Never overwrite, truncate or delete anything that exists below the root: clients may
+    /// create new files and directories (and download), nothing more. --delete, --atomic and
+    /// rollback are refused, a backup's --keep-* too; a new snapshot is fine. For a backup
+    /// target that a compromised client cannot destroy.
+    #[arg(long, conflicts_with_all = ["read_only", "write_only"])]
+    pub append_only: bool,
     /// Recreate the device nodes clients upload (when running as root). Off by default: a node
     /// opens whatever device it names (a disk, say) to anyone its mode lets in, so any client
     /// allowed to upload could hand local users raw access to this machine's disks.
@@ -285,7 +328,7 @@ pub struct RemoteOpts {
     pub port: u16,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct TransferOpts {
     /// Print only errors.
     #[arg(long, short = 'q', conflicts_with_all = ["verbose", "json"])]
@@ -382,6 +425,12 @@ pub struct TransferOpts {
     /// would be sent. No file data crosses the wire.
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Hard-link each file that this tree on the receiving side has unchanged (same size, mtime,
+    /// mode, owner) instead of sending it, as rsync's --link-dest: the way to make a daily
+    /// snapshot cost only what changed. For an upload a path on the server (below its root), for
+    /// a download a local path. May be given up to 20 times; the first tree that has the file wins.
+    #[arg(long, value_name = "DIR")]
+    pub link_dest: Vec<OsString>,
     /// Publish a directory all at once: the new version is assembled beside the live one
     /// (`.NAME.ferry-next`; unchanged files hard-linked from the live tree, never sent again) and
     /// switched in with one rename, so a reader of the destination sees the old tree or the new
@@ -417,6 +466,7 @@ pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> 
         Command::Upload(a) => &mut a.transfer,
         Command::Download(a) => &mut a.transfer,
         Command::Copy(a) => &mut a.transfer,
+        Command::Backup(a) => &mut a.transfer,
         Command::Server(_) | Command::Rollback(_) | Command::Check(_) | Command::Ls(_) => {
             return Ok(());
         }

@@ -161,7 +161,7 @@ enum Mode {
     ReadWrite,
     ReadOnly,
     WriteOnly,
-    // `append-only` slots in here once the engine has it (Access).
+    AppendOnly,
 }
 
 impl From<Mode> for Access {
@@ -170,6 +170,7 @@ impl From<Mode> for Access {
             Mode::ReadWrite => Access::ReadWrite,
             Mode::ReadOnly => Access::ReadOnly,
             Mode::WriteOnly => Access::WriteOnly,
+            Mode::AppendOnly => Access::AppendOnly,
         }
     }
 }

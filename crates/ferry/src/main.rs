@@ -4,6 +4,7 @@
 //! user typed into exact operations (`paths`), shows progress (`ui`) and
 //! maps outcomes to exit codes.
 
+mod backups;
 mod cli;
 mod config;
 mod listing;
@@ -27,10 +28,12 @@ use ferry_engine::events::{TransferReport, TransferSummary};
 use ferry_engine::policy::{GrantSpec, LivePolicy, Policy};
 use ferry_engine::server::{self, ServerConfig};
 use ferry_engine::tls::{ClientTls, ServerTls};
-use ferry_engine::{CancellationToken, EngineError, HeldBack, Mirror, escape};
+use ferry_engine::{CancellationToken, EngineError, HeldBack, Keep, Mirror, escape};
 use tokio::net::TcpListener;
 
-use crate::cli::{CheckArgs, Cli, Command, LsArgs, RollbackArgs, ServerArgs, TransferOpts};
+use crate::cli::{
+    BackupArgs, CheckArgs, Cli, Command, LsArgs, RollbackArgs, ServerArgs, TransferOpts,
+};
 use crate::config::{Config, ConfigError, Settings};
 use crate::spec::Spec;
 use crate::ui::{Mode, Ui};
@@ -89,6 +92,17 @@ fn main() -> ExitCode {
             .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
         Command::Rollback(args) => runtime.block_on(run_rollback(args)),
         Command::Ls(args) => runtime.block_on(run_ls(args)),
+        Command::Backup(args) => match args.list {
+            true => runtime.block_on(list_backups(&args)),
+            false => plan_backup(&args).and_then(|(plan, opts)| {
+                let keep = Keep {
+                    daily: args.keep_daily,
+                    weekly: args.keep_weekly,
+                    monthly: args.keep_monthly,
+                };
+                runtime.block_on(run_transfer_with(plan, &opts, |c| c.backup = Some(keep)))
+            }),
+        },
         Command::Check(args) => {
             plan_check(&args).and_then(|(plan, opts)| runtime.block_on(run_transfer(plan, &opts)))
         }
@@ -258,6 +272,16 @@ fn plan_local_copy(src: PathBuf, dst: &Path) -> Result<Plan, Fatal> {
 }
 
 async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
+    run_transfer_with(plan, opts, |_| {}).await
+}
+
+/// [`run_transfer`], with the client's configuration adjusted by `adjust`
+/// (what a subcommand asks beyond the transfer options).
+async fn run_transfer_with(
+    plan: Plan,
+    opts: &TransferOpts,
+    adjust: impl FnOnce(&mut ClientConfig),
+) -> Result<ExitCode, Fatal> {
     check_atomic(opts)?;
     let ui = Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run);
     let ui = Arc::new(if opts.check { ui.checking() } else { ui });
@@ -273,18 +297,54 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         }
     };
     let in_process_token = in_process.as_ref().map(|s| s.token.clone());
-    let config = client_config(
+    let mut config = client_config(
         &plan.server,
         addr,
         in_process_token,
         opts,
         ui.shows_progress(),
     )?;
+    adjust(&mut config);
     let (from, to, outcome) = transfer(&plan, &config, &ui, &cancel).await;
     if let Some(server) = in_process {
         server.stop().await;
     }
     Ok(finish(&ui, outcome, &from, &to))
+}
+
+/// The `--link-dest` trees as the receiver names them: for a local copy,
+/// relative to the in-process server's root (they must be below it).
+fn link_dests(server: &Target, dirs: &[std::ffi::OsString]) -> Result<Vec<Vec<u8>>, Fatal> {
+    if dirs.len() > ferry_engine::MAX_LINK_DESTS {
+        let n = dirs.len();
+        return Err(Fatal::Usage(format!(
+            "{n} --link-dest trees; at most 20 are taken"
+        )));
+    }
+    let Target::InProcess { root } = server else {
+        return Ok(dirs.iter().map(|d| d.as_bytes().to_vec()).collect());
+    };
+    let root = root
+        .canonicalize()
+        .map_err(|e| Fatal::Failed(e.to_string()))?;
+    dirs.iter()
+        .map(|dir| {
+            let shown = escape(dir.as_bytes());
+            let full = Path::new(dir)
+                .canonicalize()
+                .map_err(|e| Fatal::Failed(format!("--link-dest {shown}: {e}")))?;
+            match full.strip_prefix(&root) {
+                Ok(inside) if !inside.as_os_str().is_empty() => {
+                    Ok(inside.as_os_str().as_bytes().to_vec())
+                }
+                _ => Err(Fatal::Usage(format!(
+                    "--link-dest {shown}: for a local copy it must be beside the copy or below \
+                     its directory ({})",
+                    root.display()
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// An atomic publish carries over nothing of the live tree: what the
@@ -334,6 +394,81 @@ fn default_transfer_opts() -> Result<TransferOpts, Fatal> {
     let matches =
         TransferOpts::augment_args(clap::Command::new("ferry")).get_matches_from(["ferry"]);
     TransferOpts::from_arg_matches(&matches).map_err(|e| Fatal::Failed(e.to_string()))
+}
+
+/// `ferry backup SRC HOST:PATH`: an upload into a directory of snapshots.
+fn plan_backup(args: &BackupArgs) -> Result<(Plan, TransferOpts), Fatal> {
+    let [src, dst] = args.paths.as_slice() else {
+        return Err(Fatal::Usage(
+            "ferry backup takes SRC HOST:PATH (or --list HOST:PATH)".into(),
+        ));
+    };
+    let implied = [
+        (args.transfer.atomic, "--atomic"),
+        (args.transfer.delete, "--delete"),
+        (args.transfer.dry_run, "--dry-run"),
+        (!args.transfer.link_dest.is_empty(), "--link-dest"),
+    ];
+    if let Some((_, flag)) = implied.iter().find(|(given, _)| *given) {
+        return Err(Fatal::Usage(format!(
+            "ferry backup decides {flag} itself: a snapshot is published atomically, linked to \
+             the newest one"
+        )));
+    }
+    let (addr, path) = remote_side(dst, args.port)?;
+    let plan = plan_upload(Path::new(src), &path, addr)?;
+    Ok((plan, args.transfer.clone()))
+}
+
+/// A `HOST:PATH` argument: the server's address and the path.
+fn remote_side(arg: &OsStr, port: Option<u16>) -> Result<(String, Vec<u8>), Fatal> {
+    let shown = escape(arg.as_bytes());
+    match spec::parse(arg) {
+        Ok(Spec::Remote(remote)) => {
+            let port = spec::port(&remote, port, cli::DEFAULT_PORT)
+                .map_err(|why| Fatal::Usage(why.to_string()))?;
+            Ok((address(&remote.host, port), remote.path))
+        }
+        Ok(Spec::Local(_)) => Err(Fatal::Usage(format!(
+            "{shown}: a backup goes to a server: write HOST:PATH"
+        ))),
+        Err(why) => Err(Fatal::Usage(format!("{shown}: {why}"))),
+    }
+}
+
+/// `ferry backup --list HOST:PATH`: the snapshots, from a listing.
+async fn list_backups(args: &BackupArgs) -> Result<ExitCode, Fatal> {
+    let [dst] = args.paths.as_slice() else {
+        return Err(Fatal::Usage("ferry backup --list takes HOST:PATH".into()));
+    };
+    let (addr, path) = remote_side(dst, args.port)?;
+    let config = client_config(
+        &Target::Remote(addr.clone()),
+        addr,
+        None,
+        &args.transfer,
+        false,
+    )?;
+    let remote = paths::tidy_remote(&path);
+    let sink = Arc::new(backups::Snapshots::of(escape(&remote)));
+    let cancel = CancellationToken::new();
+    if let Err(e) = client::list(&config, &remote, sink.clone(), &cancel).await {
+        return Err(Fatal::Failed(e.to_string()));
+    }
+    for (name, files, bytes, latest) in sink.table() {
+        let mark = if latest { "  (latest)" } else { "" };
+        match args.transfer.json {
+            true => println!(
+                "{}",
+                serde_json::json!({"event": "snapshot", "name": name, "files": files, "new_bytes": bytes, "latest": latest})
+            ),
+            false => println!(
+                "{name}  {files:>9} files  {:>12} new{mark}",
+                ui::human_bytes(bytes)
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ferry ls`: the server sends the tree's entries to a listing receiver,
@@ -509,6 +644,8 @@ fn client_config(
         atomic: opts.atomic,
         checksum: opts.checksum,
         listing: false,
+        link_dest: link_dests(server, &opts.link_dest)?,
+        backup: None,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),
     })
@@ -702,9 +839,10 @@ fn flag_policy(args: &ServerArgs, settings: &Settings) -> Result<(Policy, Client
         name: "default".into(),
         root_name: "root".into(),
         root: root.clone(),
-        access: match (args.read_only, args.write_only) {
-            (true, _) => server::Access::ReadOnly,
-            (_, true) => server::Access::WriteOnly,
+        access: match (args.read_only, args.write_only, args.append_only) {
+            (true, _, _) => server::Access::ReadOnly,
+            (_, true, _) => server::Access::WriteOnly,
+            (_, _, true) => server::Access::AppendOnly,
             _ => server::Access::ReadWrite,
         },
     };

@@ -33,6 +33,8 @@ mod atomic;
 mod checksum;
 // `ferry ls`: a remote tree listed, nothing written here.
 mod ls;
+// `ferry backup`, --link-dest, --append-only: snapshots that cost what changed, restored exactly.
+mod backup;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ferry_proto::frame::Frame;
 use ferry_proto::message::Message;
+use ferry_proto::path::WirePath;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -106,9 +107,60 @@ pub(crate) struct Destination {
     /// `--checksum`: a file is unchanged when its content is (the entry's
     /// digest against this side's), whatever its mtime.
     pub(crate) checksum: bool,
+    /// `--link-dest` trees (an atomic publish's live tree first): a file
+    /// one of them has unchanged is hard-linked from it, not sent.
+    pub(crate) link_dests: Vec<LinkDest>,
+    /// An append-only server's: nothing that exists is replaced (a file
+    /// unchanged, a directory merged into, are fine).
+    pub(crate) append_only: bool,
+    /// `ferry backup`: after the publish, `latest` and the rotation.
+    pub(crate) backup: Option<BackupPlan>,
     /// `--atomic`: the transfer lands in a staging directory (`prefix`)
     /// and is switched in for the live tree once it is whole.
     pub(crate) publish: Option<Publish>,
+}
+
+impl Destination {
+    /// How a backup's directory is named in events: the snapshot's name
+    /// without its last component.
+    pub(crate) fn backup_label(&self) -> String {
+        match self.dest_label.rsplit_once('/') {
+            Some((dir, _)) => dir.to_string(),
+            None => self.dest_label.clone(),
+        }
+    }
+}
+
+/// A backup's snapshot directory and what to keep of it.
+pub(crate) struct BackupPlan {
+    /// The backup directory's components below the base.
+    pub(crate) dir: Vec<Vec<u8>>,
+    pub(crate) keep: ferry_proto::message::Keep,
+    /// The newest complete snapshot before this one (a `--link-dest`).
+    pub(crate) newest: Option<ferry_proto::path::WireBytes>,
+}
+
+/// At most this many `--link-dest` trees, as rsync allows.
+pub const MAX_LINK_DESTS: usize = 20;
+
+/// A tree whose unchanged files are hard-linked rather than sent: `prefix`
+/// below the directory `base`.
+pub(crate) struct LinkDest {
+    pub(crate) base: OwnedFd,
+    pub(crate) prefix: Vec<Vec<u8>>,
+}
+
+impl LinkDest {
+    /// The directory that holds `path` (relative to the root of the
+    /// transfer) in this tree, opened below its base without following
+    /// symlinks, and the entry's name there.
+    pub(crate) fn open_parent(&self, path: &WirePath) -> Option<(OwnedFd, Vec<u8>)> {
+        let mut components: Vec<&[u8]> = self.prefix.iter().map(Vec::as_slice).collect();
+        components.extend(path.components());
+        let (name, parents) = components.split_last()?;
+        let dir = crate::fsx::open_dir_beneath(std::os::fd::AsFd::as_fd(&self.base), parents);
+        Some((dir.ok()?, name.to_vec()))
+    }
 }
 
 /// An atomic publish: the live tree is `name` in the directory `parent`

@@ -12,10 +12,11 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use rustix::fs::RenameFlags;
 
-use super::Publish;
 use super::prune::{self, Tree, Victim};
+use super::{BackupPlan, Publish};
 use crate::fsx;
 use crate::names;
+use crate::snapshots;
 
 /// How the switch went: whether there was a live tree, now kept as the
 /// previous version.
@@ -53,6 +54,26 @@ pub(crate) fn switch(base: BorrowedFd<'_>, publish: &Publish) -> io::Result<Swit
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// After a backup's snapshot `name` is published: `latest` names it (a
+/// symlink, replaced in one rename), and the snapshots the rotation lets go
+/// are deleted, never following a symlink. The names of those deleted.
+pub(crate) fn after_backup(
+    base: BorrowedFd<'_>,
+    plan: &BackupPlan,
+    name: &[u8],
+) -> io::Result<Vec<String>> {
+    let dir = open_parent(base, &plan.dir)?;
+    let (_, temp) = fsx::make_new(|temp| rustix::fs::symlinkat(name, &dir, temp))?;
+    fsx::rename_into_place(dir.as_fd(), &temp, b"latest")?;
+    let (complete, _) = snapshots::sort_listing(&fsx::list_dir(dir.as_fd())?);
+    let mut pruned = Vec::new();
+    for old in snapshots::to_prune(&complete, &plan.keep) {
+        remove_tree(dir.as_fd(), old.as_bytes())?;
+        pruned.push(old);
+    }
+    Ok(pruned)
 }
 
 /// Switch the previous version back in for the live tree at `live`

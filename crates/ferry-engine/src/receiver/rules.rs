@@ -92,6 +92,11 @@ pub(super) fn link_target_refusal(target_name: &[u8]) -> Option<Outcome> {
         .then(|| Outcome::Failed("it links to a name ferry keeps for its own working files".into()))
 }
 
+/// What an append-only server says of an entry that would replace one.
+pub(super) fn append_only_refusal() -> Outcome {
+    Outcome::Failed("it exists, and this server is append-only: it never overwrites".into())
+}
+
 /// The digest an entry carries (`--checksum`), checked.
 pub(super) fn entry_digest(id: u64, hex: Option<&str>) -> Result<Option<FileDigest>, Violation> {
     match hex {

@@ -351,38 +351,56 @@ impl Worker {
             return place::find_unchanged(&at.parent, &at.name, size, mtime);
         }
         let found = place::find_same_content(&at.parent, &at.name, size, at.digest?)?;
-        if found.mtime != mtime && self.dest.publish.is_none() {
+        if found.mtime != mtime && self.dest.link_dests.is_empty() {
             place::set_mtime(&at.parent, &at.name, mtime);
         }
         Some(found)
     }
 
-    /// With `--atomic`: take the file from the live tree, hard-linked, if
-    /// it is there unchanged (size, mtime, mode and owner): it is never
-    /// sent again. Whether it was.
-    fn link_from_live(
+    /// On an append-only server, the verdict on an entry that is not a file
+    /// or a directory and would replace what is there: nothing to do if
+    /// that is the same already, refused otherwise. (A file is judged once
+    /// its quick check is done; a directory is merged into.)
+    fn append_only_verdict(&self, at: &Landing, kind: &EntryKind) -> Option<Outcome> {
+        if !self.dest.append_only || matches!(kind, EntryKind::Dir { .. } | EntryKind::File { .. })
+        {
+            return None;
+        }
+        let existing = place::existing(at.parent.as_fd(), &at.name)?;
+        let what = match kind {
+            EntryKind::Hardlink { target, .. } => {
+                let target = WirePath::parse(target.as_bytes()).ok();
+                let file = target.and_then(|t| place::look(&self.dest, &t));
+                itemize::link_change(Some(&existing), file.as_ref())
+            }
+            _ => itemize::change_of(Some(&existing), kind, None),
+        };
+        match what.is_empty() {
+            true => Some(Outcome::Ok),
+            false => Some(rules::append_only_refusal()),
+        }
+    }
+
+    /// With `--link-dest` (and `--atomic`, whose live tree is one): take
+    /// the file from the first of those trees that has it unchanged (size,
+    /// mtime, mode and owner), hard-linked: it is never sent. Whether one
+    /// did.
+    fn link_from_elsewhere(
         &self,
         at: &Landing,
         path: &WirePath,
         (size, mode, mtime): (u64, u32, Mtime),
     ) -> bool {
-        let Some(publish) = &self.dest.publish else {
-            return false;
-        };
-        let mut live = publish.live();
-        live.extend(path.components().map(<[u8]>::to_vec));
-        let Some((name, parent)) = live.split_last() else {
-            return false;
-        };
-        let parent: Vec<&[u8]> = parent.iter().map(Vec::as_slice).collect();
-        let Ok(dir) = crate::fsx::open_dir_beneath(self.dest.base.as_fd(), &parent) else {
-            return false;
-        };
-        let Some(found) = place::find_unchanged(&dir, name, size, mtime) else {
-            return false;
-        };
-        MetadataFix::between(found.mode, found.owner, mode, at.owner).is_empty()
-            && crate::fsx::hard_link(dir.as_fd(), name, at.parent.as_fd(), &at.name).is_ok()
+        self.dest.link_dests.iter().any(|link| {
+            let Some((dir, name)) = link.open_parent(path) else {
+                return false;
+            };
+            let Some(found) = place::find_unchanged(&dir, &name, size, mtime) else {
+                return false;
+            };
+            MetadataFix::between(found.mode, found.owner, mode, at.owner).is_empty()
+                && crate::fsx::hard_link(dir.as_fd(), &name, at.parent.as_fd(), &at.name).is_ok()
+        })
     }
 
     /// With `--itemize`: judge what placing this entry will change, before
@@ -530,6 +548,9 @@ impl Worker {
         path: &WirePath,
         kind: EntryKind,
     ) -> Result<(), EngineError> {
+        if let Some(outcome) = self.append_only_verdict(&at, &kind) {
+            return self.verdict(at.id, at.display, outcome, 0);
+        }
         match kind {
             EntryKind::Dir { mode, mtime } => self.dir_entry(at, path, mode, mtime),
             EntryKind::File { size, mode, mtime } => self.file_entry(at, path, size, mode, mtime),
@@ -588,9 +609,10 @@ impl Worker {
             let why = budget::PUT_OFF.to_string();
             return self.verdict(at.id, at.display, Outcome::Incomplete(why), 0);
         };
-        // An atomic publish takes unchanged files from the live tree: the
-        // sender must wait for their plans even in a new directory.
-        if handle.created && !parent_fresh && self.dest.publish.is_none() {
+        // Unchanged files may come from elsewhere (`--link-dest`, an atomic
+        // publish's live tree): the sender must wait for their plans even
+        // in a new directory.
+        if handle.created && !parent_fresh && self.dest.link_dests.is_empty() {
             // The top of a new subtree: the sender need not wait for the
             // plans of the files below it.
             self.reply(Message::Fresh { id: at.id })?;
@@ -632,9 +654,10 @@ impl Worker {
             && let Some(found) = self.find_unchanged(&at, size, mtime)
         {
             let fix = MetadataFix::between(found.mode, found.owner, mode, at.owner);
-            // A staged file may share its inode with the live tree: its
-            // metadata is never changed in place.
-            let in_place = fix.is_empty() || self.dest.publish.is_none();
+            // A file may share its inode with a `--link-dest` tree (an
+            // atomic publish's live one): its metadata is never changed in
+            // place.
+            let in_place = fix.is_empty() || self.dest.link_dests.is_empty();
             if !fix.is_empty() && in_place {
                 place::fix_metadata(&at.parent, &at.name, &fix);
             }
@@ -643,9 +666,13 @@ impl Worker {
                 return self.verdict(at.id, at.display, Outcome::Unchanged, size);
             }
         }
-        if !self.dest.ignore_times && self.link_from_live(&at, path, (size, mode, mtime)) {
+        if !self.dest.ignore_times && self.link_from_elsewhere(&at, path, (size, mode, mtime)) {
             self.discard_parked(at.id);
             return self.verdict(at.id, at.display, Outcome::Unchanged, size);
+        }
+        if self.dest.append_only && place::existing(at.parent.as_fd(), &at.name).is_some() {
+            self.discard_parked(at.id);
+            return self.verdict(at.id, at.display, rules::append_only_refusal(), 0);
         }
         let target = Target {
             parent: at.parent.clone(),
@@ -1068,6 +1095,12 @@ impl Worker {
         };
         let previous = switched == Ok(Switched::Replaced);
         let refused = switched.err();
+        if refused.is_none()
+            && let Some(plan) = &self.dest.backup
+        {
+            let rotated = publish::after_backup(base.as_fd(), plan, &publish.name);
+            self.rotated(rotated)?;
+        }
         self.tally.event(Event::Published {
             path: self.dest.dest_label.clone(),
             previous,
@@ -1078,8 +1111,54 @@ impl Worker {
                 published: refused.is_none(),
                 previous_kept: previous,
                 reason: refused,
+                snapshot: self
+                    .dest
+                    .backup
+                    .as_ref()
+                    .map(|_| WireBytes(publish.name.clone())),
             }),
             false => Ok(()),
+        }
+    }
+}
+
+impl Worker {
+    /// A backup's rotation: each snapshot it let go, told as a deletion
+    /// (named below the backup directory), or why it could not be done.
+    fn rotated(&mut self, rotated: io::Result<Vec<String>>) -> Result<(), EngineError> {
+        let label = self.dest.backup_label();
+        match rotated {
+            Ok(pruned) => {
+                for name in pruned {
+                    let path = format!("{label}/{name}");
+                    self.tally.event(Event::Deleted { path, dir: true });
+                    if self.dest.tell_sender {
+                        let path = WireBytes(name.into_bytes());
+                        let error = None;
+                        self.reply(Message::Deleted {
+                            path,
+                            dir: true,
+                            error,
+                        })?;
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("cannot keep `latest` and the rotation: {}", reason(&e));
+                self.tally.event(Event::DeleteFailed {
+                    path: label,
+                    reason: why.clone(),
+                });
+                match self.dest.tell_sender {
+                    true => self.reply(Message::Deleted {
+                        path: WireBytes(b"latest".to_vec()),
+                        dir: false,
+                        error: Some(why),
+                    }),
+                    false => Ok(()),
+                }
+            }
         }
     }
 }

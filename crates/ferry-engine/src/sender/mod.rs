@@ -43,6 +43,7 @@ use crate::error::{EngineError, PeerFailure, Side, Violation};
 use crate::events::{Event, EventSink, Tally, peer_text};
 use crate::filter::Filter;
 use crate::fsx::Root;
+use ferry_proto::path::escape;
 
 /// Batches of control frames the producer may run ahead of the socket.
 const FRAME_QUEUE: usize = 8;
@@ -238,8 +239,12 @@ impl Replies {
                         published,
                         previous_kept,
                         reason,
+                        snapshot,
                     } if self.atomic => events.push(Event::Published {
-                        path: self.labels.1.clone(),
+                        path: match snapshot {
+                            Some(name) => format!("{}/{}", self.labels.1, escape(name.as_bytes())),
+                            None => self.labels.1.clone(),
+                        },
                         previous: previous_kept,
                         refused: match published {
                             true => None,

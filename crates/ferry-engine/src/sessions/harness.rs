@@ -81,6 +81,9 @@ impl Receiving {
             publish: None,
             checksum: false,
             listing: false,
+            link_dests: Vec::new(),
+            backup: None,
+            append_only: false,
         };
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.
