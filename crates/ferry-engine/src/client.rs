@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{self, EXPORTER_LABEL, EXPORTER_LEN, Token};
-use crate::budget::SessionBudget;
 use crate::conn::{
     BoxRead, BoxWrite, DataConn, FrameReader, FrameWriter, HANDSHAKE_TIMEOUT, Meter, check_version,
     watch_for_stall,
@@ -886,25 +885,7 @@ fn local_destination(
         rustix::fs::Mode::empty(),
     )
     .map_err(|e| local_error(Op::Open, std::io::Error::from(e).into()))?;
-    Ok(Destination {
-        base,
-        prefix,
-        label,
-        dest_label: escape(path.as_os_str().as_bytes()),
-        inside: None,
-        ignore_times: false,
-        owners: false,
-        devices: false,
-        budget: SessionBudget::unlimited(),
-        pruning: None,
-        itemize: false,
-        tell_sender: false,
-        dry_run: false,
-        publish: None,
-        checksum: false,
-        listing: false,
-        link_dests: Vec::new(),
-        backup: None,
-        append_only: false,
-    })
+    let mut dest = Destination::plain(base, prefix, label);
+    dest.dest_label = escape(path.as_os_str().as_bytes());
+    Ok(dest)
 }

@@ -1285,28 +1285,13 @@ fn accept_upload(
             Refusal::of_path(&parents.join(&b'/'), RefusalReason::Io { op, error })
         })?;
     }
-    Ok(Accepted::Receive(Box::new(Destination {
-        base,
-        prefix,
-        label: path.display(),
-        dest_label: path.display(),
-        inside: None,
-        ignore_times: false,
-        // Entries carry owners unless the client said --no-owner.
-        owners: fsx::may_chown(),
-        devices: devices && fsx::may_chown(),
-        budget: SessionBudget::unlimited(),
-        pruning: None,
-        itemize: false,
-        tell_sender: true,
-        dry_run: false,
-        publish: None,
-        checksum: false,
-        listing: false,
-        link_dests: Vec::new(),
-        backup: None,
-        append_only: false,
-    })))
+    let mut dest = Destination::plain(base, prefix, path.display());
+    // Entries carry owners unless the client said --no-owner.
+    dest.owners = fsx::may_chown();
+    dest.devices = devices && fsx::may_chown();
+    // The user is at the client.
+    dest.tell_sender = true;
+    Ok(Accepted::Receive(Box::new(dest)))
 }
 
 /// An upload's `source_name`: one component, as an entry's name would

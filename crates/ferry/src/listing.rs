@@ -85,20 +85,9 @@ impl Entry {
     }
 }
 
-/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` in UTC (the civil
-/// calendar from days, after Howard Hinnant's `civil_from_days`).
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` in UTC.
 pub fn utc(secs: i64) -> String {
-    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, m, s) = (rest / 3600, rest % 3600 / 60, rest % 60);
+    let (year, month, day, h, m, s) = ferry_engine::snapshots::civil(secs);
     format!("{year:04}-{month:02}-{day:02} {h:02}:{m:02}:{s:02}")
 }
 

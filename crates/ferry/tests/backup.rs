@@ -9,16 +9,6 @@ use std::time::Duration;
 
 use crate::util::*;
 
-fn cp_a(src: &Path, dst: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(src)
-        .arg(dst)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// The snapshots in `dir`, oldest first.
 fn snapshots(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(dir)
@@ -53,7 +43,7 @@ fn daily_backups_cost_what_changed_and_restore_exactly() {
     let target = "127.0.0.1:backups/www";
     ferry(&server, &[&"backup", &src, &target]).assert_success();
     let day1: PathBuf = scratch.join("day1");
-    cp_a(&src, &day1);
+    copy_into(&src, &day1);
     std::thread::sleep(Duration::from_millis(1100));
     write_file(&src.join("changed.txt"), b"day two");
     let out = ferry(&server, &[&"backup", &"--json", &src, &target]);

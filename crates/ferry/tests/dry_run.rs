@@ -14,7 +14,7 @@ fn source_and_stale_copy(scratch: &Scratch, dest: &Path) -> PathBuf {
     let src = scratch.mkdir("src");
     build_small_tree(&src);
     fs::create_dir_all(dest).unwrap();
-    cp_a(&src, dest);
+    copy_into(&src, dest);
     write_file(&src.join("new.txt"), b"new file");
     fs::create_dir_all(src.join("newdir/inner")).unwrap();
     write_file(&src.join("newdir/inner/f"), b"f");
@@ -39,20 +39,10 @@ fn first_file(dir: &Path) -> PathBuf {
     files.into_iter().next().expect("the small tree has a file")
 }
 
-fn cp_a(src: &Path, dst: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(dst)
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// A copy of `dir` as it is now, mtimes and all, to compare against later.
 fn snapshot(scratch: &Scratch, dir: &Path, name: &str) -> PathBuf {
     let copy = scratch.mkdir(name);
-    cp_a(dir, &copy);
+    copy_into(dir, &copy);
     copy
 }
 

@@ -35,7 +35,7 @@ impl Stale {
     /// Make `dest` a stale copy: the source's files, and the extras.
     fn plant(&self, dest: &Path) {
         fs::create_dir_all(dest).unwrap();
-        copy_tree(&self.src(), dest);
+        copy_into(&self.src(), dest);
         for (path, content) in [
             ("old-page.html", "removed from the build"),
             ("gone/deeper/x.txt", "a whole directory the source lost"),
@@ -69,16 +69,6 @@ fn first_subdir(dir: &Path) -> std::path::PathBuf {
     dirs.into_iter()
         .next()
         .expect("the small tree has a directory")
-}
-
-fn copy_tree(src: &Path, dst: &Path) {
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(dst)
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// The `deleted` events of a JSON run, as paths, sorted.
@@ -124,7 +114,7 @@ fn a_download_with_delete_prunes_the_local_copy_and_verbose_says_so() {
     let s = Stale::new();
     let root = s.scratch.mkdir("root");
     fs::create_dir(root.join("site")).unwrap();
-    copy_tree(&s.src(), &root.join("site"));
+    copy_into(&s.src(), &root.join("site"));
     let local = s.scratch.join("copy");
     s.plant(&local);
     let server = Server::start(&root);

@@ -58,8 +58,8 @@ pub(crate) use worker::Worker;
 use crate::budget::SessionBudget;
 use crate::codec::ReadChunk;
 use crate::conn::{DataConn, FrameReader, FrameWriter, for_each_data_conn};
-use crate::error::{EngineError, Violation};
-use crate::events::Tally;
+use crate::error::{EngineError, PeerFailure, Role, Side, Violation};
+use crate::events::{Event, EventSink, Tally, display_name};
 
 /// Batches of frames the readers may queue ahead of the worker.
 const FRAME_QUEUE: usize = 16;
@@ -121,6 +121,33 @@ pub(crate) struct Destination {
 }
 
 impl Destination {
+    /// A destination `prefix` below `base`, named `label` (where what
+    /// changes in it is shown too), received as plainly as can be: every
+    /// option off, nothing told to the sender beyond outcomes, no budget.
+    pub(crate) fn plain(base: OwnedFd, prefix: Vec<Vec<u8>>, label: String) -> Destination {
+        Destination {
+            base,
+            prefix,
+            dest_label: label.clone(),
+            label,
+            inside: None,
+            ignore_times: false,
+            owners: false,
+            devices: false,
+            budget: SessionBudget::unlimited(),
+            pruning: None,
+            itemize: false,
+            tell_sender: false,
+            dry_run: false,
+            publish: None,
+            checksum: false,
+            listing: false,
+            link_dests: Vec::new(),
+            backup: None,
+            append_only: false,
+        }
+    }
+
     /// How a backup's directory is named in events: the snapshot's name
     /// without its last component.
     pub(crate) fn backup_label(&self) -> String {
@@ -252,6 +279,44 @@ impl Inbound {
                 Inbound::Data(ReadChunk::check(chunk).charged(reader.take_charge()))
             }
         }
+    }
+}
+
+/// What either receiver (the worker, a dry run's) does with a message of
+/// the sender's that is about no entry in particular: totals and vanished
+/// entries are told, an `error` ends the session, and anything else is not
+/// allowed there.
+pub(crate) fn side_message(
+    msg: Message,
+    tally: &Tally,
+    label: &str,
+    peer: Side,
+) -> Result<(), EngineError> {
+    match msg {
+        Message::Totals { files, bytes } => {
+            tally.event(Event::Totals { files, bytes });
+            Ok(())
+        }
+        Message::Vanished { path } => {
+            let path = display_name(label, &WirePath::from_wire(path)?);
+            tally.event(Event::Vanished { path });
+            Ok(())
+        }
+        Message::Error {
+            code,
+            message,
+            path,
+        } => Err(EngineError::Remote(PeerFailure::received(
+            peer,
+            code,
+            &message,
+            path.as_ref(),
+        ))),
+        other => Err(Violation::UnexpectedMessage {
+            from: Role::Sender,
+            message: other.name(),
+        }
+        .into()),
     }
 }
 

@@ -176,13 +176,25 @@ pub(super) fn find_same_content(
     size: u64,
     digest: FileDigest,
 ) -> Option<Found> {
-    let looked = fsx::look(parent.as_fd(), name).ok().flatten()?;
+    let (same, stat) = compare_content(parent.as_fd(), name, size, digest)?;
+    same.then(|| found(&stat))
+}
+
+/// Whether the regular file `name` in `dir`, of `size`, has the content
+/// `digest` names, and its stat; `None` if it is no such file.
+fn compare_content(
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    size: u64,
+    digest: FileDigest,
+) -> Option<(bool, rustix::fs::Stat)> {
+    let looked = fsx::look(dir, name).ok().flatten()?;
     if fsx::kind_of(&looked.stat) != Kind::File || looked.stat.st_size as u64 != size {
         return None;
     }
     let file = looked.open_regular(rustix::fs::OFlags::RDONLY)?;
     let same = fsx::file_digest(file.as_fd(), size).ok()? == digest;
-    same.then(|| found(&looked.stat))
+    Some((same, looked.stat))
 }
 
 /// Whether the destination's file at `path` (see [`look`]) has the
@@ -201,12 +213,7 @@ pub(super) fn content_same(
     components.extend(path.components());
     let (name, parents) = components.split_last()?;
     let parent = fsx::open_dir_beneath(dest.base.as_fd(), parents).ok()?;
-    let looked = fsx::look(parent.as_fd(), name).ok().flatten()?;
-    if fsx::kind_of(&looked.stat) != Kind::File || looked.stat.st_size as u64 != size {
-        return None;
-    }
-    let file = looked.open_regular(rustix::fs::OFlags::RDONLY)?;
-    Some(fsx::file_digest(file.as_fd(), size).ok()? == digest)
+    compare_content(parent.as_fd(), name, size, digest).map(|(same, _)| same)
 }
 
 /// Give the file `name` in `parent` this mtime (its content is the

@@ -21,7 +21,7 @@ use super::deletions::{self, Deletions, Teller};
 use super::itemize::{self, Existing};
 use super::rules::{self, EntryOrder};
 use super::{Destination, Inbound, place};
-use crate::error::{EngineError, PeerFailure, Role, Side, Violation};
+use crate::error::{EngineError, Side, Violation};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text, rebase};
 
 pub(crate) struct Preview {
@@ -124,35 +124,12 @@ impl Preview {
                 // A file, answered already: nothing of it was to come.
                 None => Ok(()),
             },
-            Message::Totals { files, bytes } => {
-                self.tally.event(Event::Totals { files, bytes });
-                Ok(())
-            }
-            Message::Vanished { path } => {
-                let path = display_name(&self.dest.label, &WirePath::from_wire(path)?);
-                self.tally.event(Event::Vanished { path });
-                Ok(())
-            }
             Message::Keepalive => Ok(()),
             Message::End => {
                 self.end_seen = true;
                 Ok(())
             }
-            Message::Error {
-                code,
-                message,
-                path,
-            } => Err(EngineError::Remote(PeerFailure::received(
-                self.peer,
-                code,
-                &message,
-                path.as_ref(),
-            ))),
-            other => Err(Violation::UnexpectedMessage {
-                from: Role::Sender,
-                message: other.name(),
-            }
-            .into()),
+            other => super::side_message(other, &self.tally, &self.dest.label, self.peer),
         }
     }
 

@@ -25,7 +25,7 @@ use super::rules::{
 use super::{DataGate, Destination, Inbound, Publish};
 use crate::budget::{self, HELD_ENTRY_MEMORY, Held};
 use crate::codec::{ChunkDecoder, ReadChunk};
-use crate::error::{EngineError, PeerFailure, Role, Side, Violation, reason};
+use crate::error::{EngineError, Side, Violation, reason};
 use crate::events::{Event, EventSink, Tally, display_name, peer_text, rebase};
 use crate::journal::ChunkRecord;
 
@@ -239,35 +239,11 @@ impl Worker {
                 Ok(())
             }
             Message::DirEnd { id } => self.dir_end(id),
-            Message::Totals { files, bytes } => {
-                self.tally.event(Event::Totals { files, bytes });
-                Ok(())
-            }
-            Message::Vanished { path } => {
-                let path = WirePath::from_wire(path)?;
-                let path = display_name(&self.dest.label, &path);
-                self.tally.event(Event::Vanished { path });
-                Ok(())
-            }
             Message::End => {
                 self.end_seen = true;
                 Ok(())
             }
-            Message::Error {
-                code,
-                message,
-                path,
-            } => Err(EngineError::Remote(PeerFailure::received(
-                self.peer,
-                code,
-                &message,
-                path.as_ref(),
-            ))),
-            other => Err(Violation::UnexpectedMessage {
-                from: Role::Sender,
-                message: other.name(),
-            }
-            .into()),
+            other => super::side_message(other, &self.tally, &self.dest.label, self.peer),
         }
     }
 

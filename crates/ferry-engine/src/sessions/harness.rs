@@ -64,27 +64,10 @@ impl Receiving {
 
     /// A receiver into `tmp/dst`, with `adjust` applied to its options.
     pub(super) fn in_dir(tmp: tempfile::TempDir, adjust: impl FnOnce(&mut Destination)) -> Self {
-        let mut dest = Destination {
-            base: open_dir(tmp.path()),
-            prefix: vec![b"dst".to_vec()],
-            label: "dst".into(),
-            dest_label: "dst".into(),
-            inside: None,
-            ignore_times: false,
-            owners: false,
-            devices: false,
-            budget: crate::budget::SessionBudget::unlimited(),
-            pruning: None,
-            itemize: false,
-            tell_sender: true,
-            dry_run: false,
-            publish: None,
-            checksum: false,
-            listing: false,
-            link_dests: Vec::new(),
-            backup: None,
-            append_only: false,
-        };
+        let mut dest =
+            Destination::plain(open_dir(tmp.path()), vec![b"dst".to_vec()], "dst".into());
+        // As in an upload: the user is at the sender.
+        dest.tell_sender = true;
         adjust(&mut dest);
         // Roomy: the test drains it only between batches.
         let (reply_tx, replies) = mpsc::channel(1 << 16);

@@ -156,3 +156,21 @@ pub fn mkfifo(path: &Path) {
     rustix::fs::mknodat(CWD, path, FileType::Fifo, Mode::from_raw_mode(0o644), 0)
         .unwrap_or_else(|e| panic!("mkfifo {}: {e}", path.display()));
 }
+
+/// Copy what `src` holds into `dst` (made if missing) with `cp -a`: modes,
+/// mtimes, links and all, as a reference to compare a transfer against.
+pub fn copy_into(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap_or_else(|e| panic!("mkdir {}: {e}", dst.display()));
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", src.display()))
+        .arg(dst)
+        .status()
+        .expect("cp runs");
+    assert!(
+        status.success(),
+        "cp -a {} {}",
+        src.display(),
+        dst.display()
+    );
+}

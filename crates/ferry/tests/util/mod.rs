@@ -32,7 +32,7 @@ mod wire;
 
 pub use compare::{assert_files_equal, assert_trees_equal, part_files};
 pub use files::{
-    MIB, Rng, Scratch, lstat, mkfifo, random_bytes, set_mode, set_mtime, write_file,
+    MIB, Rng, Scratch, copy_into, lstat, mkfifo, random_bytes, set_mode, set_mtime, write_file,
     write_random_file,
 };
 pub use gate::Gate;
