@@ -53,10 +53,13 @@ pub(crate) fn day_of(name: &[u8]) -> Option<i64> {
     let text = std::str::from_utf8(name).ok()?;
     let b = text.as_bytes();
     let shaped = b.len() == 18 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b[17] == b'Z';
-    let digits = [0..4, 5..7, 8..10, 11..17]
-        .iter()
-        .all(|r| b[r.clone()].iter().all(u8::is_ascii_digit));
-    if !(shaped && digits) {
+    // (Only a name of the right length is indexed.)
+    let digits = || {
+        [0..4, 5..7, 8..10, 11..17]
+            .iter()
+            .all(|r| b[r.clone()].iter().all(u8::is_ascii_digit))
+    };
+    if !shaped || !digits() {
         return None;
     }
     let num = |r: std::ops::Range<usize>| text[r].parse::<u32>().ok();

@@ -533,8 +533,8 @@ mode = "read-only"
         for (from, to, needle) in [
             (
                 "mode = \"write-only\"",
-                "mode = \"append-only\"",
-                "append-only",
+                "mode = \"delete-everything\"",
+                "delete-everything",
             ),
             (
                 "root = \"www\"",

@@ -223,7 +223,7 @@ fn a_write_only_server_refuses_delete_which_would_tell_what_it_holds() {
     let server = Server::start_with(&root, &[&"--write-only"]);
     let out = server.run(&[&"up", &"--delete", &s.src(), &"www"]);
     out.assert_code(1);
-    out.assert_stderr_contains("--delete would tell what the destination holds");
+    out.assert_stderr_contains("--delete, --atomic and --link-dest would tell what it holds");
     assert!(root.join("www/old-page.html").exists());
 }
 
