@@ -13,21 +13,14 @@ pub const DEFAULT_PORT: u16 = 8834;
 #[command(
     name = "ferry",
     version,
+    subcommand_value_name = "COMMAND",
     about = "Move files and directory trees between Linux servers: fast, verified, safe.",
     long_about = "Move files and directory trees between Linux servers: fast, verified, safe.\n\n\
         Run `ferry server` on one machine, then `ferry upload` or `ferry download` from another. \
         Directories are copied recursively with their structure, modes, mtimes and symlinks; \
         every chunk is checked with XXH3 and every file with a whole-file digest before it \
         appears under its name.",
-    after_help = "Examples:\n  \
-        ferry server --host 0.0.0.0 --port 8834\n  \
-        ferry upload ./website production/website --host deploy.example.com\n  \
-        ferry download backup/www_20260101 ./restore --host backup.example.com\n  \
-        ferry cp ./data 10.0.1.100:datasets/data\n  \
-        ferry cp ./a ./b                      # local copy through the same pipeline\n\n\
-        Exit status: 0 all arrived; 1 some file failed or the transfer could not run; 2 usage \
-        error; 24 some source entries vanished while the tree was read (the rest arrived); \
-        130 interrupted."
+    after_help = after_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -47,6 +40,27 @@ pub enum Command {
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
     #[command(visible_alias = "cp")]
     Copy(CopyArgs),
+}
+
+/// The examples `--help` shows.
+pub const EXAMPLES: [&str; 5] = [
+    "ferry server --host 0.0.0.0 --port 8834",
+    "ferry upload ./website production/website --host deploy.example.com",
+    "ferry download backup/www_20260101 ./restore --host backup.example.com",
+    "ferry cp ./data 10.0.1.100:datasets/data",
+    "ferry cp ./a ./b                      # local copy through the same pipeline",
+];
+
+/// What `ferry --help` shows after the commands: the examples and the
+/// exit statuses.
+fn after_help() -> String {
+    let mut text = String::from("Examples:\n");
+    for example in EXAMPLES {
+        text.push_str(&format!("  {example}\n"));
+    }
+    text.push_str("\nExit status:\n");
+    text.push_str(&crate::exit::help_table());
+    text
 }
 
 #[derive(Debug, Args)]
@@ -123,6 +137,8 @@ pub struct DownloadArgs {
     pub remote_opts: RemoteOpts,
     #[command(flatten)]
     pub transfer: TransferOpts,
+    #[command(flatten)]
+    pub receive: ReceiveOpts,
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +152,20 @@ pub struct CopyArgs {
     pub port: u16,
     #[command(flatten)]
     pub transfer: TransferOpts,
+    #[command(flatten)]
+    pub receive: ReceiveOpts,
+}
+
+/// Options for the side that receives, where this client is it: a
+/// download, or `cp` to a local destination. An upload has none: the
+/// server decides (`ferry server --devices`).
+#[derive(Debug, Args)]
+pub struct ReceiveOpts {
+    /// Recreate device nodes when the copy is received here, as root: a download, or `cp` to a
+    /// local destination (for `cp` to HOST:PATH the server decides, with `ferry server
+    /// --devices`). Without it they are skipped with a warning; fifos are always recreated.
+    #[arg(long)]
+    pub devices: bool,
 }
 
 #[derive(Debug, Args)]
@@ -175,11 +205,6 @@ pub struct TransferOpts {
     /// side, by number, as `rsync -a --numeric-ids` does; other receivers keep their own.
     #[arg(long)]
     pub no_owner: bool,
-    /// Recreate device nodes when this client receives (a download) as root. Without it they are
-    /// skipped with a warning; fifos are always recreated. For an upload the server decides
-    /// (`ferry server --devices`).
-    #[arg(long)]
-    pub devices: bool,
     /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,

@@ -5,6 +5,7 @@
 //! maps outcomes to exit codes.
 
 mod cli;
+mod exit;
 mod logbuf;
 mod paths;
 mod ui;
@@ -29,15 +30,6 @@ use tokio::net::TcpListener;
 use crate::cli::{Cli, Command, ServerArgs, TransferOpts};
 use crate::paths::Spec;
 use crate::ui::{Mode, Ui};
-
-/// Exit statuses (see README): 0 ok, 1 failure, 2 usage, 24 some source
-/// entries vanished (as rsync's), 130 interrupted.
-mod exit {
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const VANISHED: u8 = 24;
-    pub const INTERRUPTED: u8 = 130;
-}
 
 fn main() -> ExitCode {
     let cli = match parse_command_line() {
@@ -71,15 +63,18 @@ fn main() -> ExitCode {
             args.remote.as_bytes(),
             address(&args.remote_opts.host, args.remote_opts.port),
         )
-        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer, false))),
         Command::Download(args) => plan_download(
             args.remote.as_bytes(),
             Path::new(&args.local),
             address(&args.remote_opts.host, args.remote_opts.port),
         )
-        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
-        Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port)
-            .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        .and_then(|plan| {
+            runtime.block_on(run_transfer(plan, &args.transfer, args.receive.devices))
+        }),
+        Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port).and_then(|plan| {
+            runtime.block_on(run_transfer(plan, &args.transfer, args.receive.devices))
+        }),
     };
     match result {
         Ok(code) => code,
@@ -227,7 +222,18 @@ fn plan_copy(src: &OsStr, dst: &OsStr, port: u16) -> Result<Plan, Fatal> {
     }
 }
 
-async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
+/// Run `plan`; `devices`: recreate device nodes where this process receives.
+async fn run_transfer(plan: Plan, opts: &TransferOpts, devices: bool) -> Result<ExitCode, Fatal> {
+    if devices
+        && let (Direction::Upload { .. }, Target::Remote(_)) = (&plan.direction, &plan.server)
+    {
+        // `cp --devices` to HOST:PATH: the server receives.
+        return Err(Fatal::Usage(
+            "--devices applies where the copy is received: for an upload the server decides \
+             (`ferry server --devices`)"
+                .into(),
+        ));
+    }
     let ui = Arc::new(Ui::new(ui_mode(opts), opts.verbose));
     let cancel = CancellationToken::new();
     tokio::spawn(interrupt_handler(cancel.clone()));
@@ -236,7 +242,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
     let (addr, in_process) = match &plan.server {
         Target::Remote(addr) => (addr.clone(), None),
         Target::InProcess { root } => {
-            let (addr, server) = LocalServer::start(root, opts.devices).await?;
+            let (addr, server) = LocalServer::start(root, devices).await?;
             (addr, Some(server))
         }
     };
@@ -246,6 +252,7 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
         addr,
         in_process_token,
         opts,
+        devices,
         ui.shows_progress(),
     )?;
     let (from, to, outcome) = transfer(&plan, &config, &ui, &cancel).await;
@@ -315,12 +322,14 @@ impl LocalServer {
 }
 
 /// What the engine's client needs from the options, for the server at
-/// `addr` (a server in this process asks for `in_process_token`).
+/// `addr` (a server in this process asks for `in_process_token`);
+/// `devices`: recreate device nodes if this client receives.
 fn client_config(
     server: &Target,
     addr: String,
     in_process_token: Option<Token>,
     opts: &TransferOpts,
+    devices: bool,
     shows_progress: bool,
 ) -> Result<ClientConfig, Fatal> {
     let token = match in_process_token {
@@ -357,7 +366,7 @@ fn client_config(
         early_totals: shows_progress,
         ignore_times: opts.ignore_times,
         owners: !opts.no_owner,
-        devices: opts.devices,
+        devices,
         filters: opts.filters.clone(),
         gitignore: opts.gitignore,
         bwlimit: opts.bwlimit,
@@ -725,7 +734,7 @@ mod tests {
         let got = dir.path().join("got");
         let ui = Arc::new(Ui::new(Mode::Quiet, false));
         let cancel = CancellationToken::new();
-        let mut config = client_config(&target, addr, None, &args.transfer, false)
+        let mut config = client_config(&target, addr, None, &args.transfer, false, false)
             .ok()
             .unwrap();
         let refused = client::download(&config, b"secret", &got, ui.clone(), &cancel).await;
