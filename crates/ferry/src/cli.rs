@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{ArgMatches, Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, Parser, Subcommand, ValueHint};
 use ferry_engine::{Compression, FilterRule, RuleKind};
 
 pub const DEFAULT_PORT: u16 = 8834;
@@ -40,9 +40,13 @@ pub enum Command {
     /// Copy like scp: either side may be HOST:PATH; both local copies through an in-process server.
     #[command(visible_alias = "cp")]
     Copy(CopyArgs),
+    /// Print a shell completion script: `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `ferry man > /usr/local/share/man/man1/ferry.1`.
+    Man,
 }
 
-/// The examples `--help` shows.
+/// The examples `--help` and the man page show.
 pub const EXAMPLES: [&str; 5] = [
     "ferry server --host 0.0.0.0 --port 8834",
     "ferry upload ./website production/website --host deploy.example.com",
@@ -64,6 +68,20 @@ fn after_help() -> String {
 }
 
 #[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+#[derive(Debug, Args)]
 pub struct ServerArgs {
     /// Address to listen on. Use 0.0.0.0 to accept connections from the network.
     #[arg(long, default_value = "127.0.0.1")]
@@ -72,7 +90,7 @@ pub struct ServerArgs {
     #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
     pub port: u16,
     /// Directory served: every remote path is relative to it and confined to it [default: current directory].
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::DirPath)]
     pub root: Option<PathBuf>,
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
@@ -118,6 +136,7 @@ pub struct ServerArgs {
 #[derive(Debug, Args)]
 pub struct UploadArgs {
     /// Local file or directory to send.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub local: OsString,
     /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`) puts the copy inside that directory.
     pub remote: OsString,
@@ -132,6 +151,7 @@ pub struct DownloadArgs {
     /// Path on the server, relative to its root.
     pub remote: OsString,
     /// Local path of the copy. Ending in `/` (or `.`) puts the copy inside that directory.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub local: OsString,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,
@@ -144,8 +164,10 @@ pub struct DownloadArgs {
 #[derive(Debug, Args)]
 pub struct CopyArgs {
     /// Source: a local path or HOST:PATH.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub src: OsString,
     /// Destination: a local path or HOST:PATH.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub dst: OsString,
     /// Server port for a HOST:PATH side.
     #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
@@ -171,7 +193,7 @@ pub struct ReceiveOpts {
 #[derive(Debug, Args)]
 pub struct RemoteOpts {
     /// Server host name or address.
-    #[arg(long, default_value = "localhost")]
+    #[arg(long, default_value = "localhost", value_hint = ValueHint::Hostname)]
     pub host: String,
     /// Server port.
     #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
@@ -262,7 +284,7 @@ pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> 
         Command::Upload(a) => &mut a.transfer,
         Command::Download(a) => &mut a.transfer,
         Command::Copy(a) => &mut a.transfer,
-        Command::Server(_) => return Ok(()),
+        Command::Server(_) | Command::Completions(_) | Command::Man => return Ok(()),
     };
     opts.filters = ordered_rules(sub)?;
     Ok(())

@@ -1,6 +1,6 @@
-//! The exit statuses, and the one table that says what they mean: `--help`
-//! and the README's "Exit status" show it, and a test checks
-//! that the three agree with the statuses the code returns (every
+//! The exit statuses, and the one table that says what they mean: `--help`,
+//! the man page and the README's "Exit status" show it, and a test checks
+//! that the four agree with the statuses the code returns (every
 //! `ExitCode::from` and `process::exit` names one of these constants).
 
 /// Some file failed, or the command could not run or finish.
@@ -12,7 +12,7 @@ pub const VANISHED: u8 = 24;
 /// Interrupted (^C): 128 + SIGINT, as shells report it.
 pub const INTERRUPTED: u8 = 130;
 
-/// Each status and what it means, as `--help` and the README
+/// Each status and what it means, as `--help`, the man page and the README
 /// say it. 0 is `ExitCode::SUCCESS`.
 pub const TABLE: [(u8, &str); 5] = [
     (

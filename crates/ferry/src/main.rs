@@ -7,6 +7,7 @@
 mod cli;
 mod exit;
 mod logbuf;
+mod manual;
 mod paths;
 mod ui;
 
@@ -75,6 +76,8 @@ fn main() -> ExitCode {
         Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port).and_then(|plan| {
             runtime.block_on(run_transfer(plan, &args.transfer, args.receive.devices))
         }),
+        Command::Completions(args) => Ok(manual::print(&manual::completions(args.shell))),
+        Command::Man => Ok(manual::print(&manual::man_page())),
     };
     match result {
         Ok(code) => code,

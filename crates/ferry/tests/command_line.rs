@@ -1,15 +1,29 @@
 //! The command line itself: usage errors, the one table of exit statuses
-//! (the code, `--help` and the README agree), and options shown only where
-//! they act.
+//! (the code, `--help`, the man page and the README agree), options shown
+//! only where they act, and the generated completion scripts and man page.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::util::*;
 
 /// Each exit status and what it means.
 type Statuses = BTreeMap<u8, String>;
+
+/// The subcommands, with their aliases: completions and the man page name them all.
+const SUBCOMMANDS: [&str; 9] = [
+    "server",
+    "upload",
+    "up",
+    "download",
+    "down",
+    "copy",
+    "cp",
+    "completions",
+    "man",
+];
 
 #[track_caller]
 fn assert_usage_error(args: &[&dyn AsRef<std::ffi::OsStr>], clap_says: &str) {
@@ -41,6 +55,10 @@ fn usage_errors_exit_2_with_claps_message() {
     assert_usage_error(
         &[&"server", &"--keep-parts", &"7w"],
         "error: invalid value '7w' for '--keep-parts <AGE>'",
+    );
+    assert_usage_error(
+        &[&"completions", &"tcsh"],
+        "error: invalid value 'tcsh' for '<SHELL>'",
     );
     assert_usage_error(&[], "Usage: ferry <COMMAND>");
 }
@@ -227,4 +245,178 @@ fn exit_constants(exit_rs: &str) -> BTreeMap<String, u8> {
         .collect();
     assert!(constants.len() >= 4, "{constants:?}");
     constants
+}
+
+/// Runs `program ARGS`; `None` if it is not installed.
+fn try_tool(program: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> Option<std::process::Output> {
+    match Command::new(program).args(args).output() {
+        Ok(out) => Some(out),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("note: {program} is not installed; its check is skipped");
+            None
+        }
+        Err(e) => panic!("{program}: {e}"),
+    }
+}
+
+#[test]
+fn completion_scripts_name_every_command_and_option() {
+    let scratch = Scratch::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&[&"completions", &shell]);
+        out.assert_success();
+        let script = &out.stdout;
+        assert!(script.len() > 1000, "{shell}: {script}");
+        for command in SUBCOMMANDS {
+            assert!(script.contains(command), "{shell} script lacks {command}");
+        }
+        for option in ["exclude", "bwlimit", "read-only"] {
+            // fish: `complete ... -l exclude`
+            let named = match shell {
+                "fish" => format!("-l {option} "),
+                _ => format!("--{option}"),
+            };
+            assert!(script.contains(&named), "{shell} script lacks {named}");
+        }
+        let file = scratch.path().join(format!("ferry.{shell}"));
+        write_file(&file, script.as_bytes());
+        // Each shell checks its syntax without running it, where installed.
+        if let Some(check) = try_tool(shell, &[&"-n", &file]) {
+            assert!(check.status.success(), "{shell} -n: {check:?}");
+        }
+        if shell == "fish" {
+            fish_completes_options(&file);
+        }
+    }
+}
+
+/// Loaded in fish, the script completes an upload's options (fish asked
+/// as if the user pressed Tab), where fish is installed.
+fn fish_completes_options(script: &Path) {
+    let line = format!(
+        "source '{}'; complete -C 'ferry up --exc'",
+        script.display()
+    );
+    let Some(out) = try_tool("fish", &[&"-c", &line]) else {
+        return;
+    };
+    assert!(out.status.success(), "{out:?}");
+    let offered: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split('\t').next().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(offered, ["--exclude", "--exclude-from"], "{out:?}");
+}
+
+/// What the bash script completes for `ferry WORDS...` (the last word is
+/// the one being typed).
+fn bash_completes(script: &Path, words: &[&str]) -> Vec<String> {
+    let line = format!(
+        "source {script}; COMP_WORDS=({words}); COMP_CWORD={cword}; \
+         _ferry ferry '{current}' '{previous}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+        script = script.display(),
+        words = words
+            .iter()
+            .map(|w| format!("'{w}'"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        cword = words.len() - 1,
+        current = words[words.len() - 1],
+        previous = words[words.len() - 2],
+    );
+    let out = Command::new("bash").arg("-c").arg(&line).output().unwrap();
+    assert!(out.status.success(), "{line}\n{out:?}");
+    // No completion prints one empty line.
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Sourced in bash, the script completes commands and each command's own
+/// options: `--devices` for a download, never for an upload.
+#[test]
+fn the_bash_script_completes_commands_and_their_options() {
+    let scratch = Scratch::new();
+    let out = run(&[&"completions", &"bash"]);
+    out.assert_success();
+    let script = scratch.path().join("ferry.bash");
+    write_file(&script, out.stdout.as_bytes());
+    let commands = bash_completes(&script, &["ferry", ""]);
+    for command in SUBCOMMANDS {
+        assert!(commands.iter().any(|c| c == command), "{commands:?}");
+    }
+    assert_eq!(
+        bash_completes(&script, &["ferry", "up", "--exc"]),
+        ["--exclude", "--exclude-from"]
+    );
+    assert_eq!(
+        bash_completes(&script, &["ferry", "down", "--dev"]),
+        ["--devices"]
+    );
+    assert_eq!(
+        bash_completes(&script, &["ferry", "up", "--dev"]),
+        [] as [&str; 0]
+    );
+    assert_eq!(
+        bash_completes(&script, &["ferry", "completions", "z"]),
+        ["zsh"]
+    );
+}
+
+#[test]
+fn the_man_page_has_every_command_and_the_exit_statuses() {
+    let out = run(&[&"man"]);
+    out.assert_success();
+    let page = &out.stdout;
+    // roff's preamble (defining the apostrophe) may come first, then the title.
+    let first = page
+        .lines()
+        .find(|l| !l.starts_with(".ie") && !l.starts_with(".el"));
+    assert!(
+        first.is_some_and(|l| l.starts_with(".TH FERRY 1 ")),
+        "{first:?}"
+    );
+    for command in ["server", "upload", "download", "copy", "completions", "man"] {
+        let heading = format!("\n.SS \"ferry {command}");
+        assert!(page.contains(&heading), "no {heading:?} in the man page");
+    }
+    for option in ["--exclude", "--read-only", "--bwlimit", "--devices"] {
+        assert!(page.contains(&option.replace('-', "\\-")), "{option}");
+    }
+    assert_eq!(man_statuses(page), readme_statuses());
+    let scratch = Scratch::new();
+    let file = scratch.path().join("ferry.1");
+    write_file(&file, page.as_bytes());
+    // groff reads it as a man page, with every warning on.
+    let Some(check) = try_tool("groff", &[&"-man", &"-Tutf8", &"-ww", &"-z", &file]) else {
+        return;
+    };
+    assert!(
+        check.status.success() && check.stderr.is_empty(),
+        "groff: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+/// The `.TP` entries under `.SH "EXIT STATUS"`: the code in bold, then
+/// what it means.
+fn man_statuses(page: &str) -> Statuses {
+    let section = page
+        .split_once(".SH \"EXIT STATUS\"\n")
+        .expect("an EXIT STATUS section")
+        .1;
+    let section = section.split("\n.SH").next().unwrap();
+    let mut statuses = Statuses::new();
+    for entry in section.split(".TP\n").skip(1) {
+        let (code, meaning) = entry.split_once('\n').unwrap();
+        let code = code
+            .strip_prefix("\\fB")
+            .and_then(|c| c.strip_suffix("\\fR"))
+            .unwrap_or_else(|| panic!("{code:?}"));
+        statuses.insert(code.parse().unwrap(), meaning.replace("\\-", "-"));
+    }
+    normalized(statuses)
 }
