@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{ArgMatches, Args, Parser, Subcommand};
+use clap::{ArgMatches, Args, Parser, Subcommand, ValueHint};
 use ferry_engine::{Compression, FilterRule, RuleKind};
 
 pub const DEFAULT_PORT: u16 = 8834;
@@ -44,22 +44,14 @@ const COPY_HELP: &str = concat!(copy_forms!(), "\n\n", placement!());
 #[command(
     name = "ferry",
     version,
+    subcommand_value_name = "COMMAND",
     about = "Move files and directory trees between Linux servers: fast, verified, safe.",
     long_about = "Move files and directory trees between Linux servers: fast, verified, safe.\n\n\
         Run `ferry server` on one machine, then `ferry upload` or `ferry download` from another. \
         Directories are copied recursively with their structure, modes, mtimes and symlinks; \
         every chunk is checked with XXH3 and every file with a whole-file digest before it \
         appears under its name.",
-    after_help = "Examples:\n  \
-        ferry server --host 0.0.0.0 --port 8834\n  \
-        ferry upload ./website production/website --host deploy.example.com\n  \
-        ferry download backup/www_20260101 ./restore --host backup.example.com\n  \
-        ferry cp ./data 10.0.1.100:datasets/data\n  \
-        ferry cp ./a ./b                      # local copy through the same pipeline\n\n\
-        Exit status: 0 all arrived; 1 some file failed or the transfer could not run; 2 usage \
-        error; 24 some source entries vanished while the tree was read (the rest arrived); \
-        25 --delete deleted nothing (or --atomic published nothing) because more than \
-        --max-delete entries would have gone; 130 interrupted."
+    after_help = after_help()
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -94,6 +86,45 @@ pub enum Command {
     /// Switch a destination published with --atomic back to the version its last publish replaced
     /// (that one is kept in its place: run it again to switch forward).
     Rollback(RollbackArgs),
+    /// Print a shell completion script: `ferry completions bash > /etc/bash_completion.d/ferry`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff): `ferry man > /usr/local/share/man/man1/ferry.1`.
+    Man,
+}
+
+/// The examples `--help` and the man page show.
+pub const EXAMPLES: [&str; 5] = [
+    "ferry server --host 0.0.0.0 --port 8834",
+    "ferry upload ./website production/website --host deploy.example.com",
+    "ferry download backup/www_20260101 ./restore --host backup.example.com",
+    "ferry cp ./data 10.0.1.100:datasets/data",
+    "ferry cp ./a ./b                      # local copy through the same pipeline",
+];
+
+/// What `ferry --help` shows after the commands: the examples and the
+/// exit statuses.
+fn after_help() -> String {
+    let mut text = String::from("Examples:\n");
+    for example in EXAMPLES {
+        text.push_str(&format!("  {example}\n"));
+    }
+    text.push_str("\nExit status:\n");
+    text.push_str(&crate::exit::help_table());
+    text
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// How a command that only talks to a server reaches it and trusts it.
@@ -226,7 +257,7 @@ pub struct ServerArgs {
     #[arg(long, short = 'p')]
     pub port: Option<u16>,
     /// Directory served: every remote path is relative to it and confined to it [default: current directory].
-    #[arg(long)]
+    #[arg(long, value_hint = ValueHint::DirPath)]
     pub root: Option<PathBuf>,
     /// Also append the log to this file.
     #[arg(long, value_name = "FILE")]
@@ -284,6 +315,7 @@ pub const MAX_HANDSHAKE_TIMEOUT: u64 = 600;
 #[derive(Debug, Args)]
 pub struct UploadArgs {
     /// Local file or directory to send.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub local: OsString,
     /// Path of the copy on the server, relative to its root. Ending in `/` (or `.`), or an existing directory for a file, puts the copy inside it (see below).
     pub remote: OsString,
@@ -298,30 +330,49 @@ pub struct DownloadArgs {
     /// Path on the server, relative to its root.
     pub remote: OsString,
     /// Local path of the copy. Ending in `/` (or `.`), or an existing directory for a file, puts the copy inside it (see below).
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub local: OsString,
     #[command(flatten)]
     pub remote_opts: RemoteOpts,
     #[command(flatten)]
     pub transfer: TransferOpts,
+    #[command(flatten)]
+    pub receive: ReceiveOpts,
 }
 
 #[derive(Debug, Args)]
 pub struct CopyArgs {
     /// Source: a local path, HOST:PATH, [IPV6]:PATH or ferry://HOST[:PORT]/PATH.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub src: OsString,
     /// Destination: the same forms.
+    #[arg(value_hint = ValueHint::AnyPath)]
     pub dst: OsString,
     /// Server port for a HOST:PATH side [default: 8834]. A port in a ferry:// URL must agree with it.
     #[arg(long, short = 'p')]
     pub port: Option<u16>,
     #[command(flatten)]
     pub transfer: TransferOpts,
+    #[command(flatten)]
+    pub receive: ReceiveOpts,
+}
+
+/// Options for the side that receives, where this client is it: a
+/// download, or `cp` to a local destination. An upload has none: the
+/// server decides (`ferry server --devices`).
+#[derive(Debug, Args)]
+pub struct ReceiveOpts {
+    /// Recreate device nodes when the copy is received here, as root: a download, or `cp` to a
+    /// local destination (for `cp` to HOST:PATH the server decides, with `ferry server
+    /// --devices`). Without it they are skipped with a warning; fifos are always recreated.
+    #[arg(long)]
+    pub devices: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct RemoteOpts {
     /// Server host name or address.
-    #[arg(long, default_value = "localhost")]
+    #[arg(long, default_value = "localhost", value_hint = ValueHint::Hostname)]
     pub host: String,
     /// Server port.
     #[arg(long, short = 'p', default_value_t = DEFAULT_PORT)]
@@ -361,11 +412,6 @@ pub struct TransferOpts {
     /// side, by number, as `rsync -a --numeric-ids` does; other receivers keep their own.
     #[arg(long)]
     pub no_owner: bool,
-    /// Recreate device nodes when this client receives (a download) as root. Without it they are
-    /// skipped with a warning; fifos are always recreated. For an upload the server decides
-    /// (`ferry server --devices`).
-    #[arg(long)]
-    pub devices: bool,
     /// After a broken connection, stall or damaged data, try again up to N times in a row without progress (0 = never) [default: 12, about 3 minutes].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
@@ -467,9 +513,12 @@ pub fn order_filters(cli: &mut Cli, matches: &ArgMatches) -> Result<(), String> 
         Command::Download(a) => &mut a.transfer,
         Command::Copy(a) => &mut a.transfer,
         Command::Backup(a) => &mut a.transfer,
-        Command::Server(_) | Command::Rollback(_) | Command::Check(_) | Command::Ls(_) => {
-            return Ok(());
-        }
+        Command::Server(_)
+        | Command::Rollback(_)
+        | Command::Check(_)
+        | Command::Ls(_)
+        | Command::Completions(_)
+        | Command::Man => return Ok(()),
     };
     opts.filters = ordered_rules(sub)?;
     Ok(())

@@ -7,8 +7,10 @@
 mod backups;
 mod cli;
 mod config;
+mod exit;
 mod listing;
 mod logbuf;
+mod manual;
 mod paths;
 mod spec;
 mod ui;
@@ -38,16 +40,6 @@ use crate::config::{Config, ConfigError, Settings};
 use crate::spec::Spec;
 use crate::ui::{Mode, Ui};
 use clap::{Args, FromArgMatches};
-
-/// Exit statuses (see README): 0 ok, 1 failure, 2 usage, 24 some source
-/// entries vanished (as rsync's), 130 interrupted.
-mod exit {
-    pub const FAILURE: u8 = 1;
-    pub const USAGE: u8 = 2;
-    pub const VANISHED: u8 = 24;
-    pub const MAX_DELETE: u8 = 25;
-    pub const INTERRUPTED: u8 = 130;
-}
 
 fn main() -> ExitCode {
     let cli = match parse_command_line() {
@@ -81,15 +73,20 @@ fn main() -> ExitCode {
             args.remote.as_bytes(),
             address(&args.remote_opts.host, args.remote_opts.port),
         )
-        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer, false))),
         Command::Download(args) => plan_download(
             args.remote.as_bytes(),
             Path::new(&args.local),
             address(&args.remote_opts.host, args.remote_opts.port),
         )
-        .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
-        Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port)
-            .and_then(|plan| runtime.block_on(run_transfer(plan, &args.transfer))),
+        .and_then(|plan| {
+            runtime.block_on(run_transfer(plan, &args.transfer, args.receive.devices))
+        }),
+        Command::Copy(args) => plan_copy(&args.src, &args.dst, args.port).and_then(|plan| {
+            runtime.block_on(run_transfer(plan, &args.transfer, args.receive.devices))
+        }),
+        Command::Completions(args) => Ok(manual::print(&manual::completions(args.shell))),
+        Command::Man => Ok(manual::print(&manual::man_page())),
         Command::Rollback(args) => runtime.block_on(run_rollback(args)),
         Command::Ls(args) => runtime.block_on(run_ls(args)),
         Command::Backup(args) => match args.list {
@@ -100,12 +97,12 @@ fn main() -> ExitCode {
                     weekly: args.keep_weekly,
                     monthly: args.keep_monthly,
                 };
-                runtime.block_on(run_transfer_with(plan, &opts, |c| c.backup = Some(keep)))
+                let backup = |c: &mut ClientConfig| c.backup = Some(keep);
+                runtime.block_on(run_transfer_with(plan, &opts, false, backup))
             }),
         },
-        Command::Check(args) => {
-            plan_check(&args).and_then(|(plan, opts)| runtime.block_on(run_transfer(plan, &opts)))
-        }
+        Command::Check(args) => plan_check(&args)
+            .and_then(|(plan, opts)| runtime.block_on(run_transfer(plan, &opts, false))),
     };
     match result {
         Ok(code) => code,
@@ -271,8 +268,9 @@ fn plan_local_copy(src: PathBuf, dst: &Path) -> Result<Plan, Fatal> {
     })
 }
 
-async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal> {
-    run_transfer_with(plan, opts, |_| {}).await
+/// Run `plan`; `devices`: recreate device nodes where this process receives.
+async fn run_transfer(plan: Plan, opts: &TransferOpts, devices: bool) -> Result<ExitCode, Fatal> {
+    run_transfer_with(plan, opts, devices, |_| {}).await
 }
 
 /// [`run_transfer`], with the client's configuration adjusted by `adjust`
@@ -280,8 +278,19 @@ async fn run_transfer(plan: Plan, opts: &TransferOpts) -> Result<ExitCode, Fatal
 async fn run_transfer_with(
     plan: Plan,
     opts: &TransferOpts,
+    devices: bool,
     adjust: impl FnOnce(&mut ClientConfig),
 ) -> Result<ExitCode, Fatal> {
+    if devices
+        && let (Direction::Upload { .. }, Target::Remote(_)) = (&plan.direction, &plan.server)
+    {
+        // `cp --devices` to HOST:PATH: the server receives.
+        return Err(Fatal::Usage(
+            "--devices applies where the copy is received: for an upload the server decides \
+             (`ferry server --devices`)"
+                .into(),
+        ));
+    }
     check_atomic(opts)?;
     let ui = Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run);
     let ui = Arc::new(if opts.check { ui.checking() } else { ui });
@@ -292,7 +301,7 @@ async fn run_transfer_with(
     let (addr, in_process) = match &plan.server {
         Target::Remote(addr) => (addr.clone(), None),
         Target::InProcess { root } => {
-            let (addr, server) = LocalServer::start(root, opts.devices).await?;
+            let (addr, server) = LocalServer::start(root, devices).await?;
             (addr, Some(server))
         }
     };
@@ -302,6 +311,7 @@ async fn run_transfer_with(
         addr,
         in_process_token,
         opts,
+        devices,
         ui.shows_progress(),
     )?;
     adjust(&mut config);
@@ -442,13 +452,8 @@ async fn list_backups(args: &BackupArgs) -> Result<ExitCode, Fatal> {
         return Err(Fatal::Usage("ferry backup --list takes HOST:PATH".into()));
     };
     let (addr, path) = remote_side(dst, args.port)?;
-    let config = client_config(
-        &Target::Remote(addr.clone()),
-        addr,
-        None,
-        &args.transfer,
-        false,
-    )?;
+    let target = Target::Remote(addr.clone());
+    let config = client_config(&target, addr, None, &args.transfer, false, false)?;
     let remote = paths::tidy_remote(&path);
     let sink = Arc::new(backups::Snapshots::of(escape(&remote)));
     let cancel = CancellationToken::new();
@@ -478,7 +483,14 @@ async fn run_ls(args: LsArgs) -> Result<ExitCode, Fatal> {
     let mut opts = default_transfer_opts()?;
     args.connect.apply(&mut opts);
     opts.json = args.json;
-    let mut config = client_config(&Target::Remote(addr.clone()), addr, None, &opts, false)?;
+    let mut config = client_config(
+        &Target::Remote(addr.clone()),
+        addr,
+        None,
+        &opts,
+        false,
+        false,
+    )?;
     config.streams = 1;
     let mode = if args.json { Mode::Json } else { Mode::Human };
     let ui = Arc::new(Ui::new(mode, false).listing());
@@ -486,7 +498,7 @@ async fn run_ls(args: LsArgs) -> Result<ExitCode, Fatal> {
     tokio::spawn(interrupt_handler(cancel.clone()));
     let remote = paths::tidy_remote(args.remote.as_bytes());
     match client::list(&config, &remote, ui.clone(), &cancel).await {
-        Ok(summary) => Ok(ExitCode::from(exit_status(&summary.report))),
+        Ok(summary) => Ok(exit_status(&summary.report)),
         Err(e) => {
             ui.fatal(&e.to_string());
             Ok(ExitCode::from(exit::FAILURE))
@@ -508,7 +520,14 @@ async fn run_rollback(args: RollbackArgs) -> Result<ExitCode, Fatal> {
         .map_err(|e| Fatal::Failed(e.to_string()))?;
         args.connect.apply(&mut opts);
         opts.quiet = true;
-        let config = client_config(&Target::Remote(addr.clone()), addr, None, &opts, false)?;
+        let config = client_config(
+            &Target::Remote(addr.clone()),
+            addr,
+            None,
+            &opts,
+            false,
+            false,
+        )?;
         let ui = Arc::new(Ui::new(Mode::Quiet, false));
         let cancel = CancellationToken::new();
         client::rollback(&config, args.path.as_bytes(), ui, &cancel)
@@ -588,12 +607,14 @@ impl LocalServer {
 }
 
 /// What the engine's client needs from the options, for the server at
-/// `addr` (a server in this process asks for `in_process_token`).
+/// `addr` (a server in this process asks for `in_process_token`);
+/// `devices`: recreate device nodes if this client receives.
 fn client_config(
     server: &Target,
     addr: String,
     in_process_token: Option<Token>,
     opts: &TransferOpts,
+    devices: bool,
     shows_progress: bool,
 ) -> Result<ClientConfig, Fatal> {
     let token = match in_process_token {
@@ -630,7 +651,7 @@ fn client_config(
         early_totals: shows_progress,
         ignore_times: opts.ignore_times,
         owners: !opts.no_owner,
-        devices: opts.devices,
+        devices,
         filters: opts.filters.clone(),
         gitignore: opts.gitignore,
         bwlimit: opts.bwlimit,
@@ -691,8 +712,8 @@ fn finish(
         Ok(summary) => {
             ui.summary(&summary, from, to);
             match ui.is_checking() {
-                true => ExitCode::from(check_status(&summary.report)),
-                false => ExitCode::from(exit_status(&summary.report)),
+                true => check_status(&summary.report),
+                false => exit_status(&summary.report),
             }
         }
         Err(EngineError::Cancelled) => {
@@ -709,27 +730,26 @@ fn finish(
     }
 }
 
-/// The exit status of a transfer that ran to its end.
-fn exit_status(report: &TransferReport) -> u8 {
+/// The exit status of a transfer that ran to its end (see exit.rs).
+fn exit_status(report: &TransferReport) -> ExitCode {
     if !report.failed.is_empty() || !report.delete_failed.is_empty() {
-        exit::FAILURE
+        ExitCode::from(exit::FAILURE)
     } else if let Some(HeldBack::MaxDelete { .. }) = report.held_back {
-        exit::MAX_DELETE
+        ExitCode::from(exit::MAX_DELETE)
     } else if report.published == Some(false) {
-        exit::FAILURE
+        ExitCode::from(exit::FAILURE)
     } else if !report.vanished.is_empty() {
-        exit::VANISHED
+        ExitCode::from(exit::VANISHED)
     } else {
-        0
+        ExitCode::SUCCESS
     }
 }
 
 /// `ferry check`'s exit status: 1 if the trees differ at all.
-fn check_status(report: &TransferReport) -> u8 {
-    let differences = report.created + report.updated + report.deleted;
-    match exit_status(report) {
-        0 if differences > 0 => exit::FAILURE,
-        status => status,
+fn check_status(report: &TransferReport) -> ExitCode {
+    match report.created + report.updated + report.deleted {
+        0 => exit_status(report),
+        _ => ExitCode::from(exit::FAILURE),
     }
 }
 
@@ -1232,7 +1252,7 @@ mod tests {
         let got = dir.path().join("got");
         let ui = Arc::new(Ui::new(Mode::Quiet, false));
         let cancel = CancellationToken::new();
-        let mut config = client_config(&target, addr, None, &args.transfer, false)
+        let mut config = client_config(&target, addr, None, &args.transfer, false, false)
             .ok()
             .unwrap();
         let refused = client::download(&config, b"secret", &got, ui.clone(), &cancel).await;

@@ -50,5 +50,7 @@ mod auth;
 mod service;
 // Budgets: descriptors, memory, slots and time that hostile clients cannot take from the others.
 mod budgets;
+// The command line: usage errors, the exit status table, completions and the man page.
+mod command_line;
 // The source's shape: no function over 80 lines, no import cycle between modules.
 mod structure;
