@@ -24,7 +24,7 @@ use crate::conn::{
     watch_for_stall,
 };
 use crate::error::{ConnectError, EngineError, LocalCause, Op, Side, TlsError, Violation};
-use crate::events::{Event, EventSink, Tally, TransferReport, TransferSummary};
+use crate::events::{Event, EventSink, Failure, Tally, TransferReport, TransferSummary};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
@@ -771,7 +771,7 @@ where
             _ => {
                 result?;
                 // What could not be completed counts as failed in the end.
-                report.failed.append(&mut report.incomplete);
+                report.give_up_incomplete();
                 report.vanished = vanished;
                 report.file_bytes = file_bytes;
                 report.wire_bytes = wire_bytes;
@@ -797,7 +797,7 @@ fn retry_reason(
     match result {
         Ok(()) if report.incomplete.is_empty() => None,
         Ok(()) => {
-            let (path, reason) = &report.incomplete[0];
+            let Failure { path, reason, .. } = &report.incomplete[0];
             let more = report.incomplete.len() - 1;
             let others = if more > 0 {
                 format!(" (and {more} more)")

@@ -14,6 +14,28 @@ use ferry_proto::path::{WirePath, escape};
 use crate::progress::Progress;
 use std::time::Duration;
 
+/// The side of a transfer an entry failed on, as this process sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Origin {
+    /// This process: the event names the entry as it is here.
+    #[default]
+    Here,
+    /// The peer, which said so: the event names the entry as the peer has
+    /// it (the destination's path in an upload, the source's in a
+    /// download).
+    Peer,
+}
+
+/// An entry that did not arrive: its name, why, on which side, and
+/// whether it is a directory (which counts apart from the files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub path: String,
+    pub reason: String,
+    pub origin: Origin,
+    pub dir: bool,
+}
+
 /// One thing that happened during a transfer. Paths are already escaped
 /// for display (see `ferry_proto::path::escape`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,8 +48,15 @@ pub enum Event {
     Bytes { n: u64 },
     /// A file or symlink arrived, verified, under its final name.
     FileDone { path: String, size: u64 },
-    /// An entry failed; the rest of the transfer goes on.
-    FileFailed { path: String, reason: String },
+    /// An entry failed; the rest of the transfer goes on. `origin`: the
+    /// side it failed on (`path` is that side's name of it); `dir`: a
+    /// directory.
+    FileFailed {
+        path: String,
+        reason: String,
+        origin: Origin,
+        dir: bool,
+    },
     /// An entry was deliberately not transferred (fifo, socket, device).
     Skipped { path: String, reason: String },
     /// The sender's walk listed this entry, but it was gone when looked at
@@ -39,8 +68,14 @@ pub enum Event {
     /// from an interrupted transfer: only the rest is sent.
     Resumed { path: String, bytes: u64 },
     /// A file did not arrive whole for a reason that sending it again may
-    /// cure (a corrupt chunk, a digest mismatch, a file being changed).
-    FileIncomplete { path: String, reason: String },
+    /// cure (a corrupt chunk, a digest mismatch, a file being changed);
+    /// `origin` and `dir` as for [`Event::FileFailed`].
+    FileIncomplete {
+        path: String,
+        reason: String,
+        origin: Origin,
+        dir: bool,
+    },
     /// The transfer attempt failed and will be tried again after `delay`.
     Retry {
         attempt: u32,
@@ -84,13 +119,17 @@ pub enum Event {
 impl Event {
     /// What an entry's outcome is as an event: `size` for a file that is
     /// in place. (A directory that succeeded is no event: its caller
-    /// decides.)
+    /// decides.) A failure is this side's, of a file: see
+    /// [`Event::failed_at`].
     pub(crate) fn of_outcome(path: String, outcome: &Outcome, size: u64) -> Event {
+        let (origin, dir) = (Origin::Here, false);
         match outcome {
             Outcome::Ok => Event::FileDone { path, size },
             Outcome::Failed(why) => Event::FileFailed {
                 path,
                 reason: why.clone(),
+                origin,
+                dir,
             },
             Outcome::Skipped(why) => Event::Skipped {
                 path,
@@ -100,7 +139,41 @@ impl Event {
             Outcome::Incomplete(why) => Event::FileIncomplete {
                 path,
                 reason: why.clone(),
+                origin,
+                dir,
             },
+        }
+    }
+
+    /// The same event, a failure on the side `at`, of a directory if
+    /// `is_dir`; other events are left as they are.
+    pub(crate) fn failed_at(mut self, at: Origin, is_dir: bool) -> Event {
+        if let Some((_, origin, dir)) = self.failure_mut() {
+            (*origin, *dir) = (at, is_dir);
+        }
+        self
+    }
+
+    /// The same event, a failure on the side `at` named as that side has
+    /// it: under `to` instead of `from` (see [`rebase`]).
+    pub(crate) fn named_for(mut self, at: Origin, (from, to): (&str, &str)) -> Event {
+        if let Some((path, origin, _)) = self.failure_mut()
+            && *origin == at
+        {
+            *path = rebase(path, from, to);
+        }
+        self
+    }
+
+    fn failure_mut(&mut self) -> Option<(&mut String, &mut Origin, &mut bool)> {
+        match self {
+            Event::FileFailed {
+                path, origin, dir, ..
+            }
+            | Event::FileIncomplete {
+                path, origin, dir, ..
+            } => Some((path, origin, dir)),
+            _ => None,
         }
     }
 }
@@ -154,16 +227,28 @@ pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
 
 /// The outcome of one transfer, as the side that ran it saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// What counts: entries that are not directories (files, symlinks, hard
+/// links, nodes, special files), each once, whichever way it settled:
+/// `files_total` is always `files_ok + files_failed + files_skipped +
+/// files_incomplete` (and a client's final report has no incomplete ones
+/// left: what never arrived counts as failed). A directory that fails is
+/// counted in `dirs_failed` (what is inside it counts on its own), one
+/// that vanished in `vanished` only.
 pub struct TransferReport {
-    /// Files and symlinks announced by the sender.
+    /// Entries settled, as above.
     pub files_total: u64,
     pub files_ok: u64,
-    /// (path, reason) of each entry that failed.
-    pub failed: Vec<(String, String)>,
+    pub files_failed: u64,
+    pub dirs_failed: u64,
+    pub files_skipped: u64,
+    pub files_incomplete: u64,
+    /// Each entry that failed, files and directories.
+    pub failed: Vec<Failure>,
     /// (path, reason) of each entry that was skipped.
     pub skipped: Vec<(String, String)>,
-    /// (path, reason) of each file that may arrive if sent again.
-    pub incomplete: Vec<(String, String)>,
+    /// Each file that may arrive if sent again.
+    pub incomplete: Vec<Failure>,
     /// Each entry that vanished from the source while the tree was walked.
     pub vanished: Vec<String>,
     /// Entries counted but left out of the lists above, which a server
@@ -194,6 +279,16 @@ pub struct TransferReport {
     pub file_bytes: u64,
     /// Bytes that crossed the connection, both ways, framing included.
     pub wire_bytes: u64,
+}
+
+impl TransferReport {
+    /// No more attempts: what is still incomplete counts as failed.
+    pub(crate) fn give_up_incomplete(&mut self) {
+        self.files_failed += std::mem::take(&mut self.files_incomplete);
+        self.dirs_failed += self.incomplete.iter().filter(|f| f.dir).count() as u64;
+        self.failed.append(&mut self.incomplete);
+        self.unlisted.failed += std::mem::take(&mut self.unlisted.incomplete);
+    }
 }
 
 /// How many entries of each list a report left out.
@@ -274,7 +369,9 @@ impl Tally {
     }
 
     pub(crate) fn report(&self) -> TransferReport {
-        self.lock().clone()
+        let mut r = self.lock().clone();
+        r.files_total = r.files_ok + r.files_failed + r.files_skipped + r.files_incomplete;
+        r
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, TransferReport> {
@@ -320,6 +417,21 @@ fn pair<'a>(path: &'a str, why: &'a str) -> impl FnOnce() -> (String, String) + 
     move || (path.to_string(), why.to_string())
 }
 
+/// A failure of a list, made only if it is listed.
+fn failure<'a>(
+    path: &'a str,
+    reason: &'a str,
+    origin: Origin,
+    dir: bool,
+) -> impl FnOnce() -> Failure + 'a {
+    move || Failure {
+        path: path.to_string(),
+        reason: reason.to_string(),
+        origin,
+        dir,
+    }
+}
+
 /// Push `item` to `list` if it has fewer than `listed`; count it otherwise.
 fn list<T>(list: &mut Vec<T>, unlisted: &mut u64, listed: usize, item: impl FnOnce() -> T) {
     if list.len() < listed {
@@ -336,18 +448,26 @@ impl EventSink for Tally {
             let r = &mut *guard;
             let n = self.listed;
             match &event {
-                Event::Totals { files, .. } => r.files_total = *files,
                 Event::Bytes { n } => r.file_bytes += n,
                 Event::FileDone { .. } => r.files_ok += 1,
-                Event::FileFailed { path, reason } => {
-                    list(&mut r.failed, &mut r.unlisted.failed, n, pair(path, reason))
+                Event::FileFailed {
+                    path,
+                    reason,
+                    origin,
+                    dir,
+                } => {
+                    match dir {
+                        true => r.dirs_failed += 1,
+                        false => r.files_failed += 1,
+                    }
+                    let item = failure(path, reason, *origin, *dir);
+                    list(&mut r.failed, &mut r.unlisted.failed, n, item)
                 }
-                Event::Skipped { path, reason } => list(
-                    &mut r.skipped,
-                    &mut r.unlisted.skipped,
-                    n,
-                    pair(path, reason),
-                ),
+                Event::Skipped { path, reason } => {
+                    r.files_skipped += 1;
+                    let item = pair(path, reason);
+                    list(&mut r.skipped, &mut r.unlisted.skipped, n, item)
+                }
                 Event::Unchanged { size, .. } => {
                     r.files_ok += 1;
                     r.files_unchanged += 1;
@@ -359,12 +479,17 @@ impl EventSink for Tally {
                         path.clone()
                     })
                 }
-                Event::FileIncomplete { path, reason } => list(
-                    &mut r.incomplete,
-                    &mut r.unlisted.incomplete,
-                    n,
-                    pair(path, reason),
-                ),
+                Event::FileIncomplete {
+                    path,
+                    reason,
+                    origin,
+                    dir,
+                } => {
+                    // A directory put off is no file.
+                    r.files_incomplete += u64::from(!dir);
+                    let item = failure(path, reason, *origin, *dir);
+                    list(&mut r.incomplete, &mut r.unlisted.incomplete, n, item)
+                }
                 Event::Deleted { .. } => r.deleted += 1,
                 Event::Changed {
                     what, size, dir, ..
@@ -383,8 +508,12 @@ impl EventSink for Tally {
                 }
                 Event::HeldBack(why) => r.held_back = Some(why.clone()),
                 Event::Published { refused, .. } => r.published = Some(refused.is_none()),
-                Event::Listed { .. } => r.files_total += 1,
-                Event::FileStarted { .. } | Event::Retry { .. } | Event::NewServer { .. } => {}
+                // Progress only: the report counts what settled.
+                Event::Totals { .. }
+                | Event::Listed { .. }
+                | Event::FileStarted { .. }
+                | Event::Retry { .. }
+                | Event::NewServer { .. } => {}
             }
         }
         self.note_progress(&event);
@@ -410,15 +539,13 @@ mod tests {
                 path: format!("p{i}"),
                 reason: "special".into(),
             });
-            tally.event(Event::FileFailed {
-                path: format!("f{i}"),
-                reason: "denied".into(),
-            });
+            tally.event(failed(&format!("f{i}"), false));
         }
         let r = tally.report();
         assert_eq!(r.skipped.len(), 2);
         assert_eq!(r.failed.len(), 2);
         assert_eq!((r.unlisted.skipped, r.unlisted.failed), (3, 3));
+        assert_eq!((r.files_total, r.files_skipped, r.files_failed), (10, 5, 5));
         let all = Tally::new(Arc::new(Nowhere));
         for i in 0..5 {
             all.event(Event::Vanished {
@@ -426,5 +553,85 @@ mod tests {
             });
         }
         assert_eq!(all.report().vanished.len(), 5, "a client lists everything");
+    }
+
+    fn failed(path: &str, dir: bool) -> Event {
+        Event::FileFailed {
+            path: path.into(),
+            reason: "denied".into(),
+            origin: Origin::Here,
+            dir,
+        }
+    }
+
+    #[test]
+    fn the_total_is_what_settled_and_directories_count_apart() {
+        let tally = Tally::new(Arc::new(Nowhere));
+        // What the sender counted ahead is for progress only.
+        tally.event(Event::Totals {
+            files: 99,
+            bytes: 1,
+        });
+        let done = |path: &str| Event::FileDone {
+            path: path.into(),
+            size: 1,
+        };
+        for event in [
+            done("t/a"),
+            Event::Unchanged {
+                path: "t/b".into(),
+                size: 1,
+            },
+            failed("t/d", true),
+            failed("t/d/c", false),
+            Event::Skipped {
+                path: "t/sock".into(),
+                reason: "special".into(),
+            },
+            Event::FileIncomplete {
+                path: "t/big".into(),
+                reason: "damaged".into(),
+                origin: Origin::Peer,
+                dir: false,
+            },
+            Event::Vanished {
+                path: "t/gone".into(),
+            },
+        ] {
+            tally.event(event);
+        }
+        let mut r = tally.report();
+        let counts = |r: &TransferReport| {
+            let sum = r.files_ok + r.files_failed + r.files_skipped + r.files_incomplete;
+            assert_eq!(r.files_total, sum, "{r:?}");
+            (r.files_total, r.files_ok, r.files_failed, r.dirs_failed)
+        };
+        assert_eq!(counts(&r), (5, 2, 1, 1));
+        assert_eq!(r.files_incomplete, 1);
+        r.give_up_incomplete();
+        assert_eq!(counts(&r), (5, 2, 2, 1));
+        assert_eq!((r.failed.len(), r.incomplete.len()), (3, 0));
+        assert_eq!(r.failed[2].origin, Origin::Peer);
+    }
+
+    #[test]
+    fn a_failure_is_named_on_its_side() {
+        let labels = ("./src", "backup");
+        let peer = Event::of_outcome("./src/x".into(), &Outcome::Failed("no".into()), 0)
+            .failed_at(Origin::Peer, true)
+            .named_for(Origin::Peer, labels);
+        assert_eq!(
+            peer,
+            Event::FileFailed {
+                path: "backup/x".into(),
+                reason: "no".into(),
+                origin: Origin::Peer,
+                dir: true,
+            }
+        );
+        let here = Event::of_outcome("./src/x".into(), &Outcome::Failed("no".into()), 0);
+        assert_eq!(here.clone().named_for(Origin::Peer, labels), here);
+        let done = Event::of_outcome("./src/x".into(), &Outcome::Ok, 3);
+        assert_eq!(done.clone().failed_at(Origin::Peer, true), done);
     }
 }

@@ -43,7 +43,7 @@ use crate::conn::{
     watch_for_stall,
 };
 use crate::error::{EngineError, Op, Refusal, RefusalReason, Side, TlsError, reason};
-use crate::events::{Event, EventSink, SERVER_LISTED, Tally};
+use crate::events::{Event, EventSink, Origin, SERVER_LISTED, Tally};
 use crate::filter::Filter;
 use crate::fsx;
 use crate::policy::{Grant, LivePolicy, Policy};
@@ -678,14 +678,31 @@ impl EventSink for LogEvents {
             // cost a tree of small files a fifth of its time): the session
             // ends with a summary; `RUST_LOG=debug` lists every file.
             Event::FileDone { path, size } => debug!("{} {path} ({size} bytes)", self.verb),
-            Event::FileFailed { path, reason } => warn!("{path}: {reason}"),
+            Event::FileFailed {
+                path,
+                reason,
+                origin,
+                ..
+            } => warn!("{}{path}: {reason}", side(origin)),
             Event::Skipped { path, reason } => info!("skipped {path}: {reason}"),
-            Event::FileIncomplete { path, reason } => {
-                warn!("{path}: {reason} (kept for a resume)")
-            }
+            Event::FileIncomplete {
+                path,
+                reason,
+                origin,
+                ..
+            } => warn!("{}{path}: {reason} (kept for a resume)", side(origin)),
             Event::Resumed { path, bytes } => info!("resuming {path}: {bytes} bytes already here"),
             _ => {}
         }
+    }
+}
+
+/// How the log names the side an entry failed on: its client's, if not
+/// here.
+fn side(origin: Origin) -> &'static str {
+    match origin {
+        Origin::Here => "",
+        Origin::Peer => "client: ",
     }
 }
 
@@ -936,8 +953,12 @@ async fn say_goodbye(writer: &mut FrameWriter<BoxWrite>, result: &Result<(), Eng
 /// The one log line that sums up a session.
 fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, started: Instant) {
     let report = tally.report();
+    let dirs = match report.dirs_failed {
+        0 => String::new(),
+        n => format!(" ({n} directories failed)"),
+    };
     info!(
-        "{verb} {}: {} ok ({} unchanged), {} failed, {} incomplete, {} skipped, {} bytes in {:.1} s",
+        "{verb} {}: {} ok ({} unchanged), {} failed{dirs}, {} incomplete, {} skipped, {} bytes in {:.1} s",
         if result.is_ok() {
             "complete"
         } else {
@@ -945,9 +966,9 @@ fn log_summary(verb: &str, result: &Result<(), EngineError>, tally: &Tally, star
         },
         report.files_ok,
         report.files_unchanged,
-        report.failed.len() as u64 + report.unlisted.failed,
-        report.incomplete.len() as u64 + report.unlisted.incomplete,
-        report.skipped.len() as u64 + report.unlisted.skipped,
+        report.files_failed,
+        report.files_incomplete,
+        report.files_skipped,
         report.file_bytes,
         started.elapsed().as_secs_f64()
     );

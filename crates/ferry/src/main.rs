@@ -292,7 +292,13 @@ async fn run_transfer_with(
         ));
     }
     check_atomic(opts)?;
-    let ui = Ui::new(ui_mode(opts), opts.verbose).itemizing(opts.itemize, opts.dry_run);
+    let own_root = match &plan.server {
+        Target::InProcess { root } => Some(root.as_path()),
+        Target::Remote(_) => None,
+    };
+    let ui = Ui::new(ui_mode(opts), opts.verbose)
+        .itemizing(opts.itemize, opts.dry_run)
+        .serving(own_root);
     let ui = Arc::new(if opts.check { ui.checking() } else { ui });
     let cancel = CancellationToken::new();
     tokio::spawn(interrupt_handler(cancel.clone()));

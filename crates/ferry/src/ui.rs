@@ -6,7 +6,7 @@ use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ferry_engine::events::{Event, EventSink, TransferReport, TransferSummary};
+use ferry_engine::events::{Event, EventSink, Failure, Origin, TransferReport, TransferSummary};
 use ferry_engine::{Change, EntryKind, HeldBack};
 
 use crate::listing;
@@ -40,6 +40,9 @@ pub struct Ui {
     check: bool,
     /// `ferry ls`: a line for each entry listed, and no summary.
     listing: bool,
+    /// The server is this process's own, serving this local directory (a
+    /// local copy): what fails there is named in it, not on a server.
+    peer_root: Option<String>,
     bar: Option<ProgressBar>,
     state: Mutex<State>,
 }
@@ -73,9 +76,18 @@ impl Ui {
             dry_run: false,
             check: false,
             listing: false,
+            peer_root: None,
             bar,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// The same, for a copy whose server is this process's own, serving
+    /// the local directory `root`.
+    pub fn serving(mut self, root: Option<&std::path::Path>) -> Ui {
+        use std::os::unix::ffi::OsStrExt;
+        self.peer_root = root.map(|r| ferry_engine::escape(r.as_os_str().as_bytes()));
+        self
     }
 
     /// The same, with a line for each entry that changes; in a `dry_run`,
@@ -180,8 +192,9 @@ impl Ui {
                 "to": to,
                 "files_total": r.files_total,
                 "files_ok": r.files_ok,
-                "files_failed": r.failed.len(),
-                "files_skipped": r.skipped.len(),
+                "files_failed": r.files_failed,
+                "files_skipped": r.files_skipped,
+                "dirs_failed": r.dirs_failed,
                 "vanished": r.vanished,
                 "deleted": r.deleted,
                 "dry_run": self.dry_run,
@@ -196,12 +209,38 @@ impl Ui {
                 "wire_bytes": r.wire_bytes,
                 "elapsed_secs": secs,
                 "bytes_per_sec": rate,
-                "failed": r.failed.iter().map(|(p, why)| json!({"path": p, "reason": why})).collect::<Vec<_>>(),
+                "failed": r.failed.iter().map(|f| self.failure_json(f)).collect::<Vec<_>>(),
             })),
             Mode::Human if self.check => self.out(&check_summary(r, from, to)),
             Mode::Human if self.dry_run => self.out(&dry_run_summary(r, from, to)),
-            Mode::Human => self.out(&human_summary(r, from, to, secs)),
+            Mode::Human => {
+                let failures: Vec<String> = r.failed.iter().map(|f| self.failure_line(f)).collect();
+                self.out(&human_summary(r, (from, to), secs, &failures))
+            }
         }
+    }
+
+    /// Where an entry failed, as the user is told: the side (`local` or
+    /// `server`) and the path there.
+    fn side_of(&self, path: &str, origin: Origin) -> (&'static str, String) {
+        match (origin, &self.peer_root) {
+            (Origin::Here, _) => ("local", path.to_string()),
+            (Origin::Peer, None) => ("server", path.to_string()),
+            (Origin::Peer, Some(root)) => ("local", format!("{root}/{path}")),
+        }
+    }
+
+    /// A failure as a line: `server: PATH: why` or `PATH: why`.
+    fn failure_line(&self, f: &Failure) -> String {
+        match self.side_of(&f.path, f.origin) {
+            ("server", path) => format!("server: {path}: {}", f.reason),
+            (_, path) => format!("{path}: {}", f.reason),
+        }
+    }
+
+    fn failure_json(&self, f: &Failure) -> serde_json::Value {
+        let (side, path) = self.side_of(&f.path, f.origin);
+        json!({"path": path, "reason": f.reason, "side": side, "dir": f.dir})
     }
 }
 
@@ -212,12 +251,32 @@ impl EventSink for Ui {
             Event::FileStarted { path, .. } => self.file_started(&path),
             Event::Bytes { n } => self.bytes(n),
             Event::FileDone { path, size } => self.file_done(&path, size),
-            Event::FileFailed { path, reason } => self.file_failed(&path, &reason),
+            Event::FileFailed {
+                path,
+                reason,
+                origin,
+                dir,
+            } => self.file_failed(Failure {
+                path,
+                reason,
+                origin,
+                dir,
+            }),
             Event::Skipped { path, reason } => self.skipped(&path, &reason),
             Event::Vanished { path } => self.vanished(&path),
             Event::Unchanged { path, size } => self.unchanged(&path, size),
             Event::Resumed { path, bytes } => self.resumed(&path, bytes),
-            Event::FileIncomplete { path, reason } => self.file_incomplete(&path, &reason),
+            Event::FileIncomplete {
+                path,
+                reason,
+                origin,
+                dir,
+            } => self.file_incomplete(Failure {
+                path,
+                reason,
+                origin,
+                dir,
+            }),
             Event::Changed {
                 path, what, dir, ..
             } => self.changed(&path, &what, dir),
@@ -322,12 +381,17 @@ impl Ui {
         }
     }
 
-    fn file_failed(&self, path: &str, reason: &str) {
-        self.settle();
-        if self.mode == Mode::Json {
-            self.json(json!({"event": "file_failed", "path": path, "reason": reason}));
+    fn file_failed(&self, f: Failure) {
+        // A directory is not among the files counted.
+        if !f.dir {
+            self.settle();
         }
-        self.err(&format!("ferry: {path}: {reason}"));
+        if self.mode == Mode::Json {
+            let mut event = self.failure_json(&f);
+            event["event"] = json!("file_failed");
+            self.json(event);
+        }
+        self.err(&format!("ferry: {}", self.failure_line(&f)));
     }
 
     fn skipped(&self, path: &str, reason: &str) {
@@ -379,16 +443,21 @@ impl Ui {
         }
     }
 
-    fn file_incomplete(&self, path: &str, reason: &str) {
-        self.settle();
+    fn file_incomplete(&self, f: Failure) {
+        if !f.dir {
+            self.settle();
+        }
         match self.mode {
             Mode::Json => {
-                self.json(json!({"event": "file_incomplete", "path": path, "reason": reason}))
+                let mut event = self.failure_json(&f);
+                event["event"] = json!("file_incomplete");
+                self.json(event)
             }
             // The retry line says it too; the summary lists what never
             // arrived.
             Mode::Human if self.verbose => self.err(&format!(
-                "ferry: warning: {path}: {reason}; it will be sent again"
+                "ferry: warning: {}; it will be sent again",
+                self.failure_line(&f)
             )),
             _ => {}
         }
@@ -533,8 +602,14 @@ impl Ui {
     }
 }
 
-/// The closing summary for people (the seed's shape).
-fn human_summary(r: &TransferReport, from: &str, to: &str, secs: f64) -> String {
+/// The closing summary for people (the seed's shape); `failures`: a line
+/// for each failed entry.
+fn human_summary(
+    r: &TransferReport,
+    (from, to): (&str, &str),
+    secs: f64,
+    failures: &[String],
+) -> String {
     let rate = if secs > 0.0 {
         r.file_bytes as f64 / secs
     } else {
@@ -554,10 +629,7 @@ fn human_summary(r: &TransferReport, from: &str, to: &str, secs: f64) -> String 
         format!("{heading}: {from} -> {to}"),
         format!(
             "  - files:    {} total, {} ok ({percent:.1}%), {} failed, {} skipped",
-            r.files_total,
-            r.files_ok,
-            r.failed.len(),
-            r.skipped.len()
+            r.files_total, r.files_ok, r.files_failed, r.files_skipped
         ),
         format!(
             "  - size:     {}{}",
@@ -572,6 +644,9 @@ fn human_summary(r: &TransferReport, from: &str, to: &str, secs: f64) -> String 
         format!("  - average:  {}/s", human_bytes(rate as u64)),
         format!("  - elapsed:  {secs:.2} s{}", retried(r.retries)),
     ];
+    if r.dirs_failed > 0 {
+        lines.push(format!("  - dirs:     {} failed", r.dirs_failed));
+    }
     if r.deleted > 0 || !r.delete_failed.is_empty() {
         lines.push(format!(
             "  - deleted:  {} ({} could not be)",
@@ -585,13 +660,13 @@ fn human_summary(r: &TransferReport, from: &str, to: &str, secs: f64) -> String 
             r.vanished.len()
         ));
     }
-    if !r.failed.is_empty() {
+    if !failures.is_empty() {
         lines.push("Failed:".to_string());
-        for (path, why) in r.failed.iter().take(FAILURES_LISTED) {
-            lines.push(format!("  - {path}: {why}"));
+        for line in failures.iter().take(FAILURES_LISTED) {
+            lines.push(format!("  - {line}"));
         }
-        if r.failed.len() > FAILURES_LISTED {
-            lines.push(format!("  … and {} more", r.failed.len() - FAILURES_LISTED));
+        if failures.len() > FAILURES_LISTED {
+            lines.push(format!("  … and {} more", failures.len() - FAILURES_LISTED));
         }
     }
     lines.join("\n")

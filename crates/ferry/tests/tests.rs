@@ -39,6 +39,8 @@ mod backup;
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.
 mod hostile_parts;
+// Which side failed and where: the server's failures under its paths, counts that add up.
+mod sides;
 // Read-only and write-only servers, and idle connections that must not lock clients out.
 mod access;
 mod tls;

@@ -22,7 +22,7 @@ use super::itemize::{self, Existing};
 use super::rules::{self, EntryOrder};
 use super::{Destination, Inbound, place};
 use crate::error::{EngineError, Side, Violation};
-use crate::events::{Event, EventSink, Tally, display_name, peer_text, rebase};
+use crate::events::{Event, EventSink, Origin, Tally, display_name, peer_text, rebase};
 
 pub(crate) struct Preview {
     dest: Destination,
@@ -37,6 +37,9 @@ pub(crate) struct Preview {
     end_seen: bool,
     /// The sender's side: who speaks in an `error` it sends.
     peer: Side,
+    /// The entry being answered because the sender aborted it: its
+    /// failure is the sender's.
+    aborted: Option<u64>,
 }
 
 impl Preview {
@@ -57,6 +60,7 @@ impl Preview {
             deletions,
             end_seen: false,
             peer,
+            aborted: None,
         })
     }
 
@@ -119,6 +123,7 @@ impl Preview {
             Message::Abort { id, reason, .. } => match self.open_dirs.remove(&id) {
                 Some((display, _)) => {
                     let failed = Outcome::Failed(peer_text(&reason));
+                    self.aborted = Some(id);
                     self.answer(id, display, failed, Vec::new(), (0, true))
                 }
                 // A file, answered already: nothing of it was to come.
@@ -284,9 +289,19 @@ impl Preview {
                 self.push(Message::Changes { id, what })?;
             }
         }
+        // A failure is ours, unless the sender aborted the entry.
+        let origin = match self.aborted.take() == Some(id) {
+            true => Origin::Peer,
+            false => Origin::Here,
+        };
+        let labels = (self.dest.label.as_str(), self.dest.dest_label.as_str());
         match (dir, &outcome) {
             (true, Outcome::Ok) => self.tally.settled(),
-            _ => self.tally.event(Event::of_outcome(display, &outcome, size)),
+            _ => self.tally.event(
+                Event::of_outcome(display, &outcome, size)
+                    .failed_at(origin, dir)
+                    .named_for(Origin::Here, labels),
+            ),
         }
         self.push(Message::Outcome { id, outcome })
     }

@@ -3,7 +3,7 @@
 //! the rules (`rules.rs`) what each means, carries that out through
 //! `place.rs`, and queues the replies for the writer.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use super::{DataGate, Destination, Inbound, Publish};
 use crate::budget::{self, HELD_ENTRY_MEMORY, Held};
 use crate::codec::{ChunkDecoder, ReadChunk};
 use crate::error::{EngineError, Side, Violation, reason};
-use crate::events::{Event, EventSink, Tally, display_name, peer_text, rebase};
+use crate::events::{Event, EventSink, Origin, Tally, display_name, peer_text, rebase};
 use crate::journal::ChunkRecord;
 
 /// During a long local job (checking a big journal against its part
@@ -113,6 +113,9 @@ pub(crate) struct Worker {
     /// `--itemize`: what placing each open entry changes, and whether it
     /// is a directory, until it is answered.
     changes: HashMap<u64, (Vec<Change>, bool)>,
+    /// Entries the sender aborted, until answered: their failure is the
+    /// sender's.
+    aborted: HashSet<u64>,
 }
 
 impl Worker {
@@ -143,6 +146,7 @@ impl Worker {
             failed_at: None,
             deletions,
             changes: HashMap::new(),
+            aborted: HashSet::new(),
         })
     }
 
@@ -284,11 +288,31 @@ impl Worker {
         outcome: Outcome,
         size: u64,
     ) -> Result<(), EngineError> {
+        self.answer(id, display, outcome, size, false)
+    }
+
+    /// [`Self::verdict`], of a directory if `dir`. A failure is named
+    /// where it happened: the sender's (it aborted the entry) as the
+    /// sender has it, ours in the destination.
+    fn answer(
+        &mut self,
+        id: u64,
+        display: String,
+        outcome: Outcome,
+        size: u64,
+        dir: bool,
+    ) -> Result<(), EngineError> {
         if let Some(deletions) = &mut self.deletions {
             deletions.answered(&outcome);
         }
         self.tell_changes(id, &display, &outcome, size)?;
-        self.tally.event(Event::of_outcome(display, &outcome, size));
+        let origin = match self.aborted.remove(&id) {
+            true => Origin::Peer,
+            false => Origin::Here,
+        };
+        let labels = (self.dest.label.as_str(), self.dest.dest_label.as_str());
+        let event = Event::of_outcome(display, &outcome, size).failed_at(origin, dir);
+        self.tally.event(event.named_for(Origin::Here, labels));
         self.reply(Message::Outcome { id, outcome })
     }
 
@@ -428,7 +452,7 @@ impl Worker {
                     outcome: Outcome::Ok,
                 })
             }
-            Some(why) => self.verdict(id, display, Outcome::Failed(why), 0),
+            Some(why) => self.answer(id, display, Outcome::Failed(why), 0, true),
         }
     }
 
@@ -948,6 +972,7 @@ impl Worker {
     fn abort(&mut self, id: u64, why: &str, transient: bool) -> Result<(), EngineError> {
         let why = peer_text(why);
         if self.files.contains_key(&id) {
+            self.aborted.insert(id);
             let outcome = if transient {
                 Outcome::Incomplete(why)
             } else {
@@ -957,6 +982,7 @@ impl Worker {
         }
         if let Some(d) = self.dirs.get_mut(id) {
             d.failure = Some(why);
+            self.aborted.insert(id);
             return Ok(());
         }
         Ok(self.order.settled_already("abort", id)?)
@@ -982,7 +1008,10 @@ impl Worker {
         for (id, d) in finished {
             let io = d.io;
             let failure = match place::set_dir_metadata(&io.fd, io.owner, io.mode, io.mtime) {
-                Err(e) => Some(format!("cannot set directory metadata: {}", reason(&e))),
+                Err(e) => {
+                    self.aborted.remove(&id); // then the failure is ours
+                    Some(format!("cannot set directory metadata: {}", reason(&e)))
+                }
                 Ok(()) => d.failure,
             };
             self.dir_verdict(id, io.display, failure)?;

@@ -18,8 +18,9 @@ use crate::error::EngineError;
 use crate::filter::Filter;
 use crate::fsx::{self, Root};
 
-/// Count the files (and symlinks and nodes) and bytes below a root; the
-/// totals come on the channel when they are ready.
+/// Count the entries that are not directories (files, symlinks, nodes,
+/// special files, the unreadable) and the bytes below a root; the totals
+/// come on the channel when they are ready.
 pub(super) fn count_in_background(
     root: &Root,
     filter: &Filter,
@@ -29,7 +30,7 @@ pub(super) fn count_in_background(
         Root::Dir(..) => None,
         Root::File(_, stat) => Some((1, stat.st_size as u64)),
         Root::Symlink(..) | Root::Node(_) => Some((1, 0)),
-        Root::Special(_) => Some((0, 0)),
+        Root::Special(_) => Some((1, 0)),
     };
     if let Some(totals) = known {
         let _ = tx.send(totals);
@@ -125,11 +126,14 @@ impl Visitor for Counter {
         Ok(())
     }
 
+    // Sent to be skipped, and failed: each settles as a file does.
     fn special(&mut self, _: &WirePath, _: &'static str) -> Result<(), Infallible> {
+        self.files += 1;
         Ok(())
     }
 
     fn unreadable(&mut self, _: &WirePath, _: io::Error) -> Result<(), Infallible> {
+        self.files += 1;
         Ok(())
     }
 
@@ -164,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn the_count_takes_fifos_which_are_made_and_not_sockets_which_are_not() {
+    fn the_count_takes_fifos_which_are_made_and_sockets_which_are_skipped() {
         let tmp = tempfile::tempdir().unwrap();
         let fifo = tmp.path().join("fifo");
         rustix::fs::mknodat(
@@ -179,8 +183,10 @@ mod tests {
         let Root::Dir(fd, _) = fsx::open_local_root(tmp.path()).unwrap() else {
             panic!("not a directory")
         };
-        assert_eq!(count(&fd, Filter::default()), (1, 0));
-        // The same holds for a fifo named as the root.
+        // Each settles (made, or skipped) and counts in the summary's
+        // total: the progress total counts it too.
+        assert_eq!(count(&fd, Filter::default()), (2, 0));
+        // A fifo named as the root is one too.
         let root = fsx::open_local_root(&fifo).unwrap();
         assert!(matches!(root, Root::Node(_)));
         assert_eq!(

@@ -40,7 +40,7 @@ use crate::conn::{
     DataConn, FrameReader, FrameWriter, for_each_data_conn, pump_control, pump_data,
 };
 use crate::error::{EngineError, PeerFailure, Side, Violation};
-use crate::events::{Event, EventSink, Tally, peer_text};
+use crate::events::{Event, EventSink, Origin, Tally, peer_text};
 use crate::filter::Filter;
 use crate::fsx::Root;
 use ferry_proto::path::escape;
@@ -256,7 +256,10 @@ impl Replies {
                     }
                     Message::Outcome { .. } => {
                         tally.settled();
-                        events.extend(state.take_in(msg)?);
+                        let labels = (self.labels.0.as_str(), self.labels.1.as_str());
+                        // The receiver's failure is named where it happened.
+                        let named = |e: Event| e.named_for(Origin::Peer, labels);
+                        events.extend(state.take_in(msg)?.map(named));
                     }
                     Message::Error {
                         code,

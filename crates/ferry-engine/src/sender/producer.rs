@@ -19,7 +19,7 @@ use super::frames::{Chunks, Output, Source};
 use super::rules::{Links, Next, PlanQueue, Planned, Stamp, Unanswered, counted};
 use super::walk::{self, Lazy, Visitor};
 use crate::error::{EngineError, reason};
-use crate::events::{Event, EventSink, Tally, display_name};
+use crate::events::{Event, EventSink, Origin, Tally, display_name};
 use crate::filter::Filter;
 use crate::fsx::{self, Root};
 
@@ -225,6 +225,8 @@ impl Producer {
     /// Give up on file or directory `id`; `transient` when sending it
     /// again later may work (it changed while being read).
     fn abort(&mut self, id: u64, why: String, transient: bool) -> Result<(), EngineError> {
+        // The receiver's outcome will repeat it: the failure is ours.
+        self.inbox.lock().aborted(id, &why);
         self.out.send(&Message::Abort {
             id,
             reason: why,
@@ -328,6 +330,8 @@ impl Visitor for Producer {
                 self.tally.event(Event::FileFailed {
                     path: format!("{}/{}", display_name(&self.label, parent), escape(name)),
                     reason: e.to_string(),
+                    origin: Origin::Here,
+                    dir: false,
                 });
                 None
             }
@@ -479,9 +483,13 @@ impl Visitor for Producer {
         if e.kind() == io::ErrorKind::NotFound {
             return self.vanished(path);
         }
+        // Counted as the count ahead counts it: it settles, failed.
+        self.totals.walked.0 += 1;
         self.tally.event(Event::FileFailed {
             path: display_name(&self.label, path),
             reason: reason(&e),
+            origin: Origin::Here,
+            dir: false,
         });
         Ok(())
     }

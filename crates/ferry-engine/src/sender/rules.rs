@@ -28,7 +28,7 @@ use ferry_proto::message::{Change, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WireBytes, WirePath};
 
 use crate::error::{EngineError, Role, Violation};
-use crate::events::{Event, display_name, peer_outcome, peer_text, rebase};
+use crate::events::{Event, Origin, display_name, peer_outcome, peer_text, rebase};
 
 /// Entries sent and not answered yet, at most, in all: each is remembered
 /// (its name, for the report) until its outcome comes. A receiver answers
@@ -105,15 +105,17 @@ impl Stamp {
 }
 
 /// The bytes an entry adds to the walk's totals, if it counts as a file
-/// there: what the receiver makes counts (the bytes of a file once, its
-/// other names as links with none), as in the totals counted ahead.
+/// there: every entry but a directory, as it settles as one (the bytes of
+/// a file once, its other names as links with none), as in the totals
+/// counted ahead.
 pub(super) fn counted(kind: &EntryKind) -> Option<u64> {
     match kind {
         EntryKind::File { size, .. } => Some(*size),
         EntryKind::Symlink { .. }
         | EntryKind::Hardlink { .. }
         | EntryKind::Fifo { .. }
-        | EntryKind::Device { .. } => Some(0),
+        | EntryKind::Device { .. }
+        | EntryKind::Special { .. } => Some(0),
         _ => None,
     }
 }
@@ -128,6 +130,10 @@ pub(super) fn counted(kind: &EntryKind) -> Option<u64> {
 #[derive(Default)]
 pub(super) struct InboxState {
     unanswered: HashMap<u64, Unanswered>,
+    /// Unanswered entries we aborted, with the reason we gave: a failure
+    /// the receiver reports in those words is ours (it may have failed
+    /// the entry on its own before the abort came).
+    aborts: HashMap<u64, String>,
     /// How many of the unanswered entries are directories, and the bytes
     /// of their names.
     unanswered_dirs: usize,
@@ -192,6 +198,14 @@ impl InboxState {
     pub(super) fn planned(&mut self, id: u64) {
         if let Some(e) = self.unanswered.get_mut(&id) {
             e.awaiting_plan = false;
+        }
+    }
+
+    /// Entry `id` is aborted, for `reason`.
+    pub(super) fn aborted(&mut self, id: u64, reason: &str) {
+        if self.unanswered.contains_key(&id) {
+            // As the receiver takes it in, and so repeats it.
+            self.aborts.insert(id, peer_text(reason));
         }
     }
 
@@ -287,8 +301,10 @@ impl InboxState {
         }
     }
 
-    /// Forget entry `id`, answered; a file's outcome is its event.
+    /// Forget entry `id`, answered; a file's outcome is its event. A
+    /// failure is the receiver's, unless it repeats our abort.
     fn settle(&mut self, id: u64, outcome: Outcome) -> Result<Option<Event>, EngineError> {
+        let ours = self.aborts.remove(&id);
         let Some(Unanswered {
             path, size, is_dir, ..
         }) = self.unanswered.remove(&id)
@@ -304,7 +320,14 @@ impl InboxState {
         if is_dir && outcome == Outcome::Ok {
             return Ok(None);
         }
-        Ok(Some(Event::of_outcome(path, &peer_outcome(outcome), size)))
+        let origin = match (&outcome, ours) {
+            (Outcome::Failed(why) | Outcome::Incomplete(why), Some(ours)) if *why == ours => {
+                Origin::Here
+            }
+            _ => Origin::Peer,
+        };
+        let event = Event::of_outcome(path, &peer_outcome(outcome), size);
+        Ok(Some(event.failed_at(origin, is_dir)))
     }
 }
 
@@ -876,7 +899,7 @@ mod tests {
     }
 
     #[test]
-    fn the_walk_counts_what_the_receiver_makes() {
+    fn the_walk_counts_every_entry_that_settles_but_directories() {
         let file = EntryKind::File {
             size: 5,
             mode: 0o644,
@@ -893,11 +916,12 @@ mod tests {
             mtime: Default::default(),
         };
         assert_eq!(counted(&dir), None);
+        // Skipped, and counted in the summary's total as skipped.
         assert_eq!(
             counted(&EntryKind::Special {
                 what: "socket".into()
             }),
-            None
+            Some(0)
         );
     }
 }

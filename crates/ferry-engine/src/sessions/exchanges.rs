@@ -10,7 +10,7 @@ use ferry_proto::message::{ErrorCode, Message, Outcome};
 use super::harness::{Receiving, content};
 use super::pair::{Link, assert_same_tree, chunk_of, exchange, flipped, message_of};
 use crate::error::{EngineError, Side, Violation};
-use crate::events::Event;
+use crate::events::{Event, Origin};
 use crate::receiver::Inbound;
 
 const MIB: usize = 1024 * 1024;
@@ -178,7 +178,10 @@ fn a_chunk_damaged_on_the_way_is_all_that_comes_again() {
     first.assert_ok();
     let incomplete = &first.sent.incomplete;
     assert_eq!(incomplete.len(), 1, "{incomplete:?}");
-    assert_eq!(incomplete[0].0, "src/sub/deeper/big");
+    // The receiver found it damaged: named in the destination, the
+    // receiver's.
+    assert_eq!(incomplete[0].path, "dst/sub/deeper/big");
+    assert_eq!(incomplete[0].origin, Origin::Peer);
     let second = exchange(&src, again(first.rx), Link::default());
     second.assert_ok();
     assert_same_tree(&src, &second.rx.dst());
@@ -236,7 +239,12 @@ fn a_source_that_shrinks_while_it_is_read_is_reported_and_not_placed() {
     ended.assert_ok();
     let incomplete = &ended.sent.incomplete;
     assert_eq!(incomplete.len(), 1, "{incomplete:?}");
-    assert!(incomplete[0].1.contains("shrank"), "{incomplete:?}");
+    assert!(incomplete[0].reason.contains("shrank"), "{incomplete:?}");
+    // The sender's own abort: its failure, under its name.
+    assert_eq!(
+        (incomplete[0].path.as_str(), incomplete[0].origin),
+        ("src/sub/deeper/big", Origin::Here)
+    );
     assert!(!ended.rx.dst().join("sub/deeper/big").exists());
 }
 
@@ -262,7 +270,7 @@ fn assert_caught_changing(change: impl Fn(&Path)) {
     ended.assert_ok();
     let incomplete = &ended.sent.incomplete;
     assert!(
-        incomplete.len() == 1 && incomplete[0].1.contains("changed"),
+        incomplete.len() == 1 && incomplete[0].reason.contains("changed"),
         "{incomplete:?}"
     );
     assert!(!ended.rx.dst().join("big").exists());
