@@ -44,28 +44,98 @@ pub struct Ui {
     /// local copy): what fails there is named in it, not on a server.
     peer_root: Option<String>,
     bar: Option<ProgressBar>,
+    /// The counts, and every line that reports them, in one order: a
+    /// `progress` event never says less than the events before it.
     state: Mutex<State>,
 }
 
+/// How far the transfer is, as shown.
 #[derive(Default)]
 struct State {
-    files_total: u64,
-    files_settled: u64,
-    bytes_total: u64,
-    bytes_done: u64,
+    /// Files and bytes in the whole transfer, once the sender has counted
+    /// them (`None` until then: nothing is shown as a total before).
+    totals: Option<Counts>,
+    /// This attempt's entries settled (every one but a directory: done,
+    /// unchanged, failed, skipped, incomplete) and file bytes in place
+    /// (sent, resumed, or there already).
+    attempt: Counts,
+    /// What was shown when the last attempt failed. The next attempt
+    /// counts again what is in place (as unchanged, or resumed), and what
+    /// is shown is the larger: it never goes back, nor counts twice.
+    floor: Counts,
     last_json_progress: Option<Instant>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Counts {
+    files: u64,
+    bytes: u64,
+}
+
+impl State {
+    fn shown(&self) -> Counts {
+        Counts {
+            files: self.attempt.files.max(self.floor.files),
+            bytes: self.attempt.bytes.max(self.floor.bytes),
+        }
+    }
+
+    /// One more entry settled, with `bytes` in place that no `bytes` or
+    /// `resumed` event counted; the files shown now.
+    fn settle(&mut self, bytes: u64) -> u64 {
+        self.attempt.files += 1;
+        self.attempt.bytes += bytes;
+        self.shown().files
+    }
+
+    /// Whether this attempt is still counting again what an attempt
+    /// before it had counted.
+    fn catching_up(&self) -> bool {
+        self.attempt.files <= self.floor.files
+    }
+
+    /// Whether a `progress` event is due (at most one per
+    /// [`JSON_PROGRESS_EVERY`], unless `now`), and then what it says.
+    fn progress_due(&mut self, now: bool) -> Option<serde_json::Value> {
+        let due = now
+            || self
+                .last_json_progress
+                .is_none_or(|t| t.elapsed() >= JSON_PROGRESS_EVERY);
+        if !due {
+            return None;
+        }
+        self.last_json_progress = Some(Instant::now());
+        let shown = self.shown();
+        Some(json!({
+            "event": "progress",
+            "files_done": shown.files,
+            "files_total": self.totals.map(|t| t.files),
+            "bytes": shown.bytes,
+            "bytes_total": self.totals.map(|t| t.bytes),
+        }))
+    }
+}
+
+/// The bar until the totals are known: what is done so far, no total.
+const SO_FAR: &str = "{spinner} {prefix}, {bytes} so far  {binary_bytes_per_sec}  {wide_msg}";
+/// The bar once they are: 80 columns hold all but the current file.
+const OF_TOTAL: &str = concat!(
+    "{spinner} {bytes}/{total_bytes} [{bar:12}] {binary_bytes_per_sec} ETA {eta}",
+    "  {prefix}  {wide_msg}"
+);
+
+fn bar_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("the template is valid")
+        .progress_chars("=> ")
 }
 
 impl Ui {
     pub fn new(mode: Mode, verbose: bool) -> Ui {
         let bar = (mode == Mode::Human && std::io::stderr().is_terminal()).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            let style = ProgressStyle::with_template(
-                "{spinner} {bytes}/{total_bytes} [{bar:30}] {binary_bytes_per_sec} ETA {eta}  {msg}",
-            )
-            .expect("the template is valid")
-            .progress_chars("=> ");
-            bar.set_style(style);
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_style(bar_style(SO_FAR));
+            bar.set_prefix(files_shown(0, None));
             bar.enable_steady_tick(Duration::from_millis(120));
             bar
         });
@@ -315,76 +385,67 @@ impl EventSink for Ui {
 impl Ui {
     fn totals(&self, files: u64, bytes: u64) {
         let mut s = self.state();
-        s.files_total = files;
-        s.bytes_total = bytes;
+        let known = s.totals.is_some();
+        s.totals = Some(Counts { files, bytes });
         if let Some(bar) = &self.bar {
             bar.set_length(bytes);
+            if !known {
+                bar.set_style(bar_style(OF_TOTAL));
+            }
+        }
+        self.show(&mut s, true);
+    }
+
+    /// The counts in `s` shown: on the bar, and in a `progress` event
+    /// when one is due (`now`: at once). Called with the state locked, so
+    /// that the events are in the order of the counts.
+    fn show(&self, s: &mut State, now: bool) {
+        if let Some(bar) = &self.bar {
+            let shown = s.shown();
+            bar.set_position(shown.bytes);
+            bar.set_prefix(files_shown(shown.files, s.totals));
+        }
+        if self.mode == Mode::Json
+            && let Some(progress) = s.progress_due(now)
+        {
+            self.json(progress);
         }
     }
 
     fn file_started(&self, path: &str) {
         if let Some(bar) = &self.bar {
-            let s = self.state();
-            bar.set_message(format!(
-                "[{}/{}] {path}",
-                s.files_settled + 1,
-                s.files_total
-            ));
+            bar.set_message(path.to_string());
         }
     }
 
     fn bytes(&self, n: u64) {
         let mut s = self.state();
-        s.bytes_done += n;
-        if let Some(bar) = &self.bar {
-            bar.inc(n);
-        }
-        if self.mode == Mode::Json
-            && s.last_json_progress
-                .is_none_or(|t| t.elapsed() >= JSON_PROGRESS_EVERY)
-        {
-            s.last_json_progress = Some(Instant::now());
-            let value = json!({
-                "event": "progress",
-                "bytes": s.bytes_done,
-                "bytes_total": s.bytes_total,
-                "files_done": s.files_settled,
-                "files_total": s.files_total,
-            });
-            drop(s);
-            self.json(value);
-        }
-    }
-
-    /// Count one more file settled: how many are now, of how many.
-    fn settle(&self) -> (u64, u64) {
-        let mut s = self.state();
-        s.files_settled += 1;
-        (s.files_settled, s.files_total)
+        s.attempt.bytes += n;
+        self.show(&mut s, false);
     }
 
     fn file_done(&self, path: &str, size: u64) {
-        let settled = self.settle();
-        if self.dry_run {
-            // Nothing was done: its `changed` line says what would be.
-            return;
-        }
+        let mut s = self.state();
+        let n = s.settle(0);
+        // In a dry run nothing was done: its `changed` line says what
+        // would be.
         match self.mode {
+            _ if self.dry_run => {}
             Mode::Json => self.json(json!({"event": "file_done", "path": path, "bytes": size})),
             Mode::Human if self.verbose => self.out(&format!(
-                "[{}/{}] {path} ({})",
-                settled.0,
-                settled.1,
+                "{} {path} ({})",
+                numbered(n, s.totals),
                 human_bytes(size)
             )),
             _ => {}
         }
+        self.show(&mut s, false);
     }
 
     fn file_failed(&self, f: Failure) {
-        // A directory is not among the files counted.
+        let mut s = self.state();
         if !f.dir {
-            self.settle();
+            s.settle(0);
         }
         if self.mode == Mode::Json {
             let mut event = self.failure_json(&f);
@@ -392,18 +453,23 @@ impl Ui {
             self.json(event);
         }
         self.err(&format!("ferry: {}", self.failure_line(&f)));
+        self.show(&mut s, false);
     }
 
     fn skipped(&self, path: &str, reason: &str) {
+        let mut s = self.state();
+        s.settle(0);
         match self.mode {
             Mode::Json => self.json(json!({"event": "skipped", "path": path, "reason": reason})),
             Mode::Human => self.err(&format!("ferry: warning: skipped {path}: {reason}")),
             Mode::Quiet => {}
         }
+        self.show(&mut s, false);
     }
 
     /// Not an error of ferry's, but the copy lacks it: said even with
-    /// --quiet, as the exit status says it too.
+    /// --quiet, as the exit status says it too. Not counted: the source
+    /// no longer has it.
     fn vanished(&self, path: &str) {
         match self.mode {
             Mode::Json => self.json(json!({"event": "vanished", "path": path})),
@@ -414,25 +480,25 @@ impl Ui {
     }
 
     fn unchanged(&self, path: &str, size: u64) {
-        let settled = self.settle();
-        if let Some(bar) = &self.bar {
-            bar.inc(size);
-        }
+        let mut s = self.state();
+        let n = s.settle(size);
         match self.mode {
             Mode::Json => {
                 self.json(json!({"event": "file_unchanged", "path": path, "bytes": size}))
             }
-            Mode::Human if self.verbose => {
-                self.out(&format!("[{}/{}] {path} (unchanged)", settled.0, settled.1))
+            // After a retry, what the attempt before put in place is
+            // unchanged now: it was listed then.
+            Mode::Human if self.verbose && !s.catching_up() => {
+                self.out(&format!("{} {path} (unchanged)", numbered(n, s.totals)))
             }
             _ => {}
         }
+        self.show(&mut s, false);
     }
 
     fn resumed(&self, path: &str, bytes: u64) {
-        if let Some(bar) = &self.bar {
-            bar.inc(bytes);
-        }
+        let mut s = self.state();
+        s.attempt.bytes += bytes;
         match self.mode {
             Mode::Json => self.json(json!({"event": "resumed", "path": path, "bytes_held": bytes})),
             Mode::Human if self.verbose => self.out(&format!(
@@ -441,11 +507,13 @@ impl Ui {
             )),
             _ => {}
         }
+        self.show(&mut s, false);
     }
 
     fn file_incomplete(&self, f: Failure) {
+        let mut s = self.state();
         if !f.dir {
-            self.settle();
+            s.settle(0);
         }
         match self.mode {
             Mode::Json => {
@@ -461,6 +529,7 @@ impl Ui {
             )),
             _ => {}
         }
+        self.show(&mut s, false);
     }
 
     fn changed(&self, path: &str, what: &[Change], dir: bool) {
@@ -581,13 +650,11 @@ impl Ui {
 
     fn retry(&self, attempt: u32, delay: Duration, reason: &str) {
         {
-            // The next attempt counts from the start again.
+            // The next attempt counts from the start again; what is shown
+            // holds until it has counted past it.
             let mut s = self.state();
-            s.bytes_done = 0;
-            s.files_settled = 0;
-        }
-        if let Some(bar) = &self.bar {
-            bar.set_position(0);
+            s.floor = s.shown();
+            s.attempt = Counts::default();
         }
         let secs = delay.as_secs_f64();
         match self.mode {
@@ -600,6 +667,36 @@ impl Ui {
             Mode::Quiet => {}
         }
     }
+}
+
+/// `[n/total]` before an entry's `-v` line, or `[n]` while the total is
+/// not known.
+fn numbered(n: u64, totals: Option<Counts>) -> String {
+    match totals {
+        Some(t) => format!("[{n}/{}]", t.files),
+        None => format!("[{n}]"),
+    }
+}
+
+/// The files on the bar: `1,204 files` so far, or `1,204/2,000 files`.
+fn files_shown(n: u64, totals: Option<Counts>) -> String {
+    match totals {
+        Some(t) => format!("{}/{} files", thousands(n), thousands(t.files)),
+        None => format!("{} files", thousands(n)),
+    }
+}
+
+/// `1204` as `1,204`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
 }
 
 /// The closing summary for people (the seed's shape); `failures`: a line
@@ -766,6 +863,64 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_is_numbered_with_its_total_only_once_known() {
+        let totals = Some(Counts {
+            files: 1204,
+            bytes: 9,
+        });
+        assert_eq!(numbered(3, None), "[3]");
+        assert_eq!(numbered(3, totals), "[3/1204]");
+        assert_eq!(files_shown(1204, None), "1,204 files");
+        assert_eq!(files_shown(7, totals), "7/1,204 files");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn progress_says_null_until_the_totals_come_and_holds_across_a_retry() {
+        let mut s = State::default();
+        s.attempt.bytes += 100;
+        s.settle(0);
+        let first = s.progress_due(false).expect("the first is due at once");
+        assert_eq!(first["files_total"], serde_json::Value::Null);
+        assert_eq!(first["bytes_total"], serde_json::Value::Null);
+        assert_eq!(
+            (&first["files_done"], &first["bytes"]),
+            (&1.into(), &100.into())
+        );
+        assert!(s.progress_due(false).is_none(), "at most one per interval");
+        s.totals = Some(Counts {
+            files: 3,
+            bytes: 300,
+        });
+        s.settle(100);
+        // A retry: the next attempt counts from nothing, and settles again
+        // what the first put in place.
+        s.floor = s.shown();
+        s.attempt = Counts::default();
+        let again = s.settle(100);
+        assert_eq!((again, s.shown().bytes), (2, 200), "held, not back to 1");
+        assert!(s.catching_up());
+        s.settle(100);
+        assert_eq!((s.settle(0), s.shown().bytes), (3, 200));
+        assert!(!s.catching_up());
+        let now = s.progress_due(true).unwrap();
+        assert_eq!(
+            (&now["files_total"], &now["files_done"]),
+            (&3.into(), &3.into())
+        );
+    }
+
+    #[test]
+    fn both_bars_are_valid_templates() {
+        // Built only on a terminal: a mistake would show there first.
+        for template in [SO_FAR, OF_TOTAL] {
+            assert!(ProgressStyle::with_template(template).is_ok(), "{template}");
+        }
+    }
 
     #[test]
     fn sizes_read_well() {

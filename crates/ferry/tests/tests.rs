@@ -41,6 +41,8 @@ mod confinement;
 mod hostile_parts;
 // Which side failed and where: the server's failures under its paths, counts that add up.
 mod sides;
+// Progress: no total shown before it is known, counters that never go back.
+mod progress;
 // Read-only and write-only servers, and idle connections that must not lock clients out.
 mod access;
 mod tls;
