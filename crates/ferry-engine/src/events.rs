@@ -226,7 +226,6 @@ pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
 }
 
 /// The outcome of one transfer, as the side that ran it saw it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
 ///
 /// What counts: entries that are not directories (files, symlinks, hard
 /// links, nodes, special files), each once, whichever way it settled:
@@ -235,6 +234,7 @@ pub(crate) fn display_name(label: &str, path: &WirePath) -> String {
 /// left: what never arrived counts as failed). A directory that fails is
 /// counted in `dirs_failed` (what is inside it counts on its own), one
 /// that vanished in `vanished` only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TransferReport {
     /// Entries settled, as above.
     pub files_total: u64,
