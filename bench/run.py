@@ -811,11 +811,13 @@ class Rsync(Tool):
     links = True
     resyncs = True
 
-    def __init__(self, compress: bool):
+    def __init__(self, compress: bool, delete_after: bool = False):
         self.compress = compress
-        self.name = "rsync -z" if compress else "rsync"
+        self.delete_after = delete_after
+        self.name = "rsync -z" if compress else "rsync --delete-after" if delete_after else "rsync"
         # -z only where compression can pay: the text file, and the link.
-        self.datasets = ("text",) if compress else None
+        self.datasets = ("text",) if compress else RESYNC if delete_after else None
+        self.links = not delete_after
 
     def run(self, ctx: Ctx, ds: Dataset) -> RunResult:
         net = ds.net
@@ -840,6 +842,8 @@ class Rsync(Tool):
             restore_destination(ctx, ds)
             url = f"rsync://{net.server_host}:{port}/bench/{ds.name}"
             flags = ["-az" if self.compress else "-a"] + (["--delete"] if ds.resync else [])
+            if self.delete_after:
+                flags.append("--delete-after")
             # A trailing slash on a directory copies its contents into NAME,
             # so NAME mirrors the source like ferry's and scp's copies.
             src = f"{ds.path}/" if ds.kind == "tree" else str(ds.path)
@@ -944,6 +948,10 @@ def make_tools(args) -> list[Tool]:
         TarSocat(),
         Rsync(compress=False),
         Rsync(compress=True),
+        # Deletes once everything is in place, as ferry does. rsync's own
+        # default, --delete-during, goes with its incremental recursion;
+        # --delete-after needs the whole file list first and turns it off.
+        Rsync(compress=False, delete_after=True),
         Scp(args.scp_tree_runs),
     ] + baseline_tools(args.baseline)
 
@@ -960,7 +968,8 @@ def baseline_tools(baseline: Path | None) -> list[Tool]:
             Ferry(name="ferry-base-no-tls", tls=False, binary=exe)]
 
 
-TOOL_ALIASES = {"tar": "tar|socat", "rsync-z": "rsync -z", "socat-raw": "socat"}
+TOOL_ALIASES = {"tar": "tar|socat", "rsync-z": "rsync -z", "socat-raw": "socat",
+                "rsync-delete-after": "rsync --delete-after"}
 
 # apt package for each binary a tool needs.
 PACKAGES = {"rsync": "rsync", "socat": "socat", "sshd": "openssh-server", "scp": "openssh-client",
@@ -1080,7 +1089,7 @@ def run_all(ctx: Ctx, datasets: list[Dataset], tools: list[Tool], runs: int) -> 
 
 
 def one_run(ctx: Ctx, ds: Dataset, tool: Tool, series: Series, run_no: int, runs: int) -> None:
-    label = f"run {run_no}/{runs} {ds.name:<11} {tool.name:<17}"
+    label = f"run {run_no}/{runs} {ds.name:<11} {tool.name:<20}"
     remove(ctx.dst_root)  # not timed
     ctx.dst_root.mkdir(parents=True)
     ctx.restored = False
@@ -1152,11 +1161,16 @@ def resync_table(ds: Dataset, tools: list[Tool], results: dict) -> list[str]:
     what = ("nothing changed" if not ds.deleted and not ds.changed else
             f"{len(ds.changed):,} files changed (content appended, so the size differs; mtime a day later) "
             f"and {len(ds.deleted):,} deleted in the source")
+    # Ratios to rsync's default (what issue 16's targets name) and, if it
+    # ran, to rsync deleting after the transfer as ferry does.
+    peers = [t for t in ("rsync", "rsync --delete-after") if (ds.name, t) in results]
+    peer_s = {t: results[(ds.name, t)].median() for t in peers}
     lines = [f"### {ds.name}: `--delete` into a copy of pytree ({ds.files:,} files in the source), "
              f"{what}, loopback", "",
-             "| tool | median s | min–max s | every run, s | time / rsync's | peak RSS client MiB | peak RSS server MiB | runs |",
-             "|---|---:|---:|---|---:|---:|---:|---:|"]
-    rsync_s = results.get((ds.name, "rsync"), Series()).median()
+             "| tool | median s | min–max s | every run, s | "
+             + "".join(f"time / {md_escape(t)}'s | " for t in peers)
+             + "peak RSS client MiB | peak RSS server MiB | runs |",
+             "|---|---:|---:|---|" + "---:|" * len(peers) + "---:|---:|---:|"]
     for tool in tools:
         s = results.get((ds.name, tool.name))
         if s is None:
@@ -1166,13 +1180,14 @@ def resync_table(ds: Dataset, tools: list[Tool], results: dict) -> list[str]:
         med = s.median()
         if med is None:
             reason = s.failures[0] if s.failures else "no run"
-            lines.append(f"| {md_escape(tool.name)} | FAILED | – | – | – | – | – | {ok}/{total} ok: {md_escape(reason[:160])} |")
+            lines.append(f"| {md_escape(tool.name)} | FAILED | – | – | " + "– | " * len(peers)
+                         + f"– | – | {ok}/{total} ok: {md_escape(reason[:160])} |")
             continue
-        ratio = f"{med / rsync_s:.2f}" if rsync_s else "–"
+        ratios = "".join(f"{med / peer_s[t]:.2f} | " if peer_s[t] else "– | " for t in peers)
         every = ", ".join(f"{x:.2f}" for x in s.seconds)
         server = fmt_mib(s.server_rss) if isinstance(tool, Ferry) else "–"
         lines.append(f"| {md_escape(tool.name)} | {med:.3f} | {min(s.seconds):.3f}–{max(s.seconds):.3f} | {every} "
-                     f"| {ratio} | {fmt_mib(s.client_rss)} | {server} | {ok} |")
+                     f"| {ratios}{fmt_mib(s.client_rss)} | {server} | {ok} |")
     return lines + [""]
 
 
@@ -1293,6 +1308,10 @@ def resync_targets(results: dict) -> list[str]:
             ratio = f.median() / r.median()
             verdict = "PASS" if ratio <= most else "FAIL"
             measured = f"ferry {f.median():.3f} s / rsync {r.median():.3f} s = {ratio:.2f}"
+            after = results.get((ds, "rsync --delete-after"))
+            if after is not None and after.median():
+                measured += (f" (not the target: / rsync --delete-after {after.median():.3f} s = "
+                             f"{f.median() / after.median():.2f})")
         rows.append(f"| {what}: ferry ≤ {most:g}× rsync's time | {measured} | {verdict} |")
     return ["## Targets (issue 16)", "", "| target | measured (medians) | verdict |", "|---|---|---|", *rows, ""]
 
@@ -1351,7 +1370,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Data sets: big-random, text, small-20k, pytree (and the link case, "
-                                       "text-1gbit; the re-syncs with --delete, resync-same and resync-1pct). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, scp; ferry-base, ferry-base-no-tls with --baseline.")
+                                       "text-1gbit; the re-syncs with --delete, resync-same and resync-1pct). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, rsync-delete-after (re-syncs only), scp; ferry-base, ferry-base-no-tls with --baseline.")
     p.add_argument("--runs", type=int, help="interleaved runs per tool and data set (default 3, 1 with --quick)")
     p.add_argument("--datasets", help="comma list of data sets (default: all)")
     p.add_argument("--tools", help="comma list of tools (default: all)")
