@@ -15,6 +15,11 @@ A 1 Gbit/s case runs the server and the client in two network namespaces
 joined by a veth pair shaped with tc tbf (netem is not available on these
 kernels).
 
+The re-sync cases (issue 16) time `ferry up --delete` and `rsync -a --delete`
+bringing a copy of the Python tree up to date: unchanged, and with 1% of its
+files changed and 1% deleted. Their destination is restored to the previous
+version before every run instead of emptied.
+
 Python 3 standard library only; needs root (apt, network namespaces, sshd).
 See bench/README.md for how to read the output.
 """
@@ -32,6 +37,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import statistics
 import subprocess
 import sys
@@ -322,6 +328,15 @@ class Dataset:
     net: Net = LOOPBACK
     bytes: int = 0
     files: int = 0
+    # A re-sync case: the destination is this tree (copied with `cp -a`,
+    # untimed) before every run, and the tools run with --delete.
+    old: Path | None = None
+    changed: tuple[str, ...] = ()  # relative paths whose content differs from `old`
+    deleted: tuple[str, ...] = ()  # relative paths in `old` and not in the source
+
+    @property
+    def resync(self) -> bool:
+        return self.old is not None
 
 
 def tree_stats(path: Path) -> tuple[int, int]:
@@ -449,6 +464,66 @@ def dataset_specs(quick: bool, big_size: int | None) -> list[tuple[str, str, dic
     ]
 
 
+# The re-sync cases (issue 16): a destination that already holds the pytree
+# data set, brought up to date with --delete.
+RESYNC = ("resync-same", "resync-1pct")
+# In resync-1pct, of the source's regular files in sorted order, those at
+# these positions modulo RESYNC_EVERY are changed, and these deleted: 1% each.
+RESYNC_EVERY = 100
+RESYNC_CHANGE_AT = 17
+RESYNC_DELETE_AT = 67
+# Appended to each changed file, so its size changes too; its mtime moves a
+# day later.
+RESYNC_TAG = b"\n# changed by ferry's re-sync benchmark\n"
+RESYNC_MTIME_BUMP_NS = 86_400 * 10**9
+
+
+def resync_datasets(data_dir: Path, pytree: Dataset, names: list[str]) -> list[Dataset]:
+    """The re-sync cases, built on the pytree data set, which is also the
+    destination's state before every run (the previous deploy).
+
+    resync-same: the source is pytree itself; nothing has to change.
+    resync-1pct: a copy of pytree (`cp -al`: the sources are only read, and
+    every changed file is a new inode) with 1% of its files changed and 1%
+    deleted, chosen by position in sorted order so every run and every
+    machine with the same stdlib gets the same sample.
+    """
+    out = []
+    if "resync-same" in names:
+        out.append(Dataset("resync-same", "tree", pytree.path, pytree.spec, bytes=pytree.bytes,
+                           files=pytree.files, old=pytree.path))
+    if "resync-1pct" in names:
+        path = data_dir / "resync-1pct"
+        remove(path)
+        log(f"data set resync-1pct: deriving {path} from pytree ...")
+        run_cmd(["cp", "-al", str(pytree.path), str(path)])
+        files: list[str] = []
+        for root, dirs, names_ in os.walk(path):
+            dirs.sort()
+            for n in sorted(names_):
+                full = os.path.join(root, n)
+                if os.path.isfile(full) and not os.path.islink(full):
+                    files.append(os.path.relpath(full, path))
+        changed = tuple(f for i, f in enumerate(files) if i % RESYNC_EVERY == RESYNC_CHANGE_AT)
+        deleted = tuple(f for i, f in enumerate(files) if i % RESYNC_EVERY == RESYNC_DELETE_AT)
+        for rel in changed:
+            f = path / rel
+            st = f.stat()
+            data = f.read_bytes()
+            f.unlink()  # break the hard link: pytree itself must not change
+            f.write_bytes(data + RESYNC_TAG)
+            os.chmod(f, st.st_mode & 0o7777)
+            os.chown(f, st.st_uid, st.st_gid)
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + RESYNC_MTIME_BUMP_NS))
+        for rel in deleted:
+            (path / rel).unlink()
+        size, count = tree_stats(path)
+        log(f"data set resync-1pct: {len(changed)} files changed, {len(deleted)} deleted")
+        out.append(Dataset("resync-1pct", "tree", path, {"from": pytree.spec}, bytes=size, files=count,
+                           old=pytree.path, changed=changed, deleted=deleted))
+    return out
+
+
 def generate(name: str, path: Path, spec: dict) -> None:
     if name == "big-random":
         gen_random_file(path, spec["size"])
@@ -536,6 +611,9 @@ class Ctx:
     timeout: float
     streams: int | None
     run_no: int = 0
+    # Whether this run's re-sync destination was put in place (see
+    # restore_destination).
+    restored: bool = False
 
 
 @dataclass
@@ -544,6 +622,24 @@ class RunResult:
     landed: Path
     client_rss_kib: int = 0
     server_rss_kib: int = 0
+
+
+def restore_destination(ctx: Ctx, ds: Dataset) -> None:
+    """For a re-sync case, put the previous deploy in place: `cp -a` of the
+    old tree to where the tool will write, untimed and the same for every
+    tool. A full copy rather than hard links, so that nothing a tool does to
+    the destination's inodes can reach the next run's starting state.
+
+    Tools call it once their server listens, just before the clock starts:
+    a ferry server walks its whole root when it starts (the sweep of
+    abandoned part files, then hourly), which on a long-running server
+    happens long before a deploy; started over the empty root, that walk
+    costs nothing here, as it would cost nothing then.
+    """
+    if ds.old is None:
+        return
+    run_cmd(["cp", "-a", str(ds.old), str(ctx.dst_root / ds.name)], timeout=ctx.timeout)
+    ctx.restored = True
 
 
 def check_exit(p: Proc, what: str, timeout: float) -> None:
@@ -558,10 +654,13 @@ class Tool:
     datasets: tuple[str, ...] | None = None  # restrict to these data sets
     needs: tuple[str, ...] = ()  # binaries, installed with apt if missing
     links = False  # whether it runs in the 1 Gbit/s case
+    resyncs = False  # whether it runs the re-sync cases (it can delete)
 
     def supports(self, ds: Dataset) -> bool:
         if ds.net is LINK:
             return self.links
+        if ds.resync and not self.resyncs:
+            return False
         if ds.kind not in self.kinds:
             return False
         return self.datasets is None or ds.name in self.datasets
@@ -585,6 +684,7 @@ class Ferry(Tool):
 
     name = "ferry"
     links = True
+    resyncs = True
 
     def __init__(self, compress: str | None = None, name: str | None = None,
                  datasets: tuple[str, ...] | None = None, links: bool = True,
@@ -628,8 +728,11 @@ class Ferry(Tool):
                         "--port", str(port), "--root", str(ctx.dst_root)] + state),
             port, self.log_path(ctx, ds, "server"))
         try:
+            restore_destination(ctx, ds)
             argv = [self.exe(ctx), "up", str(ds.path), ds.name,
                     "--host", net.server_host, "--port", str(port), "-q"] + state
+            if ds.resync:
+                argv.append("--delete")
             if self.compress:
                 argv += ["--compress", self.compress]
             if ctx.streams is not None and self.streams_supported:
@@ -706,12 +809,15 @@ class Rsync(Tool):
 
     needs = ("rsync",)
     links = True
+    resyncs = True
 
-    def __init__(self, compress: bool):
+    def __init__(self, compress: bool, delete_after: bool = False):
         self.compress = compress
-        self.name = "rsync -z" if compress else "rsync"
+        self.delete_after = delete_after
+        self.name = "rsync -z" if compress else "rsync --delete-after" if delete_after else "rsync"
         # -z only where compression can pay: the text file, and the link.
-        self.datasets = ("text",) if compress else None
+        self.datasets = ("text",) if compress else RESYNC if delete_after else None
+        self.links = not delete_after
 
     def run(self, ctx: Ctx, ds: Dataset) -> RunResult:
         net = ds.net
@@ -733,14 +839,17 @@ class Rsync(Tool):
             net.server(["rsync", "--daemon", "--no-detach", f"--config={conf}"]),
             port, self.log_path(ctx, ds, "daemon"))
         try:
+            restore_destination(ctx, ds)
             url = f"rsync://{net.server_host}:{port}/bench/{ds.name}"
-            flags = "-az" if self.compress else "-a"
+            flags = ["-az" if self.compress else "-a"] + (["--delete"] if ds.resync else [])
+            if self.delete_after:
+                flags.append("--delete-after")
             # A trailing slash on a directory copies its contents into NAME,
             # so NAME mirrors the source like ferry's and scp's copies.
             src = f"{ds.path}/" if ds.kind == "tree" else str(ds.path)
             dest = f"{url}/" if ds.kind == "tree" else url
             t0 = time.perf_counter()
-            client = Proc(net.client(["rsync", flags, src, dest]),
+            client = Proc(net.client(["rsync", *flags, src, dest]),
                           self.log_path(ctx, ds, "client"), measure_rss=True)
             # rsync's client ends only after the daemon's final acknowledgement.
             check_exit(client, "rsync", ctx.timeout)
@@ -791,7 +900,7 @@ class Scp(Tool):
         run_cmd([sshd_path(), "-t", "-f", str(self.config)], timeout=30)
 
     def supports(self, ds: Dataset) -> bool:
-        return ds.net is LOOPBACK
+        return ds.net is LOOPBACK and not ds.resync
 
     def skip_run(self, ds: Dataset, run_no: int) -> bool:
         # scp takes 30-100 s per tree: --scp-tree-runs bounds the total time.
@@ -839,6 +948,10 @@ def make_tools(args) -> list[Tool]:
         TarSocat(),
         Rsync(compress=False),
         Rsync(compress=True),
+        # Deletes once everything is in place, as ferry does. rsync's own
+        # default, --delete-during, goes with its incremental recursion;
+        # --delete-after needs the whole file list first and turns it off.
+        Rsync(compress=False, delete_after=True),
         Scp(args.scp_tree_runs),
     ] + baseline_tools(args.baseline)
 
@@ -855,7 +968,8 @@ def baseline_tools(baseline: Path | None) -> list[Tool]:
             Ferry(name="ferry-base-no-tls", tls=False, binary=exe)]
 
 
-TOOL_ALIASES = {"tar": "tar|socat", "rsync-z": "rsync -z", "socat-raw": "socat"}
+TOOL_ALIASES = {"tar": "tar|socat", "rsync-z": "rsync -z", "socat-raw": "socat",
+                "rsync-delete-after": "rsync --delete-after"}
 
 # apt package for each binary a tool needs.
 PACKAGES = {"rsync": "rsync", "socat": "socat", "sshd": "openssh-server", "scp": "openssh-client",
@@ -900,6 +1014,43 @@ def verify(src: Path, landed: Path, kind: str, timeout: float) -> None:
         raise RunFailed("copy differs from the source: " + ("; ".join(first) or f"{argv[0]} exit {r.returncode}"))
 
 
+def tree_meta(root: Path) -> dict[str, tuple]:
+    """`root` and every entry below it with what `-a` keeps: kind, mode,
+    owner, mtime (to the nanosecond; not a symlink's) and size or target."""
+    st = os.lstat(root)
+    out: dict[str, tuple] = {".": ("dir", st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)}
+    for dirpath, dirs, files in os.walk(root):
+        for n in dirs + files:
+            full = os.path.join(dirpath, n)
+            st = os.lstat(full)
+            rel = os.path.relpath(full, root)
+            if stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", st.st_uid, st.st_gid, os.readlink(full))
+            else:
+                out[rel] = ("file", st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns)
+    return out
+
+
+def verify_resync(ds: Dataset, landed: Path) -> None:
+    """After a re-sync, beyond verify's content check: what the source lost
+    is gone, and every entry has the source's metadata, so the next re-sync
+    would find nothing to do (diff -r compares content only)."""
+    left = [rel for rel in ds.deleted if os.path.lexists(landed / rel)]
+    if left:
+        raise RunFailed(f"{len(left)} deleted file(s) still in the destination, e.g. {left[0]}")
+    want, got = tree_meta(ds.path), tree_meta(landed)
+    if want.keys() != got.keys():
+        extra = sorted(got.keys() - want.keys())[:3]
+        missing = sorted(want.keys() - got.keys())[:3]
+        raise RunFailed(f"entries differ from the source: extra {extra}, missing {missing}")
+    wrong = sorted(rel for rel in want if want[rel] != got[rel])
+    if wrong:
+        raise RunFailed(f"{len(wrong)} entries differ in metadata from the source, e.g. "
+                        f"{wrong[0]}: {want[wrong[0]]} != {got[wrong[0]]}")
+
+
 # ---------------------------------------------------------------------------
 # The interleaved runs
 # ---------------------------------------------------------------------------
@@ -938,12 +1089,17 @@ def run_all(ctx: Ctx, datasets: list[Dataset], tools: list[Tool], runs: int) -> 
 
 
 def one_run(ctx: Ctx, ds: Dataset, tool: Tool, series: Series, run_no: int, runs: int) -> None:
-    label = f"run {run_no}/{runs} {ds.name:<11} {tool.name:<17}"
+    label = f"run {run_no}/{runs} {ds.name:<11} {tool.name:<20}"
     remove(ctx.dst_root)  # not timed
     ctx.dst_root.mkdir(parents=True)
+    ctx.restored = False
     try:
         r = tool.run(ctx, ds)
+        if ds.resync and not ctx.restored:
+            raise BenchError(f"{tool.name} ran {ds.name} without restoring the destination first")
         verify(ds.path, r.landed, ds.kind, ctx.timeout)
+        if ds.resync:
+            verify_resync(ds, r.landed)
     except RunFailed as e:
         series.failures.append(str(e))
         log(f"{label} FAILED: {e}")
@@ -954,7 +1110,8 @@ def one_run(ctx: Ctx, ds: Dataset, tool: Tool, series: Series, run_no: int, runs
     series.client_rss.append(r.client_rss_kib)
     series.server_rss.append(r.server_rss_kib)
     rate = ds.bytes / 1e6 / r.seconds if r.seconds > 0 else float("inf")
-    log(f"{label} {r.seconds:8.3f} s  {rate:8.1f} MB/s  rss {r.client_rss_kib / 1024:.0f} MiB"
+    shown = "" if ds.resync else f"  {rate:8.1f} MB/s"  # a re-sync moves next to nothing
+    log(f"{label} {r.seconds:8.3f} s{shown}  rss {r.client_rss_kib / 1024:.0f} MiB"
         + (f" / server {r.server_rss_kib / 1024:.0f} MiB" if r.server_rss_kib else ""))
 
 
@@ -998,7 +1155,45 @@ def fmt_mib(kib_values: list[int]) -> str:
     return f"{max(values) / 1024:.0f}" if values else "–"
 
 
+def resync_table(ds: Dataset, tools: list[Tool], results: dict) -> list[str]:
+    """A re-sync moves next to nothing, so no MB/s: the time, its spread over
+    the runs, and the ratio to rsync's time that issue 16 sets targets for."""
+    what = ("nothing changed" if not ds.deleted and not ds.changed else
+            f"{len(ds.changed):,} files changed (content appended, so the size differs; mtime a day later) "
+            f"and {len(ds.deleted):,} deleted in the source")
+    # Ratios to rsync's default (what issue 16's targets name) and, if it
+    # ran, to rsync deleting after the transfer as ferry does.
+    peers = [t for t in ("rsync", "rsync --delete-after") if (ds.name, t) in results]
+    peer_s = {t: results[(ds.name, t)].median() for t in peers}
+    lines = [f"### {ds.name}: `--delete` into a copy of pytree ({ds.files:,} files in the source), "
+             f"{what}, loopback", "",
+             "| tool | median s | min–max s | every run, s | "
+             + "".join(f"time / {md_escape(t)}'s | " for t in peers)
+             + "peak RSS client MiB | peak RSS server MiB | runs |",
+             "|---|---:|---:|---|" + "---:|" * len(peers) + "---:|---:|---:|"]
+    for tool in tools:
+        s = results.get((ds.name, tool.name))
+        if s is None:
+            continue
+        ok = len(s.seconds)
+        total = ok + len(s.failures)
+        med = s.median()
+        if med is None:
+            reason = s.failures[0] if s.failures else "no run"
+            lines.append(f"| {md_escape(tool.name)} | FAILED | – | – | " + "– | " * len(peers)
+                         + f"– | – | {ok}/{total} ok: {md_escape(reason[:160])} |")
+            continue
+        ratios = "".join(f"{med / peer_s[t]:.2f} | " if peer_s[t] else "– | " for t in peers)
+        every = ", ".join(f"{x:.2f}" for x in s.seconds)
+        server = fmt_mib(s.server_rss) if isinstance(tool, Ferry) else "–"
+        lines.append(f"| {md_escape(tool.name)} | {med:.3f} | {min(s.seconds):.3f}–{max(s.seconds):.3f} | {every} "
+                     f"| {ratios}{fmt_mib(s.client_rss)} | {server} | {ok} |")
+    return lines + [""]
+
+
 def dataset_table(ds: Dataset, tools: list[Tool], results: dict) -> list[str]:
+    if ds.resync:
+        return resync_table(ds, tools, results)
     where = "1 Gbit/s veth between two namespaces" if ds.net is LINK else "loopback"
     lines = [f"### {ds.name}: {ds.bytes / 1e6:,.0f} MB in {ds.files:,} file(s), {where}", "",
              "| tool | median s | MB/s | vs ferry (tool time / ferry time) | peak RSS client MiB | peak RSS server MiB | runs |",
@@ -1098,6 +1293,29 @@ def targets(results: dict) -> list[str]:
     return ["## Targets (issue 3)", "", "| target | measured (medians) | verdict |", "|---|---|---|", *rows, ""]
 
 
+def resync_targets(results: dict) -> list[str]:
+    """Issue 16's targets: ferry up --delete at most a given fraction of
+    rsync -a --delete's time (medians), PASS, FAIL or SKIP as in targets."""
+    rows = []
+    for ds, most, what in (("resync-1pct", 0.7, "re-sync, 1% changed and 1% deleted"),
+                           ("resync-same", 0.5, "re-sync, nothing changed")):
+        f, r = results.get((ds, "ferry")), results.get((ds, "rsync"))
+        if f is not None and f.failures:
+            verdict, measured = "FAIL", f"ferry FAILED on {ds}"
+        elif f is None or r is None or r.median() is None:
+            verdict, measured = "SKIP", f"ferry or rsync not measured on {ds}"
+        else:
+            ratio = f.median() / r.median()
+            verdict = "PASS" if ratio <= most else "FAIL"
+            measured = f"ferry {f.median():.3f} s / rsync {r.median():.3f} s = {ratio:.2f}"
+            after = results.get((ds, "rsync --delete-after"))
+            if after is not None and after.median():
+                measured += (f" (not the target: / rsync --delete-after {after.median():.3f} s = "
+                             f"{f.median() / after.median():.2f})")
+        rows.append(f"| {what}: ferry ≤ {most:g}× rsync's time | {measured} | {verdict} |")
+    return ["## Targets (issue 16)", "", "| target | measured (medians) | verdict |", "|---|---|---|", *rows, ""]
+
+
 def report(args, ctx: Ctx, ferry_origin: str, datasets: list[Dataset], tools: list[Tool],
            results: dict, notes: list[str], started: datetime.datetime, elapsed: float) -> str:
     lines = ["# ferry benchmark", "",
@@ -1113,6 +1331,8 @@ def report(args, ctx: Ctx, ferry_origin: str, datasets: list[Dataset], tools: li
     for ds in datasets:
         lines += dataset_table(ds, tools, results)
     lines += targets(results)
+    if any(ds.resync for ds in datasets):
+        lines += resync_targets(results)
     return "\n".join(lines)
 
 
@@ -1150,7 +1370,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Data sets: big-random, text, small-20k, pytree (and the link case, "
-                                       "text-1gbit). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, scp; ferry-base, ferry-base-no-tls with --baseline.")
+                                       "text-1gbit; the re-syncs with --delete, resync-same and resync-1pct). Tools: ferry, ferry-nocompress, ferry-no-tls, socat, tar, rsync, rsync-z, rsync-delete-after (re-syncs only), scp; ferry-base, ferry-base-no-tls with --baseline.")
     p.add_argument("--runs", type=int, help="interleaved runs per tool and data set (default 3, 1 with --quick)")
     p.add_argument("--datasets", help="comma list of data sets (default: all)")
     p.add_argument("--tools", help="comma list of tools (default: all)")
@@ -1196,12 +1416,13 @@ def main() -> int:
     chosen_tools = select(args.tools, [t.name for t in all_tools], "tool")
     tools = [t for t in all_tools if t.name in chosen_tools]
     specs = dataset_specs(args.quick, args.big_size * MiB if args.big_size else None)
-    ds_names = [s[0] for s in specs] + ["text-1gbit"]
+    ds_names = [s[0] for s in specs] + ["text-1gbit", *RESYNC]
     chosen_ds = select(args.datasets, ds_names, "data set")
     want_link = args.link and "text-1gbit" in chosen_ds
-    # The link case sends the text file, which must exist even if the
-    # loopback `text` runs were not asked for.
-    generate_ds = set(chosen_ds) | ({"text"} if want_link else set())
+    want_resync = [n for n in RESYNC if n in chosen_ds]
+    # The link case sends the text file, and the re-sync cases start from
+    # pytree: those must exist even if their own runs were not asked for.
+    generate_ds = set(chosen_ds) | ({"text"} if want_link else set()) | ({"pytree"} if want_resync else set())
 
     needs = {"tar", "diff", "cmp", "time"} | {b for t in tools for b in t.needs}
     if want_link:
@@ -1246,12 +1467,20 @@ def main() -> int:
                 log(f"note: {notes[-1]}")
         elif not args.link:
             notes.append("1 Gbit/s case skipped (--no-link)")
+        if want_resync:
+            pytree = next(d for d in datasets if d.name == "pytree")
+            datasets += resync_datasets(data_dir, pytree, want_resync)
         # `text` may have been generated only for the link case.
         datasets = [d for d in datasets if d.name in chosen_ds or d.net is LINK]
         for t in tools:
             t.prepare(ctx)
             prepared.append(t)
+        load_before = os.getloadavg()
         results = run_all(ctx, datasets, tools, args.runs)
+        # Other work on the machine shows in every tool's times: the report
+        # says how busy it was.
+        notes.append("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f} before the runs, "
+                     "{:.2f} {:.2f} {:.2f} after".format(*load_before, *os.getloadavg()))
     finally:
         kill_all_live()
         for t in prepared:
@@ -1259,6 +1488,8 @@ def main() -> int:
         if link_up:
             delete_link()
         remove(ctx.dst_root)
+        # Derived from pytree at every start: never reused.
+        remove(data_dir / "resync-1pct")
         if not args.keep:
             remove(data_dir)
 
