@@ -583,7 +583,7 @@ def report(args, ctx: Ctx, tool_names: list[str], rows: list[Row], infos: dict[i
         if rsync:
             ratio = s["t"] / summary[rsync]["t"]
             lines.append(f"| wall time ≤ 0.7× rsync's ({span}) | {name} | {s['t']:.3f} s vs {summary[rsync]['t']:.3f} s"
-                         f" = {ratio:.2f}× | {'PASS' if ratio <= 0.7 else 'FAIL'} |")
+                         f" = {ratio:.3f}× | {'PASS' if ratio <= 0.7 else 'FAIL'} |")
     lines.append("")
 
     # Per day.
