@@ -32,6 +32,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -666,7 +667,7 @@ def main() -> int:
         raise BenchError(f"unknown tools: {', '.join(unknown)} (known: ferry, ferry-no-tls, rsync)")
     rb.install_missing({"rsync", "diff", "ip"} if "rsync" in names else {"diff", "ip"})
     for binary in ("mkfs.ext4", "mount", "du"):
-        if not rb.shutil.which(binary):
+        if not shutil.which(binary):
             raise BenchError(f"{binary} is missing")
     if args.ferry:
         ferry, origin = args.ferry.resolve(), f"binary {args.ferry}"
