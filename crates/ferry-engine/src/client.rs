@@ -87,6 +87,9 @@ pub struct ClientConfig {
     /// instead of receiving: paths on the server for an upload, local
     /// paths for a download.
     pub link_dest: Vec<Vec<u8>>,
+    /// `--whole-file`: no delta transfer; a changed file travels whole
+    /// even when the receiver holds another version of it.
+    pub whole_file: bool,
     /// How often a failed attempt is tried again in a row before giving
     /// up; an attempt that made progress resets the count.
     pub retries: u32,
@@ -576,6 +579,7 @@ async fn upload_once(
         source_name: local.file_name().map(|n| WireBytes(n.as_bytes().to_vec())),
         link_dest: config.link_dest.iter().cloned().map(WireBytes).collect(),
         backup: config.backup,
+        whole_file: config.whole_file,
     };
     let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
     let job = SendJob {
@@ -626,6 +630,7 @@ async fn download_once(
     dest.checksum = config.checksum;
     dest.listing = config.listing;
     dest.link_dests = local_link_dests(&config.link_dest)?;
+    dest.delta = !config.whole_file;
     if config.atomic && !config.dry_run {
         let (staging, publish) = Publish::of(&dest.prefix).ok_or(EngineError::Closed)?;
         let live = LinkDest {

@@ -1,8 +1,10 @@
 //! Turning file bytes into data frames and back: hashing and compression.
 
 use std::io;
+use std::os::fd::BorrowedFd;
 
 use ferry_proto::chunk::{ChunkHeader, Codec, DataChunk};
+use ferry_proto::delta::{MAX_SCRIPT_OPS, Op, Piece, push_op};
 use ferry_proto::digest::{chunk_hash, zero_chunk_hash};
 use ferry_proto::frame::{DATA_PREFIX_LEN, write_data_prefix};
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
@@ -65,11 +67,16 @@ impl ChunkEncoder {
     /// of room: the bytes are not copied unless they compress. Returns the
     /// chunk's hash and the frame's length, which is `frame.len()` unless
     /// the payload shrank.
+    ///
+    /// `pieces`, if any, say how the chunk is made of the receiver's basis
+    /// and its own bytes: it goes as that delta script when the script is
+    /// worth it, else raw or compressed as any chunk.
     pub(crate) fn encode_in_place(
         &mut self,
         file_id: u64,
         offset: u64,
         frame: &mut [u8],
+        pieces: &[Piece],
     ) -> (u64, usize) {
         let raw = &frame[DATA_PREFIX_LEN..];
         let hash = chunk_hash(raw);
@@ -81,13 +88,38 @@ impl ChunkEncoder {
             hash,
         };
         let mut payload_len = raw.len();
-        if let Some(compressed) = self.try_compress(raw) {
-            header.codec = Codec::Zstd;
-            payload_len = compressed.len();
+        let encoded = match self.try_delta(offset, raw, pieces) {
+            Some(script) => Some((Codec::Delta, script.len())),
+            None => self.try_compress(raw).map(|c| (Codec::Zstd, c.len())),
+        };
+        if let Some((codec, len)) = encoded {
+            header.codec = codec;
+            payload_len = len;
             frame[DATA_PREFIX_LEN..DATA_PREFIX_LEN + payload_len].copy_from_slice(&self.scratch);
         }
         write_data_prefix(&header, payload_len, frame);
         (hash, DATA_PREFIX_LEN + payload_len)
+    }
+
+    /// The delta script of the chunk `raw` at `offset` made of `pieces`,
+    /// in the scratch buffer, if it has a copy and is worth it.
+    fn try_delta(&mut self, offset: u64, raw: &[u8], pieces: &[Piece]) -> Option<&[u8]> {
+        let copies = pieces.iter().any(|p| matches!(p, Piece::Copy { .. }));
+        if !copies || pieces.len() > MAX_SCRIPT_OPS {
+            return None;
+        }
+        self.scratch.clear();
+        for piece in pieces {
+            let op = match *piece {
+                Piece::Copy { from, len } => Op::Copy { from, len },
+                Piece::Literal { at, len } => {
+                    let start = (at - offset) as usize;
+                    Op::Literal(&raw[start..start + len as usize])
+                }
+            };
+            push_op(&mut self.scratch, op);
+        }
+        worth_it(raw.len(), self.scratch.len()).then_some(&self.scratch[..])
     }
 
     /// Make `frame` (at least [`DATA_PREFIX_LEN`] bytes) the data frame of
@@ -166,7 +198,7 @@ impl ReadChunk {
             Codec::Raw => chunk_hash(&chunk.payload) == chunk.header.hash,
             // Always a full chunk (the frame decoder saw to it): one hash.
             Codec::Zeros => chunk.header.hash == zero_chunk_hash(),
-            Codec::Zstd => false,
+            Codec::Zstd | Codec::Delta => false,
         };
         ReadChunk {
             chunk,
@@ -205,8 +237,14 @@ impl ChunkDecoder {
     }
 
     /// The verified raw bytes of `read`. Decompression is bounded by the
-    /// declared raw length, which the frame decoder already capped.
-    pub(crate) fn decode<'a>(&'a mut self, read: &'a ReadChunk) -> Result<Decoded<'a>, ChunkFault> {
+    /// declared raw length, which the frame decoder already capped, and so
+    /// is a delta script's rebuilding from `basis`, the receiver's version
+    /// of the file (without one, a delta is damage).
+    pub(crate) fn decode<'a>(
+        &'a mut self,
+        read: &'a ReadChunk,
+        basis: Option<BorrowedFd<'_>>,
+    ) -> Result<Decoded<'a>, ChunkFault> {
         let chunk = &read.chunk;
         let h = &chunk.header;
         let raw: &[u8] = match h.codec {
@@ -226,6 +264,15 @@ impl ChunkDecoder {
                         format!("{n} bytes instead of {}", h.raw_len),
                     ));
                 }
+                &self.scratch
+            }
+            Codec::Delta => {
+                let corrupt = |why: String| ChunkFault::Corrupt(h.offset, why);
+                let ops = ferry_proto::delta::parse_script(&chunk.payload, h.raw_len)
+                    .map_err(|e| corrupt(e.to_string()))?;
+                let basis =
+                    basis.ok_or_else(|| corrupt("a delta for a file with no basis".into()))?;
+                crate::delta::rebuild(&ops, basis, &mut self.scratch).map_err(corrupt)?;
                 &self.scratch
             }
         };
@@ -249,7 +296,7 @@ mod tests {
             let start = out.len();
             out.extend_from_slice(&[0; DATA_PREFIX_LEN]);
             out.extend_from_slice(raw);
-            let (hash, len) = self.encode_in_place(file_id, offset, &mut out[start..]);
+            let (hash, len) = self.encode_in_place(file_id, offset, &mut out[start..], &[]);
             out.truncate(start + len);
             hash
         }
@@ -265,7 +312,7 @@ mod tests {
         let mut dec = ChunkDecoder::new().unwrap();
         let codec = chunk.header.codec;
         let read = ReadChunk::check(chunk);
-        let Ok(Decoded::Bytes(out)) = dec.decode(&read) else {
+        let Ok(Decoded::Bytes(out)) = dec.decode(&read, None) else {
             panic!("no bytes decoded");
         };
         (codec, out.to_vec())
@@ -329,12 +376,12 @@ mod tests {
         let mut dec = ChunkDecoder::new().unwrap();
         let mut wrong = chunk.clone();
         assert!(matches!(
-            dec.decode(&ReadChunk::check(chunk)),
+            dec.decode(&ReadChunk::check(chunk), None),
             Ok(Decoded::Zeros)
         ));
         wrong.header.hash ^= 1;
         assert!(matches!(
-            dec.decode(&ReadChunk::check(wrong)),
+            dec.decode(&ReadChunk::check(wrong), None),
             Err(ChunkFault::HashMismatch(_))
         ));
     }
@@ -354,7 +401,7 @@ mod tests {
             };
             let mut dec = ChunkDecoder::new().unwrap();
             let read = ReadChunk::check(chunk);
-            let fault = dec.decode(&read);
+            let fault = dec.decode(&read, None);
             assert!(
                 matches!(
                     fault,
@@ -363,5 +410,51 @@ mod tests {
                 "{level:?}: {fault:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_delta_is_rebuilt_from_the_basis_and_a_changed_basis_is_caught() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let basis_bytes = noise(64 * 1024);
+        let mut basis = tempfile::tempfile().unwrap();
+        basis.write_all(&basis_bytes).unwrap();
+        // The chunk at offset 4096: 40,000 bytes of the basis, then new ones.
+        let mut raw = basis_bytes[1000..41_000].to_vec();
+        raw.extend_from_slice(b"new bytes");
+        let pieces = [
+            Piece::Copy {
+                from: 1000,
+                len: 40_000,
+            },
+            Piece::Literal {
+                at: 4096 + 40_000,
+                len: 9,
+            },
+        ];
+        let mut enc = ChunkEncoder::new(None).unwrap();
+        let mut buf = BytesMut::from(&[0; DATA_PREFIX_LEN][..]);
+        buf.extend_from_slice(&raw);
+        let (_, len) = enc.encode_in_place(2, 4096, &mut buf, &pieces);
+        buf.truncate(len);
+        let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
+            panic!("not a data frame")
+        };
+        assert_eq!(chunk.header.codec, Codec::Delta);
+        assert!(chunk.payload.len() < 100, "{} bytes", chunk.payload.len());
+        let mut dec = ChunkDecoder::new().unwrap();
+        let read = ReadChunk::check(chunk);
+        match dec.decode(&read, Some(basis.as_fd())) {
+            Ok(Decoded::Bytes(out)) => assert!(out == &raw[..]),
+            other => panic!("{other:?}"),
+        }
+        // Without its basis, or with the basis changed since its signature.
+        assert!(dec.decode(&read, None).is_err());
+        basis.write_all_at(b"changed", 2000).unwrap();
+        assert!(matches!(
+            dec.decode(&read, Some(basis.as_fd())),
+            Err(ChunkFault::HashMismatch(4096))
+        ));
     }
 }

@@ -549,6 +549,8 @@ pub enum Violation {
     OverLimit { what: &'static str, limit: usize },
     #[error("chunks arrived for entries that were never announced")]
     OrphanChunks,
+    #[error("the receiver's signature of entry {id} is malformed: {why}")]
+    BadSignature { id: u64, why: String },
     #[error("the receiver listed {runs} runs of held chunks, more than {limit}")]
     TooManyHeldRuns { runs: usize, limit: usize },
     #[error(

@@ -39,6 +39,7 @@ pub mod budget;
 pub mod client;
 mod codec;
 mod conn;
+mod delta;
 pub mod error;
 pub mod events;
 mod filter;

@@ -1004,6 +1004,9 @@ fn accept_request(
             let mut accepted = accept_upload_request(root, shared.devices, budget, upload);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
                 dest.append_only = append_only;
+                // A signature describes the file held here: never to a
+                // client that may not read it.
+                dest.delta &= grant.access != Access::WriteOnly;
             }
             accepted
         }
@@ -1057,6 +1060,7 @@ fn accept_upload_request(
         source_name,
         mut link_dest,
         backup,
+        whole_file,
     } = request
     else {
         return Err(Refusal::new(RefusalReason::NotARequest(request.name())));
@@ -1088,6 +1092,7 @@ fn accept_upload_request(
         dest.dry_run = dry_run;
         dest.checksum = checksum;
         dest.link_dests = link_dests;
+        dest.delta = !whole_file;
         dest.backup = plan;
         // A dry run looks at the live tree itself.
         if atomic && !dry_run {

@@ -4,10 +4,12 @@
 //! file_id  u64 BE   which file (the id of its Entry message)
 //! offset   u64 BE   where the raw bytes belong in the file
 //! raw_len  u32 BE   length of the raw bytes, 1..=MAX_CHUNK_LEN
-//! codec    u8       0 = raw, 1 = zstd, 2 = zeros
+//! codec    u8       0 = raw, 1 = zstd, 2 = zeros, 3 = delta
 //! hash     u64 BE   XXH3-64 of the raw bytes
 //! payload  …        raw bytes, one zstd frame that decodes to raw_len bytes,
-//!                   or nothing (zeros: a hole of a sparse file)
+//!                   nothing (zeros: a hole of a sparse file), or a
+//!                   delta script (copies from the receiver's basis and
+//!                   literal bytes, see [`crate::delta`])
 //! ```
 
 use bytes::{Buf, BufMut, Bytes};
@@ -28,6 +30,11 @@ pub enum Codec {
     /// bytes, so that its hash is one the receiver knows already (a peer
     /// cannot make it hash megabytes for a few bytes on the wire).
     Zeros = 2,
+    /// A delta script ([`crate::delta`]) that rebuilds the raw bytes from
+    /// the receiver's basis of the file and literal bytes; only ever sent
+    /// for a file whose basis the receiver described in a `signature`,
+    /// and only when shorter than the raw bytes.
+    Delta = 3,
 }
 
 /// The fixed header of a data chunk.
@@ -94,6 +101,7 @@ impl DataChunk {
             0 => Codec::Raw,
             1 => Codec::Zstd,
             2 => Codec::Zeros,
+            3 => Codec::Delta,
             other => return Err(ChunkError::UnknownCodec(other)),
         };
         let hash = body.get_u64();
@@ -107,7 +115,7 @@ impl DataChunk {
         // raw bytes, so a longer one is malformed.
         let payload_ok = match codec {
             Codec::Raw => body.len() == raw_len as usize,
-            Codec::Zstd => !body.is_empty() && body.len() < raw_len as usize,
+            Codec::Zstd | Codec::Delta => !body.is_empty() && body.len() < raw_len as usize,
             Codec::Zeros => body.is_empty() && raw_len == DEFAULT_CHUNK_LEN,
         };
         if !payload_ok {

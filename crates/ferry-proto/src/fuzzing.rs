@@ -141,7 +141,9 @@ pub fn chunk(data: &[u8]) {
     assert_eq!(h.end(), h.offset + u64::from(h.raw_len));
     match h.codec {
         Codec::Raw => assert_eq!(c.payload.len(), h.raw_len as usize),
-        Codec::Zstd => assert!(!c.payload.is_empty() && c.payload.len() < h.raw_len as usize),
+        Codec::Zstd | Codec::Delta => {
+            assert!(!c.payload.is_empty() && c.payload.len() < h.raw_len as usize)
+        }
         Codec::Zeros => {
             assert!(c.payload.is_empty());
             assert_eq!(h.raw_len, crate::limits::DEFAULT_CHUNK_LEN);

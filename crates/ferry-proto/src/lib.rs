@@ -24,6 +24,7 @@
 //!   or returns an error; it never panics on any input.
 
 pub mod chunk;
+pub mod delta;
 pub mod digest;
 pub mod frame;
 #[doc(hidden)]
@@ -101,4 +102,4 @@ pub mod limits {
 ///
 /// 6: an `error` may name the path it is about (`path`), so that a
 /// failure reads "server: photos/2024: permission denied".
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;

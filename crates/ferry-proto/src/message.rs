@@ -206,6 +206,10 @@ pub enum Message {
         /// kept as this says.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         backup: Option<Keep>,
+        /// Send no `signature`: every changed file travels whole
+        /// (`--whole-file`).
+        #[serde(default, skip_serializing_if = "is_false")]
+        whole_file: bool,
     },
     /// Client → server: switch the previous version kept by an atomic
     /// publish of `dest` back in (the live one is kept in its place).
@@ -292,6 +296,18 @@ pub enum Message {
     Have {
         id: u64,
         chunks: Vec<(u64, u32, u64)>,
+    },
+    /// Receiver → sender: of file `id`, it holds another version (its
+    /// basis), cut into these blocks (`avg`: FastCDC's average block size;
+    /// `blocks`: see [`crate::delta::encode_blocks`]). The sender may send
+    /// the chunks the basis reaches as delta scripts. A long signature
+    /// comes in several messages, each but the last with `more`.
+    Signature {
+        id: u64,
+        avg: u32,
+        blocks: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
     },
     /// Receiver → sender: every file entry up to id `through` that has had
     /// no `have` or `outcome` is to be sent whole.
@@ -473,6 +489,7 @@ impl Message {
             Message::End => "end",
             Message::Outcome { .. } => "outcome",
             Message::Have { .. } => "have",
+            Message::Signature { .. } => "signature",
             Message::Planned { .. } => "planned",
             Message::Fresh { .. } => "fresh",
             Message::Keepalive => "keepalive",
@@ -707,6 +724,7 @@ mod tests {
                     source_name: None,
                     link_dest: vec![],
                     backup: None,
+                    whole_file: false,
                 },
                 r#"{"type":"upload","dest":"backup/photos"}"#,
             ),
@@ -722,6 +740,7 @@ mod tests {
                     source_name: None,
                     link_dest: vec![],
                     backup: None,
+                    whole_file: false,
                 },
                 r#"{"type":"upload","dest":"b","ignore_times":true}"#,
             ),
@@ -740,6 +759,7 @@ mod tests {
                     source_name: None,
                     link_dest: vec![],
                     backup: None,
+                    whole_file: false,
                 },
                 r#"{"type":"upload","dest":"w","mirror":{"max_delete":10},"dry_run":true}"#,
             ),
@@ -777,6 +797,7 @@ mod tests {
                     source_name: Some("index.html".into()),
                     link_dest: vec![],
                     backup: None,
+                    whole_file: false,
                 },
                 r#"{"type":"upload","dest":"www","source_name":"index.html"}"#,
             ),
@@ -857,6 +878,15 @@ mod tests {
                 r#"{"type":"have","id":7,"chunks":[[0,1048576,90],[95420416,1048576,2]]}"#,
             ),
             (
+                Message::Signature {
+                    id: 7,
+                    avg: 8192,
+                    blocks: "AAAgAAECAwQFBgcI".into(),
+                    more: true,
+                },
+                r#"{"type":"signature","id":7,"avg":8192,"blocks":"AAAgAAECAwQFBgcI","more":true}"#,
+            ),
+            (
                 Message::Planned { through: 12 },
                 r#"{"type":"planned","through":12}"#,
             ),
@@ -932,6 +962,7 @@ mod tests {
                 source_name: Some("n".into()),
                 link_dest: vec![],
                 backup: None,
+                whole_file: false,
             },
             Message::Rollback { dest: "w".into() },
             Message::Published {

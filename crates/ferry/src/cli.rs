@@ -407,6 +407,12 @@ pub struct TransferOpts {
     /// whose content is the same is not sent, and gets the sender's mtime.
     #[arg(long, short = 'c')]
     pub checksum: bool,
+    /// Send changed files whole. By default, a changed file of 64 KiB or more that the receiver
+    /// holds in another version (at the destination, or in a --link-dest tree) is sent as the
+    /// parts that differ: the receiver describes its version in content-defined blocks and the
+    /// sender sends only the blocks it lacks. Both ends local (`ferry cp ./a ./b`): always whole.
+    #[arg(long, short = 'W')]
+    pub whole_file: bool,
     /// Do not preserve owners. By default a receiver running as root (the server for an upload,
     /// this client for a download) gives each file the user and group ids it has on the sending
     /// side, by number, as `rsync -a --numeric-ids` does; other receivers keep their own.

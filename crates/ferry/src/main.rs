@@ -672,6 +672,9 @@ fn client_config(
         checksum: opts.checksum,
         listing: false,
         link_dest: link_dests(server, &opts.link_dest)?,
+        // Both ends local: reading the old version costs as much as
+        // copying the new one, as rsync judges too.
+        whole_file: opts.whole_file || matches!(server, Target::InProcess { .. }),
         backup: None,
         retries: opts.retries.unwrap_or(client::DEFAULT_RETRIES),
         timeout: Duration::from_secs(opts.timeout),

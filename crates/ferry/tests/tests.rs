@@ -35,6 +35,8 @@ mod checksum;
 mod ls;
 // `ferry backup`, --link-dest, --append-only: snapshots that cost what changed, restored exactly.
 mod backup;
+// Delta transfer: a changed file crosses as its differences, both ways, against snapshots and live trees.
+mod delta;
 // Confinement: planted, in-transfer and swapped-in symlinks never lead outside a root.
 mod confinement;
 // Part files, journals and working names: never adopted, opened or removed unless the server's own.

@@ -31,6 +31,7 @@
 //! arrive), and a `dir_end` may come while files below are still open (the
 //! directory's metadata waits until every child is settled).
 
+mod basis;
 mod deletions;
 mod itemize;
 mod mirror;
@@ -110,6 +111,10 @@ pub(crate) struct Destination {
     /// `--link-dest` trees (an atomic publish's live tree first): a file
     /// one of them has unchanged is hard-linked from it, not sent.
     pub(crate) link_dests: Vec<LinkDest>,
+    /// Describe the version held of a changed file (in the destination,
+    /// or a `--link-dest` tree) in a `signature`, so that only what
+    /// differs is sent.
+    pub(crate) delta: bool,
     /// An append-only server's: nothing that exists is replaced (a file
     /// unchanged, a directory merged into, are fine).
     pub(crate) append_only: bool,
@@ -143,6 +148,7 @@ impl Destination {
             checksum: false,
             listing: false,
             link_dests: Vec::new(),
+            delta: false,
             backup: None,
             append_only: false,
         }

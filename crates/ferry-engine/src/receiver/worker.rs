@@ -14,6 +14,7 @@ use ferry_proto::message::{Change, EntryKind, HeldBack, Message, Mtime, Outcome,
 use ferry_proto::path::{WireBytes, WirePath};
 use tokio::sync::mpsc;
 
+use super::basis::{self, Signed, SignedAhead};
 use super::deletions::{self, Deletions, How, Teller};
 use super::itemize;
 use super::place::{self, Node, ParentCache, Part, Target};
@@ -43,6 +44,8 @@ struct OpenFile {
     parent_dir: Option<u64>,
     arrival: Arrival,
     part: Part,
+    /// Its basis, when it comes as a delta.
+    signed: Option<Signed>,
     /// What it holds of the session's budgets.
     _held: Held,
 }
@@ -116,6 +119,8 @@ pub(crate) struct Worker {
     /// Entries the sender aborted, until answered: their failure is the
     /// sender's.
     aborted: HashSet<u64>,
+    /// The blocks of the signatures the sender holds.
+    signed_ahead: SignedAhead,
 }
 
 impl Worker {
@@ -147,6 +152,7 @@ impl Worker {
             deletions,
             changes: HashMap::new(),
             aborted: HashSet::new(),
+            signed_ahead: SignedAhead::default(),
         })
     }
 
@@ -682,15 +688,22 @@ impl Worker {
             mtime,
         };
         let plan = PartPlan::for_file(size, fresh_dir);
-        // The part file, and its journal beside it.
-        let needed = 1 + u64::from(plan.journaled);
+        let wants_basis = basis::worth_a_basis(&self.dest, size, fresh_dir);
+        // The part file, its journal beside it, and the basis of a delta.
+        let needed = 1 + u64::from(plan.journaled) + u64::from(wants_basis);
         let memory = at.display.len() as u64 + HELD_ENTRY_MEMORY;
         let opened = match self.dest.budget.hold(needed, memory) {
             Some(held) => self.open_part(&at, target, plan).map(|o| (o, held)),
             None => Err(Outcome::Incomplete(budget::PUT_OFF.into())),
         };
         match opened {
-            Ok(((part, held), budgeted)) => self.receive_file(at, part, held, budgeted),
+            Ok(((part, held), budgeted)) => {
+                let whole = held.iter().map(|r| u64::from(r.len)).sum::<u64>() == size;
+                let signed = (wants_basis && !whole)
+                    .then(|| self.sign(&at, path, fresh_dir))
+                    .flatten();
+                self.receive_file(at, part, held, budgeted, signed)
+            }
             Err(outcome) => {
                 self.discard_parked(at.id);
                 self.verdict(at.id, at.display, outcome, 0)
@@ -742,6 +755,60 @@ impl Worker {
         Ok((part, held))
     }
 
+    /// Find the version of the file at `path` held here already, and
+    /// describe it to the sender, if the signature fits in the session's
+    /// memory and in what the sender holds of signatures.
+    fn sign(&mut self, at: &Landing, path: &WirePath, fresh_dir: bool) -> Option<Signed> {
+        let parent = (at.parent.as_fd(), fresh_dir);
+        let basis = basis::find(&self.dest, parent, &at.name, path)?;
+        let memory = self
+            .dest
+            .budget
+            .control
+            .try_take(basis::memory_for(basis.size))?;
+        let (replies, tally) = (self.replies.clone(), self.tally.clone());
+        let mut last_sign = Instant::now();
+        let alive = |_read: u64| {
+            if last_sign.elapsed() >= KEEPALIVE_EVERY {
+                last_sign = Instant::now();
+                tally.working();
+                let _ = replies.blocking_send(vec![Message::Keepalive]);
+            }
+        };
+        let (params, blocks) = crate::delta::signature_of(basis.file.as_fd(), basis.size, alive)
+            .inspect_err(|e| tracing::debug!("no delta for {}: {e}", at.display))
+            .ok()?;
+        if blocks.is_empty() || !self.signed_ahead.has_room(blocks.len()) {
+            return None;
+        }
+        self.signed_ahead.add(blocks.len());
+        for message in basis::messages(at.id, params, &blocks) {
+            // Queued behind its `have`, before the `planned` that covers it.
+            if self.reply(message).is_err() {
+                break;
+            }
+        }
+        Some(Signed {
+            basis,
+            blocks: blocks.len(),
+            _memory: Some(memory),
+        })
+    }
+
+    /// Stop receiving file `id`: the sender is done with its signature too.
+    fn take_file(&mut self, id: u64) -> Option<OpenFile> {
+        self.unsign(id);
+        self.files.remove(&id)
+    }
+
+    /// The sender is done with file `id`'s signature (its data block has
+    /// ended, or the file is settled).
+    fn unsign(&mut self, id: u64) {
+        if let Some(s) = self.files.get_mut(&id).and_then(|f| f.signed.as_mut()) {
+            self.signed_ahead.release(std::mem::take(&mut s.blocks));
+        }
+    }
+
     /// A file is being received: say what is held of it already, then
     /// take the chunks that overtook its entry.
     fn receive_file(
@@ -750,6 +817,7 @@ impl Worker {
         part: Part,
         mut held: Vec<ChunkRecord>,
         budgeted: Held,
+        signed: Option<Signed>,
     ) -> Result<(), EngineError> {
         let runs = rules::offer_held(&mut held);
         let arrival = Arrival::new(part.size(), &held);
@@ -774,6 +842,7 @@ impl Worker {
             parent_dir: at.parent_dir,
             arrival,
             part,
+            signed,
             _held: budgeted,
         };
         self.files.insert(at.id, file);
@@ -859,7 +928,8 @@ impl Worker {
         if let Err(e) = f.arrival.fits(h.offset, h.raw_len) {
             return self.fail_open_file(h.file_id, Outcome::Incomplete(e.to_string()), true);
         }
-        let raw = match self.decoder.decode(&chunk) {
+        let basis = f.signed.as_ref().map(Signed::basis_fd);
+        let raw = match self.decoder.decode(&chunk, basis) {
             Ok(raw) => raw,
             Err(fault) => {
                 f.arrival.damaged(h.raw_len, fault.to_string());
@@ -899,6 +969,7 @@ impl Worker {
 
     fn file_end(&mut self, id: u64, digest: &str) -> Result<(), EngineError> {
         let digest = FileDigest::from_hex(digest).ok_or(Violation::MalformedDigest { id })?;
+        self.unsign(id);
         let Some(f) = self.files.get_mut(&id) else {
             return Ok(self.order.settled_already("file_end", id)?);
         };
@@ -908,7 +979,7 @@ impl Worker {
 
     /// Verify and commit a file whose chunks and digest have all arrived.
     fn finish_file(&mut self, id: u64) -> Result<(), EngineError> {
-        let Some(mut f) = self.files.remove(&id) else {
+        let Some(mut f) = self.take_file(id) else {
             return Ok(());
         };
         let outcome = match f.arrival.verify() {
@@ -940,7 +1011,7 @@ impl Worker {
     /// sends of it. Its part file stays for a resume if `keep` and it has
     /// a journal; otherwise it is removed.
     fn fail_open_file(&mut self, id: u64, outcome: Outcome, keep: bool) -> Result<(), EngineError> {
-        if let Some(mut f) = self.files.remove(&id) {
+        if let Some(mut f) = self.take_file(id) {
             f.part.keep = keep;
             self.release_links(id, Err(&outcome))?;
             self.verdict(id, f.display.clone(), outcome, 0)?;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use ferry_proto::delta::{Matches, Piece};
 use ferry_proto::digest::DigestBuilder;
 use ferry_proto::frame::DATA_PREFIX_LEN;
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
@@ -37,7 +38,7 @@ const BATCH_DELAY: Duration = Duration::from_millis(5);
 
 /// While hashing chunks the receiver already holds (which sends nothing),
 /// tell it this often that the sender is alive.
-const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
+pub(super) const KEEPALIVE_EVERY: Duration = Duration::from_secs(1);
 
 /// Frame buffers spare at most: as many as the data queue holds, and a few
 /// in the connections' hands.
@@ -162,6 +163,9 @@ pub(super) struct Source<'a> {
     pub(super) sparse: bool,
     /// Its chunks go to any connection, not with the control messages.
     pub(super) spread: bool,
+    /// Its runs that the receiver's basis has: the chunks they reach go as
+    /// delta scripts.
+    pub(super) matches: Option<&'a Matches>,
 }
 
 /// Reads, hashes and compresses chunks into frames, at the level the
@@ -260,10 +264,14 @@ impl Chunks {
                 // The bytes are read straight into their frame, behind room
                 // for its headers: a copy of every byte sent costs as much as
                 // the read itself.
+                let pieces = match src.matches {
+                    Some(m) if m.reaches(offset, len as u32) => m.window(offset, len as u32),
+                    _ => Vec::new(),
+                };
                 let hash = if src.spread {
-                    self.send_pooled(out, src, offset, len)?
+                    self.send_pooled(out, src, offset, len, &pieces)?
                 } else {
-                    self.send_inline(out, src, offset, len)?
+                    self.send_inline(out, src, offset, len, &pieces)?
                 };
                 match hash {
                     Ok(hash) => digest.push(hash),
@@ -306,6 +314,7 @@ impl Chunks {
         src: &Source<'_>,
         offset: u64,
         len: usize,
+        pieces: &[Piece],
     ) -> Result<Result<u64, Unsendable>, EngineError> {
         let mut frame = self.frame_pool.take(DATA_PREFIX_LEN + len);
         if let Err(e) = read_exact_at(src.file, &mut frame.buf[DATA_PREFIX_LEN..frame.len], offset)
@@ -314,7 +323,7 @@ impl Chunks {
         }
         let (hash, frame_len) =
             self.encoder
-                .encode_in_place(src.id, offset, &mut frame.buf[..frame.len]);
+                .encode_in_place(src.id, offset, &mut frame.buf[..frame.len], pieces);
         frame.len = frame_len;
         out.send_data(Bytes::from_owner(frame))?;
         Ok(Ok(hash))
@@ -328,6 +337,7 @@ impl Chunks {
         src: &Source<'_>,
         offset: u64,
         len: usize,
+        pieces: &[Piece],
     ) -> Result<Result<u64, Unsendable>, EngineError> {
         let start = out.grow_batch(DATA_PREFIX_LEN + len);
         if let Err(e) = read_exact_at(src.file, &mut out.batch[start + DATA_PREFIX_LEN..], offset) {
@@ -336,7 +346,7 @@ impl Chunks {
         }
         let (hash, frame_len) =
             self.encoder
-                .encode_in_place(src.id, offset, &mut out.batch[start..]);
+                .encode_in_place(src.id, offset, &mut out.batch[start..], pieces);
         out.batch.truncate(start + frame_len);
         out.maybe_flush()?;
         Ok(Ok(hash))

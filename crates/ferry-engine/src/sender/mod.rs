@@ -20,6 +20,7 @@ mod count;
 mod frames;
 mod producer;
 mod rules;
+mod signatures;
 mod walk;
 
 pub(crate) use walk::gitignore_of;

@@ -4,9 +4,11 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, mpsc};
+use std::time::Instant;
 
+use ferry_proto::delta::{BasisIndex, Matches};
 use ferry_proto::digest::DigestBuilder;
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
 use ferry_proto::message::{EntryKind, Message};
@@ -15,8 +17,9 @@ use rustix::fs::{FileType, Stat};
 
 use super::Inbox;
 use super::count::count_in_background;
-use super::frames::{Chunks, Output, Source};
+use super::frames::{Chunks, KEEPALIVE_EVERY, Output, Source, Unsendable};
 use super::rules::{Links, Next, PlanQueue, Planned, Stamp, Unanswered, counted};
+use super::signatures::Signature;
 use super::walk::{self, Lazy, Visitor};
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Origin, Tally, display_name};
@@ -263,6 +266,7 @@ impl Producer {
             id,
             size,
             held,
+            signature,
             file: q,
         } = planned;
         self.tally.event(Event::FileStarted {
@@ -276,6 +280,13 @@ impl Producer {
                 bytes: held_bytes,
             });
         }
+        let matches = match signature {
+            Some(sig) => match self.match_basis(&q, size, &sig) {
+                Ok(matches) => Some(matches),
+                Err((why, transient)) => return self.abort(id, why, transient),
+            },
+            None => None,
+        };
         let mut digest = DigestBuilder::new(size);
         // A file of one chunk travels inline with the control messages;
         // the chunks of a larger one go to whichever connection is free,
@@ -287,6 +298,7 @@ impl Producer {
             size,
             sparse: q.sparse,
             spread: size > u64::from(DEFAULT_CHUNK_LEN),
+            matches: matches.as_ref(),
         };
         if src.spread {
             self.out.flush()?;
@@ -311,6 +323,34 @@ impl Producer {
         self.out.send(&Message::FileEnd {
             id,
             digest: digest.finish().to_hex(),
+        })
+    }
+
+    /// Find the blocks of a file that the receiver's basis has (see
+    /// [`ferry_proto::delta`]): the file is read once more for them, with
+    /// keepalives, as the receiver waits meanwhile.
+    fn match_basis(
+        &mut self,
+        q: &QueuedFile,
+        size: u64,
+        sig: &Signature,
+    ) -> Result<Matches, Unsendable> {
+        let index = BasisIndex::new(sig.params, &sig.blocks);
+        let (out, tally) = (&mut self.out, &self.tally);
+        let mut last_sign = Instant::now();
+        let alive = || {
+            if last_sign.elapsed() >= KEEPALIVE_EVERY {
+                last_sign = Instant::now();
+                tally.working();
+                // A failed send shows again at the next one, and ends the run.
+                let _ = out.send(&Message::Keepalive).and_then(|()| out.flush());
+            }
+        };
+        crate::delta::matches_of(q.file.as_fd(), size, &index, alive).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                ("the file shrank while it was being sent".into(), true)
+            }
+            _ => (reason(&e), false),
         })
     }
 }

@@ -27,6 +27,7 @@ use ferry_proto::limits::{
 use ferry_proto::message::{Change, EntryKind, Message, Mtime, Outcome};
 use ferry_proto::path::{WireBytes, WirePath};
 
+use super::signatures::{Signature, Signatures};
 use crate::error::{EngineError, Role, Violation};
 use crate::events::{Event, Origin, display_name, peer_outcome, peer_text, rebase};
 
@@ -143,6 +144,8 @@ pub(super) struct InboxState {
     /// The size of the largest file announced.
     largest_file: u64,
     news: News,
+    /// The signatures of files waiting for their plans.
+    signatures: Signatures,
     /// The reader has stopped: nothing more will come in.
     pub(super) closed: bool,
 }
@@ -156,6 +159,8 @@ pub(super) struct News {
     through: u64,
     /// The chunks it holds of files waiting for their plan.
     have: HashMap<u64, Vec<Run>>,
+    /// The versions it holds of files waiting for their plan.
+    signatures: HashMap<u64, Signature>,
     /// Files settled already (unchanged, or failed): send nothing more.
     settled: Vec<u64>,
     /// Directories new at the receiver: every file below them may go.
@@ -166,6 +171,7 @@ impl News {
     fn is_empty(&self) -> bool {
         self.through == 0
             && self.have.is_empty()
+            && self.signatures.is_empty()
             && self.settled.is_empty()
             && self.fresh.is_empty()
     }
@@ -193,12 +199,13 @@ impl InboxState {
         self.largest_file.max(scan)
     }
 
-    /// File `id` no longer waits for its plan: a `have` for it from now on
-    /// is ignored.
+    /// File `id` no longer waits for its plan: a `have` or `signature` for
+    /// it from now on is ignored.
     pub(super) fn planned(&mut self, id: u64) {
         if let Some(e) = self.unanswered.get_mut(&id) {
             e.awaiting_plan = false;
         }
+        self.signatures.let_go(id);
     }
 
     /// Entry `id` is aborted, for `reason`.
@@ -253,6 +260,20 @@ impl InboxState {
                 // opened) may still get one: nothing to do.
                 _ if id <= self.announced => {}
                 _ => return Err(never_sent("have", id)),
+            },
+            Message::Signature {
+                id,
+                avg,
+                blocks,
+                more,
+            } => match self.unanswered.get(&id) {
+                Some(e) if e.awaiting_plan => {
+                    if let Some(sig) = self.signatures.take_in(id, avg, &blocks, more)? {
+                        self.news.signatures.insert(id, sig);
+                    }
+                }
+                _ if id <= self.announced => {}
+                _ => return Err(never_sent("signature", id)),
             },
             Message::Planned { through } if through > self.announced => {
                 return Err(never_sent("planned", through));
@@ -312,6 +333,7 @@ impl InboxState {
             return Err(Violation::UnknownVerdict { id }.into());
         };
         self.name_bytes -= path.len();
+        self.signatures.let_go(id);
         if is_dir {
             self.unanswered_dirs -= 1;
         } else {
@@ -368,6 +390,8 @@ pub(super) struct PlanQueue<F> {
     through: u64,
     /// Chunks the receiver holds, by file, for files still queued.
     have: HashMap<u64, Vec<Run>>,
+    /// Other versions the receiver holds, by file, for files still queued.
+    signatures: HashMap<u64, Signature>,
     /// Queued files the receiver has settled already.
     settled_early: Vec<u64>,
     /// Directories the receiver created in this transfer: the files below
@@ -383,11 +407,13 @@ struct Queued<F> {
     file: F,
 }
 
-/// A file whose plan has come: all its chunks go but those in `held`.
+/// A file whose plan has come: all its chunks go but those in `held`,
+/// those that `signature`'s basis reaches as deltas.
 pub(super) struct Planned<F> {
     pub(super) id: u64,
     pub(super) size: u64,
     pub(super) held: Vec<Run>,
+    pub(super) signature: Option<Signature>,
     pub(super) file: F,
 }
 
@@ -408,6 +434,7 @@ impl<F> Default for PlanQueue<F> {
             queue: VecDeque::new(),
             through: 0,
             have: HashMap::new(),
+            signatures: HashMap::new(),
             settled_early: Vec::new(),
             fresh: HashSet::new(),
         }
@@ -437,6 +464,11 @@ impl<F> PlanQueue<F> {
                 self.have.insert(id, runs);
             }
         }
+        for (id, sig) in news.signatures {
+            if queued(id) && id > self.through {
+                self.signatures.insert(id, sig);
+            }
+        }
         self.through = self.through.max(news.through);
         self.settled_early
             .extend(news.settled.into_iter().filter(|&id| queued(id)));
@@ -452,6 +484,7 @@ impl<F> PlanQueue<F> {
             if let Some(i) = self.settled_early.iter().position(|&s| s == id) {
                 self.settled_early.swap_remove(i);
                 self.have.remove(&id);
+                self.signatures.remove(&id);
                 self.queue.pop_front();
             } else if id <= self.through || front.ancestors.iter().any(|d| self.fresh.contains(d)) {
                 break;
@@ -469,6 +502,7 @@ impl<F> PlanQueue<F> {
             id: q.id,
             size: q.size,
             held,
+            signature: self.signatures.remove(&q.id),
             file: q.file,
         }))
     }

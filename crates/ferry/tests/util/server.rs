@@ -18,7 +18,7 @@ use super::process::{
 
 /// The protocol version the binary speaks; bump together with
 /// `ferry_proto::PROTOCOL_VERSION` (the tests pin the wire, like golden bytes).
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 /// The 6 magic bytes that open every ferry connection.
 pub const MAGIC: &[u8; 6] = b"FERRY\0";
 
