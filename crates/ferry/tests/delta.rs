@@ -140,11 +140,7 @@ fn a_backup_sends_a_changed_file_as_its_differences_against_the_last_snapshot() 
         args.extend(json.then(|| "--json".into()));
         args.extend([src.clone().into_os_string(), target.into()]);
         args.extend(server.own_user_args());
-        let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args
-            .iter()
-            .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-            .collect();
-        run(&refs)
+        run_os(&args, &RunOptions::default())
     };
     backup(false).assert_success();
     let day1 = scratch.join("day1");
@@ -211,11 +207,7 @@ fn a_basis_changed_during_the_transfer_is_caught_and_the_file_arrives() {
         ["up", "--json", "--bwlimit", "4M"].map(Into::into).to_vec();
     args.extend([file.clone().into_os_string(), "d/".into()]);
     args.extend(server.client_args());
-    let refs: Vec<&dyn AsRef<std::ffi::OsStr>> = args
-        .iter()
-        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
-        .collect();
-    let client = spawn(&refs, &RunOptions::default());
+    let client = spawn_os(&args, &RunOptions::default());
     // Once the part file holds data (not its journal, written at once),
     // the signature is out.
     let part = root.join("d/.data.bin.ferry-part");

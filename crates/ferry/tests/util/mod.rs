@@ -38,7 +38,7 @@ pub use files::{
 pub use gate::Gate;
 pub use process::{
     DEFAULT_TIMEOUT, ERROR_TIMEOUT, NOBODY, Output, RunOptions, Running, contains_ci, ferry_bin,
-    is_root, poll_until, run, run_timeout, run_with, spawn, unprivileged,
+    is_root, poll_until, run, run_os, run_timeout, run_with, spawn, spawn_os, unprivileged,
 };
 pub use server::{MAGIC, PROTOCOL_VERSION, Server, unused_port};
 pub use tree::{BIG_FILE, DEEP_FILE, FIFO, SPACED_FILE, build_full_tree, build_small_tree};

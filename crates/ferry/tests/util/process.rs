@@ -303,7 +303,7 @@ pub fn run_with(args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Output {
     run_os(&to_os_args(args), opts)
 }
 
-pub(super) fn run_os(args: &[OsString], opts: &RunOptions) -> Output {
+pub fn run_os(args: &[OsString], opts: &RunOptions) -> Output {
     spawn_os(args, opts).wait(opts.timeout)
 }
 
@@ -321,7 +321,7 @@ pub fn spawn(args: &[&dyn AsRef<OsStr>], opts: &RunOptions) -> Running {
     spawn_os(&to_os_args(args), opts)
 }
 
-pub(super) fn spawn_os(args: &[OsString], opts: &RunOptions) -> Running {
+pub fn spawn_os(args: &[OsString], opts: &RunOptions) -> Running {
     let (mut cmd, command) = opts.command(args);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
