@@ -29,7 +29,7 @@ use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
 use crate::receiver::{Destination, LinkDest, Pruning, Publish, run_receiver};
-use crate::sender::{SendJob, run_sender};
+use crate::sender::{BeforeReplies, SendJob, run_sender};
 use crate::throttle;
 use crate::tls::ClientTls;
 
@@ -151,7 +151,8 @@ struct SessionKey {
 struct Connection {
     reader: FrameReader<BoxRead>,
     writer: FrameWriter<BoxWrite>,
-    session: SessionKey,
+    /// The session's key, once its `welcome` has been read.
+    session: Option<SessionKey>,
     /// Bytes over all of the session's connections.
     meter: Meter,
     /// Whether the server is on this host (a loopback address).
@@ -170,7 +171,8 @@ struct Connected {
     local_peer: bool,
 }
 
-/// Connect and exchange prefaces: a connection ready for its first message.
+/// Connect, with our preface queued: a connection ready for its first
+/// message (see [`first_reply`]).
 async fn connect(
     addr: &str,
     tls: Option<&ClientTls>,
@@ -218,10 +220,11 @@ async fn connect(
             (Box::new(r), Box::new(w))
         }
     };
-    let mut reader = FrameReader::new(r, meter.clone(), Side::Server);
+    let reader = FrameReader::new(r, meter.clone(), Side::Server);
     let mut writer = FrameWriter::new(w, meter.clone());
-    writer.preface().await?;
-    check_version(reader.preface().await?)?;
+    // It goes with the first message, and the server's preface is read
+    // with the first answer: no round trip of their own.
+    writer.queue_preface().await?;
     Ok(Connected {
         reader,
         writer,
@@ -260,6 +263,21 @@ async fn reply(reader: &mut FrameReader<BoxRead>) -> Result<Message, EngineError
     reply_within(reader, HANDSHAKE_TIMEOUT).await
 }
 
+/// The server's preface, checked, then its first message, within
+/// `timeout` in all.
+async fn first_reply(
+    reader: &mut FrameReader<BoxRead>,
+    timeout: Duration,
+) -> Result<Message, EngineError> {
+    let answer = async {
+        check_version(reader.preface().await?)?;
+        reader.message().await
+    };
+    tokio::time::timeout(timeout, answer)
+        .await
+        .map_err(|_| EngineError::Timeout(timeout.as_secs()))?
+}
+
 async fn reply_within(
     reader: &mut FrameReader<BoxRead>,
     timeout: Duration,
@@ -287,7 +305,7 @@ async fn join(
             secret: session.secret.clone(),
         })
         .await?;
-    match reply(&mut reader).await? {
+    match first_reply(&mut reader, HANDSHAKE_TIMEOUT).await? {
         Message::Joined => Ok(DataConn { reader, writer }),
         other => Err(Violation::Expected {
             expected: "joined",
@@ -297,35 +315,167 @@ async fn join(
     }
 }
 
-/// Say hello, and prove the token if the server asks for it (`token`, else
-/// `own` to this user's own server): the server's last answer (`welcome`,
-/// if all went well).
+/// Say hello and make `request`, proving the token (`token`, else `own`
+/// to this user's own server). The request is sent at once, with the
+/// hello, whenever no challenge can come between them: with TLS the proof
+/// goes in the hello (the exporter binds it to this connection), and a
+/// client without a token could not answer a challenge anyway. Then the
+/// answers are not read here ([`Greeted::Pipelined`]). Only a client with
+/// a token and no TLS waits for the challenge's nonce, and answers it with
+/// its proof and its request together.
 async fn greet(
     conn: &mut Connected,
-    token: Option<&Token>,
-    own: Option<&Token>,
-) -> Result<Message, EngineError> {
+    (token, own): (Option<&Token>, Option<&Token>),
+    request: &Message,
+) -> Result<Greeted, EngineError> {
     let token = token.or(own.filter(|_| conn.own_server));
+    let early = token
+        .filter(|_| !conn.exporter.is_empty())
+        .map(|t| t.mac(&[], &conn.exporter));
+    let pipelined = early.is_some() || token.is_none();
+    let software = crate::SOFTWARE.to_string();
     conn.writer
-        .send_now(&Message::Hello {
-            software: crate::SOFTWARE.to_string(),
+        .send(&Message::Hello {
+            software,
+            mac: early,
         })
         .await?;
-    let mut answer = reply(&mut conn.reader).await;
-    if let Ok(Message::Challenge { nonce }) = &answer {
-        let mac = proof(token, nonce, &conn.exporter)?;
-        conn.writer.send_now(&Message::Auth { mac }).await?;
-        // A server answers a wrong token only after a delay of up to
-        // MAX_DELAY: wait for it, or a mistyped token would look like a
-        // stalled server and be retried, failing again each time.
-        answer = reply_within(&mut conn.reader, HANDSHAKE_TIMEOUT + throttle::MAX_DELAY).await;
+    if pipelined {
+        conn.writer.send(request).await?;
+        conn.writer.flush().await?;
+        return Ok(Greeted::Pipelined);
     }
+    conn.writer.flush().await?;
+    let nonce = match first_reply(&mut conn.reader, HANDSHAKE_TIMEOUT).await? {
+        Message::Challenge { nonce } => nonce,
+        other => return Ok(Greeted::Answered(other)),
+    };
+    let mac = proof(token, &nonce, &conn.exporter)?;
+    conn.writer.send(&Message::Auth { mac }).await?;
+    conn.writer.send(request).await?;
+    conn.writer.flush().await?;
+    Ok(Greeted::Answered(refused_if_denied(
+        reply_within(&mut conn.reader, AUTH_PATIENCE).await,
+    )?))
+}
+
+/// How far [`greet`] went.
+enum Greeted {
+    /// The hello and the request are sent; no answer read yet.
+    Pipelined,
+    /// The request is sent; this is the answer to the hello (or to the
+    /// proof), read already.
+    Answered(Message),
+}
+
+/// A server answers a wrong token only after a delay of up to MAX_DELAY:
+/// wait for it, or a mistyped token would look like a stalled server and
+/// be retried, failing again each time.
+const AUTH_PATIENCE: Duration = HANDSHAKE_TIMEOUT.saturating_add(throttle::MAX_DELAY);
+
+/// A refused proof is final: a wrong token stays wrong, not worth a retry.
+fn refused_if_denied(answer: Result<Message, EngineError>) -> Result<Message, EngineError> {
     match answer {
-        // A wrong token stays wrong: not worth a retry.
         Err(EngineError::Remote(failure)) if failure.code == ErrorCode::PermissionDenied => {
             Err(EngineError::Refused(failure))
         }
         other => other,
+    }
+}
+
+/// The session a `welcome` opens, or why there is none: a `challenge` to
+/// a client that sent its request without a proof means it has no token.
+fn session_of(answer: Message) -> Result<SessionKey, EngineError> {
+    match answer {
+        Message::Welcome {
+            session_id,
+            secret,
+            max_streams,
+            ..
+        } => Ok(SessionKey {
+            id: session_id,
+            secret,
+            max_streams,
+        }),
+        Message::Challenge { .. } => Err(EngineError::TokenRequired),
+        other => Err(Violation::Expected {
+            expected: "welcome",
+            got: other.name(),
+        }
+        .into()),
+    }
+}
+
+/// Read the server's answers before the transfer: its preface and
+/// `welcome` unless [`greet`] read them already (`session`), then `ready`.
+/// The session's key.
+async fn accept(
+    reader: &mut FrameReader<BoxRead>,
+    session: Option<SessionKey>,
+) -> Result<SessionKey, EngineError> {
+    let key = match session {
+        Some(key) => key,
+        None => session_of(refused_if_denied(first_reply(reader, AUTH_PATIENCE).await)?)?,
+    };
+    accepted(reader).await?;
+    Ok(key)
+}
+
+/// What opening a session's data connections takes.
+struct JoinPlan {
+    addr: String,
+    tls: Option<ClientTls>,
+    streams: u32,
+    meter: Meter,
+}
+
+impl JoinPlan {
+    fn of(config: &ClientConfig, meter: &Meter) -> JoinPlan {
+        JoinPlan {
+            addr: config.addr.clone(),
+            tls: config.tls.clone(),
+            streams: config.streams,
+            meter: meter.clone(),
+        }
+    }
+
+    /// Open the session's data connections in the background, each handed
+    /// to `joins` once it has joined: the transfer starts on the control
+    /// connection and widens as they come.
+    fn spawn(&self, key: &SessionKey, joins: mpsc::Sender<DataConn>) {
+        let extra = self.streams.min(key.max_streams).saturating_sub(1);
+        for _ in 0..extra {
+            let (addr, key, joins) = (self.addr.clone(), key.clone(), joins.clone());
+            let (tls, meter) = (self.tls.clone(), self.meter.clone());
+            tokio::spawn(async move {
+                match join(&addr, tls.as_ref(), &key, &meter).await {
+                    Ok(conn) => {
+                        let _ = joins.send(conn).await;
+                    }
+                    // One connection fewer is slower, not wrong.
+                    Err(e) => tracing::warn!("a data connection could not join: {e}"),
+                }
+            });
+        }
+    }
+}
+
+/// Wait for the server to accept the request.
+async fn accepted(reader: &mut FrameReader<BoxRead>) -> Result<(), EngineError> {
+    let reply = match reply(reader).await {
+        // A refusal is final, unless the server is only going away.
+        Err(EngineError::Remote(failure)) if failure.code != ErrorCode::ShuttingDown => {
+            return Err(EngineError::Refused(failure));
+        }
+        other => other?,
+    };
+    match reply {
+        Message::Ready => Ok(()),
+        other => Err(Violation::Expected {
+            expected: "ready",
+            got: other.name(),
+        }
+        .into()),
     }
 }
 
@@ -340,10 +490,13 @@ fn proof(token: Option<&Token>, nonce: &str, exporter: &[u8]) -> Result<String, 
 }
 
 impl Connection {
+    /// Open a session and make `request` (see [`greet`]): what the server
+    /// answers is read by [`accept`], as far as [`greet`] has not.
     async fn open(
         config: &ClientConfig,
         meter: Meter,
         events: &dyn EventSink,
+        request: &Message,
     ) -> Result<Self, EngineError> {
         let (addr, tls) = (config.addr.as_str(), config.tls.as_ref());
         let mut conn = connect(addr, tls, &meter).await?;
@@ -354,66 +507,18 @@ impl Connection {
                 file: new.file,
             });
         }
-        let answer = greet(&mut conn, config.token.as_ref(), config.own_token.as_ref()).await?;
-        let Connected {
-            reader,
-            writer,
-            local_peer,
-            ..
-        } = conn;
-        match answer {
-            Message::Welcome {
-                session_id,
-                secret,
-                max_streams,
-                ..
-            } => Ok(Connection {
-                reader,
-                writer,
-                session: SessionKey {
-                    id: session_id,
-                    secret,
-                    max_streams,
-                },
-                meter,
-                local_peer,
-            }),
-            other => Err(Violation::Expected {
-                expected: "welcome",
-                got: other.name(),
-            }
-            .into()),
-        }
-    }
-
-    async fn reply(&mut self) -> Result<Message, EngineError> {
-        reply(&mut self.reader).await
-    }
-
-    /// Open the session's data connections in the background: the
-    /// transfer starts on the control connection and widens as they join.
-    fn data_streams(
-        &self,
-        addr: &str,
-        tls: Option<&ClientTls>,
-        wanted: u32,
-    ) -> mpsc::Receiver<DataConn> {
-        let extra = wanted.min(self.session.max_streams).saturating_sub(1);
-        let (tx, rx) = mpsc::channel(extra.max(1) as usize);
-        for _ in 0..extra {
-            let (addr, session, tx) = (addr.to_string(), self.session.clone(), tx.clone());
-            let (tls, meter) = (tls.cloned(), self.meter.clone());
-            tokio::spawn(async move {
-                match join(&addr, tls.as_ref(), &session, &meter).await {
-                    Ok(conn) => {
-                        let _ = tx.send(conn).await;
-                    }
-                    // One connection fewer is slower, not wrong.
-                    Err(e) => tracing::warn!("a data connection could not join: {e}"),
-                }
-            });
-        }
-        rx
+        let tokens = (config.token.as_ref(), config.own_token.as_ref());
+        let session = match greet(&mut conn, tokens, request).await? {
+            Greeted::Pipelined => None,
+            Greeted::Answered(answer) => Some(session_of(answer)?),
+        };
+        Ok(Connection {
+            reader: conn.reader,
+            writer: conn.writer,
+            session,
+            meter,
+            local_peer: conn.local_peer,
+        })
     }
 
     /// Open a session, have `request` accepted, and start joining its data
@@ -424,31 +529,11 @@ impl Connection {
         request: &Message,
         events: &dyn EventSink,
     ) -> Result<(Self, mpsc::Receiver<DataConn>), EngineError> {
-        let tls = config.tls.as_ref();
-        let mut conn = Connection::open(config, session.meter.clone(), events).await?;
-        conn.request(request).await?;
-        let joins = conn.data_streams(&config.addr, tls, config.streams);
-        Ok((conn, joins))
-    }
-
-    /// Send a request and wait for the server to accept it.
-    async fn request(&mut self, msg: &Message) -> Result<(), EngineError> {
-        self.writer.send_now(msg).await?;
-        let reply = match self.reply().await {
-            // A refusal is final, unless the server is only going away.
-            Err(EngineError::Remote(failure)) if failure.code != ErrorCode::ShuttingDown => {
-                return Err(EngineError::Refused(failure));
-            }
-            other => other?,
-        };
-        match reply {
-            Message::Ready => Ok(()),
-            other => Err(Violation::Expected {
-                expected: "ready",
-                got: other.name(),
-            }
-            .into()),
-        }
+        let mut conn = Connection::open(config, session.meter.clone(), events, request).await?;
+        let key = accept(&mut conn.reader, conn.session.take()).await?;
+        let (joins, joined) = mpsc::channel(ferry_proto::limits::MAX_STREAMS as usize);
+        JoinPlan::of(config, &conn.meter).spawn(&key, joins);
+        Ok((conn, joined))
     }
 
     /// End the session's control connection, passing on the result. After
@@ -495,8 +580,9 @@ pub async fn rollback(
     with_retries(&single, events, cancel, |tally, session| {
         let (single, request) = (&single, &request);
         async move {
-            let mut conn = Connection::open(single, session.meter.clone(), &*tally).await?;
-            conn.request(request).await?;
+            let mut conn =
+                Connection::open(single, session.meter.clone(), &*tally, request).await?;
+            accept(&mut conn.reader, conn.session.take()).await?;
             conn.finish(Ok(())).await
         }
     })
@@ -581,7 +667,18 @@ async fn upload_once(
         backup: config.backup,
         whole_file: config.whole_file,
     };
-    let (mut conn, joins) = Connection::start(config, &session, &request, &*tally).await?;
+    let mut conn = Connection::open(config, session.meter.clone(), &*tally, &request).await?;
+    // The transfer starts at once; the server's answers to the hello and
+    // the request are read meanwhile, and then the data connections join.
+    let (joins, joined) = mpsc::channel(ferry_proto::limits::MAX_STREAMS as usize);
+    let (known, plan) = (conn.session.take(), JoinPlan::of(config, &conn.meter));
+    let accepted: BeforeReplies<BoxRead> = Box::new(move |reader| {
+        Box::pin(async move {
+            let key = accept(reader, known).await?;
+            plan.spawn(&key, joins);
+            Ok(())
+        })
+    });
     let job = SendJob {
         root,
         compression: config.compression,
@@ -599,15 +696,8 @@ async fn upload_once(
     };
     let result = session
         .watched(config.timeout, async |cancel| {
-            run_sender(
-                &mut conn.reader,
-                &mut conn.writer,
-                job,
-                tally,
-                cancel,
-                joins,
-            )
-            .await
+            let conn = (&mut conn.reader, &mut conn.writer);
+            run_sender(conn, job, tally, cancel, (Some(accepted), joined)).await
         })
         .await;
     conn.finish(result).await

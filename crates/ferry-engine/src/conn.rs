@@ -205,8 +205,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     }
 
     pub(crate) async fn preface(&mut self) -> Result<(), EngineError> {
-        self.raw(&Preface::ours().encode()).await?;
+        self.queue_preface().await?;
         self.flush().await
+    }
+
+    /// Queue the preface, to go out with the first message.
+    pub(crate) async fn queue_preface(&mut self) -> Result<(), EngineError> {
+        self.raw(&Preface::ours().encode()).await
     }
 
     /// Queue a control message (call [`flush`](Self::flush) to push it out).

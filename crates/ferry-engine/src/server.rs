@@ -434,15 +434,19 @@ async fn open(
         return refuse(&mut writer, Refusal::new(RefusalReason::NeedsTls)).await;
     }
     match hello {
-        Message::Hello { software } => {
+        Message::Hello { software, mac } => {
             // The policy as it is now: a reload after this point is for
             // the sessions that start after it.
             let policy = shared.policy.current();
             let grant = match policy.open_grant() {
                 Some(grant) => grant,
                 None => {
+                    // A proof given at once stands only where the TLS
+                    // exporter binds it to this connection; without TLS
+                    // it could be a replay, and the challenge decides.
+                    let early = mac.filter(|_| !exporter.is_empty());
                     let proof = (&*policy, exporter.as_slice(), deadline);
-                    authenticate(&mut reader, &mut writer, proof, peer, shared).await?
+                    authenticate(&mut reader, &mut writer, proof, early, (peer, shared)).await?
                 }
             };
             Ok(Opened::Session {
@@ -539,25 +543,14 @@ async fn authenticate(
     reader: &mut FrameReader<BoxRead>,
     writer: &mut FrameWriter<BoxWrite>,
     (policy, exporter, deadline): (&Policy, &[u8], Deadline),
-    peer: SocketAddr,
-    shared: &Shared,
+    early: Option<String>,
+    (peer, shared): (SocketAddr, &Shared),
 ) -> Result<Arc<Grant>, EngineError> {
-    let nonce = match auth::random_bytes(32) {
-        Ok(n) => n,
-        Err(error) => {
-            let reason = RefusalReason::NoRandom {
-                what: "the challenge",
-                error,
-            };
-            return refuse(writer, Refusal::new(reason)).await;
-        }
+    let (nonce, answer) = match early {
+        // Proved in the hello, over the TLS exporter alone.
+        Some(mac) => (Vec::new(), Ok(Ok(Message::Auth { mac }))),
+        None => challenge(reader, writer, deadline).await?,
     };
-    writer
-        .send_now(&Message::Challenge {
-            nonce: auth::hex(&nonce),
-        })
-        .await?;
-    let answer = tokio::time::timeout_at(deadline.at, reader.message()).await;
     // A client without a token gives up at the challenge: it goes away
     // (or says nothing). That is a failed attempt too, or a guesser could
     // probe for free by hanging up.
@@ -570,6 +563,12 @@ async fn authenticate(
             }
             None => ("wrong token".to_string(), false),
         },
+        // A client without a token makes its request at once (it could
+        // not answer a challenge anyway) and gives up when challenged.
+        Ok(Ok(Message::Upload { .. } | Message::Download { .. } | Message::Rollback { .. })) => (
+            "the client made its request without proving the token (no token?)".into(),
+            true,
+        ),
         Ok(Ok(_)) => (
             "answered the challenge with another message than auth".into(),
             false,
@@ -609,6 +608,34 @@ async fn authenticate(
     Err(EngineError::RefusedPeer(Refusal::new(
         RefusalReason::Unauthenticated,
     )))
+}
+
+/// The answer to a challenge: a message, a broken connection, or none in
+/// time.
+type ChallengeAnswer = Result<Result<Message, EngineError>, tokio::time::error::Elapsed>;
+
+/// Send a challenge and read its answer, before the handshake's deadline.
+async fn challenge(
+    reader: &mut FrameReader<BoxRead>,
+    writer: &mut FrameWriter<BoxWrite>,
+    deadline: Deadline,
+) -> Result<(Vec<u8>, ChallengeAnswer), EngineError> {
+    let nonce = match auth::random_bytes(32) {
+        Ok(n) => n,
+        Err(error) => {
+            let reason = RefusalReason::NoRandom {
+                what: "the challenge",
+                error,
+            };
+            return refuse(writer, Refusal::new(reason)).await;
+        }
+    };
+    let challenge = Message::Challenge {
+        nonce: auth::hex(&nonce),
+    };
+    writer.send_now(&challenge).await?;
+    let answer = tokio::time::timeout_at(deadline.at, reader.message()).await;
+    Ok((nonce, answer))
 }
 
 fn lock_throttle(shared: &Shared) -> std::sync::MutexGuard<'_, AuthThrottle> {
@@ -922,7 +949,8 @@ async fn transfer(
             info!("download of {}", job.label);
             job.local_peer = local_peer;
             let tally = tally("sent");
-            let result = run_sender(reader, writer, *job, tally.clone(), watched, joins).await;
+            let conn = (reader, writer);
+            let result = run_sender(conn, *job, tally.clone(), watched, (None, joins)).await;
             ("download", result, tally)
         }
         Accepted::RolledBack => ("rollback", Ok(()), tally("rolled back")),

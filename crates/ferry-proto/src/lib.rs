@@ -41,6 +41,14 @@ pub mod limits {
     pub const MAX_CHUNK_LEN: u32 = 4 * 1024 * 1024;
     /// The chunk size ferry's sender uses.
     pub const DEFAULT_CHUNK_LEN: u32 = 1024 * 1024;
+
+    /// Whether the data of file entry `id` of `size` bytes may follow its
+    /// entry before its plan (PROTOCOL.md §8.5): the transfer's root, a
+    /// file of one chunk at most, so that a one-file transfer needs no
+    /// round trip for its plan.
+    pub fn goes_unplanned(id: u64, size: u64) -> bool {
+        id == 1 && size <= DEFAULT_CHUNK_LEN as u64
+    }
     /// Largest JSON control message.
     pub const MAX_CONTROL_LEN: u32 = 256 * 1024;
     /// Largest path on the wire, in bytes.

@@ -139,6 +139,12 @@ pub enum Message {
     Hello {
         /// The client's software version, for logs.
         software: String,
+        /// With TLS, the proof of the token given at once, without waiting
+        /// for a `challenge`: hex HMAC-SHA256(token, "ferry-auth-v1" ‖ TLS
+        /// exporter). The exporter is fresh for every connection, so it
+        /// binds the proof as a nonce would.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<String>,
     },
     /// Server → client, instead of `welcome` when the server requires a
     /// token: prove it. 32 random bytes, hex.
@@ -526,7 +532,8 @@ mod tests {
     fn golden_json() {
         assert_eq!(
             json(&Message::Hello {
-                software: "ferry 0.1.0".into()
+                software: "ferry 0.1.0".into(),
+                mac: None,
             }),
             r#"{"type":"hello","software":"ferry 0.1.0"}"#
         );
@@ -935,6 +942,7 @@ mod tests {
         vec![
             Message::Hello {
                 software: "s".into(),
+                mac: Some("ab".into()),
             },
             Message::Challenge {
                 nonce: "00ff".into(),

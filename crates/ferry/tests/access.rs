@@ -67,6 +67,17 @@ fn read_only_server_refuses_uploads_and_serves_downloads() {
     let file = scratch.join("src/one.txt");
     let out = server.run_with(&[&"up", &file, &"one.txt"], &opts);
     assert_refused(&out, "read-only");
+    // A client sends its transfer with its request, before the answer
+    // (PROTOCOL.md §8.1): refused mid-flight, it still reports the refusal,
+    // not the connection it breaks. With and without TLS.
+    let big = scratch.join("big.bin");
+    write_random_file(&big, 48 << 20, 3);
+    let out = server.run_with(&[&"up", &big, &"big.bin"], &opts);
+    assert_refused(&out, "this server is read-only");
+    let mut plain = Server::start_with(&root, &[&"--read-only", &"--no-tls"]);
+    let out = plain.run_with(&[&"up", &"--no-tls", &big, &"big.bin"], &opts);
+    assert_refused(&out, "this server is read-only");
+    assert_server_healthy(&mut plain);
     assert_eq!(
         names(&root),
         ["served.txt"],

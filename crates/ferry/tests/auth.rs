@@ -89,15 +89,15 @@ fn failure_lines(server: &Server) -> Vec<String> {
 fn failed_attempts_are_logged_and_slowed_per_address_and_the_right_token_still_works() {
     let (_scratch, root, file, server) = token_server(b"after the guessing\n");
 
-    // A client without a token gives up at the challenge and hangs up:
-    // that counts as a failure from its address, though nobody waits for
-    // the answer.
+    // A client without a token makes its request at once, gives up at
+    // the challenge and hangs up: that counts as a failure from its
+    // address, though nobody waits for the answer.
     server
         .run_with(&[&"up", &file, &"none.txt"], &with_token(None))
         .assert_code(1)
         .assert_no_panic();
     assert!(
-        server.wait_for_log("no answer to the challenge (no token?)", ERROR_TIMEOUT),
+        server.wait_for_log("without proving the token (no token?)", ERROR_TIMEOUT),
         "the hang-up is logged as a failed attempt: {}",
         server.stderr()
     );

@@ -4,15 +4,16 @@
 //! the destination has at each (never creating, opening for writing or
 //! following anything), and answers at once: what would change
 //! (`changes`, judged as the real worker judges it, in `itemize.rs`), and
-//! an outcome. It plans no file, so no data is sent; a chunk that comes
-//! anyway breaks the protocol. With `--delete`, the deletions are scanned
+//! an outcome. It plans no file, so no data is sent (but a root file's
+//! that may go unplanned, which it ignores); a chunk that comes anyway
+//! breaks the protocol. With `--delete`, the deletions are scanned
 //! as for real and listed, not made.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use ferry_proto::digest::FileDigest;
-use ferry_proto::limits::MAX_OPEN_DIRS;
+use ferry_proto::limits::{MAX_OPEN_DIRS, goes_unplanned};
 use ferry_proto::message::{Change, EntryKind, Message, Outcome, Owner};
 use ferry_proto::path::{WireBytes, WirePath};
 use tokio::sync::mpsc;
@@ -40,6 +41,8 @@ pub(crate) struct Preview {
     /// The entry being answered because the sender aborted it: its
     /// failure is the sender's.
     aborted: Option<u64>,
+    /// The root file, if its data may come unplanned: ignored.
+    unplanned: Option<u64>,
 }
 
 impl Preview {
@@ -55,6 +58,7 @@ impl Preview {
             tally,
             replies,
             unsent: Vec::new(),
+            unplanned: None,
             order: EntryOrder::default(),
             open_dirs: HashMap::new(),
             deletions,
@@ -85,7 +89,9 @@ impl Preview {
             let batch = frames.blocking_recv().ok_or(EngineError::Closed)?;
             for frame in batch {
                 match frame {
-                    // No file was planned: no data may come.
+                    // No file was planned: no data may come, but for a
+                    // root file that may go unplanned (answered already).
+                    Inbound::Data(c) if Some(c.chunk.header.file_id) == self.unplanned => {}
                     Inbound::Data(_) => return Err(Violation::UnexpectedData.into()),
                     Inbound::Control(msg) => self.message(msg)?,
                 }
@@ -129,6 +135,7 @@ impl Preview {
                 // A file, answered already: nothing of it was to come.
                 None => Ok(()),
             },
+            Message::FileEnd { id, .. } if Some(id) == self.unplanned => Ok(()),
             Message::Keepalive => Ok(()),
             Message::End => {
                 self.end_seen = true;
@@ -147,6 +154,11 @@ impl Preview {
         digest: Option<FileDigest>,
     ) -> Result<(), EngineError> {
         self.order.admit(id, owner)?;
+        if let EntryKind::File { size, .. } = kind
+            && goes_unplanned(id, size)
+        {
+            self.unplanned = Some(id);
+        }
         let owner = owner.filter(|_| self.dest.owners);
         let path = WirePath::from_wire(path)?;
         // A file into an existing directory, as the real worker decides it.

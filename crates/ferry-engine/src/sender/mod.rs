@@ -289,18 +289,20 @@ impl Replies {
     }
 }
 
-/// Run the sending side over an established, accepted session.
+/// Run the sending side over an established session.
 ///
 /// The control connection carries the ordered messages (and data when it
 /// is free); the data connections that arrive on `joins` share the chunks
-/// of large files.
+/// of large files. `accepted` reads what comes before the receiver's
+/// replies: a client that sent its request with its hello starts sending
+/// at once, and reads the server's `welcome` and `ready` meanwhile
+/// (PROTOCOL.md §8.1); a refusal there ends the transfer.
 pub(crate) async fn run_sender<R, W>(
-    reader: &mut FrameReader<R>,
-    writer: &mut FrameWriter<W>,
+    (reader, writer): (&mut FrameReader<R>, &mut FrameWriter<W>),
     job: SendJob,
     tally: Arc<Tally>,
     cancel: &CancellationToken,
-    mut joins: mpsc::Receiver<DataConn>,
+    (accepted, mut joins): (Option<BeforeReplies<R>>, mpsc::Receiver<DataConn>),
 ) -> Result<(), EngineError>
 where
     R: AsyncRead + Unpin,
@@ -318,7 +320,13 @@ where
         // The transfer is over when the receiver says so; the writers only
         // matter if they fail (then the session cannot complete).
         let write = async {
-            pump_control(writer, &mut control, &data_rx).await?;
+            if let Err(e) = pump_control(writer, &mut control, &data_rx).await {
+                // A receiver that closes with a word (a request refused
+                // while its transfer was already on the way) breaks our
+                // writes first: give the reader the time to find the word.
+                tokio::time::sleep(WORD_BEFORE_BREAK).await;
+                return Err(e);
+            }
             std::future::pending::<Result<(), EngineError>>().await
         };
         let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
@@ -334,8 +342,14 @@ where
                 }
             }
         };
+        let read = async {
+            if let Some(accepted) = accepted {
+                accepted(reader).await?;
+            }
+            read_outcomes(reader, &replies, &tally).await
+        };
         let ended = tokio::select! {
-            r = read_outcomes(reader, &replies, &tally) => r,
+            r = read => r,
             r = write => r,
             e = data_writers => Err(e),
             e = producer => Err(e),
@@ -354,6 +368,19 @@ where
         None => done.await.unwrap_or(Err(EngineError::Closed)),
     }
 }
+
+/// How long a failed write waits for the reader to report why the
+/// receiver closed.
+const WORD_BEFORE_BREAK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a sender reads before the receiver's replies (see [`run_sender`]).
+pub(crate) type BeforeReplies<R> = Box<
+    dyn for<'a> FnOnce(
+            &'a mut FrameReader<R>,
+        ) -> std::pin::Pin<
+            Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>,
+        > + Send,
+>;
 
 /// A session this side ends (a receiver breaking the rules, a local
 /// failure): the receiver is told why, as the receiver tells the sender.

@@ -402,6 +402,8 @@ pub(super) struct PlanQueue<F> {
 struct Queued<F> {
     id: u64,
     size: u64,
+    /// It may go before its plan (see [`goes_unplanned`]).
+    unplanned: bool,
     /// The directories of this transfer that hold it, outermost first.
     ancestors: Arc<[u64]>,
     file: F,
@@ -447,6 +449,7 @@ impl<F> PlanQueue<F> {
         self.queue.push_back(Queued {
             id,
             size,
+            unplanned: goes_unplanned(id, size),
             ancestors,
             file,
         });
@@ -486,7 +489,10 @@ impl<F> PlanQueue<F> {
                 self.have.remove(&id);
                 self.signatures.remove(&id);
                 self.queue.pop_front();
-            } else if id <= self.through || front.ancestors.iter().any(|d| self.fresh.contains(d)) {
+            } else if id <= self.through
+                || front.unplanned
+                || front.ancestors.iter().any(|d| self.fresh.contains(d))
+            {
                 break;
             } else if drain || self.queue.len() as u64 >= MAX_FILES_AHEAD {
                 return Ok(Next::Wait);
@@ -506,6 +512,15 @@ impl<F> PlanQueue<F> {
             file: q.file,
         }))
     }
+}
+
+/// Whether file `id` of `size` bytes may go before its plan (see
+/// [`ferry_proto::limits::goes_unplanned`]). What it risks is sending once
+/// more a file the receiver has, one chunk at most, where a plan could
+/// only have said "unchanged": a file so small has no journal to resume,
+/// and its delta would save little.
+fn goes_unplanned(id: u64, size: u64) -> bool {
+    ferry_proto::limits::goes_unplanned(id, size)
 }
 
 /// Check the receiver's list of held chunks against the file: runs in
@@ -785,6 +800,16 @@ mod tests {
         assert_eq!(sendable(&mut q, true), (vec![], "wait"), "drain waits");
         q.absorb(news(5));
         assert_eq!(sendable(&mut q, true), (vec![4, 5], "later"));
+    }
+
+    #[test]
+    fn a_root_file_of_one_chunk_goes_without_a_plan() {
+        let mut q = PlanQueue::default();
+        q.push(1, u64::from(DEFAULT_CHUNK_LEN), ancestors(&[]), ());
+        assert_eq!(sendable(&mut q, true), (vec![1], "later"));
+        // Larger, it may be resumed or sent as a delta: it waits.
+        q.push(1, u64::from(DEFAULT_CHUNK_LEN) + 1, ancestors(&[]), ());
+        assert_eq!(sendable(&mut q, true), (vec![], "wait"));
     }
 
     #[test]
