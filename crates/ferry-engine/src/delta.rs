@@ -24,43 +24,130 @@ fn cut_file(
     params: CdcParams,
     mut block: impl FnMut(u64, &[u8]) -> bool,
 ) -> io::Result<()> {
-    let max = params.max as usize;
-    let mut buf = vec![0u8; READ_LEN + max];
-    // `buf[start..filled]` holds the bytes from `offset` on not yet cut.
-    let (mut start, mut filled, mut offset, mut read_to) = (0usize, 0usize, 0u64, 0u64);
-    loop {
-        // Keep a whole largest block ahead, so that every cut is final
-        // (one at the end of the buffer would otherwise be a guess).
-        if filled - start < max && read_to < size {
-            buf.copy_within(start..filled, 0);
-            (filled, start) = (filled - start, 0);
-            let len = ((buf.len() - filled) as u64).min(size - read_to) as usize;
-            if !read_full_at(fd, &mut buf[filled..filled + len], read_to)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the file shrank while it was being read",
-                ));
+    let mut cutter = Cutter::new(params, size);
+    while !cutter.step(fd, u64::MAX, &mut block)? {}
+    Ok(())
+}
+
+/// A file cut into blocks a step at a time: so that a sender can cut its
+/// file while it waits for the receiver's signature, and stop when that
+/// does not come.
+pub(crate) struct Cutter {
+    params: CdcParams,
+    size: u64,
+    buf: Vec<u8>,
+    /// `buf[start..filled]` holds the bytes from `offset` on not yet cut.
+    start: usize,
+    filled: usize,
+    offset: u64,
+    read_to: u64,
+    done: bool,
+}
+
+impl Cutter {
+    pub(crate) fn new(params: CdcParams, size: u64) -> Cutter {
+        Cutter {
+            params,
+            size,
+            buf: Vec::new(),
+            start: 0,
+            filled: 0,
+            offset: 0,
+            read_to: 0,
+            done: false,
+        }
+    }
+
+    pub(crate) fn params(&self) -> CdcParams {
+        self.params
+    }
+
+    /// Cut about `budget` more bytes (whole blocks), calling `block` with
+    /// the offset and bytes of each, until it returns false; true once the
+    /// file is cut to its end (or `block` said stop).
+    pub(crate) fn step(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        budget: u64,
+        block: &mut impl FnMut(u64, &[u8]) -> bool,
+    ) -> io::Result<bool> {
+        let max = self.params.max as usize;
+        if self.buf.is_empty() {
+            self.buf = vec![0u8; READ_LEN + max];
+        }
+        let stop_at = self.offset.saturating_add(budget);
+        while !self.done && self.offset < stop_at {
+            // Keep a whole largest block ahead, so that every cut is final
+            // (one at the end of the buffer would otherwise be a guess).
+            if self.filled - self.start < max && self.read_to < self.size {
+                self.refill(fd)?;
             }
-            (filled, read_to) = (filled + len, read_to + len as u64);
+            if self.start == self.filled {
+                self.done = true;
+                break;
+            }
+            let rest = &self.buf[self.start..self.filled];
+            // The level is named, not left to the crate's default: both
+            // sides must cut alike (PROTOCOL.md §8.5).
+            let chunker = FastCDC::with_level(
+                rest,
+                self.params.min as usize,
+                self.params.avg as usize,
+                max,
+                Normalization::Level1,
+            );
+            let (_, end) = chunker.cut(0, rest.len());
+            self.done = !block(self.offset, &rest[..end]);
+            (self.start, self.offset) = (self.start + end, self.offset + end as u64);
         }
-        if start == filled {
-            return Ok(());
+        if self.done {
+            // What a finished cutter holds is of no more use.
+            self.buf = Vec::new();
         }
-        let rest = &buf[start..filled];
-        // The level is named, not left to the crate's default: both sides
-        // must cut alike (PROTOCOL.md §8.5).
-        let chunker = FastCDC::with_level(
-            rest,
-            params.min as usize,
-            params.avg as usize,
-            params.max as usize,
-            Normalization::Level1,
-        );
-        let (_, end) = chunker.cut(0, rest.len());
-        if !block(offset, &rest[..end]) {
-            return Ok(());
+        Ok(self.done)
+    }
+
+    fn refill(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.buf.copy_within(self.start..self.filled, 0);
+        (self.filled, self.start) = (self.filled - self.start, 0);
+        let room = (self.buf.len() - self.filled) as u64;
+        let len = room.min(self.size - self.read_to) as usize;
+        let into = &mut self.buf[self.filled..self.filled + len];
+        if !read_full_at(fd, into, self.read_to)? {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the file shrank while it was being read",
+            ));
         }
-        (start, offset) = (start + end, offset + end as u64);
+        (self.filled, self.read_to) = (self.filled + len, self.read_to + len as u64);
+        Ok(())
+    }
+}
+
+/// A file's blocks as the sender cuts them: where each starts, its length
+/// and hash. Cut ahead of the signature, they are matched against it by
+/// lookups alone.
+#[derive(Default)]
+struct CutBlocks(Vec<(u64, u32, u64)>);
+
+impl CutBlocks {
+    fn push(&mut self, at: u64, bytes: &[u8]) {
+        self.0.push((at, bytes.len() as u32, chunk_hash(bytes)));
+    }
+
+    /// The runs of the file that the basis has.
+    fn matches(&self, basis: &BasisIndex) -> Matches {
+        let mut matches = Matches::default();
+        for &(at, len, hash) in &self.0 {
+            if let Some(from) = basis.find(hash, len) {
+                matches.push(Match {
+                    at,
+                    from,
+                    len: u64::from(len),
+                });
+            }
+        }
+        matches
     }
 }
 
@@ -85,15 +172,99 @@ pub(crate) fn signature_of(
     Ok((params, blocks))
 }
 
+/// A sender's cut of its file made while it waits for the file's plan, on
+/// the guess that a receiver holding a version of the same size would cut
+/// with the same parameters ([`CdcParams::for_basis`]): the receiver signs
+/// its version meanwhile, and the two passes over the data run at once
+/// rather than one after the other. A guess that is wrong (another size,
+/// no signature) costs what was cut while waiting, and nothing more.
+pub(crate) struct Precut {
+    cutter: Cutter,
+    blocks: CutBlocks,
+    /// Cut to the end, or given up (`failed`).
+    done: bool,
+    failed: bool,
+}
+
+/// How much a precut step cuts before the sender looks for news again.
+const PRECUT_STEP: u64 = 8 * 1024 * 1024;
+/// Most blocks a precut holds (16 bytes each): a file of more than 256 GiB
+/// is cut ahead only that far, and the rest once its signature has come.
+const MAX_PRECUT_BLOCKS: usize = 256 * 1024;
+
+impl Precut {
+    pub(crate) fn new(size: u64) -> Precut {
+        Precut {
+            cutter: Cutter::new(CdcParams::for_basis(size), size),
+            blocks: CutBlocks::default(),
+            done: false,
+            failed: false,
+        }
+    }
+
+    /// Cut one more step; false if there was nothing left to do (or
+    /// nothing more to hold: the blocks kept are bounded).
+    pub(crate) fn step(&mut self, fd: BorrowedFd<'_>) -> bool {
+        if self.done || self.blocks.0.len() >= MAX_PRECUT_BLOCKS {
+            return false;
+        }
+        let blocks = &mut self.blocks;
+        let mut keep = |at, bytes: &[u8]| {
+            blocks.push(at, bytes);
+            true
+        };
+        match self.cutter.step(fd, PRECUT_STEP, &mut keep) {
+            Ok(done) => self.done = done,
+            // The real pass will meet the error again, and report it.
+            Err(_) => (self.done, self.failed) = (true, true),
+        }
+        true
+    }
+
+    /// The runs of the file that `basis` has, if the guess was right: the
+    /// blocks cut so far looked up, the rest cut now (calling `alive` now
+    /// and then).
+    pub(crate) fn finish(
+        mut self,
+        fd: BorrowedFd<'_>,
+        basis: &BasisIndex,
+        alive: impl FnMut(),
+    ) -> Option<io::Result<Matches>> {
+        if self.failed || self.cutter.params() != basis.params {
+            return None;
+        }
+        let mut matches = self.blocks.matches(basis);
+        if !self.done {
+            let mut rest = match_into(&mut matches, basis, alive);
+            if let Err(e) = self.cutter.step(fd, u64::MAX, &mut rest) {
+                return Some(Err(e));
+            }
+        }
+        Some(Ok(matches))
+    }
+}
+
 /// The runs of the first `size` bytes of `fd` that the basis has.
 pub(crate) fn matches_of(
     fd: BorrowedFd<'_>,
     size: u64,
     basis: &BasisIndex,
-    mut alive: impl FnMut(),
+    alive: impl FnMut(),
 ) -> io::Result<Matches> {
     let mut matches = Matches::default();
-    cut_file(fd, size, basis.params, |at, bytes| {
+    let mut cutter = Cutter::new(basis.params, size);
+    // One step cuts to the end.
+    cutter.step(fd, u64::MAX, &mut match_into(&mut matches, basis, alive))?;
+    Ok(matches)
+}
+
+/// A cutter's callback that adds the blocks the basis has to `matches`.
+fn match_into<'a>(
+    matches: &'a mut Matches,
+    basis: &'a BasisIndex,
+    mut alive: impl FnMut() + 'a,
+) -> impl FnMut(u64, &[u8]) -> bool + 'a {
+    move |at, bytes| {
         let len = bytes.len() as u32;
         if let Some(from) = basis.find(chunk_hash(bytes), len) {
             matches.push(Match {
@@ -104,8 +275,7 @@ pub(crate) fn matches_of(
         }
         alive();
         true
-    })?;
-    Ok(matches)
+    }
 }
 
 /// Rebuild a chunk into `out` from its script: copies read from `basis`,
@@ -208,6 +378,37 @@ mod tests {
         let mut out = Vec::new();
         rebuild(&ops, old_file.as_fd(), &mut out).unwrap();
         assert!(out == new);
+    }
+
+    #[test]
+    fn a_cut_made_ahead_matches_as_a_cut_made_after() {
+        let old = noise(20 << 20, 11);
+        let mut new = old.clone();
+        new.splice(5_000_000..5_000_000, noise(4096, 12));
+        new.truncate(old.len());
+        let (params, blocks) =
+            signature_of(file_of(&old).as_fd(), old.len() as u64, |_| {}).unwrap();
+        let index = BasisIndex::new(params, &blocks);
+        let file = file_of(&new);
+        let size = new.len() as u64;
+        let after = matches_of(file.as_fd(), size, &index, || {}).unwrap();
+        let runs = |m: &Matches| m.window(0, size as u32);
+        // Cut whole ahead, or one step of it, then finished.
+        let mut whole = Precut::new(size);
+        while whole.step(file.as_fd()) {}
+        let mut part = Precut::new(size);
+        assert!(part.step(file.as_fd()));
+        for precut in [whole, part] {
+            let ahead = precut.finish(file.as_fd(), &index, || {}).unwrap().unwrap();
+            assert_eq!(runs(&ahead), runs(&after));
+        }
+        // A guess of other parameters is not used.
+        let other = BasisIndex::new(CdcParams::of_avg(params.avg * 2).unwrap(), &blocks);
+        assert!(
+            Precut::new(size)
+                .finish(file.as_fd(), &other, || {})
+                .is_none()
+        );
     }
 
     #[test]

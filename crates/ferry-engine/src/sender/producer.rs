@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
-use ferry_proto::delta::{BasisIndex, Matches};
+use ferry_proto::delta::{BasisIndex, DELTA_MIN_SIZE, Matches};
 use ferry_proto::digest::DigestBuilder;
 use ferry_proto::limits::DEFAULT_CHUNK_LEN;
 use ferry_proto::message::{EntryKind, Message};
@@ -21,6 +21,7 @@ use super::frames::{Chunks, KEEPALIVE_EVERY, Output, Source, Unsendable};
 use super::rules::{Links, Next, PlanQueue, Planned, Stamp, Unanswered, counted};
 use super::signatures::Signature;
 use super::walk::{self, Lazy, Visitor};
+use crate::delta::Precut;
 use crate::error::{EngineError, reason};
 use crate::events::{Event, EventSink, Origin, Tally, display_name};
 use crate::filter::Filter;
@@ -53,6 +54,8 @@ struct QueuedFile {
     stamp: Stamp,
     /// It has fewer blocks than bytes: its holes are worth looking for.
     sparse: bool,
+    /// Its cut into blocks, made while it waits for its plan.
+    precut: Option<Precut>,
 }
 
 /// Where the walk is, and what it remembers of what it met.
@@ -252,7 +255,11 @@ impl Producer {
                 Next::Wait => {
                     // The receiver plans what it has seen: show it our entries.
                     self.out.flush()?;
-                    let news = self.inbox.take_news(true)?;
+                    // Meanwhile, cut the next file as a signature of it
+                    // would be matched: the receiver may be signing its
+                    // version of it now.
+                    let cut = self.precut_next();
+                    let news = self.inbox.take_news(!cut)?;
                     self.plans.absorb(news);
                 }
             }
@@ -280,8 +287,9 @@ impl Producer {
                 bytes: held_bytes,
             });
         }
+        let mut q = q;
         let matches = match signature {
-            Some(sig) => match self.match_basis(&q, size, &sig) {
+            Some(sig) => match self.match_basis(&mut q, size, &sig) {
                 Ok(matches) => Some(matches),
                 Err((why, transient)) => return self.abort(id, why, transient),
             },
@@ -326,19 +334,32 @@ impl Producer {
         })
     }
 
+    /// Cut a step of the file whose plan is awaited, if it may be worth a
+    /// delta (see [`Precut`]); whether there was any to cut.
+    fn precut_next(&mut self) -> bool {
+        match self.plans.front_mut() {
+            Some((size, q)) if size >= DELTA_MIN_SIZE => q
+                .precut
+                .get_or_insert_with(|| Precut::new(size))
+                .step(q.file.as_fd()),
+            _ => false,
+        }
+    }
+
     /// Find the blocks of a file that the receiver's basis has (see
-    /// [`ferry_proto::delta`]): the file is read once more for them, with
-    /// keepalives, as the receiver waits meanwhile.
+    /// [`ferry_proto::delta`]): from its cut made while waiting for the
+    /// plan if that guessed right, else by reading it once more for them,
+    /// with keepalives, as the receiver waits meanwhile.
     fn match_basis(
         &mut self,
-        q: &QueuedFile,
+        q: &mut QueuedFile,
         size: u64,
         sig: &Signature,
     ) -> Result<Matches, Unsendable> {
         let index = BasisIndex::new(sig.params, &sig.blocks);
         let (out, tally) = (&mut self.out, &self.tally);
         let mut last_sign = Instant::now();
-        let alive = || {
+        let mut alive = || {
             if last_sign.elapsed() >= KEEPALIVE_EVERY {
                 last_sign = Instant::now();
                 tally.working();
@@ -346,7 +367,13 @@ impl Producer {
                 let _ = out.send(&Message::Keepalive).and_then(|()| out.flush());
             }
         };
-        crate::delta::matches_of(q.file.as_fd(), size, &index, alive).map_err(|e| match e.kind() {
+        let fd = q.file.as_fd();
+        let precut = q.precut.take();
+        let matched = match precut.and_then(|p| p.finish(fd, &index, &mut alive)) {
+            Some(matched) => matched,
+            None => crate::delta::matches_of(fd, size, &index, &mut alive),
+        };
+        matched.map_err(|e| match e.kind() {
             io::ErrorKind::UnexpectedEof => {
                 ("the file shrank while it was being sent".into(), true)
             }
@@ -461,6 +488,7 @@ impl Visitor for Producer {
                     file,
                     stamp: stamp_of(&stat),
                     sparse: fsx::may_have_holes(&stat),
+                    precut: None,
                 };
                 self.plans.push(id, size, self.walk.ancestors(), queued);
                 Ok(())

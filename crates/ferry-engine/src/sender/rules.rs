@@ -455,6 +455,11 @@ impl<F> PlanQueue<F> {
         });
     }
 
+    /// The next file to send, and its size, while it waits for its plan.
+    pub(super) fn front_mut(&mut self) -> Option<(u64, &mut F)> {
+        self.queue.front_mut().map(|q| (q.size, &mut q.file))
+    }
+
     /// Take in what the receiver has said since the last time.
     pub(super) fn absorb(&mut self, news: News) {
         // Queued ids increase: a binary search, not a scan per answer.
