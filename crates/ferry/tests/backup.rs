@@ -175,6 +175,30 @@ fn link_dest_links_what_is_unchanged_and_sends_the_rest() {
     assert_ne!(ino("old/edited.txt"), ino("new/edited.txt"));
 }
 
+/// A `--link-dest` file is linked only to a free name on an append-only
+/// server: a file that is there already, with other content, stays.
+#[test]
+fn an_append_only_server_never_links_over_an_existing_file() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    write_file(&src.join("a.txt"), b"from the source");
+    write_file(&src.join("b.txt"), b"new here");
+    let root = scratch.mkdir("root");
+    let server = Server::start_with(&root, &[&"--append-only"]);
+    server.run(&[&"up", &src, &"old"]).assert_success();
+    fs::create_dir(root.join("dst")).unwrap();
+    write_file(&root.join("dst/a.txt"), b"the server's own");
+    let out = server.run(&[&"up", &"--link-dest", &"old", &src, &"dst"]);
+    out.assert_code(1);
+    out.assert_stderr_contains("append-only");
+    assert_eq!(
+        fs::read(root.join("dst/a.txt")).unwrap(),
+        b"the server's own"
+    );
+    let ino = |p: &str| lstat(&root.join(p)).ino();
+    assert_eq!(ino("old/b.txt"), ino("dst/b.txt"), "a free name is linked");
+}
+
 #[test]
 fn an_append_only_server_creates_but_never_overwrites_or_deletes() {
     let scratch = Scratch::new();
