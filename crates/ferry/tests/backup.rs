@@ -175,6 +175,39 @@ fn link_dest_links_what_is_unchanged_and_sends_the_rest() {
     assert_ne!(ino("old/edited.txt"), ino("new/edited.txt"));
 }
 
+/// A `--link-dest` tree is looked into like any remote path: a symlink in
+/// it, be it the tree itself, a directory or the file, is never followed
+/// (here out of the root, to a file that would pass the quick check), and
+/// only a regular file is linked.
+#[test]
+fn a_link_dest_symlink_is_never_followed() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    let outside = scratch.mkdir("outside");
+    let root = scratch.mkdir("root");
+    for tree in [&src, &outside, &root.join("real")] {
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        write_file(&tree.join("sub/f.txt"), b"same size");
+        set_mtime(&tree.join("sub/f.txt"), 1_700_000_000, 0);
+    }
+    std::os::unix::fs::symlink(&outside, root.join("whole")).unwrap();
+    fs::create_dir(root.join("part")).unwrap();
+    std::os::unix::fs::symlink(outside.join("sub"), root.join("part/sub")).unwrap();
+    fs::create_dir_all(root.join("file/sub")).unwrap();
+    let file = outside.join("sub/f.txt");
+    std::os::unix::fs::symlink(&file, root.join("file/sub/f.txt")).unwrap();
+    let server = Server::start(&root);
+    for (tree, sent) in [("real", 0), ("whole", 9), ("part", 9), ("file", 9)] {
+        let dst = format!("dst-{tree}");
+        let out = server.run(&[&"up", &"--json", &"--link-dest", &tree, &src, &dst]);
+        out.assert_success();
+        assert_eq!(out.json_event("summary")["bytes"], sent, "{tree}: {out}");
+        assert_trees_equal(&src, &root.join(&dst));
+        let linked = lstat(&root.join(&dst).join("sub/f.txt")).ino();
+        assert_ne!(linked, lstat(&file).ino(), "{tree}");
+    }
+}
+
 /// A `--link-dest` file is linked only to a free name on an append-only
 /// server: a file that is there already, with other content, stays.
 #[test]

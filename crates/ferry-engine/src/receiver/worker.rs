@@ -387,22 +387,22 @@ impl Worker {
     /// did. On an append-only server a file already at the destination is
     /// never replaced so.
     fn link_from_elsewhere(
-        &self,
+        &mut self,
         at: &Landing,
         path: &WirePath,
         (size, mode, mtime): (u64, u32, Mtime),
     ) -> bool {
         let replace = !self.dest.append_only;
-        self.dest.link_dests.iter().any(|link| {
+        self.dest.link_dests.iter_mut().any(|link| {
             let Some((dir, name)) = link.open_parent(path) else {
                 return false;
             };
-            let Some(found) = place::find_unchanged(&dir, &name, size, mtime) else {
+            let Some(found) = place::find_unchanged(&dir, name, size, mtime) else {
                 return false;
             };
             let to = (at.parent.as_ref(), at.name.as_slice());
             MetadataFix::between(found.mode, found.owner, mode, at.owner).is_empty()
-                && place::link_found((&dir, &name), &found, to, replace).is_ok()
+                && place::link_found((&dir, name), &found, to, replace).is_ok()
         })
     }
 
