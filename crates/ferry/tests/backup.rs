@@ -114,6 +114,9 @@ fn an_interrupted_backup_is_never_latest_and_the_next_run_resumes_it() {
         fs::read_link(dir.join("latest")).unwrap(),
         Path::new(&first[0])
     );
+    // What the source does not have goes, in a staging directory this
+    // transfer did not make (only a fresh one is not scanned).
+    write_file(&dir.join(&staged).join("gone.txt"), b"not in the source");
     ferry(&server, &[&"backup", &src, &target]).assert_success();
     let now = snapshots(&dir);
     assert_eq!(now.len(), 2);

@@ -631,6 +631,9 @@ impl Worker {
             _held: held,
         };
         let fresh = handle.created || parent_fresh;
+        if let Some(deletions) = self.deletions.as_mut().filter(|_| path.is_root() && fresh) {
+            deletions.root_made();
+        }
         self.dirs.open(at.id, path, at.parent_dir, fresh, io);
         Ok(())
     }
