@@ -365,14 +365,22 @@ pub(crate) fn rename_into_place(dir: BorrowedFd<'_>, part: &[u8], name: &[u8]) -
 /// setgid (then the directory's group).
 pub(crate) fn owner_of_new_files(dir: &Stat) -> Owner {
     let setgid = dir.st_mode & 0o2000 != 0;
+    let own = effective_owner();
     Owner {
-        uid: rustix::process::geteuid().as_raw(),
-        gid: if setgid {
-            dir.st_gid
-        } else {
-            rustix::process::getegid().as_raw()
-        },
+        uid: own.uid,
+        gid: if setgid { dir.st_gid } else { own.gid },
     }
+}
+
+/// This process's effective uid and gid, asked once: ferry never changes
+/// them, and a receiver asks for every directory it makes (two system
+/// calls each time).
+fn effective_owner() -> Owner {
+    static OWN: std::sync::OnceLock<Owner> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| Owner {
+        uid: rustix::process::geteuid().as_raw(),
+        gid: rustix::process::getegid().as_raw(),
+    })
 }
 
 /// Timestamps that set the mtime and leave the atime alone.
