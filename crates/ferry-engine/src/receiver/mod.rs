@@ -183,11 +183,14 @@ pub(crate) struct LinkDest {
     /// not there, and then it is not looked for again by this transfer (an
     /// atomic publish's first version, a backup's new snapshot, has no
     /// live tree: files missed so are sent, nothing worse).
-    root: Option<Option<Arc<OwnedFd>>>,
+    root: Option<MaybeDir>,
     /// The directory last looked in, by its path below the root, if it
     /// is there.
-    last: Option<(Vec<Vec<u8>>, Option<Arc<OwnedFd>>)>,
+    last: Option<(Vec<Vec<u8>>, MaybeDir)>,
 }
+
+/// A directory of a `--link-dest` tree, open, or not there.
+type MaybeDir = Option<Arc<OwnedFd>>;
 
 impl LinkDest {
     /// The tree `prefix` below `base` (which it is confined to).
