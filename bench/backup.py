@@ -280,9 +280,11 @@ class Tool:
 
 
 class Ferry(Tool):
-    def __init__(self, ctx: "Ctx", tls: bool):
-        self.name = "ferry" if tls else "ferry-no-tls"
+    def __init__(self, ctx: "Ctx", tls: bool, baseline: bool = False):
+        self.name = ("ferry-base" if baseline else "ferry") + ("" if tls else "-no-tls")
         self.tls = tls
+        # --baseline: another build, run beside the one under test.
+        self.binary = ctx.baseline if baseline else ctx.ferry
         super().__init__(ctx)
 
     def common(self) -> list[str]:
@@ -290,7 +292,7 @@ class Ferry(Tool):
                 "--token-file", str(rb.bench_token(self.ctx.workdir))] + ([] if self.tls else ["--no-tls"])
 
     def server_argv(self) -> list[str]:
-        return [str(self.ctx.ferry), "server", "--host", "127.0.0.1", "--port", str(self.port),
+        return [str(self.binary), "server", "--host", "127.0.0.1", "--port", str(self.port),
                 "--root", str(self.fs)] + self.common()
 
     def client_argv(self, day: int) -> list[str]:
@@ -300,7 +302,7 @@ class Ferry(Tool):
         if time.time() < int(last) + 1:
             time.sleep(int(last) + 1 - time.time() + 0.01)
         self.last_start = time.time()
-        return [str(self.ctx.ferry), "backup", str(self.ctx.src), f"127.0.0.1:bk/pylib",
+        return [str(self.binary), "backup", str(self.ctx.src), f"127.0.0.1:bk/pylib",
                 "-p", str(self.port), "--json"] + self.common()
 
     def parse(self, text: str) -> tuple[int, int]:
@@ -380,6 +382,7 @@ class Ctx:
     timeout: float
     image_mib: int
     seq: int = 0
+    baseline: Path | None = None
 
 
 @dataclass
@@ -509,6 +512,7 @@ def report(args, ctx: Ctx, tool_names: list[str], rows: list[Row], infos: dict[i
         f"- date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()}, {elapsed / 60:.1f} min in all",
         *[f"- machine: {m}" for m in rb.machine_info()],
         f"- ferry: {rb.ferry_version(ctx.ferry, origin)}; rsync: {rsync_version()}",
+        *([f"- ferry-base: {rb.ferry_version(ctx.baseline, f'binary {ctx.baseline}')}"] if ctx.baseline else []),
         f"- command: `{shlex.join(['python3', *sys.argv])}`",
         f"- source: pytree, {src_files:,} files in {src_dirs:,} directories, {src_bytes / 1e6:,.1f} MB;"
         f" day 0 backs it up in full, each of days 1-{days[-1]} first rewrites {args.fraction:.0%} of its files"
@@ -637,9 +641,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--runs", type=int, help="sequences of days, each from scratch (default 3, 1 with --quick)")
     p.add_argument("--days", type=int, default=7, help="days per sequence, day 0 the full backup (default 7)")
     p.add_argument("--fraction", type=float, default=0.01, help="share of files changed each day (default 0.01)")
-    p.add_argument("--tools", default="ferry,ferry-no-tls,rsync", help="comma list of ferry, ferry-no-tls, rsync")
+    p.add_argument("--tools", default="ferry,ferry-no-tls,rsync",
+                   help="comma list of ferry, ferry-no-tls, rsync; ferry-base, ferry-base-no-tls with --baseline")
     p.add_argument("--quick", action="store_true", help="5000 files of the stdlib, one sequence: a smoke test")
     p.add_argument("--ferry", type=Path, help="use this ferry binary instead of building one")
+    p.add_argument("--baseline", type=Path,
+                   help="another ferry build, run beside the one under test as ferry-base (added to --tools)")
     p.add_argument("--workdir", type=Path, default=Path("/dev/shm/ferry-bench-backup"), help="tmpfs work directory")
     p.add_argument("--image-mib", type=int, help="size of each tool's ext4 image (default 2048, 256 with --quick)")
     p.add_argument("--keep", action="store_true", help="keep the data set for the next run")
@@ -662,9 +669,14 @@ def main() -> int:
     started = datetime.datetime.now().astimezone()
     t_start = time.perf_counter()
     names = [n.strip() for n in args.tools.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ("ferry", "ferry-no-tls", "rsync")]
+    known = ["ferry", "ferry-no-tls", "rsync"] + (["ferry-base", "ferry-base-no-tls"] if args.baseline else [])
+    if args.baseline and not any(n.startswith("ferry-base") for n in names):
+        names.insert(names.index("ferry") + 1 if "ferry" in names else 0, "ferry-base")
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
-        raise BenchError(f"unknown tools: {', '.join(unknown)} (known: ferry, ferry-no-tls, rsync)")
+        raise BenchError(f"unknown tools: {', '.join(unknown)} (known: {', '.join(known)})")
+    if args.baseline and not os.access(args.baseline, os.X_OK):
+        raise BenchError(f"--baseline {args.baseline} is not an executable")
     rb.install_missing({"rsync", "diff", "ip"} if "rsync" in names else {"diff", "ip"})
     for binary in ("mkfs.ext4", "mount", "du"):
         if not shutil.which(binary):
@@ -685,7 +697,8 @@ def main() -> int:
     need = rb.estimate_bytes("pytree", spec) * 2 + len(names) * args.image_mib * rb.MiB // 2
     rb.check_space(workdir, need)
 
-    ctx = Ctx(workdir, logs, ferry, workdir / "src", args.timeout, args.image_mib)
+    ctx = Ctx(workdir, logs, ferry, workdir / "src", args.timeout, args.image_mib,
+              baseline=args.baseline.resolve() if args.baseline else None)
     loads: list[str] = []
     tools: list[Tool] = []
     subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
@@ -694,7 +707,8 @@ def main() -> int:
         rb.run_cmd(ns(["ip", "link", "set", "lo", "up"]))
         ds = rb.ensure_dataset(data_dir, "pytree", "tree", spec)
         for n in names:
-            tools.append(Rsync(ctx) if n == "rsync" else Ferry(ctx, tls=(n == "ferry")))
+            tls = not n.endswith("-no-tls")
+            tools.append(Rsync(ctx) if n == "rsync" else Ferry(ctx, tls, baseline=n.startswith("ferry-base")))
         src_dirs = sum(len(d) for _, d, _ in os.walk(ds.path))
         rows, infos = run_sequences(ctx, ds.path, tools, args.days, args.fraction, args.runs, loads)
     finally:

@@ -723,10 +723,8 @@ async fn download_once(
     dest.delta = !config.whole_file;
     if config.atomic && !config.dry_run {
         let (staging, publish) = Publish::of(&dest.prefix).ok_or(EngineError::Closed)?;
-        let live = LinkDest {
-            base: dest.base.try_clone().map_err(EngineError::from)?,
-            prefix: publish.live(),
-        };
+        let base = dest.base.try_clone().map_err(EngineError::from)?;
+        let live = LinkDest::new(base, publish.live());
         dest.link_dests.insert(0, live);
         dest.prefix = staging;
         dest.publish = Some(publish);
@@ -933,10 +931,7 @@ fn local_link_dests(dirs: &[Vec<u8>]) -> Result<Vec<LinkDest>, EngineError> {
                 | rustix::fs::OFlags::CLOEXEC;
             let base = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
                 .map_err(|e| EngineError::local(escape(dir), Op::Open, LocalCause::Io(e.into())))?;
-            Ok(LinkDest {
-                base,
-                prefix: Vec::new(),
-            })
+            Ok(LinkDest::new(base, Vec::new()))
         })
         .collect()
 }

@@ -1266,10 +1266,7 @@ fn refuse_destruction(request: &Message) -> Result<(), Refusal> {
 fn stage(dest: &mut Destination) {
     if let Some((staging, publish)) = Publish::of(&dest.prefix) {
         if let Ok(base) = dest.base.try_clone() {
-            let live = LinkDest {
-                base,
-                prefix: publish.live(),
-            };
+            let live = LinkDest::new(base, publish.live());
             dest.link_dests.insert(0, live);
         }
         dest.prefix = staging;
@@ -1290,7 +1287,7 @@ fn link_dests_of(root: &OwnedFd, dirs: &[WireBytes]) -> Result<Vec<LinkDest>, Re
                 .try_clone()
                 .map_err(|e| Refusal::new(RefusalReason::RootUnavailable(e)))?;
             let prefix = path.components().map(<[u8]>::to_vec).collect();
-            Ok(LinkDest { base, prefix })
+            Ok(LinkDest::new(base, prefix))
         })
         .collect()
 }

@@ -114,6 +114,9 @@ fn an_interrupted_backup_is_never_latest_and_the_next_run_resumes_it() {
         fs::read_link(dir.join("latest")).unwrap(),
         Path::new(&first[0])
     );
+    // What the source does not have goes, in a staging directory this
+    // transfer did not make (only a fresh one is not scanned).
+    write_file(&dir.join(&staged).join("gone.txt"), b"not in the source");
     ferry(&server, &[&"backup", &src, &target]).assert_success();
     let now = snapshots(&dir);
     assert_eq!(now.len(), 2);
@@ -173,6 +176,63 @@ fn link_dest_links_what_is_unchanged_and_sends_the_rest() {
     let ino = |p: &str| lstat(&root.join(p)).ino();
     assert_eq!(ino("old/same.bin"), ino("new/same.bin"));
     assert_ne!(ino("old/edited.txt"), ino("new/edited.txt"));
+}
+
+/// A `--link-dest` tree is looked into like any remote path: a symlink in
+/// it, be it the tree itself, a directory or the file, is never followed
+/// (here out of the root, to a file that would pass the quick check), and
+/// only a regular file is linked.
+#[test]
+fn a_link_dest_symlink_is_never_followed() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    let outside = scratch.mkdir("outside");
+    let root = scratch.mkdir("root");
+    for tree in [&src, &outside, &root.join("real")] {
+        fs::create_dir_all(tree.join("sub")).unwrap();
+        write_file(&tree.join("sub/f.txt"), b"same size");
+        set_mtime(&tree.join("sub/f.txt"), 1_700_000_000, 0);
+    }
+    std::os::unix::fs::symlink(&outside, root.join("whole")).unwrap();
+    fs::create_dir(root.join("part")).unwrap();
+    std::os::unix::fs::symlink(outside.join("sub"), root.join("part/sub")).unwrap();
+    fs::create_dir_all(root.join("file/sub")).unwrap();
+    let file = outside.join("sub/f.txt");
+    std::os::unix::fs::symlink(&file, root.join("file/sub/f.txt")).unwrap();
+    let server = Server::start(&root);
+    for (tree, sent) in [("real", 0), ("whole", 9), ("part", 9), ("file", 9)] {
+        let dst = format!("dst-{tree}");
+        let out = server.run(&[&"up", &"--json", &"--link-dest", &tree, &src, &dst]);
+        out.assert_success();
+        assert_eq!(out.json_event("summary")["bytes"], sent, "{tree}: {out}");
+        assert_trees_equal(&src, &root.join(&dst));
+        let linked = lstat(&root.join(&dst).join("sub/f.txt")).ino();
+        assert_ne!(linked, lstat(&file).ino(), "{tree}");
+    }
+}
+
+/// A `--link-dest` file is linked only to a free name on an append-only
+/// server: a file that is there already, with other content, stays.
+#[test]
+fn an_append_only_server_never_links_over_an_existing_file() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("src");
+    write_file(&src.join("a.txt"), b"from the source");
+    write_file(&src.join("b.txt"), b"new here");
+    let root = scratch.mkdir("root");
+    let server = Server::start_with(&root, &[&"--append-only"]);
+    server.run(&[&"up", &src, &"old"]).assert_success();
+    fs::create_dir(root.join("dst")).unwrap();
+    write_file(&root.join("dst/a.txt"), b"the server's own");
+    let out = server.run(&[&"up", &"--link-dest", &"old", &src, &"dst"]);
+    out.assert_code(1);
+    out.assert_stderr_contains("append-only");
+    assert_eq!(
+        fs::read(root.join("dst/a.txt")).unwrap(),
+        b"the server's own"
+    );
+    let ino = |p: &str| lstat(&root.join(p)).ino();
+    assert_eq!(ino("old/b.txt"), ino("dst/b.txt"), "a free name is linked");
 }
 
 #[test]

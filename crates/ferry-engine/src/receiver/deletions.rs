@@ -83,6 +83,9 @@ pub(super) struct Deletions {
     failures: u64,
     /// Only a directory's contents are mirrored.
     root_is_dir: bool,
+    /// The root is a directory this transfer made: it holds only what the
+    /// transfer put there.
+    root_made: bool,
 }
 
 impl Deletions {
@@ -96,6 +99,7 @@ impl Deletions {
             charges: Vec::new(),
             failures: 0,
             root_is_dir: false,
+            root_made: false,
         })
     }
 
@@ -125,6 +129,11 @@ impl Deletions {
         }
     }
 
+    /// The root directory was made by this transfer, not found.
+    pub(super) fn root_made(&mut self) {
+        self.root_made = true;
+    }
+
     /// An entry was answered so.
     pub(super) fn answered(&mut self, outcome: &Outcome) {
         if matches!(outcome, Outcome::Failed(_) | Outcome::Incomplete(_)) {
@@ -148,7 +157,13 @@ impl Deletions {
             root,
         };
         self.how = how;
-        if !self.root_is_dir {
+        // An atomic publish's staging directory that this transfer made
+        // holds what it placed and nothing else: every entry is the
+        // source's (a failed one holds the publish back before this), so a
+        // scan, a listing of every directory, would find nothing.
+        let nothing_to_find =
+            how == How::Quietly && self.root_made && self.failures == 0 && self.seen.is_some();
+        if !self.root_is_dir || nothing_to_find {
             self.tell_count(out, 0, None)?;
             return Ok(None);
         }

@@ -42,7 +42,7 @@ pub(crate) mod publish;
 pub(crate) mod rules;
 mod worker;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -178,21 +178,73 @@ pub const MAX_LINK_DESTS: usize = 20;
 
 /// A tree whose unchanged files are hard-linked rather than sent: `prefix`
 /// below the directory `base`.
+///
+/// Entries arrive directory by directory, so the tree's root and the
+/// directory last looked in are kept open: a linked file then costs no
+/// lookup of its directory, only the stat of the quick check and the link.
 pub(crate) struct LinkDest {
-    pub(crate) base: OwnedFd,
-    pub(crate) prefix: Vec<Vec<u8>>,
+    base: OwnedFd,
+    prefix: Vec<Vec<u8>>,
+    /// The tree's root, opened at the first look; `None` inside if it is
+    /// not there, and then it is not looked for again by this transfer (an
+    /// atomic publish's first version, a backup's new snapshot, has no
+    /// live tree: files missed so are sent, nothing worse).
+    root: Option<MaybeDir>,
+    /// The directory last looked in, by its path below the root, if it
+    /// is there.
+    last: Option<(Vec<Vec<u8>>, MaybeDir)>,
 }
 
+/// A directory of a `--link-dest` tree, open, or not there.
+type MaybeDir = Option<Arc<OwnedFd>>;
+
 impl LinkDest {
+    /// The tree `prefix` below `base` (which it is confined to).
+    pub(crate) fn new(base: OwnedFd, prefix: Vec<Vec<u8>>) -> LinkDest {
+        LinkDest {
+            base,
+            prefix,
+            root: None,
+            last: None,
+        }
+    }
+
     /// The directory that holds `path` (relative to the root of the
     /// transfer) in this tree, opened below its base without following
     /// symlinks, and the entry's name there.
-    pub(crate) fn open_parent(&self, path: &WirePath) -> Option<(OwnedFd, Vec<u8>)> {
-        let mut components: Vec<&[u8]> = self.prefix.iter().map(Vec::as_slice).collect();
-        components.extend(path.components());
+    pub(crate) fn open_parent<'p>(
+        &mut self,
+        path: &'p WirePath,
+    ) -> Option<(Arc<OwnedFd>, &'p [u8])> {
+        let components: Vec<&[u8]> = path.components().collect();
         let (name, parents) = components.split_last()?;
-        let dir = crate::fsx::open_dir_beneath(std::os::fd::AsFd::as_fd(&self.base), parents);
-        Some((dir.ok()?, name.to_vec()))
+        if let Some((cached, dir)) = &self.last
+            && cached.iter().map(Vec::as_slice).eq(parents.iter().copied())
+        {
+            return dir.clone().map(|dir| (dir, *name));
+        }
+        let root = self.root()?;
+        let dir = match parents.is_empty() {
+            true => Some(root),
+            false => crate::fsx::open_dir_beneath(root.as_fd(), parents)
+                .ok()
+                .map(Arc::new),
+        };
+        let owned = parents.iter().map(|c| c.to_vec()).collect();
+        self.last = Some((owned, dir.clone()));
+        dir.map(|dir| (dir, *name))
+    }
+
+    /// The tree's root, open, if it is there.
+    fn root(&mut self) -> Option<Arc<OwnedFd>> {
+        let (base, prefix) = (&self.base, &self.prefix);
+        self.root
+            .get_or_insert_with(|| {
+                let prefix: Vec<&[u8]> = prefix.iter().map(Vec::as_slice).collect();
+                let root = crate::fsx::open_dir_beneath(base.as_fd(), &prefix);
+                root.ok().map(Arc::new)
+            })
+            .clone()
     }
 }
 
@@ -469,6 +521,37 @@ async fn read_data_conn(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    fn open_dir(path: &std::path::Path) -> OwnedFd {
+        let flags = rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY;
+        rustix::fs::open(path, flags, rustix::fs::Mode::empty()).unwrap()
+    }
+
+    #[test]
+    fn a_link_dest_opens_each_directory_once_and_a_missing_tree_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(tmp.path().join("old/d")).unwrap();
+        let path = |p: &[u8]| WirePath::parse(p).unwrap();
+        let mut old = LinkDest::new(open_dir(tmp.path()), vec![b"old".to_vec()]);
+        let d_a = path(b"d/a");
+        let (a, name) = old.open_parent(&d_a).unwrap();
+        assert_eq!(name, b"a");
+        let (b, _) = old.open_parent(&path(b"d/b")).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "the same directory, not opened again");
+        let (top, _) = old.open_parent(&path(b"t")).unwrap();
+        assert!(Arc::ptr_eq(
+            &top,
+            old.root.clone().flatten().as_ref().unwrap()
+        ));
+        assert!(old.open_parent(&path(b"nowhere/x")).is_none());
+        let mut new = LinkDest::new(open_dir(tmp.path()), vec![b"new".to_vec()]);
+        assert!(new.open_parent(&path(b"d/a")).is_none());
+        std::fs::create_dir_all(tmp.path().join("new/d")).unwrap();
+        assert!(
+            new.open_parent(&path(b"d/a")).is_none(),
+            "a tree missing at the first look is not looked for again"
+        );
+    }
 
     #[tokio::test]
     async fn the_data_gate_holds_readers_until_reopened() {

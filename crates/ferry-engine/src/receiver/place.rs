@@ -146,6 +146,8 @@ pub(super) struct Found {
     pub(super) mode: u32,
     pub(super) owner: Owner,
     pub(super) mtime: Mtime,
+    /// Its stat: which inode it is, for a link to it.
+    stat: rustix::fs::Stat,
 }
 
 /// The regular file `name` in `parent`, if it has this size and mtime.
@@ -164,6 +166,7 @@ fn found(stat: &rustix::fs::Stat) -> Found {
         mode: fsx::mode_of(stat),
         owner: fsx::owner_of(stat),
         mtime: fsx::mtime_of(stat),
+        stat: *stat,
     }
 }
 
@@ -667,6 +670,24 @@ pub(super) fn hard_link(
     name: &[u8],
 ) -> io::Result<()> {
     fsx::hard_link(target_dir.as_fd(), target_name, dir.as_fd(), name)
+}
+
+/// Link the file `found` as (`name` in `dir`, of a `--link-dest` tree) to
+/// `to_name` in `to_dir`: straight to the name when it is free, as it is in
+/// a new snapshot; in place of what is there only if `replace` (an
+/// append-only server never replaces).
+pub(super) fn link_found(
+    (dir, name): (&OwnedFd, &[u8]),
+    found: &Found,
+    (to_dir, to_name): (&OwnedFd, &[u8]),
+    replace: bool,
+) -> io::Result<()> {
+    match fsx::link_new(dir.as_fd(), name, &found.stat, to_dir.as_fd(), to_name) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && replace => {
+            fsx::hard_link(dir.as_fd(), name, to_dir.as_fd(), to_name)
+        }
+        linked => linked,
+    }
 }
 
 /// What `name` in `parent` is, without following a symlink; `None` if

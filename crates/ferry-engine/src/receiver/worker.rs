@@ -390,22 +390,25 @@ impl Worker {
     /// With `--link-dest` (and `--atomic`, whose live tree is one): take
     /// the file from the first of those trees that has it unchanged (size,
     /// mtime, mode and owner), hard-linked: it is never sent. Whether one
-    /// did.
+    /// did. On an append-only server a file already at the destination is
+    /// never replaced so.
     fn link_from_elsewhere(
-        &self,
+        &mut self,
         at: &Landing,
         path: &WirePath,
         (size, mode, mtime): (u64, u32, Mtime),
     ) -> bool {
-        self.dest.link_dests.iter().any(|link| {
+        let replace = !self.dest.append_only;
+        self.dest.link_dests.iter_mut().any(|link| {
             let Some((dir, name)) = link.open_parent(path) else {
                 return false;
             };
-            let Some(found) = place::find_unchanged(&dir, &name, size, mtime) else {
+            let Some(found) = place::find_unchanged(&dir, name, size, mtime) else {
                 return false;
             };
+            let to = (at.parent.as_ref(), at.name.as_slice());
             MetadataFix::between(found.mode, found.owner, mode, at.owner).is_empty()
-                && crate::fsx::hard_link(dir.as_fd(), &name, at.parent.as_fd(), &at.name).is_ok()
+                && place::link_found((&dir, name), &found, to, replace).is_ok()
         })
     }
 
@@ -634,6 +637,9 @@ impl Worker {
             _held: held,
         };
         let fresh = handle.created || parent_fresh;
+        if let Some(deletions) = self.deletions.as_mut().filter(|_| path.is_root() && fresh) {
+            deletions.root_made();
+        }
         self.dirs.open(at.id, path, at.parent_dir, fresh, io);
         Ok(())
     }
