@@ -10,7 +10,7 @@ use ferry_proto::delta::{
 use ferry_proto::message::Message;
 use ferry_proto::path::WirePath;
 
-use super::Destination;
+use super::{Destination, LinkDest};
 use crate::budget::Charge;
 use crate::fsx;
 
@@ -36,7 +36,7 @@ pub(super) fn worth_a_basis(dest: &Destination, size: u64, fresh_dir: bool) -> b
 /// has one. Never through a symlink; only a regular file of at least
 /// [`DELTA_MIN_SIZE`].
 pub(super) fn find(
-    dest: &Destination,
+    link_dests: &mut [LinkDest],
     (parent, fresh): (BorrowedFd<'_>, bool),
     name: &[u8],
     path: &WirePath,
@@ -44,7 +44,7 @@ pub(super) fn find(
     if let Some(basis) = (!fresh).then(|| open_basis(parent, name)).flatten() {
         return Some(basis);
     }
-    dest.link_dests.iter().find_map(|link| {
+    link_dests.iter_mut().find_map(|link| {
         let (dir, name) = link.open_parent(path)?;
         open_basis(dir.as_fd(), &name)
     })

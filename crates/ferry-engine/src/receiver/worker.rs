@@ -766,7 +766,7 @@ impl Worker {
     /// memory and in what the sender holds of signatures.
     fn sign(&mut self, at: &Landing, path: &WirePath, fresh_dir: bool) -> Option<Signed> {
         let parent = (at.parent.as_fd(), fresh_dir);
-        let basis = basis::find(&self.dest, parent, &at.name, path)?;
+        let basis = basis::find(&mut self.dest.link_dests, parent, &at.name, path)?;
         let memory = self
             .dest
             .budget
