@@ -493,8 +493,9 @@ def main() -> int:
     rb.remove(logs)
     logs.mkdir(parents=True, exist_ok=True)
     size = args.size_mib * MiB
-    if not (data / "data.json").exists():
-        rb.check_space(workdir, 5 * size)
+    # The old version and three new ones, then the destination and the
+    # receiver's new copy beside it during a run.
+    rb.check_space(workdir, (0 if (data / "data.json").exists() else 4 * size) + 2 * size)
     ctx = Ctx(workdir, workdir / "dst", logs, ferry, args.timeout)
     tools = [Tool(n) for n in names]
     loads = [f"start: {load()}"]
