@@ -46,7 +46,7 @@ pub(super) fn find(
     }
     link_dests.iter_mut().find_map(|link| {
         let (dir, name) = link.open_parent(path)?;
-        open_basis(dir.as_fd(), &name)
+        open_basis(dir.as_fd(), name)
     })
 }
 
