@@ -37,7 +37,6 @@ import json
 import os
 import random
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -524,12 +523,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, rb.interrupted_by_sigterm)
-    try:
-        sys.exit(main())
-    except (BenchError, RunFailed) as e:
-        print(f"bench: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("bench: interrupted", file=sys.stderr)
-        sys.exit(130)
+    rb.run_main(main)

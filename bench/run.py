@@ -1507,13 +1507,20 @@ def interrupted_by_sigterm(signum, frame):
     raise KeyboardInterrupt
 
 
-if __name__ == "__main__":
+def run_main(main_fn) -> None:
+    """A bench script's entry point: SIGTERM unwinds like ^C (so servers and
+    namespaces are cleaned up), a bench failure is one line and status 1,
+    an interruption status 130."""
     signal.signal(signal.SIGTERM, interrupted_by_sigterm)
     try:
-        sys.exit(main())
-    except BenchError as e:
+        sys.exit(main_fn())
+    except (BenchError, RunFailed) as e:
         print(f"bench: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("bench: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)
