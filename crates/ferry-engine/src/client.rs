@@ -151,8 +151,6 @@ struct SessionKey {
 struct Connection {
     reader: FrameReader<BoxRead>,
     writer: FrameWriter<BoxWrite>,
-    /// The session's key, once its `welcome` has been read.
-    session: Option<SessionKey>,
     /// Bytes over all of the session's connections.
     meter: Meter,
     /// Whether the server is on this host (a loopback address).
@@ -322,7 +320,8 @@ async fn join(
 /// client without a token could not answer a challenge anyway. Then the
 /// answers are not read here ([`Greeted::Pipelined`]). Only a client with
 /// a token and no TLS waits for the challenge's nonce, and answers it with
-/// its proof and its request together.
+/// its proof and its request together ([`Greeted::Proved`]). Either way
+/// the transfer may start before `welcome` is read.
 async fn greet(
     conn: &mut Connected,
     (token, own): (Option<&Token>, Option<&Token>),
@@ -354,17 +353,17 @@ async fn greet(
     conn.writer.send(&Message::Auth { mac }).await?;
     conn.writer.send(request).await?;
     conn.writer.flush().await?;
-    Ok(Greeted::Answered(refused_if_denied(
-        reply_within(&mut conn.reader, AUTH_PATIENCE).await,
-    )?))
+    Ok(Greeted::Proved)
 }
 
-/// How far [`greet`] went.
+/// How far [`greet`] read the server's answers; the request is sent.
 enum Greeted {
-    /// The hello and the request are sent; no answer read yet.
+    /// Not at all: its preface and `welcome` are still to come.
     Pipelined,
-    /// The request is sent; this is the answer to the hello (or to the
-    /// proof), read already.
+    /// Its preface and `challenge`: `welcome` is still to come.
+    Proved,
+    /// Its preface and its answer to the hello (`welcome`, unless it
+    /// refused).
     Answered(Message),
 }
 
@@ -406,17 +405,18 @@ fn session_of(answer: Message) -> Result<SessionKey, EngineError> {
     }
 }
 
-/// Read the server's answers before the transfer: its preface and
-/// `welcome` unless [`greet`] read them already (`session`), then `ready`.
-/// The session's key.
+/// Read the server's answers before the transfer, as far as [`greet`]
+/// did not: its preface, `welcome`, then `ready`. The session's key.
 async fn accept(
     reader: &mut FrameReader<BoxRead>,
-    session: Option<SessionKey>,
+    greeted: Greeted,
 ) -> Result<SessionKey, EngineError> {
-    let key = match session {
-        Some(key) => key,
-        None => session_of(refused_if_denied(first_reply(reader, AUTH_PATIENCE).await)?)?,
+    let welcome = match greeted {
+        Greeted::Pipelined => refused_if_denied(first_reply(reader, AUTH_PATIENCE).await)?,
+        Greeted::Proved => refused_if_denied(reply_within(reader, AUTH_PATIENCE).await)?,
+        Greeted::Answered(answer) => answer,
     };
+    let key = session_of(welcome)?;
     accepted(reader).await?;
     Ok(key)
 }
@@ -497,7 +497,7 @@ impl Connection {
         meter: Meter,
         events: &dyn EventSink,
         request: &Message,
-    ) -> Result<Self, EngineError> {
+    ) -> Result<(Self, Greeted), EngineError> {
         let (addr, tls) = (config.addr.as_str(), config.tls.as_ref());
         let mut conn = connect(addr, tls, &meter).await?;
         if let Some(new) = tls.map(ClientTls::remember).transpose()?.flatten() {
@@ -508,17 +508,14 @@ impl Connection {
             });
         }
         let tokens = (config.token.as_ref(), config.own_token.as_ref());
-        let session = match greet(&mut conn, tokens, request).await? {
-            Greeted::Pipelined => None,
-            Greeted::Answered(answer) => Some(session_of(answer)?),
-        };
-        Ok(Connection {
+        let greeted = greet(&mut conn, tokens, request).await?;
+        let conn = Connection {
             reader: conn.reader,
             writer: conn.writer,
-            session,
             meter,
             local_peer: conn.local_peer,
-        })
+        };
+        Ok((conn, greeted))
     }
 
     /// Open a session, have `request` accepted, and start joining its data
@@ -529,8 +526,9 @@ impl Connection {
         request: &Message,
         events: &dyn EventSink,
     ) -> Result<(Self, mpsc::Receiver<DataConn>), EngineError> {
-        let mut conn = Connection::open(config, session.meter.clone(), events, request).await?;
-        let key = accept(&mut conn.reader, conn.session.take()).await?;
+        let (mut conn, greeted) =
+            Connection::open(config, session.meter.clone(), events, request).await?;
+        let key = accept(&mut conn.reader, greeted).await?;
         let (joins, joined) = mpsc::channel(ferry_proto::limits::MAX_STREAMS as usize);
         JoinPlan::of(config, &conn.meter).spawn(&key, joins);
         Ok((conn, joined))
@@ -580,9 +578,9 @@ pub async fn rollback(
     with_retries(&single, events, cancel, |tally, session| {
         let (single, request) = (&single, &request);
         async move {
-            let mut conn =
+            let (mut conn, greeted) =
                 Connection::open(single, session.meter.clone(), &*tally, request).await?;
-            accept(&mut conn.reader, conn.session.take()).await?;
+            accept(&mut conn.reader, greeted).await?;
             conn.finish(Ok(())).await
         }
     })
@@ -667,14 +665,15 @@ async fn upload_once(
         backup: config.backup,
         whole_file: config.whole_file,
     };
-    let mut conn = Connection::open(config, session.meter.clone(), &*tally, &request).await?;
+    let (mut conn, greeted) =
+        Connection::open(config, session.meter.clone(), &*tally, &request).await?;
     // The transfer starts at once; the server's answers to the hello and
     // the request are read meanwhile, and then the data connections join.
     let (joins, joined) = mpsc::channel(ferry_proto::limits::MAX_STREAMS as usize);
-    let (known, plan) = (conn.session.take(), JoinPlan::of(config, &conn.meter));
+    let plan = JoinPlan::of(config, &conn.meter);
     let accepted: BeforeReplies<BoxRead> = Box::new(move |reader| {
         Box::pin(async move {
-            let key = accept(reader, known).await?;
+            let key = accept(reader, greeted).await?;
             plan.spawn(&key, joins);
             Ok(())
         })
