@@ -161,7 +161,8 @@ def foreign_pids(mine: set[int]) -> list[str]:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            out.append(f"{ns}: {pid} {cmd.strip()[:120]}")
+            if cmd.strip():  # an empty command line: a process exiting
+                out.append(f"{ns}: {pid} {cmd.strip()[:120]}")
     return out
 
 
@@ -310,8 +311,37 @@ class Scp(rb.Tool):
             if status != 0:
                 raise RunFailed(f"scp exited with {status}: {client.log_tail()}")
         finally:
+            # sshd's per-connection processes start sessions of their own:
+            # stopping sshd's group leaves them (after a capped run, still
+            # writing into the destination), so they are found and killed.
+            children = descendants(sshd.pid)
             sshd.stop()
+            for pid in children:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         return rb.RunResult(client.end - t0, ctx.dst_root / ds.name)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, read from /proc."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                # The command name, in parentheses, may hold spaces: ppid
+                # is the second field after the last ')'.
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
 
 
 class Capped(Exception):
