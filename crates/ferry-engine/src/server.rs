@@ -1031,7 +1031,15 @@ fn accept_request(
             let append_only = grant.access == Access::AppendOnly;
             let mut accepted = accept_upload_request(root, shared.devices, budget, upload);
             if let Ok(Accepted::Receive(dest)) = &mut accepted {
-                dest.append_only = append_only;
+                // A backup writes only into its new snapshot's staging
+                // directory, which is nobody's backup yet: replacing a file
+                // staged by an interrupted attempt destroys nothing (nor
+                // does it touch an earlier snapshot's inode: a file is
+                // replaced by a rename, and one that may share its inode
+                // with the previous snapshot never has its metadata fixed
+                // in place). Refusing it would leave the backup unfinished
+                // for good once the source changed.
+                dest.append_only = append_only && dest.backup.is_none();
                 // A signature describes the file held here: never to a
                 // client that may not read it.
                 dest.delta &= grant.access != Access::WriteOnly;

@@ -268,3 +268,48 @@ fn an_append_only_server_creates_but_never_overwrites_or_deletes() {
     keep.assert_code(1);
     keep.assert_stderr_contains("--keep-*");
 }
+
+/// On an append-only server, a backup interrupted after it staged a file
+/// is resumed even though that file changed in the source meanwhile: the
+/// staging directory is the new snapshot's, not yet anyone's backup, and
+/// replacing in it destroys nothing. Earlier snapshots stay untouched.
+#[test]
+fn an_append_only_server_resumes_a_backup_whose_staged_file_changed() {
+    let scratch = Scratch::new();
+    let src = scratch.mkdir("data");
+    write_file(&src.join("a.txt"), b"day one");
+    let root = scratch.mkdir("root");
+    let server = Server::start_with(&root, &[&"--append-only"]);
+    let target = "127.0.0.1:backups/data";
+    ferry(&server, &[&"backup", &src, &target]).assert_success();
+    let dir = root.join("backups/data");
+    let first = snapshots(&dir);
+    let day1 = scratch.join("day1");
+    copy_into(&src, &day1);
+    std::thread::sleep(Duration::from_millis(1100));
+    write_file(&src.join("a.txt"), b"day two, staged");
+    write_random_file(&src.join("big.bin"), 8 << 20, 10);
+    let mut args: Vec<std::ffi::OsString> = vec!["backup".into(), "--bwlimit".into(), "1M".into()];
+    args.extend([src.clone().into_os_string(), target.into()]);
+    args.extend(["-p".into(), server.port().to_string().into()]);
+    args.extend(server.own_user_args());
+    let client = spawn_os(&args, &RunOptions::default());
+    // Once a.txt is in the staging directory, the backup is cut off.
+    let staged = poll_until(Duration::from_secs(20), || {
+        fs::read_dir(&dir).unwrap().find_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            let a = dir.join(&name).join("a.txt");
+            (name.ends_with(".ferry-next") && a.exists()).then_some(name)
+        })
+    });
+    let staged = staged.expect("a.txt is staged");
+    client.kill(rustix::process::Signal::KILL);
+    write_file(&src.join("a.txt"), b"day two, changed after the cut");
+    let out = ferry(&server, &[&"backup", &src, &target]);
+    out.assert_success();
+    let now = snapshots(&dir);
+    assert_eq!(now.len(), 2, "{now:?}\n{out}");
+    assert_eq!(format!(".{}.ferry-next", now[1]), staged);
+    assert_trees_equal(&src, &dir.join(&now[1]));
+    assert_trees_equal(&day1, &dir.join(&first[0]));
+}
