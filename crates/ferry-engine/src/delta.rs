@@ -312,20 +312,9 @@ pub(crate) fn rebuild(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::noise;
     use std::io::Write;
     use std::os::fd::AsFd;
-
-    fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
 
     fn file_of(bytes: &[u8]) -> std::fs::File {
         let mut f = tempfile::tempfile().unwrap();

@@ -69,3 +69,18 @@ pub use tokio_util::sync::CancellationToken;
 
 /// This build's name and version, sent in the handshake for logs.
 pub const SOFTWARE: &str = concat!("ferry ", env!("CARGO_PKG_VERSION"));
+
+/// Test data: `n` bytes of xorshift noise from `seed`, which no compressor
+/// shrinks and no two seeds share.
+#[cfg(test)]
+pub(crate) fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
