@@ -510,7 +510,7 @@ def report(args, ctx: Ctx, tool_names: list[str], rows: list[Row], infos: dict[i
         "",
         f"- date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()}, {elapsed / 60:.1f} min in all",
         *[f"- machine: {m}" for m in rb.machine_info()],
-        f"- ferry: {rb.ferry_version(ctx.ferry, origin)}; rsync: {rsync_version()}",
+        f"- ferry: {rb.ferry_version(ctx.ferry, origin)}; rsync: {rb.rsync_version()}",
         *([f"- ferry-base: {rb.ferry_version(ctx.baseline, f'binary {ctx.baseline}')}"] if ctx.baseline else []),
         f"- command: `{shlex.join(['python3', *sys.argv])}`",
         f"- source: pytree, {src_files:,} files in {src_dirs:,} directories, {src_bytes / 1e6:,.1f} MB;"
@@ -621,12 +621,6 @@ def report(args, ctx: Ctx, tool_names: list[str], rows: list[Row], infos: dict[i
     return "\n".join(lines)
 
 
-def rsync_version() -> str:
-    try:
-        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=10).stdout
-        return out.splitlines()[0].replace("  ", " ")
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        return "?"
 
 
 # ---------------------------------------------------------------------------
@@ -680,11 +674,7 @@ def main() -> int:
     for binary in ("mkfs.ext4", "mount", "du"):
         if not shutil.which(binary):
             raise BenchError(f"{binary} is missing")
-    if args.ferry:
-        ferry, origin = args.ferry.resolve(), f"binary {args.ferry}"
-    else:
-        origin = f"built from {rb.git_revision()}"
-        ferry = rb.build_ferry()
+    ferry, origin = rb.ferry_binary(args.ferry)
 
     workdir = args.workdir.resolve()
     data_dir = workdir / "data"
@@ -721,11 +711,8 @@ def main() -> int:
 
     text = report(args, ctx, names, rows, infos, ds.bytes, ds.files, src_dirs, loads, started,
                   time.perf_counter() - t_start, origin)
-    print(text)
-    out = args.out or rb.REPO / "bench" / "results" / f"backup-{started.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log(f"report written to {out}")
+    rb.write_report(text, args.out or rb.REPO / "bench" / "results"
+                    / f"backup-{started.strftime('%Y-%m-%d')}.md")
     return 0
 
 

@@ -357,7 +357,7 @@ def report(args, ctx: Ctx, origin: str, files: dict[str, Path], cases: list[str]
         "",
         f"- date: {started.strftime('%Y-%m-%d %H:%M %Z').strip()}, {elapsed / 60:.1f} min in all",
         *[f"- machine: {m}" for m in rb.machine_info()],
-        f"- ferry: {rb.ferry_version(ctx.ferry, origin)}; rsync: {rsync_version()}",
+        f"- ferry: {rb.ferry_version(ctx.ferry, origin)}; rsync: {rb.rsync_version()}",
         f"- command: `{shlex.join(['python3', *sys.argv])}`",
         f"- old version: {sizes['old']:,} bytes of seeded random data; the receiver holds it before every run"
         " (`cp --reflink=never`, old mtime; untimed)",
@@ -427,12 +427,6 @@ def report(args, ctx: Ctx, origin: str, files: dict[str, Path], cases: list[str]
     return "\n".join(lines)
 
 
-def rsync_version() -> str:
-    try:
-        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=10).stdout
-        return " ".join(out.splitlines()[0].split())
-    except (OSError, subprocess.TimeoutExpired, IndexError):
-        return "?"
 
 
 def load() -> str:
@@ -480,11 +474,7 @@ def main() -> int:
         raise BenchError(f"unknown cases or tools: {', '.join(bad)} (cases: {', '.join(CASES)};"
                          f" tools: {', '.join(TOOLS)})")
     rb.install_missing({"ip", "cmp", "time"} | ({"rsync"} if any(n.startswith("rsync") for n in names) else set()))
-    if args.ferry:
-        ferry, origin = args.ferry.resolve(), f"binary {args.ferry}"
-    else:
-        origin = f"built from {rb.git_revision()}"
-        ferry = rb.build_ferry()
+    ferry, origin = rb.ferry_binary(args.ferry)
 
     workdir = args.workdir.resolve()
     data = workdir / ("data-quick" if args.quick else "data")
@@ -514,11 +504,8 @@ def main() -> int:
         rb.remove(ctx.dst)
         if not args.keep:
             rb.remove(data)
-    print(text)
-    out = args.out or rb.REPO / "bench" / "results" / f"delta-{started.strftime('%Y-%m-%d')}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log(f"report written to {out}")
+    rb.write_report(text, args.out or rb.REPO / "bench" / "results"
+                    / f"delta-{started.strftime('%Y-%m-%d')}.md")
     return 0
 
 

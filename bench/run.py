@@ -1142,6 +1142,37 @@ def ferry_version(ferry: Path, origin: str) -> str:
     return f"{(v.splitlines() or ['ferry ?'])[0]}, {origin}"
 
 
+def ferry_binary(given: Path | None) -> tuple[Path, str]:
+    """The ferry binary to measure, and where it came from: `given`, or a
+    release build of this tree (its revision taken before building: the
+    tree may change while the benchmark runs)."""
+    if given:
+        ferry, origin = given.resolve(), f"binary {given}"
+    else:
+        origin = f"built from {git_revision()}"
+        ferry = build_ferry()
+    if not os.access(ferry, os.X_OK):
+        raise BenchError(f"{ferry} is not an executable")
+    return ferry, origin
+
+
+def rsync_version() -> str:
+    """The first line of `rsync --version`, spaces squeezed."""
+    try:
+        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return " ".join(out.splitlines()[0].split())
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+def write_report(text: str, out: Path) -> None:
+    """Print the report and write it to `out`."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    log(f"report written to {out}")
+
+
 def git_revision() -> str:
     try:
         return subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
@@ -1429,15 +1460,7 @@ def main() -> int:
         needs |= {"ip", "tc"}
     install_missing(needs)
 
-    if args.ferry:
-        ferry, ferry_origin = args.ferry.resolve(), f"binary {args.ferry}"
-    else:
-        # The revision is taken before building: the tree may change while
-        # the benchmark runs.
-        ferry_origin = f"built from {git_revision()}"
-        ferry = build_ferry()
-    if not os.access(ferry, os.X_OK):
-        raise BenchError(f"{ferry} is not an executable")
+    ferry, ferry_origin = ferry_binary(args.ferry)
 
     workdir = args.workdir.resolve()
     data_dir = workdir / ("data-quick" if args.quick else "data")
@@ -1495,10 +1518,7 @@ def main() -> int:
 
     text = report(args, ctx, ferry_origin, datasets, tools, results, notes, started,
                   time.perf_counter() - t_start)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    log(f"report written to {args.out}")
+    write_report(text, args.out)
     return 0
 
 

@@ -733,11 +733,7 @@ def main() -> int:
     needs |= {"rsync"} if used & {"rsync", "rsync -z"} else set()
     needs |= {"sshd", "scp", "ssh-keygen"} if "scp" in used else set()
     rb.install_missing(needs)
-    if args.ferry:
-        ferry, origin = args.ferry.resolve(), f"binary {args.ferry}"
-    else:
-        origin = f"built from {rb.git_revision()}"
-        ferry = rb.build_ferry()
+    ferry, origin = rb.ferry_binary(args.ferry)
 
     workdir = args.workdir.resolve()
     data_dir = workdir / ("data-quick" if args.quick else "data")
@@ -780,12 +776,8 @@ def main() -> int:
             log(f"the emulator stays up (it was {'up' if before else 'down'} before): `{WAN_SH} down` to remove it")
 
     text = report(args, cases, datasets, results, notes, started, time.perf_counter() - t_start, ferry, origin)
-    print(text)
-    out = args.out or (workdir / "wan-quick.md" if args.quick else
-                       rb.REPO / "bench" / "results" / f"wan-{started.strftime('%Y-%m-%d')}.md")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
-    log(f"report written to {out}")
+    rb.write_report(text, args.out or (workdir / "wan-quick.md" if args.quick else
+                                       rb.REPO / "bench" / "results" / f"wan-{started.strftime('%Y-%m-%d')}.md"))
     return 0
 
 
