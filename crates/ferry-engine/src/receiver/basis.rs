@@ -77,6 +77,14 @@ impl SignedAhead {
         self.blocks + blocks <= MAX_SIGNED_AHEAD
     }
 
+    /// Whether a signature of a basis of `size` bytes is likely to fit: as
+    /// many blocks as it has on average. Checked before the basis is read,
+    /// so that a full sender does not cost a read of it for nothing.
+    pub(super) fn may_fit(&self, size: u64) -> bool {
+        let average = size / u64::from(CdcParams::for_basis(size).avg);
+        self.has_room((average as usize).min(ferry_proto::delta::MAX_SIGNATURE_BLOCKS))
+    }
+
     pub(super) fn add(&mut self, blocks: usize) {
         self.blocks += blocks;
     }
@@ -117,5 +125,22 @@ pub(super) struct Signed {
 impl Signed {
     pub(super) fn basis_fd(&self) -> BorrowedFd<'_> {
         self.basis.file.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_basis_is_read_only_if_its_signature_may_fit() {
+        let mut ahead = SignedAhead::default();
+        assert!(ahead.may_fit(1 << 30));
+        ahead.add(MAX_SIGNED_AHEAD - 10);
+        // 1 GiB is about 32,768 blocks; 64 KiB of 8 KiB blocks, 8.
+        assert!(!ahead.may_fit(1 << 30));
+        assert!(ahead.may_fit(64 * 1024));
+        ahead.release(MAX_SIGNED_AHEAD - 10);
+        assert!(ahead.may_fit(1 << 30));
     }
 }

@@ -767,6 +767,9 @@ impl Worker {
     fn sign(&mut self, at: &Landing, path: &WirePath, fresh_dir: bool) -> Option<Signed> {
         let parent = (at.parent.as_fd(), fresh_dir);
         let basis = basis::find(&mut self.dest.link_dests, parent, &at.name, path)?;
+        if !self.signed_ahead.may_fit(basis.size) {
+            return None;
+        }
         let memory = self
             .dest
             .budget
