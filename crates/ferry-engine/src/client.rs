@@ -29,7 +29,7 @@ use crate::filter::Filter;
 use crate::fsx;
 use crate::progress::Progress;
 use crate::receiver::{Destination, LinkDest, Pruning, Publish, run_receiver};
-use crate::sender::{BeforeReplies, SendJob, run_sender};
+use crate::sender::{BeforeReplies, SendJob, lane_count, run_sender};
 use crate::throttle;
 use crate::tls::ClientTls;
 
@@ -682,6 +682,7 @@ async fn upload_once(
         root,
         compression: config.compression,
         local_peer: conn.local_peer,
+        lanes: lane_count(),
         label: escape(local.as_os_str().as_bytes()),
         early_totals: config.early_totals,
         owners: config.owners,

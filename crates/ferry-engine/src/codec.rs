@@ -25,8 +25,9 @@ fn worth_it(raw: usize, compressed: usize) -> bool {
     compressed < raw - raw / 32
 }
 
-/// Encodes the chunks of a transfer, reusing one zstd context.
-pub(crate) struct ChunkEncoder {
+/// Compresses chunk payloads at a level that may change, reusing one zstd
+/// context, and gives up on data that does not shrink.
+pub(crate) struct Squeezer {
     compressor: Option<zstd::bulk::Compressor<'static>>,
     /// Whether to compress at all (the compressor is kept when not, so
     /// that switching back costs nothing).
@@ -36,19 +37,18 @@ pub(crate) struct ChunkEncoder {
     skipped: u32,
 }
 
-impl ChunkEncoder {
-    /// An encoder at a fixed level (`None`: raw). `auto` mode starts from
-    /// the controller's level and follows it with [`set_level`](Self::set_level).
+impl Squeezer {
+    /// At a fixed level (`None`: raw), until [`set_level`](Self::set_level).
     pub(crate) fn new(level: Option<i32>) -> io::Result<Self> {
-        let mut encoder = ChunkEncoder {
+        let mut squeezer = Squeezer {
             compressor: None,
             enabled: false,
             scratch: Vec::new(),
             misses: 0,
             skipped: 0,
         };
-        encoder.set_level(level)?;
-        Ok(encoder)
+        squeezer.set_level(level)?;
+        Ok(squeezer)
     }
 
     pub(crate) fn set_level(&mut self, level: Option<i32>) -> io::Result<()> {
@@ -62,22 +62,91 @@ impl ChunkEncoder {
         Ok(())
     }
 
+    /// `raw` compressed, if compression is on, is tried for this chunk
+    /// and pays.
+    pub(crate) fn squeeze(&mut self, raw: &[u8]) -> Option<&[u8]> {
+        if !self.enabled {
+            return None;
+        }
+        let compressor = self.compressor.as_mut()?;
+        if self.misses >= GIVE_UP_AFTER {
+            self.skipped += 1;
+            if !self.skipped.is_multiple_of(RESAMPLE_EVERY) {
+                return None;
+            }
+        }
+        self.scratch.clear();
+        self.scratch.reserve(raw.len());
+        // A destination as large as the input: if zstd needs more, the
+        // chunk does not compress and the call fails, which is our answer.
+        let shrank = match compressor.compress_to_buffer(raw, &mut self.scratch) {
+            Ok(n) => worth_it(raw.len(), n),
+            Err(_) => false,
+        };
+        if shrank {
+            self.misses = 0;
+            Some(&self.scratch)
+        } else {
+            self.misses += 1;
+            None
+        }
+    }
+
+    /// Compress the data frame `frame` of `header` (a raw chunk, its bytes
+    /// after [`DATA_PREFIX_LEN`] bytes of headers) in place if that pays.
+    /// Returns the frame's length.
+    pub(crate) fn squeeze_frame(&mut self, mut header: ChunkHeader, frame: &mut [u8]) -> usize {
+        let Some(packed) = self.squeeze(&frame[DATA_PREFIX_LEN..]) else {
+            return frame.len();
+        };
+        let len = packed.len();
+        frame[DATA_PREFIX_LEN..DATA_PREFIX_LEN + len].copy_from_slice(packed);
+        header.codec = Codec::Zstd;
+        write_data_prefix(&header, len, frame);
+        DATA_PREFIX_LEN + len
+    }
+}
+
+/// Encodes the chunks of a transfer: hashes them, and makes them delta
+/// scripts or compresses them where that pays.
+pub(crate) struct ChunkEncoder {
+    squeezer: Squeezer,
+    scratch: Vec<u8>,
+}
+
+impl ChunkEncoder {
+    /// An encoder at a fixed level (`None`: raw). `auto` mode starts from
+    /// the controller's level and follows it with [`set_level`](Self::set_level).
+    pub(crate) fn new(level: Option<i32>) -> io::Result<Self> {
+        Ok(ChunkEncoder {
+            squeezer: Squeezer::new(level)?,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub(crate) fn set_level(&mut self, level: Option<i32>) -> io::Result<()> {
+        self.squeezer.set_level(level)
+    }
+
     /// Make `frame` a data frame (of file `file_id`, at `offset`) around
     /// the raw bytes already read into it after [`DATA_PREFIX_LEN`] bytes
     /// of room: the bytes are not copied unless they compress. Returns the
-    /// chunk's hash and the frame's length, which is `frame.len()` unless
+    /// chunk's header and the frame's length, which is `frame.len()` unless
     /// the payload shrank.
     ///
     /// `pieces`, if any, say how the chunk is made of the receiver's basis
     /// and its own bytes: it goes as that delta script when the script is
-    /// worth it, else raw or compressed as any chunk.
+    /// worth it, else raw or compressed as any chunk. With `squeeze` false
+    /// it is not compressed here: a lane does that (see
+    /// [`Squeezer::squeeze_frame`]).
     pub(crate) fn encode_in_place(
         &mut self,
         file_id: u64,
         offset: u64,
         frame: &mut [u8],
         pieces: &[Piece],
-    ) -> (u64, usize) {
+        squeeze: bool,
+    ) -> (ChunkHeader, usize) {
         let raw = &frame[DATA_PREFIX_LEN..];
         let hash = chunk_hash(raw);
         let mut header = ChunkHeader {
@@ -89,16 +158,17 @@ impl ChunkEncoder {
         };
         let mut payload_len = raw.len();
         let encoded = match self.try_delta(offset, raw, pieces) {
-            Some(script) => Some((Codec::Delta, script.len())),
-            None => self.try_compress(raw).map(|c| (Codec::Zstd, c.len())),
+            Some(script) => Some((Codec::Delta, script)),
+            None if squeeze => self.squeezer.squeeze(raw).map(|c| (Codec::Zstd, c)),
+            None => None,
         };
-        if let Some((codec, len)) = encoded {
+        if let Some((codec, bytes)) = encoded {
             header.codec = codec;
-            payload_len = len;
-            frame[DATA_PREFIX_LEN..DATA_PREFIX_LEN + payload_len].copy_from_slice(&self.scratch);
+            payload_len = bytes.len();
+            frame[DATA_PREFIX_LEN..DATA_PREFIX_LEN + payload_len].copy_from_slice(bytes);
         }
         write_data_prefix(&header, payload_len, frame);
-        (hash, DATA_PREFIX_LEN + payload_len)
+        (header, DATA_PREFIX_LEN + payload_len)
     }
 
     /// The delta script of the chunk `raw` at `offset` made of `pieces`,
@@ -140,34 +210,6 @@ impl ChunkEncoder {
         };
         write_data_prefix(&header, 0, frame);
         (header.hash, DATA_PREFIX_LEN)
-    }
-
-    fn try_compress(&mut self, raw: &[u8]) -> Option<&[u8]> {
-        if !self.enabled {
-            return None;
-        }
-        let compressor = self.compressor.as_mut()?;
-        if self.misses >= GIVE_UP_AFTER {
-            self.skipped += 1;
-            if !self.skipped.is_multiple_of(RESAMPLE_EVERY) {
-                return None;
-            }
-        }
-        self.scratch.clear();
-        self.scratch.reserve(raw.len());
-        // A destination as large as the input: if zstd needs more, the
-        // chunk does not compress and the call fails, which is our answer.
-        let shrank = match compressor.compress_to_buffer(raw, &mut self.scratch) {
-            Ok(n) => worth_it(raw.len(), n),
-            Err(_) => false,
-        };
-        if shrank {
-            self.misses = 0;
-            Some(&self.scratch)
-        } else {
-            self.misses += 1;
-            None
-        }
     }
 }
 
@@ -296,9 +338,9 @@ mod tests {
             let start = out.len();
             out.extend_from_slice(&[0; DATA_PREFIX_LEN]);
             out.extend_from_slice(raw);
-            let (hash, len) = self.encode_in_place(file_id, offset, &mut out[start..], &[]);
+            let (header, len) = self.encode_in_place(file_id, offset, &mut out[start..], &[], true);
             out.truncate(start + len);
-            hash
+            header.hash
         }
     }
 
@@ -341,14 +383,14 @@ mod tests {
             enc.encode(1, 0, &rnd, &mut buf);
         }
         let tried = (0..RESAMPLE_EVERY)
-            .filter(|_| enc.try_compress(&text).is_some())
+            .filter(|_| enc.squeezer.squeeze(&text).is_some())
             .count();
         assert_eq!(
             tried, 1,
             "after giving up, one chunk in {RESAMPLE_EVERY} is tried"
         );
         assert!(
-            enc.try_compress(&text).is_some(),
+            enc.squeezer.squeeze(&text).is_some(),
             "a chunk that shrank resumes compression"
         );
     }
@@ -428,7 +470,7 @@ mod tests {
         let mut enc = ChunkEncoder::new(None).unwrap();
         let mut buf = BytesMut::from(&[0; DATA_PREFIX_LEN][..]);
         buf.extend_from_slice(&raw);
-        let (_, len) = enc.encode_in_place(2, 4096, &mut buf, &pieces);
+        let (_, len) = enc.encode_in_place(2, 4096, &mut buf, &pieces, true);
         buf.truncate(len);
         let Some(Frame::Data(chunk)) = decode(&mut buf).unwrap() else {
             panic!("not a data frame")

@@ -51,7 +51,7 @@ use crate::progress::Progress;
 use crate::receiver::{
     BackupPlan, Destination, LinkDest, MAX_LINK_DESTS, Pruning, Publish, publish, run_receiver,
 };
-use crate::sender::{SendJob, run_sender};
+use crate::sender::{SendJob, lane_count, run_sender};
 use crate::snapshots;
 use crate::throttle::{self, AuthThrottle};
 use crate::tls::ServerTls;
@@ -1059,14 +1059,22 @@ fn accept_request(
             checksum,
         } => {
             let filter = Filter::new(&filters, gitignore).map_err(|e| Refusal::new(e.into()))?;
-            // A compressor beyond the reserves, or none while memory is
-            // short: compression saves time, it is never owed.
-            let needed = budget::compressor_memory(compression);
-            let (compression, memory) = match budget.data.try_take(needed) {
-                Some(memory) => (compression, memory),
-                None => (Compression::Off, budget.data.force(0)),
+            // Compressors beyond the reserves, one per lane (core) and the
+            // producer's; only the producer's while memory is shorter; none
+            // when it is shorter still: compression saves time, it is never
+            // owed.
+            let afford = |lanes| {
+                budget
+                    .data
+                    .try_take(budget::compressor_memory(compression, lanes))
+            };
+            let (compression, lanes, memory) = match (afford(lane_count()), afford(0)) {
+                (Some(memory), _) => (compression, lane_count(), memory),
+                (None, Some(memory)) => (compression, 0, memory),
+                (None, None) => (Compression::Off, 0, budget.data.force(0)),
             };
             let mut job = accept_download(root, source.as_bytes(), compression, owners, filter)?;
+            job.lanes = lanes;
             // Never below the slowest rate: a trickle would hold a slot.
             job.bwlimit = bwlimit.map(|rate| rate.max(crate::pace::MIN_RATE));
             job.checksum = checksum;
@@ -1388,6 +1396,7 @@ fn accept_download(
         root: root_entry,
         compression,
         local_peer: false,
+        lanes: 0,
         label: path.display(),
         // The client cannot tell us whether it shows progress: count.
         early_totals: true,

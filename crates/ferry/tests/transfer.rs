@@ -382,6 +382,67 @@ fn auto_compression_sends_raw_to_a_server_on_this_host() {
     assert_eq!(fs::read(root.join("level-1.txt")).unwrap(), text.as_bytes());
 }
 
+/// The chunks of a large file are compressed by lanes, one thread per core:
+/// over several streams, each way, every chunk arrives and the file is
+/// whole, in far fewer bytes than it holds.
+#[test]
+fn a_large_file_compressed_over_several_streams_arrives_whole_both_ways() {
+    let scratch = Scratch::new();
+    let src = scratch.join("text.txt");
+    // 12 MiB of lines that differ, so each chunk compresses on its own.
+    let text: String = (0..300_000)
+        .map(|i| format!("line {i:07} of a file that compresses well\n"))
+        .collect();
+    write_file(&src, text.as_bytes());
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let size = text.len() as u64;
+
+    let sent = wire_bytes(server.run(&[
+        &"up",
+        &src,
+        &"copy.txt",
+        &"--json",
+        &"--compress",
+        &"6",
+        &"--streams",
+        &"3",
+    ]));
+    assert!(sent < size / 3, "up: {sent} bytes on the wire for {size}");
+    assert_files_equal(&src, &root.join("copy.txt"));
+
+    let back = scratch.join("back.txt");
+    let got = wire_bytes(server.run(&[
+        &"down",
+        &"copy.txt",
+        &back,
+        &"--json",
+        &"--compress",
+        &"6",
+        &"--streams",
+        &"3",
+    ]));
+    assert!(got < size / 3, "down: {got} bytes on the wire for {size}");
+    assert_files_equal(&src, &back);
+
+    // Under --bwlimit there are no lanes: the producer compresses.
+    let paced = wire_bytes(server.run(&[
+        &"up",
+        &src,
+        &"paced.txt",
+        &"--json",
+        &"--compress",
+        &"6",
+        &"--bwlimit",
+        &"256M",
+    ]));
+    assert!(
+        paced < size / 3,
+        "paced: {paced} bytes on the wire for {size}"
+    );
+    assert_files_equal(&src, &root.join("paced.txt"));
+}
+
 /// More directories than a receiver may hold open at once (4096,
 /// PROTOCOL.md §8.4) and a chain 300 deep: an honest sender stays within
 /// the limit, waiting for outcomes when it must, and the tree arrives whole.

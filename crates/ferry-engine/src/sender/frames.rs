@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use ferry_proto::chunk::{ChunkHeader, Codec};
 use ferry_proto::delta::{Matches, Piece};
 use ferry_proto::digest::DigestBuilder;
 use ferry_proto::frame::DATA_PREFIX_LEN;
@@ -20,6 +21,7 @@ use ferry_proto::message::{Compression, Message};
 use tokio::sync::mpsc;
 
 use super::DATA_QUEUE;
+use super::lanes::{Lanes, RawChunk};
 use super::rules::Run;
 use crate::adapt::{LevelController, WindowMeter};
 use crate::codec::ChunkEncoder;
@@ -55,6 +57,8 @@ pub(super) struct Output {
     control: mpsc::Sender<Bytes>,
     /// Chunks of large files, for whichever connection is free.
     data: async_channel::Sender<Bytes>,
+    /// The threads that compress the chunks of large files, if any.
+    lanes: Option<Lanes>,
     batch: BytesMut,
     /// When the first frame of the current batch was added.
     batch_started: Option<Instant>,
@@ -74,11 +78,26 @@ impl Output {
         Output {
             control,
             data,
+            lanes: None,
             batch: BytesMut::new(),
             batch_started: None,
             blocked: Duration::ZERO,
             pacer: bwlimit.map(|rate| Pacer::new(rate, Instant::now())),
         }
+    }
+
+    /// Compress the chunks of large files on `lanes` threads, starting at
+    /// `level`: not under `--bwlimit`, whose pacing counts the bytes as they
+    /// go out, and where compression is seldom what limits.
+    pub(super) fn with_lanes(
+        mut self,
+        lanes: u32,
+        level: Option<i32>,
+    ) -> Result<Self, EngineError> {
+        if self.pacer.is_none() && lanes > 0 {
+            self.lanes = Some(Lanes::start(lanes, level, &self.data)?);
+        }
+        Ok(self)
     }
 
     /// Wait as long as the rate limit asks after `n` bytes. To the
@@ -145,6 +164,18 @@ impl Output {
         }
     }
 
+    /// Queue the frame of a raw chunk of a large file: for the lanes to
+    /// compress while compression is on, else straight for a connection.
+    fn send_raw(&mut self, header: ChunkHeader, frame: PooledFrame) -> Result<(), EngineError> {
+        match &self.lanes {
+            Some(lanes) if lanes.compressing() => {
+                self.blocked += lanes.send(RawChunk { header, frame })?;
+                Ok(())
+            }
+            _ => self.send_data(Bytes::from_owner(frame)),
+        }
+    }
+
     /// Room for a frame of `len` bytes at the end of the batch: returns
     /// where it starts.
     fn grow_batch(&mut self, len: usize) -> usize {
@@ -172,6 +203,8 @@ pub(super) struct Source<'a> {
 /// controller picks in `auto` mode.
 pub(super) struct Chunks {
     encoder: ChunkEncoder,
+    /// The level chunks are compressed at now.
+    level: Option<i32>,
     /// Present in `auto` mode: picks the level as the transfer goes.
     controller: Option<LevelController>,
     window: WindowMeter,
@@ -200,12 +233,18 @@ impl Chunks {
             .map_or(fixed_level, LevelController::level);
         Ok(Chunks {
             encoder: ChunkEncoder::new(level)?,
+            level,
             controller,
             window: WindowMeter::new(Instant::now()),
             read_buf: Vec::new(),
             frame_pool: FramePool::default(),
             tally,
         })
+    }
+
+    /// The level chunks are compressed at now.
+    pub(super) fn level(&self) -> Option<i32> {
+        self.level
     }
 
     /// Send a file but for the `held` chunks, which are read and hashed
@@ -321,12 +360,18 @@ impl Chunks {
         {
             return Ok(Err(e));
         }
-        let (hash, frame_len) =
+        // Compressing is left to the lanes, if any: they spread it over
+        // the cores.
+        let here = out.lanes.is_none();
+        let (header, frame_len) =
             self.encoder
-                .encode_in_place(src.id, offset, &mut frame.buf[..frame.len], pieces);
+                .encode_in_place(src.id, offset, frame.bytes_mut(), pieces, here);
         frame.len = frame_len;
-        out.send_data(Bytes::from_owner(frame))?;
-        Ok(Ok(hash))
+        match header.codec {
+            Codec::Raw => out.send_raw(header, frame)?,
+            _ => out.send_data(Bytes::from_owner(frame))?,
+        }
+        Ok(Ok(header.hash))
     }
 
     /// Send a chunk in the batch, in order with the control messages;
@@ -344,12 +389,12 @@ impl Chunks {
             out.batch.truncate(start);
             return Ok(Err(e));
         }
-        let (hash, frame_len) =
+        let (header, frame_len) =
             self.encoder
-                .encode_in_place(src.id, offset, &mut out.batch[start..], pieces);
+                .encode_in_place(src.id, offset, &mut out.batch[start..], pieces, true);
         out.batch.truncate(start + frame_len);
         out.maybe_flush()?;
-        Ok(Ok(hash))
+        Ok(Ok(header.hash))
     }
 
     /// Read `len` bytes at `offset` into the read buffer.
@@ -369,18 +414,31 @@ impl Chunks {
             return Ok(());
         };
         self.window.blocked(std::mem::take(&mut out.blocked));
-        let Some(window) = self.window.sent(bytes, Instant::now()) else {
+        let warming_up = self.window.warming_up();
+        let lanes = out.lanes.as_ref();
+        let Some(mut window) = self.window.sent(bytes, Instant::now()) else {
+            if warming_up && !self.window.warming_up() {
+                // What the lanes did while socket buffers filled is no
+                // measure of the link either.
+                lanes.map(Lanes::take_window);
+            }
             return Ok(());
         };
+        window.lanes = lanes.map(Lanes::take_window).unwrap_or_default();
         let level = controller.observe(window);
         tracing::debug!(
             bytes = window.bytes,
             secs = window.secs,
             blocked_secs = window.blocked_secs,
+            lanes = ?window.lanes,
             next_level = ?level,
             "compression window"
         );
         self.encoder.set_level(level)?;
+        self.level = level;
+        if let Some(lanes) = lanes {
+            lanes.set_level(level);
+        }
         Ok(())
     }
 }
@@ -417,10 +475,16 @@ impl FramePool {
 }
 
 /// A data frame in a pooled buffer: its first `len` bytes.
-struct PooledFrame {
+pub(crate) struct PooledFrame {
     buf: Vec<u8>,
-    len: usize,
+    pub(super) len: usize,
     pool: FramePool,
+}
+
+impl PooledFrame {
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
 }
 
 impl AsRef<[u8]> for PooledFrame {

@@ -1,8 +1,9 @@
 //! The sending side of a transfer, the same for uploads and downloads.
 //!
 //! A producer thread walks the tree, reads each file in chunks, hashes and
-//! compresses them and hands finished frames to the connections through
-//! bounded queues; the async side writes those frames and reads the
+//! compresses them (the chunks of large files on lanes, one thread per
+//! core) and hands finished frames to the connections through bounded
+//! queues; the async side writes those frames and reads the
 //! receiver's replies. Memory is bounded by the queues, whatever the size
 //! of the files or the tree, and by the entries the receiver has not
 //! answered yet.
@@ -12,17 +13,20 @@
 //! - [`walk`]: the one walk of a tree, over directory handles.
 //! - [`producer`]: the thread that walks, announces and sends, carrying
 //!   out the rules; [`count`]: the walk that counts totals ahead.
-//! - [`frames`]: chunks read into frames, and frames into the queues.
+//! - [`frames`]: chunks read into frames, and frames into the queues;
+//!   [`lanes`]: the threads that compress the chunks of large files.
 //! - Here: the async driver, and the [`Inbox`] where the receiver's replies
 //!   meet the producer.
 
 mod count;
 mod frames;
+mod lanes;
 mod producer;
 mod rules;
 mod signatures;
 mod walk;
 
+pub(crate) use lanes::count as lane_count;
 pub(crate) use walk::gitignore_of;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -64,6 +68,9 @@ pub(crate) struct SendJob {
     /// the link is memory, faster than any compressor, so `auto` starts
     /// off instead of spending a warm-up and a probe to find that out.
     pub(crate) local_peer: bool,
+    /// Threads that compress the chunks of large files (see [`lanes`]); 0:
+    /// the producer compresses them itself.
+    pub(crate) lanes: u32,
     /// How the root is named in events and messages.
     pub(crate) label: String,
     /// Count the tree up front (on a thread of its own) so that progress
@@ -167,9 +174,15 @@ pub(crate) fn start(job: SendJob, tally: Arc<Tally>, peer: Side) -> Result<Start
         atomic: job.atomic,
         labels: (job.label.clone(), job.dest_label.clone()),
     };
+    let chunks = Chunks::new(job.compression, job.local_peer, tally.clone())?;
+    let lanes = match job.compression {
+        Compression::Off => 0,
+        _ => job.lanes,
+    };
+    let output = Output::new(control_tx, data_tx, job.bwlimit).with_lanes(lanes, chunks.level())?;
     let producer = Producer::new(
-        Output::new(control_tx, data_tx, job.bwlimit),
-        Chunks::new(job.compression, job.local_peer, tally.clone())?,
+        output,
+        chunks,
         inbox.clone(),
         tally,
         job.label,

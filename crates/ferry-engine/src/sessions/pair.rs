@@ -68,6 +68,7 @@ pub(super) fn exchange(src: &Path, mut rx: Receiving, mut link: Link<'_>) -> End
         root: fsx::open_local_root(src).unwrap(),
         compression: Compression::Off,
         local_peer: true,
+        lanes: 0,
         label: "src".into(),
         early_totals: false,
         owners: false,
