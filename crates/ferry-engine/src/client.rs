@@ -32,6 +32,7 @@ use crate::receiver::{Destination, LinkDest, Pruning, Publish, run_receiver};
 use crate::sender::{BeforeReplies, SendJob, lane_count, run_sender};
 use crate::throttle;
 use crate::tls::ClientTls;
+use crate::widen::{self, Widening};
 
 /// How long to wait for a TCP connection to be accepted.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,6 +46,11 @@ pub struct ClientConfig {
     /// Connections for the session, the control one included (at least 1;
     /// the server may allow fewer).
     pub streams: u32,
+    /// Open more connections than `streams` while each new one raises the
+    /// session's rate (see [`crate::widen`]), up to
+    /// [`MAX_WIDE_STREAMS`](crate::widen::MAX_WIDE_STREAMS); never to a
+    /// server on this host.
+    pub widen_streams: bool,
     /// Count an upload's tree before sending, so that progress shows totals
     /// from the start. Costs a stat of every entry: worth it only when
     /// someone watches the progress.
@@ -155,6 +161,8 @@ struct Connection {
     meter: Meter,
     /// Whether the server is on this host (a loopback address).
     local_peer: bool,
+    /// Whether the connection's congestion control is loss-based.
+    loss_based: bool,
 }
 
 /// A connection ready for its first message.
@@ -167,6 +175,9 @@ struct Connected {
     own_server: bool,
     /// Whether the server is on this host (a loopback address).
     local_peer: bool,
+    /// Whether the connection's congestion control is loss-based (not
+    /// BBR): over a long lossy path more connections would pay.
+    loss_based: bool,
 }
 
 /// Connect, with our preface queued: a connection ready for its first
@@ -188,8 +199,10 @@ async fn connect(
         Ok(Err(e)) => return Err(connect_error(ConnectError::Io(e))),
         Ok(Ok(s)) => s,
     };
-    let _ = stream.set_nodelay(true);
+    crate::conn::tune(&stream);
     let local_peer = stream.peer_addr().is_ok_and(|a| a.ip().is_loopback());
+    let loss_based =
+        rustix::net::sockopt::tcp_congestion(&stream).is_ok_and(|cc| !cc.starts_with("bbr"));
     let mut exporter = Vec::new();
     let mut own_server = false;
     let (r, w): (BoxRead, BoxWrite) = match tls {
@@ -229,6 +242,7 @@ async fn connect(
         exporter,
         own_server,
         local_peer,
+        loss_based,
     })
 }
 
@@ -422,40 +436,105 @@ async fn accept(
 }
 
 /// What opening a session's data connections takes.
+#[derive(Clone)]
 struct JoinPlan {
     addr: String,
     tls: Option<ClientTls>,
     streams: u32,
+    /// Open more while each new one pays (see [`crate::widen`]).
+    widen: bool,
     meter: Meter,
 }
 
+/// The shortest window widening measures the session's rate over: long
+/// enough for a new connection's handshake and start-up at 100 ms RTT to
+/// show; and the bytes per connection it must have moved (see
+/// [`JoinPlan::keep_widening`]). It looks this often whether one is over.
+const WIDEN_WINDOW: Duration = Duration::from_secs(1);
+const WIDEN_WINDOW_BYTES: u64 = 1 << 20;
+const WIDEN_POLL: Duration = Duration::from_millis(100);
+
 impl JoinPlan {
-    fn of(config: &ClientConfig, meter: &Meter) -> JoinPlan {
+    /// Connections widen only over a loss-based congestion control (see
+    /// [`crate::widen`]), and never to a server on this host: there the
+    /// link is memory, and the cores are what limit.
+    fn of(config: &ClientConfig, conn: &Connection) -> JoinPlan {
         JoinPlan {
             addr: config.addr.clone(),
             tls: config.tls.clone(),
             streams: config.streams,
-            meter: meter.clone(),
+            widen: config.widen_streams && conn.loss_based && !conn.local_peer,
+            meter: conn.meter.clone(),
         }
     }
 
     /// Open the session's data connections in the background, each handed
     /// to `joins` once it has joined: the transfer starts on the control
-    /// connection and widens as they come.
-    fn spawn(&self, key: &SessionKey, joins: mpsc::Sender<DataConn>) {
-        let extra = self.streams.min(key.max_streams).saturating_sub(1);
-        for _ in 0..extra {
-            let (addr, key, joins) = (self.addr.clone(), key.clone(), joins.clone());
-            let (tls, meter) = (self.tls.clone(), self.meter.clone());
-            tokio::spawn(async move {
-                match join(&addr, tls.as_ref(), &key, &meter).await {
-                    Ok(conn) => {
-                        let _ = joins.send(conn).await;
-                    }
-                    // One connection fewer is slower, not wrong.
-                    Err(e) => tracing::warn!("a data connection could not join: {e}"),
+    /// connection and widens as they come, and then for as long as new
+    /// connections pay.
+    fn spawn(self, key: &SessionKey, joins: mpsc::Sender<DataConn>) {
+        let start = self.streams.min(key.max_streams);
+        for _ in 1..start {
+            self.join_one(key, &joins);
+        }
+        if self.widen {
+            let max = widen::MAX_WIDE_STREAMS.min(key.max_streams);
+            let key = key.clone();
+            tokio::spawn(async move { self.keep_widening(start, max, &key, joins).await });
+        }
+    }
+
+    fn join_one(&self, key: &SessionKey, joins: &mpsc::Sender<DataConn>) {
+        let (addr, key, joins) = (self.addr.clone(), key.clone(), joins.clone());
+        let (tls, meter) = (self.tls.clone(), self.meter.clone());
+        tokio::spawn(async move {
+            match join(&addr, tls.as_ref(), &key, &meter).await {
+                Ok(conn) => {
+                    let _ = joins.send(conn).await;
                 }
-            });
+                // One connection fewer is slower, not wrong.
+                Err(e) => tracing::warn!("a data connection could not join: {e}"),
+            }
+        });
+    }
+
+    /// Open one more connection whenever [`Widening`] says so, until it is
+    /// done or the session ends. The meter counts what is written in steps
+    /// of up to 256 KiB, so a window lasts until it moved
+    /// [`WIDEN_WINDOW_BYTES`] per connection: then a step in flight on each
+    /// connection is at most a quarter of what it measures.
+    async fn keep_widening(
+        self,
+        start: u32,
+        max: u32,
+        key: &SessionKey,
+        joins: mpsc::Sender<DataConn>,
+    ) {
+        let mut widening = Widening::new(start, max);
+        let moved = || self.meter.load(std::sync::atomic::Ordering::Relaxed);
+        let mut last = (Instant::now(), moved());
+        while !widening.done() && !joins.is_closed() {
+            tokio::time::sleep(WIDEN_POLL).await;
+            let now = (Instant::now(), moved());
+            let (secs, bytes) = (now.0.duration_since(last.0), now.1 - last.1);
+            let enough = WIDEN_WINDOW_BYTES * u64::from(widening.streams());
+            if secs < WIDEN_WINDOW || bytes < enough {
+                continue;
+            }
+            let secs = secs.as_secs_f64();
+            tracing::trace!(
+                streams = widening.streams(),
+                rate = bytes as f64 / secs,
+                "window"
+            );
+            let more = widening.observe(bytes, secs);
+            if more > 0 {
+                tracing::debug!(streams = widening.streams(), "widening");
+            }
+            for _ in 0..more {
+                self.join_one(key, &joins);
+            }
+            last = now;
         }
     }
 }
@@ -514,6 +593,7 @@ impl Connection {
             writer: conn.writer,
             meter,
             local_peer: conn.local_peer,
+            loss_based: conn.loss_based,
         };
         Ok((conn, greeted))
     }
@@ -530,7 +610,7 @@ impl Connection {
             Connection::open(config, session.meter.clone(), events, request).await?;
         let key = accept(&mut conn.reader, greeted).await?;
         let (joins, joined) = mpsc::channel(ferry_proto::limits::MAX_STREAMS as usize);
-        JoinPlan::of(config, &conn.meter).spawn(&key, joins);
+        JoinPlan::of(config, &conn).spawn(&key, joins);
         Ok((conn, joined))
     }
 
@@ -570,6 +650,7 @@ pub async fn rollback(
 ) -> Result<TransferSummary, EngineError> {
     let single = ClientConfig {
         streams: 1,
+        widen_streams: false,
         ..config.clone()
     };
     let request = Message::Rollback {
@@ -670,7 +751,7 @@ async fn upload_once(
     // The transfer starts at once; the server's answers to the hello and
     // the request are read meanwhile, and then the data connections join.
     let (joins, joined) = mpsc::channel(ferry_proto::limits::MAX_STREAMS as usize);
-    let plan = JoinPlan::of(config, &conn.meter);
+    let plan = JoinPlan::of(config, &conn);
     let accepted: BeforeReplies<BoxRead> = Box::new(move |reader| {
         Box::pin(async move {
             let key = accept(reader, greeted).await?;

@@ -187,6 +187,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Frames at least this large skip the write buffer: a TLS record's worth.
 const DIRECT_WRITE: usize = 16 * 1024;
+/// A large write is counted in the meter this much at a time.
+const METER_STEP: usize = 256 * 1024;
 
 /// Writes frames to the other half, buffering small ones together.
 pub(crate) struct FrameWriter<W: AsyncWrite> {
@@ -237,11 +239,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             if !self.inner.buffer().is_empty() {
                 self.inner.flush().await?;
             }
-            self.inner.get_mut().write_all(frames).await?;
+            // In steps, so that the meter follows a slow link closely
+            // enough for widening to measure it (see crate::widen).
+            for step in frames.chunks(METER_STEP) {
+                self.inner.get_mut().write_all(step).await?;
+                self.meter.fetch_add(step.len() as u64, Ordering::Relaxed);
+            }
         } else {
             self.inner.write_all(frames).await?;
+            self.meter.fetch_add(frames.len() as u64, Ordering::Relaxed);
         }
-        self.meter.fetch_add(frames.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -384,4 +391,17 @@ pub(crate) async fn pump_data(
     }
     conn.writer.flush().await?;
     conn.writer.shutdown().await
+}
+
+/// Set up a TCP connection of a session: no Nagle delay (frames are
+/// written whole), and the congestion control `FERRY_TCP_CONGESTION`
+/// names, if set and the kernel allows it (a benchmark's way to model a
+/// host whose default is loss-based, such as Reno or CUBIC).
+pub(crate) fn tune(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    if let Ok(name) = std::env::var("FERRY_TCP_CONGESTION")
+        && let Err(e) = rustix::net::sockopt::set_tcp_congestion(stream, &name)
+    {
+        tracing::warn!("cannot use the congestion control {name:?}: {e}");
+    }
 }

@@ -58,6 +58,7 @@ pub mod snapshots;
 mod sweep;
 mod throttle;
 pub mod tls;
+pub mod widen;
 
 pub use error::EngineError;
 pub use ferry_proto::message::{

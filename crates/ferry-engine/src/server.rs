@@ -489,7 +489,7 @@ async fn transport(
     tls: Option<&ServerTls>,
     deadline: Deadline,
 ) -> Result<Transport, EngineError> {
-    let _ = stream.set_nodelay(true);
+    crate::conn::tune(&stream);
     // The first byte tells a TLS client (a handshake record, 0x16) from a
     // plaintext ferry one (the preface's `F`), so that a client on the
     // other setting hears why it cannot be served.

@@ -392,7 +392,8 @@ pub struct TransferOpts {
     /// deletions_held_back, published, not_published, retry, progress, summary, error.
     #[arg(long)]
     pub json: bool,
-    /// Parallel connections for the transfer (1-16) [default: one per core, at most 8].
+    /// Parallel connections for the transfer (1-16) [default: one per core, at most 8, widened up
+    /// to 8 while more pay, over a loss-based TCP congestion control such as CUBIC].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16))]
     pub streams: Option<u32>,
     /// Compression: auto (zstd when the link is the bottleneck, raw on loopback and for data that

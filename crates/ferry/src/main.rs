@@ -498,6 +498,7 @@ async fn run_ls(args: LsArgs) -> Result<ExitCode, Fatal> {
         false,
     )?;
     config.streams = 1;
+    config.widen_streams = false;
     let mode = if args.json { Mode::Json } else { Mode::Human };
     let ui = Arc::new(Ui::new(mode, false).listing());
     let cancel = CancellationToken::new();
@@ -654,6 +655,8 @@ fn client_config(
             (_, chosen) => chosen,
         },
         streams: opts.streams.unwrap_or_else(client::default_streams),
+        // A count the user gives is kept.
+        widen_streams: opts.streams.is_none(),
         early_totals: shows_progress,
         ignore_times: opts.ignore_times,
         owners: !opts.no_owner,

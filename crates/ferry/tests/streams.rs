@@ -89,3 +89,30 @@ fn stream_count_is_validated() {
         run(&[&"up", &file, &"x", &"--streams", &bad]).assert_code(2);
     }
 }
+
+/// Widening (doubling the connections while that pays, over a loss-based
+/// congestion control) never reaches a server on this host, where the
+/// cores, not the path, are what limit: an upload held to 4 MiB/s for six
+/// seconds over Reno, whose rate settles at once, keeps the default count.
+#[test]
+fn a_server_on_this_host_is_never_widened_to() {
+    let scratch = Scratch::new();
+    let file = scratch.join("f");
+    write_random_file(&file, 24 << 20, 7);
+    let root = scratch.mkdir("root");
+    let server = Server::start(&root);
+    let mut opts = RunOptions::with_timeout(Duration::from_secs(120));
+    opts.env
+        .push(("FERRY_TCP_CONGESTION".into(), "reno".into()));
+    server
+        .run_with(&[&"up", &file, &"f", &"--bwlimit", &"4M", &"-q"], &opts)
+        .assert_success();
+    assert_files_equal(&file, &root.join("f"));
+    let default = std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8));
+    let joined = server.stderr().matches("data connection joined").count();
+    assert!(
+        joined < default,
+        "{joined} data connections joined, the default is {default} in all\n{}",
+        server.stderr()
+    );
+}
