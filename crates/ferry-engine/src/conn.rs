@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::{Account, Charge};
 use crate::error::{EngineError, PeerFailure, Side, Violation};
+use crate::events::Tally;
 use crate::progress::{Progress, StallClock};
 
 /// How long a peer may take to send its preface or first message.
@@ -323,6 +324,7 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
     writer: &mut FrameWriter<W>,
     control: &mut mpsc::Receiver<Bytes>,
     data: &async_channel::Receiver<Bytes>,
+    tally: &Tally,
 ) -> Result<(), EngineError> {
     let (mut control_open, mut data_open) = (true, true);
     while control_open || data_open {
@@ -337,7 +339,11 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
         let ready = match ready {
             Some(frames) => Some(frames),
             None if data_open => match data.try_recv() {
-                Ok(frames) => Some(frames),
+                Ok(frame) => {
+                    writer.raw(&frame).await?;
+                    tally.data_written();
+                    continue;
+                }
                 Err(async_channel::TryRecvError::Closed) => {
                     data_open = false;
                     None
@@ -361,7 +367,10 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
                 None => control_open = false,
             },
             frames = data.recv(), if data_open => match frames {
-                Ok(frames) => writer.raw(&frames).await?,
+                Ok(frame) => {
+                    writer.raw(&frame).await?;
+                    tally.data_written();
+                }
                 Err(_) => data_open = false,
             },
         }
@@ -374,6 +383,7 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
 pub(crate) async fn pump_data(
     mut conn: DataConn,
     data: async_channel::Receiver<Bytes>,
+    tally: Arc<Tally>,
 ) -> Result<(), EngineError> {
     loop {
         let frames = match data.try_recv() {
@@ -388,20 +398,32 @@ pub(crate) async fn pump_data(
             Err(async_channel::TryRecvError::Closed) => break,
         };
         conn.writer.raw(&frames).await?;
+        tally.data_written();
     }
     conn.writer.flush().await?;
     conn.writer.shutdown().await
 }
 
 /// Set up a TCP connection of a session: no Nagle delay (frames are
-/// written whole), and the congestion control `FERRY_TCP_CONGESTION`
-/// names, if set and the kernel allows it (a benchmark's way to model a
-/// host whose default is loss-based, such as Reno or CUBIC).
+/// written whole); at most [`UNSENT_IN_KERNEL`] bytes not yet sent held in
+/// the kernel; and the congestion control `FERRY_TCP_CONGESTION` names, if
+/// set and the kernel allows it (a benchmark's way to model a host whose
+/// default is loss-based, such as Reno or CUBIC).
 pub(crate) fn tune(stream: &tokio::net::TcpStream) {
     let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(stream).set_tcp_notsent_lowat(UNSENT_IN_KERNEL);
     if let Ok(name) = std::env::var("FERRY_TCP_CONGESTION")
         && let Err(e) = rustix::net::sockopt::set_tcp_congestion(stream, &name)
     {
         tracing::warn!("cannot use the congestion control {name:?}: {e}");
     }
 }
+
+/// The bytes a connection's socket may hold beyond those in flight. The
+/// kernel would take megabytes (its send buffer grows to 4 MiB), which on
+/// a slow link are tens of seconds that no one sees moving: a sender's
+/// progress is what it writes into its connections, and the stall watch
+/// must see it while the link drains. Also what compression is judged by:
+/// the level it picks applies to the next bytes the link takes, not to
+/// bytes the kernel queued long before.
+const UNSENT_IN_KERNEL: u32 = 256 * 1024;

@@ -351,6 +351,14 @@ impl Tally {
         self.settled();
     }
 
+    /// A data frame went into a connection. The sender's chunks count as
+    /// sent when they are queued; on a slow link the queues and socket
+    /// buffers behind the last one take long to drain, and that is
+    /// progress too.
+    pub(crate) fn data_written(&self) {
+        self.settled();
+    }
+
     /// The peer said it is alive, and no more; it may have `work` bytes of
     /// local work to do for us meanwhile.
     pub(crate) fn kept_alive(&self, work: u64) {

@@ -307,3 +307,44 @@ fn after_a_retry_the_counts_go_on_from_where_they_were_and_count_nothing_twice()
     );
     assert!(summary["files_unchanged"].as_u64() > Some(0), "{out}");
 }
+
+/// A slow link is not a stall. Over a proxy that forwards 2 MiB/s per
+/// connection, an upload whose chunks all fit in the sender's queues long
+/// before the link has carried them finishes in one attempt under a
+/// 4-second stall timeout. (The sender counted a chunk as progress when it
+/// queued it, and the queues and socket buffers behind the last one took
+/// longer than that to drain: every attempt ended as stalled.)
+#[test]
+fn a_slow_link_is_not_a_stall() {
+    let scratch = Scratch::new();
+    let root = scratch.mkdir("root");
+    let file = scratch.join("big.bin");
+    write_random_file(&file, 24 * MIB, 11);
+    let server = Server::start(&root);
+    let target = server.addr().parse().expect("the server prints IP:PORT");
+    let proxy = FaultProxy::throttled(target, Direction::ClientToServer, 2 * MIB);
+    let addr = proxy.addr();
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let args: [&dyn AsRef<std::ffi::OsStr>; 13] = [
+        &"up",
+        &file,
+        &"big.bin",
+        &"--json",
+        &"--compress",
+        &"off",
+        &"--timeout",
+        &"4",
+        &"--host",
+        &host,
+        &"--port",
+        &port,
+        &"--streams=2",
+    ];
+    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = args.to_vec();
+    let own = server.own_user_args();
+    all.extend(own.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    let out = run_with(&all, &RunOptions::with_timeout(SLOW));
+    out.assert_success();
+    assert_eq!(out.json_event("summary")["retries"], 0, "{out}");
+    assert_files_equal(&file, &root.join("big.bin"));
+}

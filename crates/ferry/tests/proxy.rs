@@ -118,6 +118,23 @@ impl FaultProxy {
     /// applying `faults` (sorted by `at`, each fired once) to the bytes
     /// flowing in `direction`.
     pub fn start(target: SocketAddr, direction: Direction, faults: Vec<Fault>) -> FaultProxy {
+        Self::start_with(target, direction, faults, None)
+    }
+
+    /// Like [`start`](Self::start), and each connection forwards at most
+    /// `rate` bytes per second in `direction`: a slow link. It reads no
+    /// faster than it forwards, so the sender's socket fills and its writes
+    /// wait, as over the link.
+    pub fn throttled(target: SocketAddr, direction: Direction, rate: u64) -> FaultProxy {
+        Self::start_with(target, direction, Vec::new(), Some(rate))
+    }
+
+    fn start_with(
+        target: SocketAddr,
+        direction: Direction,
+        faults: Vec<Fault>,
+        rate: Option<u64>,
+    ) -> FaultProxy {
         assert!(
             faults.windows(2).all(|w| w[0].at <= w[1].at),
             "faults must be sorted by position: {faults:?}"
@@ -135,6 +152,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             target,
             direction,
+            rate,
             stop: AtomicBool::new(false),
             forwarded: [AtomicU64::new(0), AtomicU64::new(0)],
             connections: AtomicU64::new(0),
@@ -223,6 +241,8 @@ struct Shared {
     target: SocketAddr,
     /// The direction whose bytes the faults are placed in.
     direction: Direction,
+    /// Bytes per second each connection forwards in `direction`, if limited.
+    rate: Option<u64>,
     stop: AtomicBool,
     /// Indexed by `Direction::index`.
     forwarded: [AtomicU64; 2],
@@ -437,6 +457,9 @@ impl Shared {
             let written = self.write(conn, dir, to, &buf[..len]);
             if dir == self.direction {
                 self.state().in_flight -= len as u64;
+                if let Some(rate) = self.rate {
+                    thread::sleep(Duration::from_secs_f64(len as f64 / rate as f64));
+                }
             }
             if let Some(halt) = halt {
                 self.fire(halt);

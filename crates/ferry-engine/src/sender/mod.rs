@@ -333,7 +333,7 @@ where
         // The transfer is over when the receiver says so; the writers only
         // matter if they fail (then the session cannot complete).
         let write = async {
-            if let Err(e) = pump_control(writer, &mut control, &data_rx).await {
+            if let Err(e) = pump_control(writer, &mut control, &data_rx, &tally).await {
                 // A receiver that closes with a word (a request refused
                 // while its transfer was already on the way) breaks our
                 // writes first: give the reader the time to find the word.
@@ -342,7 +342,9 @@ where
             }
             std::future::pending::<Result<(), EngineError>>().await
         };
-        let data_writers = for_each_data_conn(&mut joins, |conn| pump_data(conn, data_rx.clone()));
+        let data_writers = for_each_data_conn(&mut joins, |conn| {
+            pump_data(conn, data_rx.clone(), tally.clone())
+        });
         // A producer that finished has sent everything; one that failed
         // (a file system error, a receiver breaking the rules) ends the
         // session at once, not after the stall timeout.
