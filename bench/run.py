@@ -688,9 +688,14 @@ class Ferry(Tool):
 
     def __init__(self, compress: str | None = None, name: str | None = None,
                  datasets: tuple[str, ...] | None = None, links: bool = True,
-                 tls: bool = True, binary: Path | None = None):
+                 tls: bool = True, binary: Path | None = None,
+                 streams: int | None = None, env: dict[str, str] | None = None):
         self.compress = compress
         self.tls = tls
+        # A fixed --streams of its own, and environment for the client
+        # (FERRY_TCP_CONGESTION, in bench/wan.py's Reno case).
+        self.streams = streams
+        self.env = env or {}
         # Another build (--baseline), run interleaved with this one.
         self.binary = binary
         self.name = name or self.name
@@ -735,8 +740,11 @@ class Ferry(Tool):
                 argv.append("--delete")
             if self.compress:
                 argv += ["--compress", self.compress]
-            if ctx.streams is not None and self.streams_supported:
-                argv += ["--streams", str(ctx.streams)]
+            streams = self.streams if self.streams is not None else ctx.streams
+            if streams is not None and self.streams_supported:
+                argv += ["--streams", str(streams)]
+            if self.env:
+                argv = ["env", *(f"{k}={v}" for k, v in self.env.items()), *argv]
             t0 = time.perf_counter()
             client = Proc(net.client(argv), self.log_path(ctx, ds, "client"), measure_rss=True)
             # The client exits only after the server's verdict on every file,

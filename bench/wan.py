@@ -18,7 +18,9 @@ Cases (issue 19's table): 300 MB of random data in one file over 100 Mbit/s
 50 ms, 100 Mbit/s 100 ms 0.5% loss and 1 Gbit/s 20 ms; 200 MB of real text
 over 100 Mbit/s 50 ms (rsync -az, ferry's default --compress auto); 3,000
 files of ~99.5 MB over 100 Mbit/s 100 ms 0.5% loss; and the latency of a
-10 KB upload at 100 ms RTT.
+10 KB upload at 100 ms RTT. Beside them, reno-lossy: 100 MB over the lossy
+path with ferry's connections on Reno (FERRY_TCP_CONGESTION), widening on
+its own against 2 and 8 fixed connections: what --streams' widening is for.
 
 Runs are interleaved: run 1 of every case and tool, then run 2, ...; within
 a case the first tool rotates from run to run. The report gives medians,
@@ -188,7 +190,7 @@ def gen_files(path: Path, count: int, total: int, per_dir: int = 100) -> None:
 
 
 def gen(name: str, path: Path, spec: dict) -> None:
-    if name == "random":
+    if name.startswith("random"):
         rb.gen_random_file(path, spec["size"])
     elif name == "text":
         rb.gen_text_file(path, spec["size"])
@@ -226,6 +228,7 @@ def ensure(data_dir: Path, name: str, kind: str, spec: dict) -> rb.Dataset:
 def dataset_specs(quick: bool) -> dict[str, tuple[str, dict]]:
     return {
         "random": ("file", {"size": 20_000_000 if quick else 300_000_000}),
+        "random100": ("file", {"size": 10_000_000 if quick else 100_000_000}),
         "text": ("file", {"size": 10_000_000 if quick else 200_000_000}),
         "files": ("tree", {"count": 300 if quick else 3000, "size": 9_950_000 if quick else 99_500_000}),
         "small": ("file", {"size": 10_000}),
@@ -353,9 +356,17 @@ class Capped(Exception):
         self.landed = landed
 
 
+RENO = {"FERRY_TCP_CONGESTION": "reno"}
+
+
 def make_tools(scp_cap: float) -> dict[str, rb.Tool]:
     tools = [rb.Ferry(), rb.Ferry(name="ferry-no-tls", tls=False), rb.Rsync(compress=False),
-             rb.Rsync(compress=True), TarSocat(), Scp(scp_cap)]
+             rb.Rsync(compress=True), TarSocat(), Scp(scp_cap),
+             # The Reno case: ferry's connections on a loss-based congestion
+             # control, widening on its own, and at 2 and 8 connections.
+             rb.Ferry(name="ferry-reno", env=RENO),
+             rb.Ferry(name="ferry-reno-2", env=RENO, streams=2),
+             rb.Ferry(name="ferry-reno-8", env=RENO, streams=8)]
     return {t.name: t for t in tools}
 
 
@@ -376,6 +387,7 @@ class Case:
     what: str
     runs: int = 0  # set from the options
     latency: bool = False
+    reno: bool = False
 
 
 def make_cases() -> list[Case]:
@@ -390,6 +402,11 @@ def make_cases() -> list[Case]:
              "real text, one file"),
         Case("files-lossy", "files", Shape(100, 100, 0.5), five, "files of random data"),
         Case("latency", "small", Shape(100, 100, 0), five, "one file", latency=True),
+        # What widening is for: a host whose congestion control is loss-based
+        # (ferry only: the others take the namespaces' BBR, which this
+        # machine does not let a namespace change).
+        Case("reno-lossy", "random100", Shape(100, 100, 0.5), ["ferry-reno", "ferry-reno-2", "ferry-reno-8"],
+             "random data, one file, ferry's connections on Reno", reno=True),
     ]
 
 
@@ -671,12 +688,15 @@ def parse_args(case_names: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"Cases: {', '.join(case_names)}. Tools: ferry, ferry-no-tls, rsync, "
-                                       "rsync-z (text only), tar, scp.")
+                                       "rsync-z (text only), tar, scp; ferry-reno, ferry-reno-2, "
+                                       "ferry-reno-8 (reno-lossy only).")
     p.add_argument("--cases", help="comma list of cases (default: all)")
     p.add_argument("--tools", help="comma list of tools (default: each case's own)")
     p.add_argument("--runs", type=int, help="interleaved runs (default 3, 1 with --quick)")
     p.add_argument("--lossy-runs", type=int, help="runs of the lossy cases (default: --runs)")
     p.add_argument("--latency-runs", type=int, help="runs of the latency case (default 5, 1 with --quick)")
+    p.add_argument("--reno-runs", type=int, default=1,
+                   help="runs of the Reno case (default 1: it takes about 6 minutes a run)")
     p.add_argument("--scp-tree-runs", type=int, default=1, help="runs of scp on the 3,000 files (default 1)")
     p.add_argument("--scp-cap", type=float, help="seconds scp may take on the tree before it is stopped "
                    "(default 180, 30 with --quick)")
@@ -696,7 +716,7 @@ def parse_args(case_names: list[str]) -> argparse.Namespace:
         args.latency_runs = 1 if args.quick else 5
     if args.scp_cap is None:
         args.scp_cap = 30.0 if args.quick else 180.0
-    if min(args.runs, args.lossy_runs, args.latency_runs) < 1:
+    if min(args.runs, args.lossy_runs, args.latency_runs, args.reno_runs) < 1:
         p.error("runs must be at least 1")
     return args
 
@@ -724,7 +744,8 @@ def main() -> int:
             c.tools = [t for t in c.tools if t in want or (t == "rsync -z" and "rsync" in want)]
         cases = [c for c in cases if c.tools]
     for c in cases:
-        c.runs = args.latency_runs if c.latency else args.lossy_runs if c.shape.loss else args.runs
+        c.runs = (args.reno_runs if c.reno else args.latency_runs if c.latency
+                  else args.lossy_runs if c.shape.loss else args.runs)
     started = datetime.datetime.now().astimezone()
     t_start = time.perf_counter()
     used = {t for c in cases for t in c.tools}

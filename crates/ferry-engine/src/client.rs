@@ -492,8 +492,12 @@ impl JoinPlan {
                 Ok(conn) => {
                     let _ = joins.send(conn).await;
                 }
-                // One connection fewer is slower, not wrong.
-                Err(e) => tracing::warn!("a data connection could not join: {e}"),
+                // One connection fewer is slower, not wrong; and a session
+                // that ended meanwhile wants none.
+                Err(e) if !joins.is_closed() => {
+                    tracing::warn!("a data connection could not join: {e}")
+                }
+                Err(_) => {}
             }
         });
     }
