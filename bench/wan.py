@@ -629,6 +629,8 @@ def summary(cases: list[Case], datasets: dict, results: dict) -> list[str]:
     lines = ["## Summary: medians in seconds (tool time / ferry time)", "",
              "| case | " + " | ".join(rb.md_escape(c) for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     for case in cases:
+        if "ferry" not in case.tools:
+            continue  # reno-lossy: ferry's variants only, in its own table
         ferry_s = results.get((case.name, "ferry"), Series()).median()
         cells = []
         for c in cols:

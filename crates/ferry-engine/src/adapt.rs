@@ -8,7 +8,14 @@
 //!
 //! - Time is cut into windows of file bytes. For each window the sender
 //!   reports how many bytes it moved, in how long, and how long it sat
-//!   blocked on a full send queue (the downstream is the bottleneck).
+//!   blocked on a full send queue (the downstream is the bottleneck); where
+//!   lanes compress the chunks (see `sender::lanes`), what they compressed,
+//!   how fast, into how much, and how long they waited for the connections.
+//! - When the lanes mostly wait, the link limits, and the controller jumps
+//!   straight to the highest level it predicts they still outrun the link
+//!   at (from their measured speed and ratio, scaled by a table of levels):
+//!   a short transfer over a slow link cannot afford a climb of one probe
+//!   per few windows.
 //! - Every few windows it probes a neighbouring level for one window: up
 //!   when it was mostly blocked (there is room to spend CPU on a better
 //!   ratio), down when it never was (the CPU is the bottleneck), and the
@@ -95,24 +102,24 @@ pub(crate) struct Window {
 }
 
 /// What the lanes (the threads that compress the chunks of large files,
-/// one per connection) did in a window.
+/// one per core) did in a window.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct LaneWindow {
     /// Lanes running.
     pub(crate) lanes: u32,
-    /// Frames they handed to their connections.
+    /// Frames they handed to the connections' queue.
     pub(crate) frames: u64,
     /// Bytes they compressed, and what came out.
     pub(crate) raw: u64,
     pub(crate) packed: u64,
     /// Time spent compressing, all lanes together.
     pub(crate) squeeze_secs: f64,
-    /// Time spent waiting for their connections to take a frame.
+    /// Time spent waiting for room in the connections' queue.
     pub(crate) blocked_secs: f64,
 }
 
 impl LaneWindow {
-    /// The share of the lanes' time spent waiting for their connections.
+    /// The share of the lanes' time spent waiting for the connections.
     fn blocked_share(&self, secs: f64) -> f64 {
         self.blocked_secs / (secs * f64::from(self.lanes.max(1))).max(1e-6)
     }
