@@ -46,8 +46,9 @@ pub struct ClientConfig {
     /// Connections for the session, the control one included (at least 1;
     /// the server may allow fewer).
     pub streams: u32,
-    /// Open more connections than `streams` while each new one raises the
-    /// session's rate (see [`crate::widen`]), up to
+    /// Double the connections beyond `streams` while that raises the
+    /// session's rate, over a loss-based congestion control (see
+    /// [`crate::widen`]), up to
     /// [`MAX_WIDE_STREAMS`](crate::widen::MAX_WIDE_STREAMS); never to a
     /// server on this host.
     pub widen_streams: bool,
@@ -441,7 +442,7 @@ struct JoinPlan {
     addr: String,
     tls: Option<ClientTls>,
     streams: u32,
-    /// Open more while each new one pays (see [`crate::widen`]).
+    /// Open more while they pay (see [`crate::widen`]).
     widen: bool,
     meter: Meter,
 }
