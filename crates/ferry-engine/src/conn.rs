@@ -327,9 +327,18 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
     tally: &Tally,
 ) -> Result<(), EngineError> {
     let (mut control_open, mut data_open) = (true, true);
+    // Frames, and whether they hold data: data counts as progress once
+    // written (see `Tally::data_written`).
+    let write = async |writer: &mut FrameWriter<W>, (frames, is_data): (Bytes, bool)| {
+        writer.raw(&frames).await?;
+        if is_data {
+            tally.data_written();
+        }
+        Ok::<_, EngineError>(())
+    };
     while control_open || data_open {
         let ready = match control.try_recv() {
-            Ok(frames) => Some(frames),
+            Ok(frames) => Some((frames, false)),
             Err(mpsc::error::TryRecvError::Disconnected) => {
                 control_open = false;
                 None
@@ -337,13 +346,9 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
             Err(mpsc::error::TryRecvError::Empty) => None,
         };
         let ready = match ready {
-            Some(frames) => Some(frames),
+            Some(ready) => Some(ready),
             None if data_open => match data.try_recv() {
-                Ok(frame) => {
-                    writer.raw(&frame).await?;
-                    tally.data_written();
-                    continue;
-                }
+                Ok(frame) => Some((frame, true)),
                 Err(async_channel::TryRecvError::Closed) => {
                     data_open = false;
                     None
@@ -352,8 +357,8 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
             },
             None => None,
         };
-        if let Some(frames) = ready {
-            writer.raw(&frames).await?;
+        if let Some(ready) = ready {
+            write(writer, ready).await?;
             continue;
         }
         if !(control_open || data_open) {
@@ -363,14 +368,11 @@ pub(crate) async fn pump_control<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             frames = control.recv(), if control_open => match frames {
-                Some(frames) => writer.raw(&frames).await?,
+                Some(frames) => write(writer, (frames, false)).await?,
                 None => control_open = false,
             },
-            frames = data.recv(), if data_open => match frames {
-                Ok(frame) => {
-                    writer.raw(&frame).await?;
-                    tally.data_written();
-                }
+            frame = data.recv(), if data_open => match frame {
+                Ok(frame) => write(writer, (frame, true)).await?,
                 Err(_) => data_open = false,
             },
         }

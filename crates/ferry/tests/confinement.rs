@@ -1044,13 +1044,7 @@ fn hostile_download_claiming_one_byte_chunks_is_refused_at_once() {
     let server = Server::start_with(&root, &[&"--no-tls"]);
     let deadline = Instant::now() + PEER_TIMEOUT;
     let mut stream = hostile_download_session(&server, "big", deadline);
-    let entry = loop {
-        let msg = read_message(&mut stream, deadline);
-        if msg["type"] != "totals" {
-            break msg;
-        }
-    };
-    assert_eq!(entry["type"], "entry", "{entry}");
+    read_root_entry(&mut stream, deadline);
     let claim = format!(r#"{{"type":"have","id":1,"chunks":[[0,1,{}]]}}"#, 64 * MIB);
     let mut answer = control_frame(&claim);
     answer.extend(control_frame(r#"{"type":"planned","through":1}"#));

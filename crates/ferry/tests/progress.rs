@@ -257,28 +257,22 @@ fn after_a_retry_the_counts_go_on_from_where_they_were_and_count_nothing_twice()
         Direction::ClientToServer,
         vec![Fault::cut(size / 2)],
     );
-    let addr = proxy.addr();
-    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
-    let args: [&dyn AsRef<std::ffi::OsStr>; 13] = [
-        &"up",
-        &src,
-        &"copy",
-        &"--json",
-        &"--bwlimit",
-        &"1M",
-        &"--compress",
-        &"off",
-        &"--timeout",
-        &"5",
-        &"--host",
-        &host,
-        &"--port",
-    ];
-    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = args.to_vec();
-    all.push(&port);
-    let own = server.own_user_args();
-    all.extend(own.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-    let out = run_with(&all, &RunOptions::with_timeout(SLOW));
+    let out = run_through(
+        &proxy,
+        &server,
+        &[
+            &"up",
+            &src,
+            &"copy",
+            &"--json",
+            &"--bwlimit",
+            &"1M",
+            &"--compress",
+            &"off",
+            &"--timeout",
+            &"5",
+        ],
+    );
     out.assert_success();
     assert_eq!(proxy.faults_fired(), 1, "{out}");
     assert_trees_equal(&src, &root.join("copy"));
@@ -323,28 +317,36 @@ fn a_slow_link_is_not_a_stall() {
     let server = Server::start(&root);
     let target = server.addr().parse().expect("the server prints IP:PORT");
     let proxy = FaultProxy::throttled(target, Direction::ClientToServer, 2 * MIB);
-    let addr = proxy.addr();
-    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
-    let args: [&dyn AsRef<std::ffi::OsStr>; 13] = [
-        &"up",
-        &file,
-        &"big.bin",
-        &"--json",
-        &"--compress",
-        &"off",
-        &"--timeout",
-        &"4",
-        &"--host",
-        &host,
-        &"--port",
-        &port,
-        &"--streams=2",
-    ];
-    let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = args.to_vec();
-    let own = server.own_user_args();
-    all.extend(own.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
-    let out = run_with(&all, &RunOptions::with_timeout(SLOW));
+    let out = run_through(
+        &proxy,
+        &server,
+        &[
+            &"up",
+            &file,
+            &"big.bin",
+            &"--json",
+            &"--compress",
+            &"off",
+            &"--timeout",
+            &"4",
+            &"--streams=2",
+        ],
+    );
     out.assert_success();
     assert_eq!(out.json_event("summary")["retries"], 0, "{out}");
     assert_files_equal(&file, &root.join("big.bin"));
+}
+
+/// `ferry ARGS` through `proxy` to `server`, as a client of the server's
+/// user, in the foreground.
+fn run_through(
+    proxy: &FaultProxy,
+    server: &Server,
+    args: &[&dyn AsRef<std::ffi::OsStr>],
+) -> Output {
+    let (via, own) = (proxy.client_args(), server.own_user_args());
+    let mut all = args.to_vec();
+    all.extend(via.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    all.extend(own.iter().map(|a| a as &dyn AsRef<std::ffi::OsStr>));
+    run_with(&all, &RunOptions::with_timeout(SLOW))
 }

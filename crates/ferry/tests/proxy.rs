@@ -180,6 +180,13 @@ impl FaultProxy {
         }
     }
 
+    /// `--host` and `--port` for a client to go through the proxy.
+    pub fn client_args(&self) -> Vec<String> {
+        let addr = self.addr();
+        let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+        vec!["--host".into(), host, "--port".into(), port]
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }

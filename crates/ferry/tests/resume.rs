@@ -20,18 +20,13 @@ const RETRYING: Duration = Duration::from_secs(120);
 /// notice (a stalled connection is given up after 2 s), for a client of
 /// `server`'s own user.
 fn via(proxy: &FaultProxy, server: &Server) -> Vec<OsString> {
-    let addr = proxy.addr();
-    [
-        "--host",
-        &addr.ip().to_string(),
-        "--port",
-        &addr.port().to_string(),
-    ]
-    .into_iter()
-    .chain(["--timeout", "2", "--json"])
-    .map(OsString::from)
-    .chain(server.own_user_args())
-    .collect()
+    proxy
+        .client_args()
+        .into_iter()
+        .chain(["--timeout", "2", "--json"].map(String::from))
+        .map(OsString::from)
+        .chain(server.own_user_args())
+        .collect()
 }
 
 /// `ferry ARGS` through the proxy, in the foreground.

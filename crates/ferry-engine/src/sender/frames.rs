@@ -203,8 +203,8 @@ pub(super) struct Source<'a> {
 /// controller picks in `auto` mode.
 pub(super) struct Chunks {
     encoder: ChunkEncoder,
-    /// The level chunks are compressed at now.
-    level: Option<i32>,
+    /// The level of `--compress LEVEL` (without a controller).
+    fixed_level: Option<i32>,
     /// Present in `auto` mode: picks the level as the transfer goes.
     controller: Option<LevelController>,
     window: WindowMeter,
@@ -233,7 +233,7 @@ impl Chunks {
             .map_or(fixed_level, LevelController::level);
         Ok(Chunks {
             encoder: ChunkEncoder::new(level)?,
-            level,
+            fixed_level,
             controller,
             window: WindowMeter::new(Instant::now()),
             read_buf: Vec::new(),
@@ -244,7 +244,9 @@ impl Chunks {
 
     /// The level chunks are compressed at now.
     pub(super) fn level(&self) -> Option<i32> {
-        self.level
+        self.controller
+            .as_ref()
+            .map_or(self.fixed_level, LevelController::level)
     }
 
     /// Send a file but for the `held` chunks, which are read and hashed
@@ -435,7 +437,6 @@ impl Chunks {
             "compression window"
         );
         self.encoder.set_level(level)?;
-        self.level = level;
         if let Some(lanes) = lanes {
             lanes.set_level(level);
         }

@@ -45,4 +45,5 @@ pub use tree::{BIG_FILE, DEEP_FILE, FIFO, SPACED_FILE, build_full_tree, build_sm
 pub use wire::{
     connect_from, control_frame, data_frame, greet, hostile_download_session,
     hostile_upload_session, open_session, preface, read_frame, read_message, read_messages,
+    read_root_entry,
 };

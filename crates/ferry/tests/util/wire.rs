@@ -67,6 +67,19 @@ pub fn connect_from(source: Ipv4Addr, server: &str) -> std::io::Result<TcpStream
     Ok(stream)
 }
 
+/// The first message of a download past its `totals`: the root's entry
+/// (checked to be one).
+pub fn read_root_entry(stream: &mut TcpStream, deadline: Instant) -> serde_json::Value {
+    let entry = loop {
+        let msg = read_message(stream, deadline);
+        if msg["type"] != "totals" {
+            break msg;
+        }
+    };
+    assert_eq!(entry["type"], "entry", "{entry}");
+    entry
+}
+
 /// Reads one frame; `None` at end of stream, an error, or the deadline.
 pub fn read_frame(stream: &mut TcpStream, deadline: Instant) -> Option<(u8, Vec<u8>)> {
     let left = deadline.saturating_duration_since(Instant::now());
